@@ -1,0 +1,5 @@
+import sys
+
+from videollava.cli import main
+
+sys.exit(main())
