@@ -1,0 +1,209 @@
+"""Chat templates of Video-LLaVA, rendered character for character as the checkpoints were trained.
+
+A template renders a conversation either as a generation prompt (ending with the open "ASSISTANT:" turn)
+or as training text plus the character spans to supervise: each answer with its closing separator.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from videollava.data.tokenize import (
+    IMAGE_PLACEHOLDER,
+    VIDEO_PLACEHOLDER,
+    check_placeholders,
+    count_placeholders,
+)
+from videollava.errors import PromptError
+
+USER = "user"
+ASSISTANT = "assistant"
+_PLACEHOLDER_RE = re.compile(f"{re.escape(IMAGE_PLACEHOLDER)}|{re.escape(VIDEO_PLACEHOLDER)}")
+
+
+@dataclass(frozen=True)
+class Template:
+    """How turns are joined.
+
+    style "two" (LLaVA's SeparatorStyle.TWO): `{system}{sep}` then `ROLE: text` closed by `sep` after a
+    user turn and `sep2` after an assistant turn; an empty system adds nothing, not even `sep`.
+    style "plain" (stage-1 captioning): the user turn shrinks to its placeholders, followed by `sep`,
+    then the caption and `sep2`.
+    """
+
+    name: str
+    system: str
+    roles: tuple[str, str]
+    sep: str = " "
+    sep2: str = "</s>"
+    style: Literal["two", "plain"] = "two"
+
+    @property
+    def stop_text(self) -> str:
+        """Text that ends an answer: generation stops there."""
+        return self.sep2
+
+
+_VICUNA_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+_LLAVA_SYSTEM = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+)
+
+TEMPLATES: dict[str, Template] = {
+    t.name: t
+    for t in (
+        Template("vicuna_v1", _VICUNA_SYSTEM, ("USER", "ASSISTANT")),
+        Template("llava_v1", _LLAVA_SYSTEM, ("USER", "ASSISTANT")),
+        # The -hf port's documented prompt: no system prompt at all.
+        Template("hf", "", ("USER", "ASSISTANT")),
+        Template("plain", "", ("", ""), sep="", sep2="\n", style="plain"),
+    )
+}
+
+
+def get_template(name: str | Template) -> Template:
+    """Look a template up by name (a Template passes through)."""
+    if isinstance(name, Template):
+        return name
+    try:
+        return TEMPLATES[name]
+    except KeyError:
+        raise PromptError(
+            f"unknown conversation template {name!r}; valid templates: {', '.join(sorted(TEMPLATES))}"
+        ) from None
+
+
+@dataclass
+class Conversation:
+    """Alternating user / assistant messages, starting with the user, under one template."""
+
+    template: Template
+    messages: list[tuple[str, str]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.template = get_template(self.template)
+        messages, self.messages = list(self.messages), []
+        for role, text in messages:
+            self.append(role, text)
+
+    def append(self, role: str, text: str) -> None:
+        """Add a turn; turns must alternate, starting with the user."""
+        if role not in (USER, ASSISTANT):
+            raise PromptError(f"unknown role {role!r}; a message is from {USER!r} or {ASSISTANT!r}")
+        if not isinstance(text, str):
+            raise PromptError(f"message text must be a string, got {type(text).__name__}")
+        expected = USER if len(self.messages) % 2 == 0 else ASSISTANT
+        if role != expected:
+            raise PromptError(
+                f"message {len(self.messages) + 1} is from the {role} but should be from the {expected}:"
+                " turns alternate, starting with the user"
+            )
+        self.messages.append((role, text))
+
+    def prompt(self) -> str:
+        """The text to generate the next answer from."""
+        if not self.messages or self.messages[-1][0] != USER:
+            raise PromptError("a generation prompt needs the conversation to end with a user message")
+        if self.template.style == "plain":
+            if len(self.messages) != 1:
+                raise PromptError("the plain template takes a single user message")
+            return _media_only(self.messages[0][1])
+        text, _ = self._render_two()
+        return text + self.template.roles[1] + ":"
+
+    def render_for_training(self) -> tuple[str, list[tuple[int, int]]]:
+        """The full text and the character spans [start, end) the loss is computed on."""
+        if not self.messages or self.messages[-1][0] != ASSISTANT:
+            raise PromptError("a training conversation must end with an assistant message")
+        for role, text in self.messages:
+            if role == ASSISTANT and not text.strip():
+                raise PromptError("an assistant message is empty: nothing to learn from")
+        if self.template.style == "plain":
+            if len(self.messages) != 2:
+                raise PromptError(
+                    f"the plain template takes one user and one assistant message, got {len(self.messages)} messages"
+                )
+            head = _media_only(self.messages[0][1]) + self.template.sep
+            answer = self.messages[1][1] + self.template.sep2
+            return head + answer, [(len(head), len(head) + len(answer))]
+        return self._render_two()
+
+    def _render_two(self) -> tuple[str, list[tuple[int, int]]]:
+        t = self.template
+        parts = [t.system + t.sep] if t.system else []
+        length = len(parts[0]) if parts else 0
+        spans = []
+        for role, text in self.messages:
+            name = t.roles[0] if role == USER else t.roles[1]
+            head = name + ": "
+            tail = t.sep if role == USER else t.sep2
+            if role == ASSISTANT:
+                start = length + len(head)
+                spans.append((start, start + len(text) + len(tail)))
+            parts.append(head + text + tail)
+            length += len(parts[-1])
+        return "".join(parts), spans
+
+
+def _media_only(user_text: str) -> str:
+    """The placeholders of a user turn, in order: all the plain template keeps of it."""
+    placeholders = _PLACEHOLDER_RE.findall(user_text)
+    if not placeholders:
+        raise PromptError(
+            f"the plain template needs a {IMAGE_PLACEHOLDER} or {VIDEO_PLACEHOLDER} placeholder in the user message"
+        )
+    return "".join(placeholders)
+
+
+_LLAVA_ROLES = {"human": USER, "gpt": ASSISTANT}
+
+
+def from_llava(conversations: Sequence[dict], template: str | Template = "vicuna_v1") -> Conversation:
+    """Read the `conversations` list of a LLaVA-style JSON sample, refusing malformed ones."""
+    if not isinstance(conversations, (list, tuple)) or not conversations:
+        raise PromptError("sample has no conversation turns")
+    conversation = Conversation(get_template(template))
+    for number, turn in enumerate(conversations, start=1):
+        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+            raise PromptError(f"turn {number} is not an object with 'from' and 'value'")
+        speaker, value = turn["from"], turn["value"]
+        if speaker not in _LLAVA_ROLES:
+            raise PromptError(f"turn {number} is from {speaker!r}; expected 'human' or 'gpt'")
+        expected = "human" if number % 2 else "gpt"
+        if speaker != expected:
+            raise PromptError(
+                f"turn {number} is from {speaker!r} but should be from {expected!r}:"
+                " turns alternate human/gpt, starting with human"
+            )
+        if not isinstance(value, str) or not value.strip():
+            raise PromptError(f"turn {number} ({speaker}) has an empty or non-text value")
+        if speaker == "gpt" and any(count_placeholders(value)):
+            raise PromptError(f"turn {number} (gpt) contains a media placeholder; they belong in human turns")
+        conversation.append(_LLAVA_ROLES[speaker], value)
+    if len(conversations) % 2:
+        raise PromptError(f"turn {len(conversations)} (human) has no gpt answer after it")
+    return conversation
+
+
+def build_prompt(
+    question: str, images: int = 0, videos: int = 0, template: str | Template = "vicuna_v1"
+) -> str:
+    """A one-question generation prompt, adding the media placeholders when the question has none.
+
+    Placeholders go first, videos before images, then a newline and the question, as in the
+    training data; a question that has placeholders already must have one per image and video.
+    """
+    if images < 0 or videos < 0:
+        raise ValueError(f"media counts cannot be negative: images={images}, videos={videos}")
+    if any(count_placeholders(question)):
+        check_placeholders(question, images, videos)
+    elif images or videos:
+        question = VIDEO_PLACEHOLDER * videos + IMAGE_PLACEHOLDER * images + "\n" + question
+    return Conversation(get_template(template), [(USER, question)]).prompt()
