@@ -1,0 +1,157 @@
+"""`videollava ask`: one question, or a JSONL file of them, about images and videos."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from videollava.errors import VideoLlavaError
+from videollava.infer.engine import Completion, Engine
+from videollava.infer.pipeline import MediaItem, Pipeline, Prepared
+from videollava.infer.sampling import SamplingParams
+
+
+@dataclass
+class Question:
+    """One request as users write it: a question (or a full raw prompt) and its media files."""
+
+    prompt: str
+    images: list[str] = field(default_factory=list)
+    videos: list[str] = field(default_factory=list)
+    raw_prompt: bool = False
+
+    def media(self) -> list[MediaItem]:
+        return [MediaItem("image", p) for p in self.images] + [MediaItem("video", p) for p in self.videos]
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], raw_prompt: bool = False) -> Question:
+        if not isinstance(data, dict) or not isinstance(data.get("prompt"), str):
+            raise VideoLlavaError('each request needs a "prompt" string')
+
+        def paths(one: str, many: str) -> list[str]:
+            found = ([data[one]] if data.get(one) else []) + list(data.get(many) or [])
+            if not all(isinstance(p, str) for p in found):
+                raise VideoLlavaError(f'"{one}" / "{many}" must be file paths')
+            return found
+
+        return cls(data["prompt"], paths("image", "images"), paths("video", "videos"), raw_prompt)
+
+
+def prepare_question(pipeline: Pipeline, question: Question, num_frames: int | None = None) -> Prepared:
+    media = question.media()
+    if question.raw_prompt:
+        # A raw prompt carries its own placeholders, in the order images then videos are consumed.
+        prompt = question.prompt
+    else:
+        prompt = pipeline.build_prompt(question.prompt, len(question.images), len(question.videos))
+    return pipeline.prepare(prompt, media, num_frames=num_frames)
+
+
+def completion_json(completion: Completion) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "answer": completion.text,
+        "token_ids": completion.token_ids,
+        "prompt_tokens": completion.prompt_tokens,
+        "visual_tokens": completion.visual_tokens,
+        "seconds": round(completion.seconds, 4),
+        "finish_reason": completion.finish_reason,
+    }
+    if completion.error:
+        out["error"] = completion.error
+    return out
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("ask", help="answer a question about images and videos")
+    parser.add_argument("prompt", nargs="?", help="the question (or, with --raw-prompt, the whole prompt)")
+    parser.add_argument("--model", default=None, help="checkpoint folder or hub id (default: bundled ShapesWorld model)")
+    parser.add_argument("--image", action="append", default=[], metavar="FILE")
+    parser.add_argument("--video", action="append", default=[], metavar="FILE")
+    parser.add_argument("--frames", type=int, default=None, help="frames sampled per video (default: the model's)")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto")
+    parser.add_argument("--raw-prompt", action="store_true", help="use PROMPT as the full prompt, no template")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--batch", metavar="REQUESTS.jsonl", help="answer every request of a JSONL file")
+    parser.add_argument("--output", metavar="ANSWERS.jsonl", help="with --batch: write answers here (default stdout)")
+    parser.add_argument("--batch-size", type=int, default=8, help="with --batch: requests decoded together")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.frames is not None and args.frames < 1:
+        raise VideoLlavaError("--frames must be at least 1")
+    if args.batch is None and args.prompt is None:
+        raise VideoLlavaError("give a PROMPT, or --batch REQUESTS.jsonl")
+    params = SamplingParams(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed
+    )
+    pipeline = Pipeline.from_pretrained(args.model, dtype=args.dtype)
+    if args.batch:
+        return run_batch(pipeline, args, params)
+    started = time.perf_counter()
+    question = Question(args.prompt, args.image, args.video, args.raw_prompt)
+    prepared = prepare_question(pipeline, question, args.frames)
+    completion = Engine(pipeline, max_batch_size=1).generate([prepared], params)[0]
+    if completion.error:
+        raise VideoLlavaError(completion.error)
+    if args.json:
+        out = completion_json(completion)
+        out["seconds"] = round(time.perf_counter() - started, 4)
+        print(json.dumps(out))
+    else:
+        print(completion.text)
+    return 0
+
+
+def run_batch(pipeline: Pipeline, args: argparse.Namespace, params: SamplingParams) -> int:
+    from tqdm import tqdm
+
+    path = Path(args.batch)
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as error:
+        raise VideoLlavaError(f"{path}: cannot read ({error.strerror})") from None
+    results: list[dict[str, Any] | None] = []
+    work: list[tuple[int, Prepared]] = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        record: dict[str, Any] = {"id": None}
+        try:
+            data = json.loads(line)
+            record["id"] = data.get("id", number) if isinstance(data, dict) else number
+            prepared = prepare_question(pipeline, Question.from_json(data, args.raw_prompt), args.frames)
+            work.append((len(results), prepared))
+            results.append(record)
+        except json.JSONDecodeError as error:
+            results.append({"id": number, "error": f"{path}:{number}: not valid JSON ({error.msg})"})
+        except VideoLlavaError as error:
+            results.append({**record, "error": f"{path}:{number}: {error}"})
+    engine = Engine(pipeline, max_batch_size=max(1, args.batch_size), max_queue=max(1, args.batch_size) * 4)
+    progress = tqdm(total=len(work), desc="answering", unit="req", file=sys.stderr, disable=not work)
+    for start in range(0, len(work), args.batch_size * 4):
+        chunk = work[start : start + args.batch_size * 4]
+        for (index, _), completion in zip(chunk, engine.generate([p for _, p in chunk], params), strict=True):
+            results[index] = {"id": results[index]["id"], **completion_json(completion)}  # type: ignore[index]
+            progress.update(1)
+    progress.close()
+    out = open(args.output, "w") if args.output else sys.stdout
+    try:
+        for record in results:
+            out.write(json.dumps(record) + "\n")
+    finally:
+        if args.output:
+            out.close()
+    failed = sum(1 for r in results if r and "error" in r)
+    if failed:
+        print(f"{failed} of {len(results)} requests failed; see their error fields", file=sys.stderr)
+    return 0

@@ -1,0 +1,383 @@
+"""The generation engine: continuous batching over one running batch, with prefix and feature reuse.
+
+Between decoding steps, finished and cancelled requests leave the batch and waiting ones join it,
+so a request never waits for others to finish. Each joining request is prefilled alone, reusing the
+keys/values of the longest prompt prefix seen before (system prompt, visual tokens, earlier turns).
+The CLI, the HTTP server, the chat and the web demo all submit here.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from videollava.errors import VideoLlavaError
+from videollava.infer.kv import LayerKV, PrefixCache, RunningBatch, cache_from_layers, cache_layers
+from videollava.infer.pipeline import Pipeline, Prepared
+from videollava.infer.sampling import SamplingParams, pick_tokens
+
+
+class QueueFullError(VideoLlavaError):
+    """The engine's waiting queue is at its bound; the caller should retry later."""
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    visual_tokens: int
+    finish_reason: str  # "stop" | "length" | "cancelled" | "error"
+    seconds: float
+    first_token_seconds: float | None
+    reused_prefix_tokens: int
+    error: str | None = None
+
+
+@dataclass
+class StreamDelta:
+    text: str
+    token_id: int
+
+
+class Handle:
+    """A submitted request: iterate it for streamed deltas, or wait for the whole completion."""
+
+    def __init__(self, request: _Request):
+        self._request = request
+        self._events: queue.Queue[StreamDelta | Completion] = queue.Queue()
+        self._done = threading.Event()
+        self._completion: Completion | None = None
+
+    def __iter__(self):
+        while True:
+            event = self._events.get()
+            if isinstance(event, Completion):
+                return
+            yield event
+
+    def result(self, timeout: float | None = None) -> Completion:
+        if not self._done.wait(timeout):
+            raise TimeoutError("generation did not finish in time")
+        assert self._completion is not None
+        return self._completion
+
+    def cancel(self) -> None:
+        self._request.cancelled = True
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def _emit(self, delta: StreamDelta) -> None:
+        self._events.put(delta)
+
+    def _finish(self, completion: Completion) -> None:
+        self._completion = completion
+        self._events.put(completion)
+        self._done.set()
+
+
+@dataclass
+class _Request:
+    prepared: Prepared
+    params: SamplingParams
+    submitted: float = field(default_factory=time.perf_counter)
+    cancelled: bool = False
+    handle: Handle | None = None
+    generator: torch.Generator | None = None
+    generated: list[int] = field(default_factory=list)
+    sent_chars: int = 0
+    next_position: int = 0
+    first_token_at: float | None = None
+    reused: int = 0
+    finish_reason: str | None = None
+    final_text: str | None = None
+
+
+@dataclass
+class EngineStats:
+    requests_total: int = 0
+    requests_failed: int = 0
+    tokens_generated: int = 0
+    prompt_tokens: int = 0
+    latency_seconds_sum: float = 0.0
+    busy_seconds: float = 0.0
+
+
+class Engine:
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        max_batch_size: int = 16,
+        max_queue: int = 64,
+        prefix_cache_bytes: int = 1024**3,
+    ):
+        self.pipeline = pipeline
+        self.model = pipeline.model
+        self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
+        self.prefix_cache = PrefixCache(prefix_cache_bytes)
+        self.stats = EngineStats()
+        self._waiting: deque[_Request] = deque()
+        self._running: list[_Request] = []
+        self._batch = RunningBatch()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._stop = False
+
+    # ------------------------------------------------------------ public API
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    def submit(self, prepared: Prepared, params: SamplingParams | None = None) -> Handle:
+        params = params or SamplingParams()
+        request = _Request(prepared=prepared, params=params, generator=params.generator())
+        request.handle = Handle(request)
+        with self._lock:
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFullError(f"the queue holds {self.max_queue} waiting requests; try again later")
+            self._waiting.append(request)
+        self._wake.set()
+        return request.handle
+
+    def start(self) -> Engine:
+        """Run the scheduling loop in a background thread (for servers)."""
+        if self._thread is None:
+            self._stop = False
+            self._thread = threading.Thread(target=self._loop, name="videollava-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def generate(self, prepared: list[Prepared], params: list[SamplingParams] | SamplingParams | None = None) -> list[Completion]:
+        """Run a list of requests to completion in the calling thread, in continuous batches."""
+        if not isinstance(params, list):
+            params = [params or SamplingParams()] * len(prepared)
+        handles: list[Handle] = []
+        pending = list(zip(prepared, params, strict=True))
+        while pending or not all(h.done for h in handles):
+            while pending and len(self._waiting) < self.max_queue:
+                handles.append(self.submit(*pending.pop(0)))
+            self.step()
+        return [h.result() for h in handles]
+
+    # ------------------------------------------------------------ scheduling
+
+    def _loop(self) -> None:
+        while not self._stop:
+            if not self._running and not self._waiting:
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+                continue
+            self.step()
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        """Admit waiting requests, then advance every running request by one token."""
+        started = time.perf_counter()
+        self._drop_cancelled()
+        while len(self._running) < self.max_batch_size:
+            with self._lock:
+                if not self._waiting:
+                    break
+                request = self._waiting.popleft()
+            if request.cancelled:
+                self._finish(request, "cancelled", layers=None)
+                continue
+            try:
+                self._prefill(request)
+            except Exception as error:  # one bad request must not stop the others
+                self._fail(request, error)
+        self._retire()
+        if self._running:
+            self._decode()
+        self.stats.busy_seconds += time.perf_counter() - started
+
+    def _prefill(self, request: _Request) -> None:
+        prepared = request.prepared
+        spliced = self.model.splice([prepared.input_ids], [prepared.features])
+        total = spliced.lengths[0]
+        block_rows = [f.shape[0] for f in prepared.features]
+        rows_of = _rows_per_key(prepared.input_ids, block_rows)
+        reused, past = self.prefix_cache.longest(prepared.prefix_key, max_rows=total - 1)
+        cache = cache_from_layers(past) if past is not None else None
+        embeds = spliced.inputs_embeds[:, reused:]
+        positions = torch.arange(reused, total, device=embeds.device)[None]
+        output = self.model.language_model(
+            inputs_embeds=embeds,
+            attention_mask=torch.ones(1, total, dtype=torch.long, device=embeds.device),
+            position_ids=positions,
+            past_key_values=cache if cache is not None else _empty_cache(),
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        layers = cache_layers(output.past_key_values)
+        self.prefix_cache.put(prepared.prefix_key, rows_of, layers)
+        request.reused = reused
+        request.next_position = total
+        token = pick_tokens(output.logits[:, -1], [request.params], [request.generator])[0]
+        self._batch.add(layers)
+        self._running.append(request)
+        self.stats.prompt_tokens += total
+        self._accept(len(self._running) - 1, token)
+
+    def _decode(self) -> None:
+        embed = self.model.language_model.get_input_embeddings()
+        last = torch.tensor([[r.generated[-1]] for r in self._running], device=self.model.device)
+        positions = torch.tensor([[r.next_position] for r in self._running], device=self.model.device)
+        mask = torch.cat([self._batch.mask, torch.ones_like(self._batch.mask[:, :1])], dim=1)
+        output = self.model.language_model(
+            inputs_embeds=embed(last),
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=self._batch.cache,
+            use_cache=True,
+        )
+        self._batch.cache = output.past_key_values
+        self._batch.mask = mask
+        tokens = pick_tokens(
+            output.logits[:, -1], [r.params for r in self._running], [r.generator for r in self._running]
+        )
+        for row, (request, token) in enumerate(zip(self._running, tokens, strict=True)):
+            request.next_position += 1
+            if request.finish_reason is None:
+                self._accept(row, token)
+        self._retire()
+
+    def _accept(self, row: int, token: int) -> None:
+        """Record one new token of a running request; mark it finished when it should stop."""
+        request = self._running[row]
+        now = time.perf_counter()
+        if request.first_token_at is None:
+            request.first_token_at = now
+        params = request.params
+        if token == self.pipeline.eos_token_id:
+            request.finish_reason = "stop"
+            request.generated.append(token)
+            self._flush_text(request, final=True)
+            return
+        request.generated.append(token)
+        self.stats.tokens_generated += 1
+        text = self.pipeline.decode(request.generated)
+        for stop in params.stop:
+            at = text.find(stop)
+            if at != -1:
+                request.finish_reason = "stop"
+                self._flush_text(request, final=True, text=text[:at])
+                return
+        if len(request.generated) >= params.max_new_tokens or request.next_position + 1 >= self.model.max_context:
+            request.finish_reason = "length"
+            self._flush_text(request, final=True, text=text)
+            return
+        self._flush_text(request, final=False, text=text)
+
+    def _flush_text(self, request: _Request, final: bool, text: str | None = None) -> None:
+        """Send the text decoded so far, holding back what could still turn into a stop string."""
+        if text is None:
+            text = self.pipeline.decode([t for t in request.generated if t != self.pipeline.eos_token_id])
+        ready = len(text)
+        if not final:
+            if text.endswith("\ufffd"):  # an incomplete multi-byte character
+                ready = len(text.rstrip("\ufffd"))
+            if request.params.stop:
+                ready = min(ready, max(0, len(text) - max(len(s) for s in request.params.stop) + 1))
+        if ready > request.sent_chars:
+            assert request.handle is not None
+            request.handle._emit(StreamDelta(text[request.sent_chars : ready], request.generated[-1]))
+            request.sent_chars = ready
+        if final:
+            request.final_text = text[: max(ready, request.sent_chars)]
+
+    def _retire(self) -> None:
+        keep: list[int] = []
+        for row, request in enumerate(self._running):
+            if request.finish_reason is None and not request.cancelled:
+                keep.append(row)
+                continue
+            layers = self._batch.row_layers(row) if request.finish_reason == "stop" else None
+            self._finish(request, request.finish_reason or "cancelled", layers)
+        if len(keep) != len(self._running):
+            self._running = [self._running[i] for i in keep]
+            self._batch.keep(keep)
+
+    def _drop_cancelled(self) -> None:
+        if any(r.cancelled for r in self._running):
+            self._retire()
+
+    def _finish(self, request: _Request, reason: str, layers: list[LayerKV] | None) -> None:
+        prepared = request.prepared
+        if layers is not None and len(request.generated) > 1:
+            # The conversation so far (prompt + answer but its last token) serves the next turn.
+            answer = request.generated[:-1]
+            rows_of = _rows_per_key(prepared.input_ids, [f.shape[0] for f in prepared.features]) + [1] * len(answer)
+            self.prefix_cache.put(prepared.prefix_key + answer, rows_of, layers)
+        now = time.perf_counter()
+        ids = [t for t in request.generated if t != self.pipeline.eos_token_id]
+        text = request.final_text
+        if text is None:
+            text = self.pipeline.decode(ids)
+        completion = Completion(
+            text=text,
+            token_ids=request.generated,
+            prompt_tokens=prepared.prompt_tokens,
+            visual_tokens=prepared.visual_tokens,
+            finish_reason=reason,
+            seconds=now - request.submitted,
+            first_token_seconds=(request.first_token_at - request.submitted) if request.first_token_at else None,
+            reused_prefix_tokens=request.reused,
+        )
+        self.stats.requests_total += 1
+        self.stats.latency_seconds_sum += completion.seconds
+        assert request.handle is not None
+        request.handle._finish(completion)
+
+    def _fail(self, request: _Request, error: Exception) -> None:
+        self.stats.requests_failed += 1
+        self.stats.requests_total += 1
+        assert request.handle is not None
+        request.handle._finish(
+            Completion(
+                text="",
+                token_ids=[],
+                prompt_tokens=request.prepared.prompt_tokens,
+                visual_tokens=request.prepared.visual_tokens,
+                finish_reason="error",
+                seconds=time.perf_counter() - request.submitted,
+                first_token_seconds=None,
+                reused_prefix_tokens=0,
+                error=f"{type(error).__name__}: {error}",
+            )
+        )
+
+
+def _empty_cache():
+    from transformers import DynamicCache
+
+    return DynamicCache()
+
+
+def _rows_per_key(input_ids: list[int], block_rows: list[int]) -> list[int]:
+    """How many cache positions each prompt position key covers: 1 per token, a block per media slot."""
+    from videollava.data.tokenize import IMAGE_SLOT, VIDEO_SLOT
+
+    blocks = iter(block_rows)
+    return [next(blocks) if t in (IMAGE_SLOT, VIDEO_SLOT) else 1 for t in input_ids]

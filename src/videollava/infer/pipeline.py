@@ -1,0 +1,249 @@
+"""From a question and media files to LLM-ready inputs: the model with its tokenizer, transforms and template.
+
+Every entry point (CLI, server, chat, web, evaluation) goes through `Pipeline.prepare`, so a
+question is tokenized and its media preprocessed the same way everywhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from videollava.data.conversation import Conversation, get_template
+from videollava.data.media import load_image, read_video_frames
+from videollava.data.tokenize import IMAGE_SLOT, VIDEO_SLOT, check_placeholders, tokenize_multimodal
+from videollava.data.transforms import ImageTransformConfig, preprocess_images, preprocess_video
+from videollava.errors import CheckpointError, MediaError
+from videollava.model.checkpoint import load_weights
+from videollava.model.videollava import VideoLlava
+
+MediaSource = str | os.PathLike | bytes
+
+
+def default_model_path() -> Path:
+    """The ShapesWorld checkpoint that ships inside the package."""
+    return Path(__file__).resolve().parent.parent / "assets" / "shapesworld-model"
+
+
+def cpu_supports_bf16() -> bool:
+    """bf16 matmuls are fast only on CPUs with AVX512-BF16 or AMX; elsewhere fp32 is the safer default."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(name: str | torch.dtype | None) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name in (None, "auto"):
+        return torch.bfloat16 if cpu_supports_bf16() else torch.float32
+    table = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
+    if name not in table:
+        raise ValueError(f"unknown dtype {name!r}; choose bfloat16 or float32")
+    return table[name]
+
+
+@dataclass
+class MediaItem:
+    kind: str  # "image" | "video"
+    source: MediaSource
+    name: str = ""
+
+    def display_name(self) -> str:
+        if self.name:
+            return self.name
+        return "<bytes>" if isinstance(self.source, bytes) else str(self.source)
+
+
+@dataclass
+class Prepared:
+    """A request ready for the LLM: token ids with one slot per media item, and each item's features."""
+
+    input_ids: list[int]
+    features: list[torch.Tensor]  # one (rows, H) tensor per slot, in slot order
+    # Content key of each position (token id, or a media hash per visual row block) for prefix reuse.
+    prefix_key: list[int | str]
+    visual_tokens: int
+    prompt_tokens: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.prompt_tokens = len(self.input_ids) - len(self.features) + self.visual_tokens
+
+
+class FeatureCache:
+    """Bounded LRU of projected visual features keyed by the media's content hash."""
+
+    def __init__(self, max_bytes: int = 512 * 1024**2):
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: str) -> torch.Tensor | None:
+        with self._lock:
+            value = self._items.get(key)
+            if value is None:
+                self.misses += 1
+                return None
+            self._items.move_to_end(key)
+            self.hits += 1
+            return value
+
+    def put(self, key: str, value: torch.Tensor) -> None:
+        size = value.numel() * value.element_size()
+        if size > self.max_bytes:
+            return
+        with self._lock:
+            if key in self._items:
+                return
+            self._items[key] = value
+            self._bytes += size
+            while self._bytes > self.max_bytes:
+                _, old = self._items.popitem(last=False)
+                self._bytes -= old.numel() * old.element_size()
+
+
+def content_hash(source: MediaSource, name: str = "") -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    if isinstance(source, bytes):
+        digest.update(source)
+    else:
+        path = Path(source)
+        try:
+            with open(path, "rb") as handle:
+                for chunk in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(chunk)
+        except FileNotFoundError:
+            raise MediaError(name or path, "no such file") from None
+        except IsADirectoryError:
+            raise MediaError(name or path, "is a directory, not a media file") from None
+        except OSError as error:
+            raise MediaError(name or path, f"cannot be read ({error.strerror})") from None
+    return digest.hexdigest()
+
+
+class Pipeline:
+    """A loaded model with everything needed to turn requests into LLM inputs and ids into text."""
+
+    def __init__(
+        self,
+        model: VideoLlava,
+        tokenizer: PreTrainedTokenizerBase,
+        image_transform: ImageTransformConfig,
+        video_transform: ImageTransformConfig,
+        template: str | None = None,
+        num_frames: int | None = None,
+        feature_cache: FeatureCache | None = None,
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.image_transform = image_transform
+        self.video_transform = video_transform
+        self.template = get_template(template or model.config.template)
+        self.num_frames = num_frames or model.config.num_frames
+        self.feature_cache = feature_cache or FeatureCache()
+        self.eos_token_id = tokenizer.eos_token_id
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self._model_lock = threading.Lock()
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | os.PathLike | None = None, dtype: str | torch.dtype | None = None, **kwargs
+    ) -> Pipeline:
+        model, folder = load_weights(path if path is not None else default_model_path(), resolve_dtype(dtype))
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        except Exception as error:
+            raise CheckpointError(f"{folder}: no usable tokenizer ({type(error).__name__}: {error})") from None
+        image_transform = ImageTransformConfig.from_checkpoint(folder, model.config)
+        video_transform = ImageTransformConfig.from_checkpoint(folder, model.config, for_video=True)
+        return cls(model, tokenizer, image_transform, video_transform, **kwargs)
+
+    # ------------------------------------------------------------ prompts
+
+    def build_prompt(self, question: str, num_images: int, num_videos: int, history=()) -> str:
+        """The templated prompt; placeholders go before the question when it has none (LLaVA style)."""
+        conversation = Conversation(self.template, list(history))
+        conversation.append("user", conversation_question(question, num_images, num_videos))
+        return conversation.prompt()
+
+    # ------------------------------------------------------------ media
+
+    def encode_media(self, item: MediaItem, num_frames: int | None = None) -> torch.Tensor:
+        """Projected features (rows, H) of one image or video; cached by content and frame count."""
+        frames = num_frames or self.num_frames
+        key = f"{item.kind}:{frames}:{content_hash(item.source, item.name)}"
+        cached = self.feature_cache.get(key)
+        if cached is not None:
+            return cached
+        source: str | os.PathLike | BinaryIO | bytes = item.source
+        name = item.display_name()
+        with torch.inference_mode():
+            if item.kind == "image":
+                pixels = preprocess_images([load_image(source, name=name)], self.image_transform)
+                with self._model_lock:
+                    features = self.model.encode_images(pixels)[0]
+            elif item.kind == "video":
+                video = read_video_frames(source, num_frames=frames, name=name)
+                pixels = preprocess_video(video, self.video_transform)
+                with self._model_lock:
+                    features = self.model.encode_videos(pixels[None])[0]
+            else:
+                raise ValueError(f"unknown media kind {item.kind!r}")
+        self.feature_cache.put(key, features)
+        return features
+
+    # ------------------------------------------------------------ requests
+
+    def prepare(
+        self, prompt: str, media: list[MediaItem], num_frames: int | None = None, add_bos: bool = True
+    ) -> Prepared:
+        """Tokenize a full prompt (with placeholders) and encode its media, in placeholder order."""
+        n_images = sum(m.kind == "image" for m in media)
+        n_videos = sum(m.kind == "video" for m in media)
+        check_placeholders(prompt, n_images, n_videos)
+        tokenized = tokenize_multimodal(self.tokenizer, prompt, add_bos=add_bos)
+        images = iter([m for m in media if m.kind == "image"])
+        videos = iter([m for m in media if m.kind == "video"])
+        features: list[torch.Tensor] = []
+        prefix_key: list[int | str] = []
+        for token in tokenized.input_ids:
+            if token in (IMAGE_SLOT, VIDEO_SLOT):
+                item = next(images) if token == IMAGE_SLOT else next(videos)
+                feature = self.encode_media(item, num_frames)
+                features.append(feature)
+                prefix_key.append(f"{item.kind}:{content_hash(item.source, item.name)}:{feature.shape[0]}")
+            else:
+                prefix_key.append(token)
+        visual = sum(f.shape[0] for f in features)
+        prepared = Prepared(list(tokenized.input_ids), features, prefix_key, visual)
+        if prepared.prompt_tokens >= self.model.max_context:
+            from videollava.errors import PromptError
+
+            raise PromptError(
+                f"prompt is {prepared.prompt_tokens} tokens long ({visual} of them visual) "
+                f"but the model's context holds {self.model.max_context}; shorten it or use fewer frames"
+            )
+        return prepared
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def conversation_question(question: str, num_images: int, num_videos: int) -> str:
+    """Put `<image>\\n` / `<video>\\n` placeholders before a question that names none."""
+    if "<image>" in question or "<video>" in question:
+        return question
+    return "<image>\n" * num_images + "<video>\n" * num_videos + question

@@ -1,0 +1,427 @@
+"""Checkpoint formats: read the -hf layout (transformers 4.x and 5.x key variants) and the original
+Video-LLaVA layout with its LanguageBind tower folders; write the -hf layout.
+
+Weights are read with safetensors, or with `torch.load(weights_only=True)` for `.bin` files.
+Models are built on the meta device and the loaded tensors assigned, so a 7B checkpoint is never
+held twice in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from videollava.errors import CheckpointError
+from videollava.model.videollava import VideoLlava, VideoLlavaConfig
+from videollava.model.vision import VisionConfig
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "tokenizer*"]
+SHARD_BYTES = 4 * 1024**3
+
+
+# ---------------------------------------------------------------- locating and reading files
+
+
+def resolve(path_or_id: str | os.PathLike, allow_bin: bool = True) -> Path:
+    """A local folder as is; anything else is taken as a Hugging Face hub id and downloaded."""
+    path = Path(path_or_id).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise CheckpointError(f"{path}: expected a checkpoint folder, found a file")
+    text = str(path_or_id)
+    if text.startswith((".", "/", "~")) or text.count("/") != 1:
+        raise CheckpointError(f"{text}: no such checkpoint folder (and not a hub id of the form owner/name)")
+    try:
+        from huggingface_hub import snapshot_download
+
+        patterns = HUB_PATTERNS + (["*.bin"] if allow_bin else [])
+        return Path(snapshot_download(repo_id=text, allow_patterns=patterns))
+    except Exception as error:  # the hub client raises many types: offline, missing repo, auth
+        raise CheckpointError(
+            f"{text}: could not fetch from the Hugging Face hub ({type(error).__name__}: {error}). "
+            "Without network access, download the checkpoint elsewhere and pass its local folder."
+        ) from None
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = folder / index_name
+        if index.exists():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            return [folder / s for s in shards]
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (folder / name).exists():
+            return [folder / name]
+    shards = sorted(folder.glob("model-*.safetensors")) or sorted(folder.glob("pytorch_model-*.bin"))
+    if shards:
+        return shards
+    raise CheckpointError(f"{folder}: no weights found (looked for {', '.join(WEIGHT_FILES)} and shards)")
+
+
+def read_key_names(folder: Path) -> list[str]:
+    """Names of all tensors, read from headers only where the format allows it."""
+    names: list[str] = []
+    for file in _weight_files(folder):
+        if file.suffix == ".safetensors":
+            with safe_open(str(file), "pt") as handle:
+                names += list(handle.keys())
+        else:
+            names += list(_load_bin(file).keys())
+    return names
+
+
+def _load_bin(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:
+        raise CheckpointError(f"{file}: not a readable weights file ({type(error).__name__}: {error})") from None
+
+
+def read_state_dict(folder: Path, keep: Any = None) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint folder (optionally only names for which `keep(name)` is true)."""
+    state: dict[str, torch.Tensor] = {}
+    for file in _weight_files(folder):
+        if not file.exists():
+            raise CheckpointError(f"{file}: shard listed in the index is missing")
+        if file.suffix == ".safetensors":
+            try:
+                with safe_open(str(file), "pt") as handle:
+                    for name in handle.keys():
+                        if keep is None or keep(name):
+                            state[name] = handle.get_tensor(name)
+            except CheckpointError:
+                raise
+            except Exception as error:
+                raise CheckpointError(f"{file}: not a readable safetensors file ({error})") from None
+        else:
+            for name, tensor in _load_bin(file).items():
+                if keep is None or keep(name):
+                    state[name] = tensor
+    return state
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing") from None
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{path}: not valid JSON ({error})") from None
+
+
+# ---------------------------------------------------------------- key names
+
+_TOWERS = ("image_tower", "video_tower")
+
+
+def normalize_hf_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Map transformers 4.x / 5.x -hf names onto ours (which are the 4.x names without `vision_model.`)."""
+    out = {}
+    for name, tensor in state.items():
+        key = name
+        if key.startswith("model.") and key.split(".")[1] in (*_TOWERS, "multi_modal_projector", "language_model"):
+            key = key[len("model.") :]  # 5.x: model.<part>.*
+        if key == "lm_head.weight":
+            key = "language_model.lm_head.weight"
+        elif key.startswith("language_model.") and not key.startswith(("language_model.model.", "language_model.lm_head.")):
+            key = "language_model.model." + key[len("language_model.") :]
+        for tower in _TOWERS:
+            if key.startswith(f"{tower}.vision_model."):
+                key = tower + "." + key[len(f"{tower}.vision_model.") :]
+        out[key] = tensor
+    return out
+
+
+def normalize_original_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Map the original LlavaLlamaForCausalLM names (mm_projector, nested towers) onto ours."""
+    out = {}
+    for name, tensor in state.items():
+        key = name
+        match = re.match(r"model\.(image|video)_tower\.\1_tower\.(?:vision_model\.)?(.*)", key)
+        if match:
+            if match.group(2).startswith(("text_model.", "text_projection", "visual_projection", "logit_scale")):
+                continue
+            key = f"{match.group(1)}_tower.{match.group(2)}"
+        elif key.startswith("model.mm_projector."):
+            index, param = key[len("model.mm_projector.") :].split(".", 1)
+            key = f"multi_modal_projector.linear_{ {'0': 1, '2': 2}[index] }.{param}"
+        elif key.startswith("model."):
+            key = "language_model." + key
+        elif key == "lm_head.weight":
+            key = "language_model.lm_head.weight"
+        out[key] = tensor
+    return out
+
+
+def tower_keys(state: dict[str, torch.Tensor], tower: str) -> dict[str, torch.Tensor]:
+    """Vision weights of a LanguageBind tower folder (`vision_model.*`), renamed for our tower."""
+    prefix = "vision_model."
+    return {f"{tower}.{k[len(prefix):]}": v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _temporal_frames(names: Iterable[str], shapes: dict[str, torch.Size] | None = None) -> bool:
+    return any(".temporal_embedding" in n for n in names)
+
+
+# ---------------------------------------------------------------- configs
+
+_VISION_FIELDS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "patch_size",
+    "image_size",
+    "num_channels",
+    "layer_norm_eps",
+    "hidden_act",
+)
+
+
+def config_from_hf(data: dict[str, Any], has_temporal: bool) -> VideoLlavaConfig:
+    if data.get("model_type") != "video_llava":
+        raise CheckpointError(f"expected model_type 'video_llava', found {data.get('model_type')!r}")
+    layer = data.get("vision_feature_layer", -2)
+    if not isinstance(layer, int):
+        raise CheckpointError(f"vision_feature_layer {layer!r}: only a single layer is supported")
+    if data.get("vision_feature_select_strategy", "default") != "default":
+        raise CheckpointError("vision_feature_select_strategy 'full' is not supported")
+    ours = data.get("videollava", {})
+    vision_data = dict(data.get("vision_config") or {})
+    vision_data.setdefault("hidden_act", "quick_gelu")  # transformers' CLIPVisionConfig default
+    vision = VisionConfig.from_dict(vision_data)
+    text_config = dict(data.get("text_config") or {})
+    return VideoLlavaConfig(
+        vision=vision,
+        text_config=text_config,
+        temporal_frames=ours.get("temporal_frames", 8) if has_temporal else 0,
+        num_frames=ours.get("num_frames", 8),
+        vision_feature_layer=layer,
+        projector_hidden_act=data.get("projector_hidden_act", "gelu"),
+        image_token_id=data.get("image_token_index", 32000),
+        video_token_id=data.get("video_token_index", 32001),
+        pad_token_id=data.get("pad_token_id", text_config.get("pad_token_id")),
+        image_aspect_ratio=ours.get("image_aspect_ratio", "crop"),
+        template=ours.get("template", "hf"),
+    )
+
+
+def config_to_hf(config: VideoLlavaConfig) -> dict[str, Any]:
+    vision = {k: getattr(config.vision, k) for k in _VISION_FIELDS}
+    vision["model_type"] = "clip_vision_model"
+    text = dict(config.text_config)
+    text.setdefault("model_type", "llama")
+    return {
+        "architectures": ["VideoLlavaForConditionalGeneration"],
+        "model_type": "video_llava",
+        "image_token_index": config.image_token_id,
+        "video_token_index": config.video_token_id,
+        "pad_token_id": config.pad_token_id,
+        "projector_hidden_act": config.projector_hidden_act,
+        "vision_feature_layer": config.vision_feature_layer,
+        "vision_feature_select_strategy": "default",
+        "image_seq_length": config.image_tokens,
+        "video_seq_length": config.video_tokens(config.num_frames),
+        "multimodal_projector_bias": True,
+        "tie_word_embeddings": False,
+        "vision_config": vision,
+        "text_config": text,
+        # Fields of our own; transformers keeps unknown config fields and otherwise ignores them.
+        "videollava": {
+            "temporal_frames": config.temporal_frames,
+            "num_frames": config.num_frames,
+            "image_aspect_ratio": config.image_aspect_ratio,
+            "template": config.template,
+        },
+    }
+
+
+def _vision_from_languagebind(folder: Path) -> tuple[VisionConfig, int]:
+    data = read_json(folder / "config.json")
+    vision = data.get("vision_config")
+    if not vision:
+        raise CheckpointError(f"{folder / 'config.json'}: no vision_config (not a LanguageBind tower folder?)")
+    frames = int(vision.get("num_frames", 8)) if vision.get("add_time_attn") else 0
+    return VisionConfig.from_dict(vision), frames
+
+
+def config_from_original(data: dict[str, Any], image_vision: VisionConfig, temporal_frames: int) -> VideoLlavaConfig:
+    if data.get("mm_projector_type", "mlp2x_gelu") != "mlp2x_gelu":
+        raise CheckpointError(f"mm_projector_type {data.get('mm_projector_type')!r}: only mlp2x_gelu is supported")
+    if data.get("mm_vision_select_feature", "patch") != "patch":
+        raise CheckpointError("mm_vision_select_feature must be 'patch'")
+    llama_fields = (
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "max_position_embeddings",
+        "rms_norm_eps",
+        "vocab_size",
+        "bos_token_id",
+        "eos_token_id",
+        "pad_token_id",
+        "hidden_act",
+        "tie_word_embeddings",
+        "rope_theta",
+        "rope_scaling",
+        "attention_bias",
+        "initializer_range",
+    )
+    text = {k: data[k] for k in llama_fields if k in data}
+    text["model_type"] = "llama"
+    return VideoLlavaConfig(
+        vision=image_vision,
+        text_config=text,
+        temporal_frames=temporal_frames,
+        num_frames=temporal_frames or 8,
+        vision_feature_layer=data.get("mm_vision_select_layer", -2),
+        image_token_id=-200,
+        video_token_id=-201,
+        pad_token_id=data.get("pad_token_id", 0),
+        image_aspect_ratio=data.get("image_aspect_ratio", "pad") if data.get("image_aspect_ratio") == "pad" else "crop",
+        template="llava_v1",
+    )
+
+
+# ---------------------------------------------------------------- building
+
+
+def build_model(config: VideoLlavaConfig, state: dict[str, torch.Tensor], dtype: torch.dtype, source: str) -> VideoLlava:
+    """Construct on the meta device and assign the checkpoint's tensors; every parameter must be present."""
+    with torch.device("meta"):
+        model = VideoLlava(config)
+    expected = set(model.state_dict().keys())
+    missing = sorted(expected - state.keys())
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise CheckpointError(f"{source}: weights missing for {shown}")
+    for name, param in model.state_dict().items():
+        if state[name].shape != param.shape:
+            raise CheckpointError(
+                f"{source}: {name} has shape {tuple(state[name].shape)}, the config expects {tuple(param.shape)}"
+            )
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items() if k in expected}
+    model.load_state_dict(state, assign=True, strict=True)
+    _materialize_buffers(model)
+    return model.eval()
+
+
+def _materialize_buffers(model: VideoLlava) -> None:
+    """Non-persistent buffers (the LLM's rotary frequencies) are not in checkpoints: rebuild them."""
+    for module_name, module in model.named_modules():
+        for buffer_name, buffer in list(module.named_buffers(recurse=False)):
+            if not buffer.is_meta:
+                continue
+            if hasattr(module, "rope_init_fn") or buffer_name in ("inv_freq", "original_inv_freq"):
+                fresh = type(module)(config=model.language_model.config)
+                for name, value in fresh.named_buffers(recurse=False):
+                    module.register_buffer(name, value, persistent=False)
+                break
+            raise CheckpointError(f"buffer {module_name}.{buffer_name} was not initialised")
+
+
+def detect_layout(folder: Path) -> str:
+    data = read_json(folder / "config.json")
+    if data.get("model_type") == "video_llava":
+        return "hf"
+    if data.get("model_type") in ("llava", "llava_llama") or "LlavaLlamaForCausalLM" in data.get("architectures", []):
+        return "original"
+    raise CheckpointError(
+        f"{folder / 'config.json'}: model_type {data.get('model_type')!r} is neither a Video-LLaVA -hf checkpoint "
+        "('video_llava') nor an original Video-LLaVA checkpoint ('llava')"
+    )
+
+
+def load_hf(folder: Path, dtype: torch.dtype) -> VideoLlava:
+    names = read_key_names(folder)
+    config = config_from_hf(read_json(folder / "config.json"), has_temporal=_temporal_frames(names))
+    state = normalize_hf_keys(read_state_dict(folder))
+    if config.temporal_frames:
+        rows = next(v for k, v in state.items() if k.endswith("temporal_embedding")).shape[1]
+        config.temporal_frames = rows
+    return build_model(config, state, dtype, str(folder))
+
+
+def _tower_folder(reference: str, base: Path) -> Path:
+    local = Path(reference).expanduser()
+    if not local.is_absolute():
+        beside = base / reference
+        if beside.is_dir():
+            return beside
+    return resolve(reference)
+
+
+def load_original(folder: Path, dtype: torch.dtype) -> VideoLlava:
+    data = read_json(folder / "config.json")
+    state = normalize_original_keys(read_state_dict(folder))
+    has_image = any(k.startswith("image_tower.") for k in state)
+    has_video = any(k.startswith("video_tower.") for k in state)
+    image_ref, video_ref = data.get("mm_image_tower"), data.get("mm_video_tower")
+    if not image_ref or not video_ref:
+        raise CheckpointError(f"{folder / 'config.json'}: mm_image_tower and mm_video_tower must both be set")
+    image_folder = _tower_folder(image_ref, folder)
+    video_folder = _tower_folder(video_ref, folder)
+    image_vision, _ = _vision_from_languagebind(image_folder)
+    video_vision, frames = _vision_from_languagebind(video_folder)
+    if not has_image:
+        state.update(tower_keys(read_state_dict(image_folder, keep=lambda k: k.startswith("vision_model.")), "image_tower"))
+    if not has_video:
+        state.update(tower_keys(read_state_dict(video_folder, keep=lambda k: k.startswith("vision_model.")), "video_tower"))
+    if {k: v for k, v in video_vision.to_dict().items() if k != "num_frames"} != {
+        k: v for k, v in image_vision.to_dict().items() if k != "num_frames"
+    }:
+        raise CheckpointError(f"{video_folder}: the video tower's shape differs from the image tower's")
+    if frames and not any(".temporal_embedding" in k for k in state):
+        raise CheckpointError(f"{video_folder}: config says add_time_attn but no temporal weights were found")
+    config = config_from_original(data, image_vision, frames)
+    return build_model(config, state, dtype, str(folder))
+
+
+def load_weights(path_or_id: str | os.PathLike, dtype: torch.dtype = torch.float32) -> tuple[VideoLlava, Path]:
+    folder = resolve(path_or_id)
+    layout = detect_layout(folder)
+    model = load_hf(folder, dtype) if layout == "hf" else load_original(folder, dtype)
+    return model, folder
+
+
+# ---------------------------------------------------------------- saving
+
+
+def save_weights(model: VideoLlava, out_dir: str | os.PathLike, shard_bytes: int = SHARD_BYTES) -> None:
+    """config.json and safetensors in the -hf layout; temporal weights ride along under their own names."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(config_to_hf(model.config), indent=2) + "\n")
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], str(out / "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(out / file), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, file))
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
