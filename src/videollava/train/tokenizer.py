@@ -96,7 +96,7 @@ def train_tokenizer(
 ) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE tokenizer with LLaMA's special-token layout.
 
-    `vocab_size` counts every token, added ones included. With `placeholder_tokens=False` the tokenizer
+    `vocab_size` counts every token, added ones included; a small corpus may run out of merges before it. With `placeholder_tokens=False` the tokenizer
     lacks `<image>` / `<video>`, like the original LLaMA tokenizer, so prompts must be split on them.
     """
     added = [IMAGE_TOKEN, VIDEO_TOKEN, PAD_TOKEN] if placeholder_tokens else [PAD_TOKEN]
