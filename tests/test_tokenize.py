@@ -211,3 +211,40 @@ def test_no_spans_means_no_labels_and_empty_spans_mean_all_ignored(tok):
     text, _ = training_text()
     assert tokenize_multimodal(tok, text).labels is None
     assert set(tokenize_multimodal(tok, text, []).labels) == {IGNORE_INDEX}
+
+
+def metaspace_tokenizer(placeholder_tokens):
+    """A LLaMA-like tokenizer that prepends "▁" to the start of every text it is given."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+    backend.decoder = decoders.Metaspace(prepend_scheme="first")
+    corpus = ["What color is the circle? ASSISTANT: red", "USER: And the square? ASSISTANT: It is blue."]
+    trainer = trainers.BpeTrainer(
+        vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False
+    )
+    backend.train_from_iterator(corpus * 3, trainer)
+    if placeholder_tokens:
+        backend.add_special_tokens(
+            [AddedToken(t, special=True, normalized=False) for t in ("<image>", "<video>")]
+        )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>", add_bos_token=True
+    )
+
+
+def test_split_path_keeps_the_reference_prefix_space_quirk():
+    text, spans = training_text()
+    split = metaspace_tokenizer(placeholder_tokens=False)
+    whole = metaspace_tokenizer(placeholder_tokens=True)
+    b = tokenize_multimodal(split, text, spans)
+    a = tokenize_multimodal(whole, text, spans)
+    assert b.input_ids == reference_split_tokenize(split, text)
+    # Each piece after a placeholder is tokenized on its own, so it gains a leading "▁", as in the reference.
+    after_video = b.input_ids.index(VIDEO_SLOT) + 1
+    assert split.convert_ids_to_tokens(b.input_ids[after_video]).startswith("▁")
+    assert not whole.convert_ids_to_tokens(a.input_ids[a.input_ids.index(VIDEO_SLOT) + 1]).startswith("▁")
+    for tokenizer, result in ((split, b), (whole, a)):
+        assert [run.strip() for run in supervised_runs(tokenizer, result)] == ["red</s>", "It is blue.</s>"]

@@ -82,7 +82,7 @@ def get_template(name: str | Template) -> Template:
 
 @dataclass
 class Conversation:
-    """Alternating user / assistant messages, starting with the user, under one template."""
+    """Alternating user / assistant messages, starting with the user, under one template (or its name)."""
 
     template: Template
     messages: list[tuple[str, str]] = field(default_factory=list)
