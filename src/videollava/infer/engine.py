@@ -13,17 +13,35 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from videollava.errors import VideoLlavaError
 from videollava.infer.kv import LayerKV, PrefixCache, RunningBatch, cache_from_layers, cache_layers
-from videollava.infer.pipeline import Pipeline, Prepared
 from videollava.infer.sampling import SamplingParams, pick_tokens
+
+if TYPE_CHECKING:
+    from videollava.infer.pipeline import Pipeline
 
 
 class QueueFullError(VideoLlavaError):
     """The engine's waiting queue is at its bound; the caller should retry later."""
+
+
+@dataclass
+class Prepared:
+    """A request ready for the LLM: token ids with one slot per media item, and each item's features."""
+
+    input_ids: list[int]
+    features: list[torch.Tensor]  # one (rows, H) tensor per slot, in slot order
+    # Content key of each position (token id, or a media hash per visual row block) for prefix reuse.
+    prefix_key: list[int | str]
+    visual_tokens: int
+    prompt_tokens: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.prompt_tokens = len(self.input_ids) - len(self.features) + self.visual_tokens
 
 
 @dataclass

@@ -23,6 +23,7 @@ from videollava.data.tokenize import IMAGE_SLOT, VIDEO_SLOT, check_placeholders,
 from videollava.data.transforms import ImageTransformConfig, preprocess_images, preprocess_video
 from videollava.errors import CheckpointError, MediaError
 from videollava.model.checkpoint import load_weights
+from videollava.infer.engine import Prepared
 from videollava.model.videollava import VideoLlava
 
 MediaSource = str | os.PathLike | bytes
@@ -63,21 +64,6 @@ class MediaItem:
         if self.name:
             return self.name
         return "<bytes>" if isinstance(self.source, bytes) else str(self.source)
-
-
-@dataclass
-class Prepared:
-    """A request ready for the LLM: token ids with one slot per media item, and each item's features."""
-
-    input_ids: list[int]
-    features: list[torch.Tensor]  # one (rows, H) tensor per slot, in slot order
-    # Content key of each position (token id, or a media hash per visual row block) for prefix reuse.
-    prefix_key: list[int | str]
-    visual_tokens: int
-    prompt_tokens: int = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.prompt_tokens = len(self.input_ids) - len(self.features) + self.visual_tokens
 
 
 class FeatureCache:
