@@ -38,7 +38,12 @@ def tiny_tokenizer():
 
 def build_hf_model(tokenizer, seed: int = 0):
     """A random transformers VideoLlavaForConditionalGeneration sized for tests."""
-    from transformers import CLIPVisionConfig, LlamaConfig, VideoLlavaConfig, VideoLlavaForConditionalGeneration
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        VideoLlavaConfig,
+        VideoLlavaForConditionalGeneration,
+    )
 
     torch.manual_seed(seed)
     vocab = -(-len(tokenizer) // 64) * 64

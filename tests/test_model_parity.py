@@ -82,7 +82,9 @@ def _media(kinds):
     return (torch.stack(images) if images else None), (torch.stack(videos) if videos else None)
 
 
-@pytest.mark.parametrize("kinds", [["image"], ["video"], ["both"], ["text"], ["image", "video", "text", "both"]])
+@pytest.mark.parametrize(
+    "kinds", [["image"], ["video"], ["both"], ["text"], ["image", "video", "text", "both"]]
+)
 def test_logits_match_transformers(hf_checkpoint, ours, tiny_tokenizer, kinds):
     _, hf = hf_checkpoint
     prompts = _prompts(tiny_tokenizer)
@@ -96,7 +98,9 @@ def test_logits_match_transformers(hf_checkpoint, ours, tiny_tokenizer, kinds):
         features = ours.visual_features_for(sequences, images, videos)
         batch = ours.splice(sequences, features, padding_side="left")
         got = ours.language_model(
-            inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask, position_ids=batch.position_ids
+            inputs_embeds=batch.inputs_embeds,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
         ).logits
     assert got.shape == reference.shape
     real = mask.bool()
@@ -167,7 +171,9 @@ def test_saved_folder_loads_in_transformers(hf_checkpoint, ours, tiny_tokenizer,
     ids, mask = hf_batch(hf, sequences, tiny_tokenizer.pad_token_id)
     with torch.no_grad():
         a = hf(input_ids=ids, attention_mask=mask, pixel_values=images, pixel_values_videos=videos).logits
-        b = reloaded(input_ids=ids, attention_mask=mask, pixel_values=images, pixel_values_videos=videos).logits
+        b = reloaded(
+            input_ids=ids, attention_mask=mask, pixel_values=images, pixel_values_videos=videos
+        ).logits
     torch.testing.assert_close(b, a, atol=ATOL, rtol=0)
     # and back into ours
     again, _ = load_weights(tmp_path, torch.float32)

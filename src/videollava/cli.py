@@ -22,7 +22,9 @@ SUBCOMMANDS = {
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="videollava", description="Ask, train, evaluate and serve Video-LLaVA.")
+    parser = argparse.ArgumentParser(
+        prog="videollava", description="Ask, train, evaluate and serve Video-LLaVA."
+    )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, module_name in SUBCOMMANDS.items():
         if only is not None and name != only:

@@ -193,9 +193,13 @@ def from_llava(conversations: Sequence[dict], template: str | Template = "vicuna
 
 
 def build_prompt(
-    question: str, images: int = 0, videos: int = 0, template: str | Template = "vicuna_v1"
+    question: str,
+    images: int = 0,
+    videos: int = 0,
+    template: str | Template = "vicuna_v1",
+    history: Sequence[tuple[str, str]] = (),
 ) -> str:
-    """A one-question generation prompt, adding the media placeholders when the question has none.
+    """A generation prompt for `question` after earlier turns, adding media placeholders when it has none.
 
     Placeholders go first, videos before images, then a newline and the question, as in the
     training data; a question that has placeholders already must have one per image and video.
@@ -206,4 +210,4 @@ def build_prompt(
         check_placeholders(question, images, videos)
     elif images or videos:
         question = VIDEO_PLACEHOLDER * videos + IMAGE_PLACEHOLDER * images + "\n" + question
-    return Conversation(get_template(template), [(USER, question)]).prompt()
+    return Conversation(get_template(template), [*history, (USER, question)]).prompt()

@@ -69,19 +69,27 @@ def completion_json(completion: Completion) -> dict[str, Any]:
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("ask", help="answer a question about images and videos")
     parser.add_argument("prompt", nargs="?", help="the question (or, with --raw-prompt, the whole prompt)")
-    parser.add_argument("--model", default=None, help="checkpoint folder or hub id (default: bundled ShapesWorld model)")
+    parser.add_argument(
+        "--model", default=None, help="checkpoint folder or hub id (default: bundled ShapesWorld model)"
+    )
     parser.add_argument("--image", action="append", default=[], metavar="FILE")
     parser.add_argument("--video", action="append", default=[], metavar="FILE")
-    parser.add_argument("--frames", type=int, default=None, help="frames sampled per video (default: the model's)")
+    parser.add_argument(
+        "--frames", type=int, default=None, help="frames sampled per video (default: the model's)"
+    )
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto")
-    parser.add_argument("--raw-prompt", action="store_true", help="use PROMPT as the full prompt, no template")
+    parser.add_argument(
+        "--raw-prompt", action="store_true", help="use PROMPT as the full prompt, no template"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--batch", metavar="REQUESTS.jsonl", help="answer every request of a JSONL file")
-    parser.add_argument("--output", metavar="ANSWERS.jsonl", help="with --batch: write answers here (default stdout)")
+    parser.add_argument(
+        "--output", metavar="ANSWERS.jsonl", help="with --batch: write answers here (default stdout)"
+    )
     parser.add_argument("--batch-size", type=int, default=8, help="with --batch: requests decoded together")
     parser.set_defaults(func=run)
 

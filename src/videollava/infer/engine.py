@@ -186,7 +186,9 @@ class Engine:
             self._thread.join()
             self._thread = None
 
-    def generate(self, prepared: list[Prepared], params: list[SamplingParams] | SamplingParams | None = None) -> list[Completion]:
+    def generate(
+        self, prepared: list[Prepared], params: list[SamplingParams] | SamplingParams | None = None
+    ) -> list[Completion]:
         """Run a list of requests to completion in the calling thread, in continuous batches."""
         if not isinstance(params, list):
             params = [params or SamplingParams()] * len(prepared)
@@ -302,7 +304,10 @@ class Engine:
                 request.finish_reason = "stop"
                 self._flush_text(request, final=True, text=text[:at])
                 return
-        if len(request.generated) >= params.max_new_tokens or request.next_position + 1 >= self.model.max_context:
+        if (
+            len(request.generated) >= params.max_new_tokens
+            or request.next_position + 1 >= self.model.max_context
+        ):
             request.finish_reason = "length"
             self._flush_text(request, final=True, text=text)
             return
@@ -346,7 +351,9 @@ class Engine:
         if layers is not None and len(request.generated) > 1:
             # The conversation so far (prompt + answer but its last token) serves the next turn.
             answer = request.generated[:-1]
-            rows_of = _rows_per_key(prepared.input_ids, [f.shape[0] for f in prepared.features]) + [1] * len(answer)
+            rows_of = _rows_per_key(prepared.input_ids, [f.shape[0] for f in prepared.features]) + [1] * len(
+                answer
+            )
             self.prefix_cache.put(prepared.prefix_key + answer, rows_of, layers)
         now = time.perf_counter()
         ids = [t for t in request.generated if t != self.pipeline.eos_token_id]
@@ -360,7 +367,9 @@ class Engine:
             visual_tokens=prepared.visual_tokens,
             finish_reason=reason,
             seconds=now - request.submitted,
-            first_token_seconds=(request.first_token_at - request.submitted) if request.first_token_at else None,
+            first_token_seconds=(request.first_token_at - request.submitted)
+            if request.first_token_at
+            else None,
             reused_prefix_tokens=request.reused,
         )
         self.stats.requests_total += 1

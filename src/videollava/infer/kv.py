@@ -65,7 +65,10 @@ class RunningBatch:
         real = cache_length(layers)
         length = max(cache_length(current), real)
         current, layers = left_pad(current, length), left_pad(layers, length)
-        merged = [(torch.cat([k0, k1]), torch.cat([v0, v1])) for (k0, v0), (k1, v1) in zip(current, layers, strict=True)]
+        merged = [
+            (torch.cat([k0, k1]), torch.cat([v0, v1]))
+            for (k0, v0), (k1, v1) in zip(current, layers, strict=True)
+        ]
         row_mask = torch.zeros(1, length, dtype=torch.long, device=self.mask.device)
         row_mask[:, length - real :] = 1
         self.mask = torch.cat([F.pad(self.mask, (length - self.mask.shape[1], 0)), row_mask])
@@ -86,7 +89,9 @@ class RunningBatch:
     def row_layers(self, row: int) -> list[LayerKV]:
         """One row's keys and values without its padding (batch size 1)."""
         start = int(self.mask[row].nonzero()[0])
-        return [(k[row : row + 1, :, start:], v[row : row + 1, :, start:]) for k, v in cache_layers(self.cache)]
+        return [
+            (k[row : row + 1, :, start:], v[row : row + 1, :, start:]) for k, v in cache_layers(self.cache)
+        ]
 
 
 class PrefixCache:

@@ -10,20 +10,20 @@ import hashlib
 import os
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from videollava.data.conversation import Conversation, get_template
+from videollava.data.conversation import build_prompt, get_template
 from videollava.data.media import load_image, read_video_frames
 from videollava.data.tokenize import IMAGE_SLOT, VIDEO_SLOT, check_placeholders, tokenize_multimodal
 from videollava.data.transforms import ImageTransformConfig, preprocess_images, preprocess_video
-from videollava.errors import CheckpointError, MediaError
-from videollava.model.checkpoint import load_weights
+from videollava.errors import CheckpointError, MediaError, PromptError
 from videollava.infer.engine import Prepared
+from videollava.model.checkpoint import load_weights, save_weights
 from videollava.model.videollava import VideoLlava
 
 MediaSource = str | os.PathLike | bytes
@@ -48,10 +48,24 @@ def resolve_dtype(name: str | torch.dtype | None) -> torch.dtype:
         return name
     if name in (None, "auto"):
         return torch.bfloat16 if cpu_supports_bf16() else torch.float32
-    table = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
+    table = {
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float32": torch.float32,
+        "fp32": torch.float32,
+    }
     if name not in table:
         raise ValueError(f"unknown dtype {name!r}; choose bfloat16 or float32")
     return table[name]
+
+
+def transform_for_checkpoint(folder: Path, model: VideoLlava) -> ImageTransformConfig:
+    """The checkpoint's own preprocessing constants, its aspect mode, and its tower's input size."""
+    size = model.config.vision.image_size
+    pad = model.config.image_aspect_ratio == "pad"
+    if (folder / "preprocessor_config.json").exists():
+        return ImageTransformConfig.from_preprocessor_json(folder, pad_to_square=pad)
+    return ImageTransformConfig(size=size, crop_size=size, pad_to_square=pad)
 
 
 @dataclass
@@ -127,16 +141,14 @@ class Pipeline:
         self,
         model: VideoLlava,
         tokenizer: PreTrainedTokenizerBase,
-        image_transform: ImageTransformConfig,
-        video_transform: ImageTransformConfig,
+        transform: ImageTransformConfig,
         template: str | None = None,
         num_frames: int | None = None,
         feature_cache: FeatureCache | None = None,
     ):
         self.model = model
         self.tokenizer = tokenizer
-        self.image_transform = image_transform
-        self.video_transform = video_transform
+        self.transform = transform
         self.template = get_template(template or model.config.template)
         self.num_frames = num_frames or model.config.num_frames
         self.feature_cache = feature_cache or FeatureCache()
@@ -152,18 +164,22 @@ class Pipeline:
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(folder))
         except Exception as error:
-            raise CheckpointError(f"{folder}: no usable tokenizer ({type(error).__name__}: {error})") from None
-        image_transform = ImageTransformConfig.from_checkpoint(folder, model.config)
-        video_transform = ImageTransformConfig.from_checkpoint(folder, model.config, for_video=True)
-        return cls(model, tokenizer, image_transform, video_transform, **kwargs)
+            raise CheckpointError(
+                f"{folder}: no usable tokenizer ({type(error).__name__}: {error})"
+            ) from None
+        return cls(model, tokenizer, transform_for_checkpoint(folder, model), **kwargs)
+
+    def save_pretrained(self, out_dir: str | os.PathLike) -> None:
+        """The -hf layout: weights and config, tokenizer, preprocessor config."""
+        save_weights(self.model, out_dir)
+        self.tokenizer.save_pretrained(str(out_dir))
+        self.transform.to_preprocessor_json(out_dir)
 
     # ------------------------------------------------------------ prompts
 
     def build_prompt(self, question: str, num_images: int, num_videos: int, history=()) -> str:
-        """The templated prompt; placeholders go before the question when it has none (LLaVA style)."""
-        conversation = Conversation(self.template, list(history))
-        conversation.append("user", conversation_question(question, num_images, num_videos))
-        return conversation.prompt()
+        """The templated prompt for a question about new media after earlier turns."""
+        return build_prompt(question, num_images, num_videos, self.template, history)
 
     # ------------------------------------------------------------ media
 
@@ -178,12 +194,12 @@ class Pipeline:
         name = item.display_name()
         with torch.inference_mode():
             if item.kind == "image":
-                pixels = preprocess_images([load_image(source, name=name)], self.image_transform)
+                pixels = preprocess_images([load_image(source, name=name)], self.transform)
                 with self._model_lock:
                     features = self.model.encode_images(pixels)[0]
             elif item.kind == "video":
                 video = read_video_frames(source, num_frames=frames, name=name)
-                pixels = preprocess_video(video, self.video_transform)
+                pixels = preprocess_video(video, self.transform)
                 with self._model_lock:
                     features = self.model.encode_videos(pixels[None])[0]
             else:
@@ -216,8 +232,6 @@ class Pipeline:
         visual = sum(f.shape[0] for f in features)
         prepared = Prepared(list(tokenized.input_ids), features, prefix_key, visual)
         if prepared.prompt_tokens >= self.model.max_context:
-            from videollava.errors import PromptError
-
             raise PromptError(
                 f"prompt is {prepared.prompt_tokens} tokens long ({visual} of them visual) "
                 f"but the model's context holds {self.model.max_context}; shorten it or use fewer frames"
@@ -226,10 +240,3 @@ class Pipeline:
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
-
-
-def conversation_question(question: str, num_images: int, num_videos: int) -> str:
-    """Put `<image>\\n` / `<video>\\n` placeholders before a question that names none."""
-    if "<image>" in question or "<video>" in question:
-        return question
-    return "<image>\n" * num_images + "<video>\n" * num_videos + question

@@ -57,6 +57,4 @@ def pick_tokens(
 ) -> list[int]:
     """(B, V) -> B next tokens; greedy rows share one argmax."""
     greedy = logits.argmax(-1).tolist()
-    return [
-        greedy[i] if p.greedy else pick_token(logits[i], p, generators[i]) for i, p in enumerate(params)
-    ]
+    return [greedy[i] if p.greedy else pick_token(logits[i], p, generators[i]) for i, p in enumerate(params)]

@@ -23,7 +23,12 @@ from videollava.errors import CheckpointError
 from videollava.model.videollava import VideoLlava, VideoLlavaConfig
 from videollava.model.vision import VisionConfig
 
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "tokenizer*"]
 SHARD_BYTES = 4 * 1024**3
 
@@ -84,7 +89,9 @@ def _load_bin(file: Path) -> dict[str, torch.Tensor]:
     try:
         return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
     except Exception as error:
-        raise CheckpointError(f"{file}: not a readable weights file ({type(error).__name__}: {error})") from None
+        raise CheckpointError(
+            f"{file}: not a readable weights file ({type(error).__name__}: {error})"
+        ) from None
 
 
 def read_state_dict(folder: Path, keep: Any = None) -> dict[str, torch.Tensor]:
@@ -129,11 +136,17 @@ def normalize_hf_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     out = {}
     for name, tensor in state.items():
         key = name
-        if key.startswith("model.") and key.split(".")[1] in (*_TOWERS, "multi_modal_projector", "language_model"):
+        if key.startswith("model.") and key.split(".")[1] in (
+            *_TOWERS,
+            "multi_modal_projector",
+            "language_model",
+        ):
             key = key[len("model.") :]  # 5.x: model.<part>.*
         if key == "lm_head.weight":
             key = "language_model.lm_head.weight"
-        elif key.startswith("language_model.") and not key.startswith(("language_model.model.", "language_model.lm_head.")):
+        elif key.startswith("language_model.") and not key.startswith(
+            ("language_model.model.", "language_model.lm_head.")
+        ):
             key = "language_model.model." + key[len("language_model.") :]
         for tower in _TOWERS:
             if key.startswith(f"{tower}.vision_model."):
@@ -149,7 +162,9 @@ def normalize_original_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.T
         key = name
         match = re.match(r"model\.(image|video)_tower\.\1_tower\.(?:vision_model\.)?(.*)", key)
         if match:
-            if match.group(2).startswith(("text_model.", "text_projection", "visual_projection", "logit_scale")):
+            if match.group(2).startswith(
+                ("text_model.", "text_projection", "visual_projection", "logit_scale")
+            ):
                 continue
             key = f"{match.group(1)}_tower.{match.group(2)}"
         elif key.startswith("model.mm_projector."):
@@ -166,7 +181,7 @@ def normalize_original_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.T
 def tower_keys(state: dict[str, torch.Tensor], tower: str) -> dict[str, torch.Tensor]:
     """Vision weights of a LanguageBind tower folder (`vision_model.*`), renamed for our tower."""
     prefix = "vision_model."
-    return {f"{tower}.{k[len(prefix):]}": v for k, v in state.items() if k.startswith(prefix)}
+    return {f"{tower}.{k[len(prefix) :]}": v for k, v in state.items() if k.startswith(prefix)}
 
 
 def _temporal_frames(names: Iterable[str], shapes: dict[str, torch.Size] | None = None) -> bool:
@@ -250,14 +265,20 @@ def _vision_from_languagebind(folder: Path) -> tuple[VisionConfig, int]:
     data = read_json(folder / "config.json")
     vision = data.get("vision_config")
     if not vision:
-        raise CheckpointError(f"{folder / 'config.json'}: no vision_config (not a LanguageBind tower folder?)")
+        raise CheckpointError(
+            f"{folder / 'config.json'}: no vision_config (not a LanguageBind tower folder?)"
+        )
     frames = int(vision.get("num_frames", 8)) if vision.get("add_time_attn") else 0
     return VisionConfig.from_dict(vision), frames
 
 
-def config_from_original(data: dict[str, Any], image_vision: VisionConfig, temporal_frames: int) -> VideoLlavaConfig:
+def config_from_original(
+    data: dict[str, Any], image_vision: VisionConfig, temporal_frames: int
+) -> VideoLlavaConfig:
     if data.get("mm_projector_type", "mlp2x_gelu") != "mlp2x_gelu":
-        raise CheckpointError(f"mm_projector_type {data.get('mm_projector_type')!r}: only mlp2x_gelu is supported")
+        raise CheckpointError(
+            f"mm_projector_type {data.get('mm_projector_type')!r}: only mlp2x_gelu is supported"
+        )
     if data.get("mm_vision_select_feature", "patch") != "patch":
         raise CheckpointError("mm_vision_select_feature must be 'patch'")
     llama_fields = (
@@ -290,7 +311,9 @@ def config_from_original(data: dict[str, Any], image_vision: VisionConfig, tempo
         image_token_id=-200,
         video_token_id=-201,
         pad_token_id=data.get("pad_token_id", 0),
-        image_aspect_ratio=data.get("image_aspect_ratio", "pad") if data.get("image_aspect_ratio") == "pad" else "crop",
+        image_aspect_ratio=data.get("image_aspect_ratio", "pad")
+        if data.get("image_aspect_ratio") == "pad"
+        else "crop",
         template="llava_v1",
     )
 
@@ -298,7 +321,9 @@ def config_from_original(data: dict[str, Any], image_vision: VisionConfig, tempo
 # ---------------------------------------------------------------- building
 
 
-def build_model(config: VideoLlavaConfig, state: dict[str, torch.Tensor], dtype: torch.dtype, source: str) -> VideoLlava:
+def build_model(
+    config: VideoLlavaConfig, state: dict[str, torch.Tensor], dtype: torch.dtype, source: str
+) -> VideoLlava:
     """Construct on the meta device and assign the checkpoint's tensors; every parameter must be present."""
     with torch.device("meta"):
         model = VideoLlava(config)
@@ -336,7 +361,9 @@ def detect_layout(folder: Path) -> str:
     data = read_json(folder / "config.json")
     if data.get("model_type") == "video_llava":
         return "hf"
-    if data.get("model_type") in ("llava", "llava_llama") or "LlavaLlamaForCausalLM" in data.get("architectures", []):
+    if data.get("model_type") in ("llava", "llava_llama") or "LlavaLlamaForCausalLM" in data.get(
+        "architectures", []
+    ):
         return "original"
     raise CheckpointError(
         f"{folder / 'config.json'}: model_type {data.get('model_type')!r} is neither a Video-LLaVA -hf checkpoint "
@@ -376,9 +403,17 @@ def load_original(folder: Path, dtype: torch.dtype) -> VideoLlava:
     image_vision, _ = _vision_from_languagebind(image_folder)
     video_vision, frames = _vision_from_languagebind(video_folder)
     if not has_image:
-        state.update(tower_keys(read_state_dict(image_folder, keep=lambda k: k.startswith("vision_model.")), "image_tower"))
+        state.update(
+            tower_keys(
+                read_state_dict(image_folder, keep=lambda k: k.startswith("vision_model.")), "image_tower"
+            )
+        )
     if not has_video:
-        state.update(tower_keys(read_state_dict(video_folder, keep=lambda k: k.startswith("vision_model.")), "video_tower"))
+        state.update(
+            tower_keys(
+                read_state_dict(video_folder, keep=lambda k: k.startswith("vision_model.")), "video_tower"
+            )
+        )
     if {k: v for k, v in video_vision.to_dict().items() if k != "num_frames"} != {
         k: v for k, v in image_vision.to_dict().items() if k != "num_frames"
     }:
@@ -389,7 +424,9 @@ def load_original(folder: Path, dtype: torch.dtype) -> VideoLlava:
     return build_model(config, state, dtype, str(folder))
 
 
-def load_weights(path_or_id: str | os.PathLike, dtype: torch.dtype = torch.float32) -> tuple[VideoLlava, Path]:
+def load_weights(
+    path_or_id: str | os.PathLike, dtype: torch.dtype = torch.float32
+) -> tuple[VideoLlava, Path]:
     folder = resolve(path_or_id)
     layout = detect_layout(folder)
     model = load_hf(folder, dtype) if layout == "hf" else load_original(folder, dtype)

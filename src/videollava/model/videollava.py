@@ -114,12 +114,16 @@ class VideoLlava(nn.Module):
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) -> (N, P, H_llm): one row per patch, CLS dropped."""
-        features = self.image_tower.encode_images(pixel_values.to(self.device, self.dtype), self.config.vision_feature_layer)
+        features = self.image_tower.encode_images(
+            pixel_values.to(self.device, self.dtype), self.config.vision_feature_layer
+        )
         return self.multi_modal_projector(features)
 
     def encode_videos(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(N, T, 3, H, W) -> (N, T*(P+1), H_llm): frame after frame, each frame's CLS first."""
-        features = self.video_tower.encode_videos(pixel_values.to(self.device, self.dtype), self.config.vision_feature_layer)
+        features = self.video_tower.encode_videos(
+            pixel_values.to(self.device, self.dtype), self.config.vision_feature_layer
+        )
         return self.multi_modal_projector(features)
 
     def splice(
@@ -179,7 +183,9 @@ class VideoLlava(nn.Module):
         batch = len(rows)
         inputs_embeds = rows[0].new_zeros(batch, width, hidden)
         attention_mask = torch.zeros(batch, width, dtype=torch.long, device=self.device)
-        out_labels = torch.full((batch, width), IGNORE_INDEX, dtype=torch.long) if labels is not None else None
+        out_labels = (
+            torch.full((batch, width), IGNORE_INDEX, dtype=torch.long) if labels is not None else None
+        )
         for b, row in enumerate(rows):
             span = slice(width - lengths[b], width) if padding_side == "left" else slice(0, lengths[b])
             inputs_embeds[b, span] = row
@@ -234,6 +240,10 @@ class VideoLlava(nn.Module):
             )
         images_iter, videos_iter = iter(image_features), iter(video_features)
         return [
-            [next(images_iter) if t == IMAGE_SLOT else next(videos_iter) for t in ids if t in (IMAGE_SLOT, VIDEO_SLOT)]
+            [
+                next(images_iter) if t == IMAGE_SLOT else next(videos_iter)
+                for t in ids
+                if t in (IMAGE_SLOT, VIDEO_SLOT)
+            ]
             for ids in input_ids
         ]

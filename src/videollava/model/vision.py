@@ -74,7 +74,9 @@ class Attention(nn.Module):
         def split(t: torch.Tensor) -> torch.Tensor:
             return t.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
 
-        out = F.scaled_dot_product_attention(split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x)))
+        out = F.scaled_dot_product_attention(
+            split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
+        )
         # (B, heads, L, head_dim) -> (B, L, D)
         return self.out_proj(out.transpose(1, 2).reshape(batch, length, width))
 
@@ -111,7 +113,9 @@ class EncoderLayer(nn.Module):
         if table.shape[1] == num_frames:
             return table
         # (1, T0, D) -> (1, D, T0) -> (1, D, T) -> (1, T, D)
-        resampled = F.interpolate(table.transpose(1, 2).float(), size=num_frames, mode="linear", align_corners=True)
+        resampled = F.interpolate(
+            table.transpose(1, 2).float(), size=num_frames, mode="linear", align_corners=True
+        )
         return resampled.transpose(1, 2).to(table.dtype)
 
     def forward(self, x: torch.Tensor, num_frames: int = 1) -> torch.Tensor:
@@ -193,7 +197,9 @@ class VisionTower(nn.Module):
         """(N, T, C, H, W) -> (N, T*(1+P), D): every frame's CLS and patches, frame after frame."""
         n, t = pixel_values.shape[:2]
         # (N, T, C, H, W) -> (N*T, C, H, W)
-        features = self.hidden_state(pixel_values.flatten(0, 1), layer, num_frames=t if self.config.has_temporal else 1)
+        features = self.hidden_state(
+            pixel_values.flatten(0, 1), layer, num_frames=t if self.config.has_temporal else 1
+        )
         # (N*T, 1+P, D) -> (N, T*(1+P), D)
         return features.reshape(n, t * features.shape[1], features.shape[2])
 
