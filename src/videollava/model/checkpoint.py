@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -73,16 +73,28 @@ def _weight_files(folder: Path) -> list[Path]:
     raise CheckpointError(f"{folder}: no weights found (looked for {', '.join(WEIGHT_FILES)} and shards)")
 
 
+def _read_file(
+    file: Path, keep: Callable[[str], bool] | None, names_only: bool
+) -> dict[str, torch.Tensor | None]:
+    """Tensors of one weights file (or just their names, from the header for safetensors)."""
+    if not file.exists():
+        raise CheckpointError(f"{file}: shard listed in the index is missing")
+    if file.suffix != ".safetensors":
+        return {k: v for k, v in _load_bin(file).items() if keep is None or keep(k)}
+    try:
+        with safe_open(str(file), "pt") as handle:
+            return {
+                name: None if names_only else handle.get_tensor(name)
+                for name in handle.keys()
+                if keep is None or keep(name)
+            }
+    except Exception as error:
+        raise CheckpointError(f"{file}: not a readable safetensors file ({error})") from None
+
+
 def read_key_names(folder: Path) -> list[str]:
     """Names of all tensors, read from headers only where the format allows it."""
-    names: list[str] = []
-    for file in _weight_files(folder):
-        if file.suffix == ".safetensors":
-            with safe_open(str(file), "pt") as handle:
-                names += list(handle.keys())
-        else:
-            names += list(_load_bin(file).keys())
-    return names
+    return [name for file in _weight_files(folder) for name in _read_file(file, None, names_only=True)]
 
 
 def _load_bin(file: Path) -> dict[str, torch.Tensor]:
@@ -94,26 +106,11 @@ def _load_bin(file: Path) -> dict[str, torch.Tensor]:
         ) from None
 
 
-def read_state_dict(folder: Path, keep: Any = None) -> dict[str, torch.Tensor]:
+def read_state_dict(folder: Path, keep: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
     """All tensors of a checkpoint folder (optionally only names for which `keep(name)` is true)."""
     state: dict[str, torch.Tensor] = {}
     for file in _weight_files(folder):
-        if not file.exists():
-            raise CheckpointError(f"{file}: shard listed in the index is missing")
-        if file.suffix == ".safetensors":
-            try:
-                with safe_open(str(file), "pt") as handle:
-                    for name in handle.keys():
-                        if keep is None or keep(name):
-                            state[name] = handle.get_tensor(name)
-            except CheckpointError:
-                raise
-            except Exception as error:
-                raise CheckpointError(f"{file}: not a readable safetensors file ({error})") from None
-        else:
-            for name, tensor in _load_bin(file).items():
-                if keep is None or keep(name):
-                    state[name] = tensor
+        state.update(_read_file(file, keep, names_only=False))  # type: ignore[arg-type]
     return state
 
 
@@ -184,7 +181,7 @@ def tower_keys(state: dict[str, torch.Tensor], tower: str) -> dict[str, torch.Te
     return {f"{tower}.{k[len(prefix) :]}": v for k, v in state.items() if k.startswith(prefix)}
 
 
-def _temporal_frames(names: Iterable[str], shapes: dict[str, torch.Size] | None = None) -> bool:
+def _has_temporal(names: Iterable[str]) -> bool:
     return any(".temporal_embedding" in n for n in names)
 
 
@@ -373,7 +370,7 @@ def detect_layout(folder: Path) -> str:
 
 def load_hf(folder: Path, dtype: torch.dtype) -> VideoLlava:
     names = read_key_names(folder)
-    config = config_from_hf(read_json(folder / "config.json"), has_temporal=_temporal_frames(names))
+    config = config_from_hf(read_json(folder / "config.json"), has_temporal=_has_temporal(names))
     state = normalize_hf_keys(read_state_dict(folder))
     if config.temporal_frames:
         rows = next(v for k, v in state.items() if k.endswith("temporal_embedding")).shape[1]
@@ -418,7 +415,7 @@ def load_original(folder: Path, dtype: torch.dtype) -> VideoLlava:
         k: v for k, v in image_vision.to_dict().items() if k != "num_frames"
     }:
         raise CheckpointError(f"{video_folder}: the video tower's shape differs from the image tower's")
-    if frames and not any(".temporal_embedding" in k for k in state):
+    if frames and not _has_temporal(state):
         raise CheckpointError(f"{video_folder}: config says add_time_attn but no temporal weights were found")
     config = config_from_original(data, image_vision, frames)
     return build_model(config, state, dtype, str(folder))

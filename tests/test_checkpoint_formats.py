@@ -1,0 +1,286 @@
+"""The original Video-LLaVA layout (shards + LanguageBind tower folders), temporal attention, conversion."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from videollava.errors import CheckpointError
+from videollava.model.checkpoint import load_weights, normalize_hf_keys
+
+from .conftest import TEXT, VISION
+
+PATCHES = (VISION["image_size"] // VISION["patch_size"]) ** 2
+
+
+def _tower_config(video: bool, frames: int = 8) -> dict:
+    vision = {
+        k: VISION[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+    }
+    vision.update(image_size=VISION["image_size"], patch_size=VISION["patch_size"], hidden_act="gelu")
+    vision.update(layer_norm_eps=1e-5, projection_dim=16)
+    if video:
+        vision.update(add_time_attn=True, num_frames=frames, lora_r=0)
+    return {
+        "model_type": "LanguageBindVideo" if video else "LanguageBindImage",
+        "projection_dim": 16,
+        "text_config": {"hidden_size": 16, "num_hidden_layers": 1, "vocab_size": 100},
+        "vision_config": vision,
+    }
+
+
+def _temporal_weights(layers: int, frames: int, width: int, seed: int = 3) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    out = {}
+    for n in range(layers):
+        prefix = f"vision_model.encoder.layers.{n}."
+        out[prefix + "temporal_embedding"] = 0.5 * torch.randn(1, frames, width, generator=generator)
+        out[prefix + "temporal_layer_norm1.weight"] = 1 + 0.1 * torch.randn(width, generator=generator)
+        out[prefix + "temporal_layer_norm1.bias"] = 0.1 * torch.randn(width, generator=generator)
+        for proj in ("q", "k", "v", "out"):
+            out[prefix + f"temporal_attn.{proj}_proj.weight"] = 0.3 * torch.randn(
+                width, width, generator=generator
+            )
+            out[prefix + f"temporal_attn.{proj}_proj.bias"] = 0.1 * torch.randn(width, generator=generator)
+    return out
+
+
+def write_original_layout(
+    root: Path, hf_model, tokenizer, temporal: bool = True, towers_inside: bool = False, frames: int = 8
+) -> Path:
+    """Write a Video-LLaVA-7B-style folder with its two LanguageBind tower folders beside it."""
+    ours = normalize_hf_keys(hf_model.state_dict())
+    main: dict[str, torch.Tensor] = {}
+    towers: dict[str, dict[str, torch.Tensor]] = {"image": {}, "video": {}}
+    for key, value in ours.items():
+        value = value.clone()
+        if key.startswith("language_model.lm_head."):
+            main[key[len("language_model.") :]] = value
+        elif key.startswith("language_model.model."):
+            main[key[len("language_model.") :]] = value
+        elif key.startswith("multi_modal_projector.linear_"):
+            index = {"1": "0", "2": "2"}[key.split(".")[1][-1]]
+            main[f"model.mm_projector.{index}.{key.split('.', 2)[2]}"] = value
+        else:
+            tower, rest = key.split(".", 1)
+            towers[tower.split("_")[0]]["vision_model." + rest] = value
+    if temporal:
+        towers["video"].update(_temporal_weights(VISION["num_hidden_layers"], frames, VISION["hidden_size"]))
+    for kind in ("image", "video"):
+        folder = root / ("LanguageBind_Image" if kind == "image" else "LanguageBind_Video_merge")
+        folder.mkdir(parents=True)
+        config = _tower_config(kind == "video", frames)
+        if kind == "video" and not temporal:
+            config["vision_config"]["add_time_attn"] = False
+        (folder / "config.json").write_text(json.dumps(config))
+        weights = dict(towers[kind])
+        weights["text_model.embeddings.token_embedding.weight"] = torch.randn(100, 16)
+        weights["visual_projection.weight"] = torch.randn(16, VISION["hidden_size"])
+        weights["text_projection.weight"] = torch.randn(16, 16)
+        weights["logit_scale"] = torch.tensor(4.6)
+        torch.save(weights, folder / "pytorch_model.bin")
+        if towers_inside:
+            for k, v in towers[kind].items():
+                main[f"model.{kind}_tower.{kind}_tower.{k}"] = v
+    model_dir = root / "Video-LLaVA-7B"
+    model_dir.mkdir()
+    text = hf_model.config.text_config
+    config = {
+        "architectures": ["LlavaLlamaForCausalLM"],
+        "model_type": "llava",
+        **{k: TEXT[k] for k in TEXT},
+        "vocab_size": text.vocab_size,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": 0,
+        "hidden_act": "silu",
+        "tie_word_embeddings": False,
+        "mm_image_tower": "../LanguageBind_Image",
+        "mm_video_tower": "../LanguageBind_Video_merge",
+        "mm_hidden_size": VISION["hidden_size"],
+        "mm_projector_type": "mlp2x_gelu",
+        "mm_vision_select_layer": -2,
+        "mm_vision_select_feature": "patch",
+        "mm_use_im_start_end": False,
+        "mm_use_im_patch_token": False,
+        "image_aspect_ratio": "pad",
+    }
+    (model_dir / "config.json").write_text(json.dumps(config))
+    # Two .bin shards with an index, as the published checkpoint has.
+    names = sorted(main)
+    half = len(names) // 2
+    weight_map = {}
+    for i, chunk in enumerate((names[:half], names[half:]), 1):
+        file = f"pytorch_model-0000{i}-of-00002.bin"
+        torch.save({k: main[k] for k in chunk}, model_dir / file)
+        weight_map.update(dict.fromkeys(chunk, file))
+    (model_dir / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    tokenizer.save_pretrained(model_dir)
+    return model_dir
+
+
+@pytest.fixture(scope="module")
+def original(tmp_path_factory, hf_checkpoint):
+    from videollava.train.tokenizer import tiny_test_tokenizer
+
+    tokenizer = tiny_test_tokenizer(placeholder_tokens=False)
+    root = tmp_path_factory.mktemp("original")
+    return write_original_layout(root, hf_checkpoint[1], tokenizer)
+
+
+def test_original_layout_loads_with_temporal_weights(original):
+    model, _ = load_weights(original, torch.float32)
+    assert model.config.temporal_frames == 8
+    assert model.config.image_aspect_ratio == "pad"
+    towers = torch.load(original.parent / "LanguageBind_Video_merge" / "pytorch_model.bin", weights_only=True)
+    layer = model.video_tower.encoder.layers[1]
+    torch.testing.assert_close(
+        layer.temporal_embedding, towers["vision_model.encoder.layers.1.temporal_embedding"]
+    )
+    torch.testing.assert_close(
+        layer.temporal_attn.q_proj.weight, towers["vision_model.encoder.layers.1.temporal_attn.q_proj.weight"]
+    )
+    assert not hasattr(model.image_tower.encoder.layers[0], "temporal_attn")
+
+
+def test_original_without_temporal_matches_hf_logits(tmp_path, hf_checkpoint):
+    """Same weights in both layouts (no temporal weights): identical logits."""
+    from videollava.train.tokenizer import tiny_test_tokenizer
+
+    _, hf = hf_checkpoint
+    folder = write_original_layout(
+        tmp_path, hf, tiny_test_tokenizer(placeholder_tokens=False), temporal=False
+    )
+    ours, _ = load_weights(folder, torch.float32)
+    reference, _ = load_weights(hf_checkpoint[0], torch.float32)
+    ids = [[1, 5, 9, -201, 7, -200, 11, 12]]
+    torch.manual_seed(0)
+    images, videos = torch.randn(1, 3, 56, 56), torch.randn(1, 8, 3, 56, 56)
+    with torch.no_grad():
+        a = ours(ids, images=images, videos=videos).logits
+        b = reference(ids, images=images, videos=videos).logits
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_towers_inside_main_checkpoint(tmp_path, hf_checkpoint):
+    from videollava.train.tokenizer import tiny_test_tokenizer
+
+    folder = write_original_layout(
+        tmp_path, hf_checkpoint[1], tiny_test_tokenizer(placeholder_tokens=False), towers_inside=True
+    )
+    # Break the tower folders' weights: the ones inside the main checkpoint must win.
+    for name in ("LanguageBind_Image", "LanguageBind_Video_merge"):
+        (tmp_path / name / "pytorch_model.bin").write_bytes(b"not weights")
+    model, _ = load_weights(folder, torch.float32)
+    assert model.config.temporal_frames == 8
+
+
+def _video_features(model, pixels):
+    with torch.no_grad():
+        return model.video_tower.encode_videos(pixels)
+
+
+def test_zeroed_temporal_branch_gives_per_frame_features(original):
+    model, _ = load_weights(original, torch.float32)
+    torch.manual_seed(0)
+    video = torch.randn(1, 8, 3, 56, 56)
+    with_temporal = _video_features(model, video)
+    with torch.no_grad():
+        for layer in model.video_tower.encoder.layers:
+            layer.temporal_attn.out_proj.weight.zero_()
+            layer.temporal_attn.out_proj.bias.zero_()
+            layer.temporal_embedding.zero_()
+        zeroed = _video_features(model, video)
+        per_frame = model.video_tower.hidden_state(video[0], layer=-2, num_frames=1).reshape(
+            1, -1, VISION["hidden_size"]
+        )
+    torch.testing.assert_close(zeroed, per_frame, atol=1e-5, rtol=0)
+    assert (with_temporal - per_frame).abs().max() > 1e-2
+
+
+def test_frame_order_matters(original):
+    model, _ = load_weights(original, torch.float32)
+    torch.manual_seed(0)
+    video = torch.randn(1, 8, 3, 56, 56)
+    order = torch.tensor([7, 6, 5, 4, 3, 2, 1, 0])
+    rows = PATCHES + 1
+    a = _video_features(model, video).reshape(8, rows, -1)[order]
+    b = _video_features(model, video[:, order]).reshape(8, rows, -1)
+    assert (a - b).abs().max() > 1e-2  # not a mere permutation of per-frame features
+
+
+@pytest.mark.parametrize("frames", [4, 8, 16])
+def test_any_frame_count_runs(original, frames):
+    model, _ = load_weights(original, torch.float32)
+    video = torch.randn(2, frames, 3, 56, 56)
+    features = model.encode_videos(video)
+    assert features.shape == (2, frames * (PATCHES + 1), TEXT["hidden_size"])
+    assert torch.isfinite(features).all()
+    table = model.video_tower.encoder.layers[0].temporal_embedding_for(frames)
+    assert table.shape == (1, frames, VISION["hidden_size"])
+    # linear resampling keeps the end points
+    torch.testing.assert_close(table[0, 0], model.video_tower.encoder.layers[0].temporal_embedding[0, 0])
+    torch.testing.assert_close(table[0, -1], model.video_tower.encoder.layers[0].temporal_embedding[0, -1])
+
+
+def test_convert_original_to_hf_loads_in_transformers(original, tmp_path):
+    from transformers import VideoLlavaForConditionalGeneration
+
+    out = tmp_path / "converted"
+    result = subprocess.run(
+        [sys.executable, "-m", "videollava", "convert", str(original), str(out), "--dtype", "float32"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json"):
+        assert (out / name).exists(), name
+    hf = VideoLlavaForConditionalGeneration.from_pretrained(out, dtype=torch.float32)
+    ours, _ = load_weights(out, torch.float32)
+    assert ours.config.temporal_frames == 8  # temporal weights kept under their own names
+    config = json.loads((out / "config.json").read_text())
+    image_id = config["image_token_index"]
+    ids = torch.tensor([[1, 5] + [image_id] * PATCHES + [9, 10]])
+    images = torch.randn(1, 3, 56, 56)
+    with torch.no_grad():
+        a = hf(input_ids=ids, pixel_values=images).logits
+        b = ours([[1, 5, -200, 9, 10]], images=images).logits
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+
+
+def test_wrong_checkpoints_are_named(tmp_path, hf_checkpoint):
+    with pytest.raises(CheckpointError, match="no such checkpoint folder"):
+        load_weights(tmp_path / "missing")
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "bert" / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(CheckpointError, match="neither a Video-LLaVA"):
+        load_weights(tmp_path / "bert")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((hf_checkpoint[0] / "config.json").read_text())
+    save_file({"language_model.model.norm.weight": torch.ones(3)}, str(broken / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="weights missing"):
+        load_weights(broken)
+    (broken / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="not a readable safetensors"):
+        load_weights(broken)
+
+
+def test_hub_id_offline_gives_clear_error(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)}
+    code = (
+        "from videollava.model.checkpoint import load_weights; load_weights('LanguageBind/Video-LLaVA-7B-hf')"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert result.returncode != 0
+    assert "CheckpointError" in result.stderr and "could not fetch from the Hugging Face hub" in result.stderr
