@@ -184,8 +184,8 @@ def _load_image(src: _Source) -> Image.Image:
         raise MediaError(src.name, f"image too large to decode safely ({e})") from None
     except UnidentifiedImageError:
         raise MediaError(src.name, _why_not_image(src)) from None
-    except OSError as e:
-        raise MediaError(src.name, f"cannot read: {e.strerror or e}") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise MediaError(src.name, f"truncated or corrupt image ({e})") from None
     with img:
         if img.format in _NOT_IMAGE_FORMATS:
             raise MediaError(src.name, _why_not_image(src))
