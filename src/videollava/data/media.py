@@ -397,6 +397,9 @@ class _Seeker:
         index = self.tl.index(frame.pts)
         if index is None:
             raise _SeekFailed("pts off the constant-rate grid")
+        if index < 0:
+            # Frames before the stream's start time would shift every index of a full decode.
+            raise _SeekFailed("frame before the stream start")
         return index, frame
 
     def _seek(self, target: int) -> None:
