@@ -1,0 +1,571 @@
+"""Training data in the LLaVA JSON convention: samples, collation, batch samplers, bad-sample policy.
+
+A sample is one JSON object with an `image` / `video` path (or `images` / `videos` lists, or
+neither for text-only), relative to a media root, and a `conversations` list of human/gpt turns.
+Everything the samplers need (modality, a length estimate) is read from the JSON alone; pixels
+are decoded only when a sample is loaded, inside the DataLoader.
+
+A sample that cannot be used raises `BadSample` while loading. `__getitem__` turns it into a
+`Skipped` record, so a worker process never dies on one file; the training loop logs every
+`Skipped` (id and reason) and, by policy, drops it (the batch is just smaller) or stops.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from videollava.data.conversation import from_llava, get_template
+from videollava.data.media import load_image, read_video_frames
+from videollava.data.tokenize import (
+    IMAGE_PLACEHOLDER,
+    IMAGE_SLOT,
+    VIDEO_PLACEHOLDER,
+    VIDEO_SLOT,
+    tokenize_multimodal,
+)
+from videollava.data.transforms import ImageTransformConfig, preprocess_images, preprocess_video
+from videollava.errors import MediaError, PromptError, VideoLlavaError
+
+MODALITIES = ("image", "video", "text", "mixed")
+
+
+class BadSample(VideoLlavaError):
+    """A training sample that cannot be used, named by its id."""
+
+    def __init__(self, sample_id: str, reason: str):
+        self.sample_id = sample_id
+        self.reason = reason
+        super().__init__(f"sample {sample_id}: {reason}")
+
+
+@dataclass
+class Skipped:
+    """What `__getitem__` returns in place of a bad sample."""
+
+    id: str
+    reason: str
+    index: int
+
+
+# ---------------------------------------------------------------------------------------- records
+
+
+@dataclass
+class Record:
+    """One JSON entry, with what can be known without decoding media."""
+
+    index: int
+    id: str
+    raw: Any
+    images: list[str]
+    videos: list[str]
+    modality: str
+    text_words: int
+    problem: str | None = None  # structural problem found while reading the JSON
+
+
+def _media_list(raw: dict[str, Any], single: str, plural: str) -> list[str]:
+    value: list[Any] = []
+    if single in raw and raw[single] is not None:
+        value.append(raw[single])
+    if plural in raw and raw[plural] is not None:
+        items = raw[plural]
+        if not isinstance(items, list):
+            raise ValueError(f"'{plural}' must be a list of paths")
+        value.extend(items)
+    if not all(isinstance(v, str) and v for v in value):
+        raise ValueError(f"'{single}' / '{plural}' must hold non-empty path strings")
+    return value
+
+
+def parse_record(raw: Any, index: int, source: str) -> Record:
+    """Read modality and size from a JSON entry; a malformed entry is kept and reported when loaded."""
+    fallback_id = f"{source}#{index}"
+    if not isinstance(raw, dict):
+        return Record(index, fallback_id, raw, [], [], "text", 0, "entry is not a JSON object")
+    sample_id = str(raw.get("id", fallback_id))
+    try:
+        images = _media_list(raw, "image", "images")
+        videos = _media_list(raw, "video", "videos")
+    except ValueError as error:
+        return Record(index, sample_id, raw, [], [], "text", 0, str(error))
+    if images and videos:
+        modality = "mixed"
+    elif images:
+        modality = "image"
+    elif videos:
+        modality = "video"
+    else:
+        modality = "text"
+    words = 0
+    turns = raw.get("conversations")
+    if isinstance(turns, list):
+        words = sum(
+            len(t["value"].split()) for t in turns if isinstance(t, dict) and isinstance(t.get("value"), str)
+        )
+    return Record(index, sample_id, raw, images, videos, modality, words)
+
+
+def read_records(paths: Sequence[str | os.PathLike], max_samples: int | None = None) -> list[Record]:
+    """Concatenate LLaVA JSON lists (or JSON-lines files), in the order given."""
+    records: list[Record] = []
+    for path in paths:
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            raise VideoLlavaError(f"{path}: data file not found") from None
+        try:
+            if path.suffix == ".jsonl":
+                entries = [json.loads(line) for line in text.splitlines() if line.strip()]
+            else:
+                entries = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise VideoLlavaError(f"{path}: not valid JSON ({error})") from None
+        if not isinstance(entries, list):
+            raise VideoLlavaError(f"{path}: expected a JSON list of samples")
+        for entry in entries:
+            records.append(parse_record(entry, len(records), path.name))
+    if max_samples is not None:
+        records = records[:max_samples]
+        for i, record in enumerate(records):
+            record.index = i
+    return records
+
+
+def training_texts(records: Sequence[Record], template: str = "vicuna_v1") -> list[str]:
+    """Texts a tokenizer should learn from: every turn, plus each conversation as rendered for training."""
+    texts: list[str] = []
+    for record in records:
+        turns = record.raw.get("conversations") if isinstance(record.raw, dict) else None
+        if not isinstance(turns, list):
+            continue
+        texts += [t["value"] for t in turns if isinstance(t, dict) and isinstance(t.get("value"), str)]
+        try:
+            texts.append(from_llava(turns, template).render_for_training()[0])
+        except PromptError:
+            continue
+    return texts
+
+
+# ---------------------------------------------------------------------------------------- media
+
+
+@dataclass(frozen=True)
+class MediaSpec:
+    """How media become pixels and how many LLM rows they become."""
+
+    root: Path
+    transform: ImageTransformConfig
+    num_frames: int
+    image_rows: int  # visual rows per image
+    frame_rows: int  # visual rows per video frame
+
+
+def _load_image(spec: MediaSpec, rel: str) -> torch.Tensor:
+    """(3, S, S)"""
+    return preprocess_images([load_image(spec.root / rel, name=rel)], spec.transform)[0]
+
+
+def _load_video(spec: MediaSpec, rel: str) -> torch.Tensor:
+    """(T, 3, S, S)"""
+    frames = read_video_frames(spec.root / rel, num_frames=spec.num_frames, name=rel)
+    return preprocess_video(frames, spec.transform)
+
+
+# ---------------------------------------------------------------------------------------- datasets
+
+
+@dataclass
+class Sample:
+    id: str
+    input_ids: list[int]
+    labels: list[int]
+    images: list[torch.Tensor]  # each (3, S, S), in slot order
+    videos: list[torch.Tensor]  # each (T, 3, S, S), in slot order
+    modality: str
+
+    @property
+    def supervised_tokens(self) -> int:
+        return sum(1 for label in self.labels[1:] if label >= 0)
+
+
+class ConversationDataset(Dataset):
+    """Tokenized conversations with answer-only labels and their media, for the LLM stages."""
+
+    def __init__(
+        self,
+        records: Sequence[Record],
+        media: MediaSpec,
+        tokenizer: Any,
+        template: str,
+        max_length: int,
+    ):
+        self.records = list(records)
+        self.media = media
+        self.tokenizer = tokenizer
+        self.template = get_template(template)
+        self.max_length = max_length
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def modalities(self) -> list[str]:
+        return [r.modality for r in self.records]
+
+    @property
+    def lengths(self) -> list[int]:
+        """Estimated LLM length: words of the text plus visual rows (no media decoded)."""
+        rows = self.media.image_rows
+        video_rows = self.media.frame_rows * self.media.num_frames
+        return [r.text_words + rows * len(r.images) + video_rows * len(r.videos) for r in self.records]
+
+    def load(self, index: int) -> Sample:
+        """The sample, or `BadSample` naming why it cannot be used."""
+        record = self.records[index]
+        if record.problem:
+            raise BadSample(record.id, f"malformed entry: {record.problem}")
+        turns = record.raw.get("conversations")
+        try:
+            conversation = from_llava(turns, self.template)
+        except PromptError as error:
+            raise BadSample(record.id, f"malformed conversation: {error}") from None
+        human = "".join(t["value"] for t in turns[::2])
+        found = (human.count(IMAGE_PLACEHOLDER), human.count(VIDEO_PLACEHOLDER))
+        if found != (len(record.images), len(record.videos)):
+            raise BadSample(
+                record.id,
+                f"placeholder mismatch: {found[0]} {IMAGE_PLACEHOLDER} / {found[1]} {VIDEO_PLACEHOLDER} in the "
+                f"text but {len(record.images)} image(s) / {len(record.videos)} video(s) given",
+            )
+        try:
+            text, spans = conversation.render_for_training()
+            tokens = tokenize_multimodal(self.tokenizer, text, spans)
+        except (PromptError, ValueError) as error:
+            raise BadSample(record.id, f"cannot tokenize: {error}") from None
+        assert tokens.labels is not None
+        visual = self.media.image_rows * tokens.num_images + (
+            self.media.frame_rows * self.media.num_frames * tokens.num_videos
+        )
+        length = len(tokens.input_ids) - tokens.num_images - tokens.num_videos + visual
+        if length > self.max_length:
+            raise BadSample(
+                record.id, f"too long: {length} tokens ({visual} visual) > model_max_length {self.max_length}"
+            )
+        if not any(label >= 0 for label in tokens.labels):
+            raise BadSample(record.id, "no supervised tokens")
+        try:
+            images = [_load_image(self.media, rel) for rel in record.images]
+            videos = [_load_video(self.media, rel) for rel in record.videos]
+        except MediaError as error:
+            raise BadSample(record.id, f"bad media: {error}") from None
+        return Sample(record.id, tokens.input_ids, tokens.labels, images, videos, record.modality)
+
+    def __getitem__(self, index: int) -> Sample | Skipped:
+        try:
+            return self.load(index)
+        except BadSample as error:
+            return Skipped(error.sample_id, error.reason, index)
+
+
+@dataclass
+class CaptionSample:
+    id: str
+    pixels: torch.Tensor  # (3, S, S) or (T, 3, S, S)
+    caption: str
+    modality: str
+
+
+class CaptionDataset(Dataset):
+    """Media-caption pairs for contrastive alignment: the caption is the first gpt turn."""
+
+    def __init__(self, records: Sequence[Record], media: MediaSpec, modality: str):
+        if modality not in ("image", "video"):
+            raise ValueError(f"modality must be 'image' or 'video', got {modality!r}")
+        # Entries of the other modality are not this dataset's business; malformed ones are kept
+        # so they are reported.
+        self.records = [r for r in records if r.modality == modality or r.problem]
+        self.media = media
+        self.modality = modality
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def modalities(self) -> list[str]:
+        return [self.modality] * len(self.records)
+
+    @property
+    def lengths(self) -> list[int]:
+        return [r.text_words for r in self.records]
+
+    def load(self, index: int) -> CaptionSample:
+        record = self.records[index]
+        if record.problem:
+            raise BadSample(record.id, f"malformed entry: {record.problem}")
+        turns = record.raw.get("conversations")
+        try:
+            from_llava(turns, "plain")
+        except PromptError as error:
+            raise BadSample(record.id, f"malformed conversation: {error}") from None
+        paths = record.images if self.modality == "image" else record.videos
+        if len(paths) != 1:
+            raise BadSample(record.id, f"expected one {self.modality}, found {len(paths)}")
+        placeholder = IMAGE_PLACEHOLDER if self.modality == "image" else VIDEO_PLACEHOLDER
+        if turns[0]["value"].count(placeholder) != 1:
+            raise BadSample(record.id, f"placeholder mismatch: the question needs one {placeholder}")
+        try:
+            load = _load_image if self.modality == "image" else _load_video
+            pixels = load(self.media, paths[0])
+        except MediaError as error:
+            raise BadSample(record.id, f"bad media: {error}") from None
+        return CaptionSample(record.id, pixels, turns[1]["value"].strip(), self.modality)
+
+    def __getitem__(self, index: int) -> CaptionSample | Skipped:
+        try:
+            return self.load(index)
+        except BadSample as error:
+            return Skipped(error.sample_id, error.reason, index)
+
+
+# ---------------------------------------------------------------------------------------- collation
+
+
+def collate_conversations(items: Sequence[Sample | Skipped]) -> dict[str, Any]:
+    """Good samples in order with their media in slot order; bad ones listed under "skipped"."""
+    good = [s for s in items if isinstance(s, Sample)]
+    images = [img for s in good for img in s.images]
+    videos = [vid for s in good for vid in s.videos]
+    return {
+        "input_ids": [s.input_ids for s in good],
+        "labels": [s.labels for s in good],
+        "images": torch.stack(images) if images else None,  # (N_img, 3, S, S)
+        "videos": torch.stack(videos) if videos else None,  # (N_vid, T, 3, S, S)
+        "ids": [s.id for s in good],
+        "modalities": [s.modality for s in good],
+        "skipped": [s for s in items if isinstance(s, Skipped)],
+        "num_samples": len(good),
+    }
+
+
+def collate_captions(items: Sequence[CaptionSample | Skipped]) -> dict[str, Any]:
+    good = [s for s in items if isinstance(s, CaptionSample)]
+    return {
+        "pixels": torch.stack([s.pixels for s in good]) if good else None,  # (B, 3, S, S) | (B, T, 3, S, S)
+        "captions": [s.caption for s in good],
+        "ids": [s.id for s in good],
+        "skipped": [s for s in items if isinstance(s, Skipped)],
+        "num_samples": len(good),
+    }
+
+
+def supervised_tokens(labels: Sequence[Sequence[int]]) -> int:
+    """Tokens the shifted LM loss is computed on (a label at position 0 is never predicted)."""
+    return sum(sum(1 for label in row[1:] if label >= 0) for row in labels)
+
+
+# ---------------------------------------------------------------------------------------- samplers
+
+
+def _generator(seed: int, epoch: int) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed(seed * 1_000_003 + epoch)
+    return g
+
+
+def mixed_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Everything shuffled together, cut into global batches (the last may be smaller)."""
+    order = torch.randperm(n, generator=_generator(seed, epoch)).tolist()
+    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+
+
+def grouped_batches(
+    lengths: Sequence[int], modalities: Sequence[str], batch_size: int, seed: int, epoch: int
+) -> list[list[int]]:
+    """Batches of one modality and similar length, in shuffled order.
+
+    Per modality: shuffle, cut into megabatches of one global batch, sort each by length (longest
+    first, so the micro-batches of a rank hold like-sized samples). The incomplete megabatches of all
+    modalities are pooled into trailing batches; the full ones are shuffled.
+    """
+    g = _generator(seed, epoch)
+    full: list[list[int]] = []
+    leftovers: list[int] = []
+    for modality in MODALITIES:
+        members = [i for i, m in enumerate(modalities) if m == modality]
+        if not members:
+            continue
+        shuffled = [members[j] for j in torch.randperm(len(members), generator=g).tolist()]
+        for start in range(0, len(shuffled), batch_size):
+            chunk = sorted(shuffled[start : start + batch_size], key=lambda i: -lengths[i])
+            if len(chunk) == batch_size:
+                full.append(chunk)
+            else:
+                leftovers.extend(chunk)
+    order = torch.randperm(len(full), generator=g).tolist()
+    batches = [full[j] for j in order]
+    leftovers.sort(key=lambda i: -lengths[i])
+    batches += [leftovers[i : i + batch_size] for i in range(0, len(leftovers), batch_size)]
+    return batches
+
+
+def global_batches(
+    mode: str,
+    lengths: Sequence[int],
+    modalities: Sequence[str],
+    batch_size: int,
+    seed: int,
+    epoch: int,
+) -> list[list[int]]:
+    """One epoch's global batches; the same for any number of processes."""
+    if mode == "mixed":
+        return mixed_batches(len(lengths), batch_size, seed, epoch)
+    if mode == "grouped":
+        return grouped_batches(lengths, modalities, batch_size, seed, epoch)
+    raise ValueError(f"unknown sampler mode {mode!r}; expected 'mixed' or 'grouped'")
+
+
+def shard(batch: Sequence[int], rank: int, world_size: int) -> list[int]:
+    """This rank's contiguous share of a global batch; shares differ in size by at most one."""
+    base, extra = divmod(len(batch), world_size)
+    start = rank * base + min(rank, extra)
+    return list(batch[start : start + base + (1 if rank < extra else 0)])
+
+
+def micro_batches(indices: Sequence[int], micro_batch_size: int, accumulation: int) -> list[list[int]]:
+    """Exactly `accumulation` micro-batches (trailing ones may be empty) so every rank steps together."""
+    pieces = [list(indices[i : i + micro_batch_size]) for i in range(0, len(indices), micro_batch_size)]
+    if len(pieces) > accumulation:
+        raise ValueError(
+            f"{len(indices)} samples do not fit {accumulation} micro-batches of {micro_batch_size}"
+        )
+    return pieces + [[] for _ in range(accumulation - len(pieces))]
+
+
+@dataclass
+class SamplerState:
+    epoch: int = 0
+    batches_consumed: int = 0  # global batches of `epoch` already trained on
+
+    def to_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batches_consumed": self.batches_consumed}
+
+
+@dataclass
+class StepBatches(Sampler[list[int]]):
+    """This rank's micro-batches for one epoch, `accumulation` per global batch, after a resume point.
+
+    Deterministic for (seed, epoch); the union over ranks of each step's micro-batches is the global
+    batch a single process would train on.
+    """
+
+    mode: str
+    lengths: Sequence[int]
+    modalities: Sequence[str]
+    batch_size: int
+    micro_batch_size: int
+    accumulation: int
+    seed: int
+    epoch: int = 0
+    start: int = 0
+    rank: int = 0
+    world_size: int = 1
+    _batches: list[list[int]] = field(default_factory=list, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._batches = global_batches(
+            self.mode, self.lengths, self.modalities, self.batch_size, self.seed, self.epoch
+        )
+
+    @property
+    def batches(self) -> list[list[int]]:
+        return self._batches
+
+    def steps(self) -> int:
+        return len(self._batches)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in self._batches[self.start :]:
+            yield from micro_batches(
+                shard(batch, self.rank, self.world_size), self.micro_batch_size, self.accumulation
+            )
+
+    def __len__(self) -> int:
+        return (len(self._batches) - self.start) * self.accumulation
+
+
+# ---------------------------------------------------------------------------------------- bad samples
+
+
+@dataclass
+class BadSampleLog:
+    """Counts bad samples, appends them to a JSON-lines file and stderr, and applies the policy."""
+
+    path: Path | None
+    policy: str = "skip"
+    stage: str = ""
+    count: int = 0
+    echo: bool = True
+
+    def record(self, skipped: Sequence[Skipped], step: int, stage_index: int = 0) -> None:
+        if not skipped:
+            return
+        self.count += len(skipped)
+        lines = []
+        for item in skipped:
+            entry = {
+                "stage": self.stage,
+                "stage_index": stage_index,
+                "step": step,
+                "id": item.id,
+                "reason": item.reason,
+            }
+            lines.append(json.dumps(entry))
+            if self.echo:
+                action = "stopping" if self.policy == "fail" else "skipped"
+                print(f"bad sample {item.id} ({action}): {item.reason}", file=sys.stderr)
+        if self.path is not None:
+            with open(self.path, "a") as handle:
+                handle.write("\n".join(lines) + "\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+        if self.policy == "fail":
+            first = skipped[0]
+            raise BadSample(
+                first.id, f"{first.reason} (bad_samples: fail; set bad_samples: skip to train without it)"
+            )
+
+
+__all__ = [
+    "IMAGE_SLOT",
+    "VIDEO_SLOT",
+    "BadSample",
+    "BadSampleLog",
+    "CaptionDataset",
+    "ConversationDataset",
+    "MediaSpec",
+    "Record",
+    "SamplerState",
+    "Skipped",
+    "StepBatches",
+    "collate_captions",
+    "collate_conversations",
+    "global_batches",
+    "grouped_batches",
+    "micro_batches",
+    "mixed_batches",
+    "read_records",
+    "shard",
+    "supervised_tokens",
+    "training_texts",
+]

@@ -1,0 +1,671 @@
+"""Training recipes: typed dataclasses read from one YAML file.
+
+A recipe names the model (a fresh small one under `init:`, or pretrained parts under `from:`), the
+data, and an ordered list of stages. Loading checks every key and type against the dataclasses
+below, so a typo fails before any work starts, with the key's full location in the message.
+Overrides from the command line (`--set stage.2.lr=1e-3`) are applied to the YAML before checking.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from videollava.errors import VideoLlavaError
+
+
+class RecipeError(VideoLlavaError):
+    """A recipe that cannot be run as written; the message names the key at fault."""
+
+
+# ---------------------------------------------------------------------------------------- model
+
+
+@dataclass
+class VisionSpec:
+    """CLIP ViT shape of both towers (the video tower adds temporal modules of `temporal_frames` rows)."""
+
+    hidden_size: int = 128
+    intermediate_size: int = 512
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    patch_size: int = 8
+    image_size: int = 64
+    layer_norm_eps: float = 1e-5
+    hidden_act: str = "gelu"
+
+
+@dataclass
+class LLMSpec:
+    """LLaMA shape of the language model; `vocab_size` null means "the tokenizer's, padded to 64"."""
+
+    hidden_size: int = 256
+    intermediate_size: int = 688
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int | None = None
+    max_position_embeddings: int = 1024
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    vocab_size: int | None = None
+    hidden_act: str = "silu"
+    tie_word_embeddings: bool = False
+    initializer_range: float = 0.02
+
+
+@dataclass
+class InitConfig:
+    """A fresh model of the given shape, randomly initialised from `seed`."""
+
+    vision: VisionSpec = field(default_factory=VisionSpec)
+    llm: LLMSpec = field(default_factory=LLMSpec)
+    # "train": the tokenizer a `tokenizer` stage trains on the data; otherwise a folder or hub id.
+    tokenizer: str = "train"
+    seed: int = 0
+    # Std of the normal init of the towers' linear and embedding weights (CLIP-style).
+    vision_init_std: float = 0.02
+
+
+@dataclass
+class ArchitectureSpec:
+    """The shape the pretrained parts are expected to have: lets the model be built without weights."""
+
+    vision: VisionSpec
+    llm: LLMSpec
+
+
+@dataclass
+class FromConfig:
+    """Pretrained parts: a whole Video-LLaVA checkpoint, or LanguageBind towers plus a LLaMA LLM."""
+
+    checkpoint: str | None = None
+    image_tower: str | None = None
+    video_tower: str | None = None
+    llm: str | None = None
+    # Defaults to the checkpoint's or the LLM's own tokenizer.
+    tokenizer: str | None = None
+    architecture: ArchitectureSpec | None = None
+    # Seed of the fresh projector when only towers and LLM are given.
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    init: InitConfig | None = None
+    from_: FromConfig | None = field(default=None, metadata={"key": "from"})
+    # Rows of the video tower's temporal embedding (frames it is built for).
+    temporal_frames: int = 8
+    num_frames: int = 8
+    vision_feature_layer: int = -2
+    image_aspect_ratio: Literal["pad", "crop"] = "pad"
+    template: str = "vicuna_v1"
+    model_max_length: int = 2048
+    projector_hidden_act: str = "gelu"
+
+
+# ---------------------------------------------------------------------------------------- data
+
+
+@dataclass
+class GenerateConfig:
+    """ShapesWorld data generated into the run folder (once; reused on resume)."""
+
+    images: int = 2000
+    videos: int = 1000
+    test_images: int = 150
+    test_videos: int = 150
+    seed: int = 0
+    min_size: int = 96
+    max_size: int = 160
+    workers: int = 1
+
+
+@dataclass
+class DataConfig:
+    # Folder with the JSON files; relative stage `data` paths resolve against it. Null with
+    # `generate` means "<run dir>/data".
+    root: str | None = None
+    # Folder the media paths inside the JSON are relative to (default "<root>/media").
+    media_root: str | None = None
+    generate: GenerateConfig | None = None
+
+
+# ---------------------------------------------------------------------------------------- stages
+
+
+@dataclass
+class LoraConfig:
+    r: int = 128
+    alpha: int = 256
+    dropout: float = 0.05
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+
+@dataclass
+class TextEncoderSpec:
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    max_length: int = 64
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation: retrieval R@1 for alignment stages, mean loss for LLM stages."""
+
+    data: str = "test_captions.json"
+    every: int = 0  # steps; 0 = only at the end of the stage
+    max_samples: int | None = None
+    batch_size: int = 32
+
+
+@dataclass
+class Stage:
+    kind: str
+    name: str | None = None
+
+    @property
+    def label(self) -> str:
+        return self.name or self.kind
+
+
+@dataclass
+class TokenizerStage(Stage):
+    """Train a byte-level BPE tokenizer on the data's texts."""
+
+    data: list[str] = field(default_factory=lambda: ["captions.json", "instruct.json"])
+    vocab_size: int = 1000
+    placeholder_tokens: bool = True
+
+
+@dataclass
+class TrainStage(Stage):
+    """Everything a training stage shares: data, batch arithmetic, optimiser, schedule, precision."""
+
+    data: list[str] = field(default_factory=list)
+    media_root: str | None = None
+    max_samples: int | None = None
+    lr: float = 1e-3
+    batch_size: int = 32  # global: micro_batch_size * accumulation * world_size
+    micro_batch_size: int = 8
+    epochs: int = 1
+    max_steps: int | None = None
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    max_grad_norm: float = 1.0
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
+    bf16: bool = True
+    gradient_checkpointing: bool = False
+    num_frames: int | None = None  # default: model.num_frames
+    image_aspect_ratio: Literal["pad", "crop"] | None = None  # default: model.image_aspect_ratio
+    bad_samples: Literal["skip", "fail"] = "skip"
+    sampler: Literal["mixed", "grouped"] | None = None  # default depends on the stage kind
+    seed: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 0  # steps; 0 = only at the end of the stage
+    num_workers: int = 0
+    eval: EvalConfig | None = None
+    # DeepSpeed JSON for this stage (strategy deepspeed); default: distributed.deepspeed_config.
+    deepspeed_config: str | None = None
+
+    @property
+    def default_sampler(self) -> str:
+        return "mixed"
+
+    @property
+    def sampler_mode(self) -> str:
+        return self.sampler or self.default_sampler
+
+
+@dataclass
+class AlignImageStage(TrainStage):
+    """Contrastive image-caption training of the image tower with a fresh text encoder."""
+
+    data: list[str] = field(default_factory=lambda: ["captions.json"])
+    text_encoder: TextEncoderSpec = field(default_factory=TextEncoderSpec)
+    projection_dim: int = 128
+    eval: EvalConfig | None = field(default_factory=EvalConfig)
+
+
+@dataclass
+class AlignVideoStage(TrainStage):
+    """Contrastive video-caption training of the temporal modules against the frozen text encoder."""
+
+    data: list[str] = field(default_factory=lambda: ["captions.json"])
+    # Start the video projection from the aligned image projection (else fresh).
+    init_projection_from_image: bool = True
+    eval: EvalConfig | None = field(default_factory=EvalConfig)
+
+
+@dataclass
+class ProjectorStage(TrainStage):
+    """Stage 1: only the projector learns, on single-turn captions of images and videos."""
+
+    data: list[str] = field(default_factory=lambda: ["captions.json"])
+    template: str = "plain"
+
+
+@dataclass
+class FinetuneStage(TrainStage):
+    """Stage 2: LLM (fully or through LoRA) and projector on multi-turn instructions."""
+
+    data: list[str] = field(default_factory=lambda: ["instruct.json"])
+    lr: float = 2e-5
+    template: str | None = None  # default: model.template
+    lora: LoraConfig | None = None
+    projector_lr: float | None = None  # default: lr
+    train_projector: bool = True
+
+    @property
+    def default_sampler(self) -> str:
+        return "grouped"
+
+
+STAGE_KINDS: dict[str, type[Stage]] = {
+    "tokenizer": TokenizerStage,
+    "align_image": AlignImageStage,
+    "align_video": AlignVideoStage,
+    "projector": ProjectorStage,
+    "finetune": FinetuneStage,
+}
+
+
+# ---------------------------------------------------------------------------------------- run
+
+
+@dataclass
+class ExportConfig:
+    enabled: bool = True
+    dtype: Literal["bfloat16", "float32"] = "bfloat16"
+
+
+@dataclass
+class RunConfig:
+    output_dir: str | None = None  # default: runs/<recipe file stem>
+    keep_checkpoints: int = 2
+    progress: bool = True  # tqdm bar on stderr (rank 0)
+    threads: int | None = None  # torch intra-op threads per process
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+
+@dataclass
+class DistributedConfig:
+    strategy: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    deepspeed_config: str | None = None
+    # null: on when a stage can leave trainable parameters unused (text-only batches)
+    find_unused_parameters: bool | None = None
+
+
+@dataclass
+class Recipe:
+    model: ModelConfig
+    stages: list[Stage]
+    data: DataConfig = field(default_factory=DataConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    # Where relative paths of the recipe resolve when the working directory does not have them.
+    source_dir: str = field(default=".", metadata={"internal": True})
+
+    def stage_dir_name(self, index: int) -> str:
+        return f"{index}-{self.stages[index].label}"
+
+    def resolve_path(self, value: str) -> Path:
+        """A path as written if it exists from the working directory, else relative to the recipe file."""
+        path = Path(os.path.expanduser(value))
+        if path.is_absolute() or path.exists():
+            return path
+        beside = Path(self.source_dir) / path
+        return beside if beside.exists() else path
+
+    def to_dict(self) -> dict[str, Any]:
+        return _dump(self)
+
+
+# ---------------------------------------------------------------------------------------- checks
+
+
+def accumulation_steps(stage: TrainStage, world_size: int) -> int:
+    """Micro-batches per rank per optimiser step, from batch_size = micro * accumulation * world."""
+    per_step = stage.micro_batch_size * world_size
+    if stage.batch_size % per_step:
+        raise RecipeError(
+            f"stages[{stage.label}]: batch_size {stage.batch_size} is not a multiple of "
+            f"micro_batch_size {stage.micro_batch_size} x world size {world_size}"
+        )
+    return stage.batch_size // per_step
+
+
+def validate(recipe: Recipe) -> None:
+    """Checks across fields that types alone cannot express."""
+    model = recipe.model
+    if (model.init is None) == (model.from_ is None):
+        raise RecipeError("model: give exactly one of 'init' (a fresh model) or 'from' (pretrained parts)")
+    if model.from_ is not None:
+        f = model.from_
+        if f.checkpoint is None and not (f.image_tower and f.video_tower and f.llm):
+            raise RecipeError(
+                "model.from: give 'checkpoint', or all of 'image_tower', 'video_tower' and 'llm'"
+            )
+    for key in ("temporal_frames", "num_frames", "model_max_length"):
+        if getattr(model, key) < (0 if key == "temporal_frames" else 1):
+            raise RecipeError(f"model.{key}: must be positive, got {getattr(model, key)}")
+    from videollava.data.conversation import TEMPLATES
+
+    if model.template not in TEMPLATES:
+        raise RecipeError(f"model.template: unknown template {model.template!r}; valid: {sorted(TEMPLATES)}")
+    if not recipe.stages:
+        raise RecipeError("stages: the recipe has no stages")
+
+    labels = [s.label for s in recipe.stages]
+    for i, label in enumerate(labels):
+        if labels.index(label) != i:
+            raise RecipeError(f"stages[{i}]: stage name {label!r} is used twice; give one a 'name'")
+
+    kinds = [s.kind for s in recipe.stages]
+    seen: list[str] = []
+    for i, stage in enumerate(recipe.stages):
+        where = f"stages[{i}] ({stage.label})"
+        if stage.kind == "tokenizer":
+            if model.init is None or model.init.tokenizer != "train":
+                raise RecipeError(
+                    f"{where}: a tokenizer stage needs model.init.tokenizer: train (the model would not use it)"
+                )
+            if any(k != "tokenizer" for k in seen):
+                raise RecipeError(f"{where}: the tokenizer stage must come before every training stage")
+        if isinstance(stage, TrainStage):
+            _validate_train_stage(stage, where, model)
+        if stage.kind in ("align_image", "align_video"):
+            if model.init is None:
+                raise RecipeError(
+                    f"{where}: alignment stages train fresh towers; they need model.init "
+                    "(pretrained LanguageBind towers are aligned already)"
+                )
+            if any(k in ("projector", "finetune") for k in seen):
+                raise RecipeError(f"{where}: alignment must come before the projector and finetune stages")
+        if stage.kind == "align_video" and "align_image" not in seen:
+            raise RecipeError(
+                f"{where}: align_video starts from the aligned image tower; put align_image first"
+            )
+        if isinstance(stage, FinetuneStage):
+            if stage.template is not None and stage.template not in TEMPLATES:
+                raise RecipeError(f"{where}.template: unknown template {stage.template!r}")
+            if stage.lora is not None and (stage.lora.r < 1 or stage.lora.alpha <= 0):
+                raise RecipeError(f"{where}.lora: r must be >= 1 and alpha > 0")
+        if isinstance(stage, ProjectorStage) and stage.template not in TEMPLATES:
+            raise RecipeError(f"{where}.template: unknown template {stage.template!r}")
+        seen.append(stage.kind)
+    if model.init is not None and model.init.tokenizer == "train" and "tokenizer" not in kinds:
+        raise RecipeError("model.init.tokenizer is 'train' but the recipe has no tokenizer stage")
+    if recipe.data.generate is None and recipe.data.root is None:
+        raise RecipeError("data: give 'root' (a folder with the JSON files) or 'generate'")
+    if recipe.run.keep_checkpoints < 1:
+        raise RecipeError("run.keep_checkpoints: must be at least 1")
+
+
+def _validate_train_stage(stage: TrainStage, where: str, model: ModelConfig) -> None:
+    positive = ("lr", "batch_size", "micro_batch_size", "epochs", "log_every")
+    for key in positive:
+        if not getattr(stage, key) > 0:
+            raise RecipeError(f"{where}.{key}: must be positive, got {getattr(stage, key)}")
+    if stage.max_steps is not None and stage.max_steps < 1:
+        raise RecipeError(f"{where}.max_steps: must be positive, got {stage.max_steps}")
+    if stage.batch_size % stage.micro_batch_size:
+        raise RecipeError(
+            f"{where}: batch_size {stage.batch_size} is not a multiple of micro_batch_size {stage.micro_batch_size}"
+        )
+    if not 0 <= stage.warmup_ratio < 1:
+        raise RecipeError(f"{where}.warmup_ratio: must be in [0, 1), got {stage.warmup_ratio}")
+    if stage.weight_decay < 0 or stage.max_grad_norm < 0:
+        raise RecipeError(f"{where}: weight_decay and max_grad_norm must not be negative")
+    if len(stage.betas) != 2 or not all(0 <= b < 1 for b in stage.betas):
+        raise RecipeError(f"{where}.betas: two numbers in [0, 1), got {stage.betas}")
+    if stage.checkpoint_every < 0 or stage.num_workers < 0:
+        raise RecipeError(f"{where}: checkpoint_every and num_workers must not be negative")
+    if not stage.data:
+        raise RecipeError(f"{where}.data: no data files")
+    frames = stage.num_frames or model.num_frames
+    if frames < 1:
+        raise RecipeError(f"{where}.num_frames: must be positive")
+
+
+# ---------------------------------------------------------------------------------------- loading
+
+
+def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> Recipe:
+    """Read, override (`key.path=value`), type-check and validate a recipe file."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise RecipeError(f"{path}: no such recipe file") from None
+    except yaml.YAMLError as error:
+        raise RecipeError(f"{path}: not valid YAML ({error})") from None
+    return recipe_from_dict(raw, overrides, source=path)
+
+
+def recipe_from_dict(
+    raw: Any, overrides: list[str] | None = None, source: str | os.PathLike = "<recipe>"
+) -> Recipe:
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{source}: a recipe is a mapping with 'model', 'data' and 'stages'")
+    raw = _deepcopy(raw)
+    for item in overrides or []:
+        apply_override(raw, item)
+    try:
+        recipe = _build(Recipe, raw, "")
+    except RecipeError as error:
+        raise RecipeError(f"{source}: {error}") from None
+    recipe.source_dir = str(Path(source).resolve().parent) if Path(str(source)).exists() else "."
+    try:
+        validate(recipe)
+    except RecipeError as error:
+        raise RecipeError(f"{source}: {error}") from None
+    return recipe
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """`a.b.c=value` sets raw[a][b][c]; `stage.N` / `stages.N` is the N-th stage (from 0) or the one named N."""
+    if "=" not in item:
+        raise RecipeError(f"--set {item!r}: expected key.path=value")
+    key, _, text = item.partition("=")
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise RecipeError(f"--set {item!r}: empty key")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as error:
+        raise RecipeError(f"--set {item!r}: value is not valid YAML ({error})") from None
+    node: Any = raw
+    for depth, part in enumerate(parts[:-1]):
+        where = ".".join(parts[: depth + 1])
+        if depth == 0 and part == "stage":
+            part = "stages"
+        if isinstance(node, list):
+            node = node[_list_index(node, part, where)]
+            continue
+        if not isinstance(node, dict):
+            raise RecipeError(f"--set {item!r}: {where} is not a mapping")
+        if node.get(part) is None:
+            node[part] = {}
+        node = node[part]
+    last = parts[-1]
+    if isinstance(node, list):
+        node[_list_index(node, last, key)] = value
+    elif isinstance(node, dict):
+        node["stages" if last == "stage" and node is raw else last] = value
+    else:
+        raise RecipeError(f"--set {item!r}: {'.'.join(parts[:-1])} is not a mapping")
+
+
+def _list_index(items: list[Any], part: str, where: str) -> int:
+    if part.lstrip("-").isdigit():
+        index = int(part)
+        if not -len(items) <= index < len(items):
+            raise RecipeError(f"--set {where}: index {index} is out of range ({len(items)} items)")
+        return index
+    for i, entry in enumerate(items):
+        if isinstance(entry, dict) and (entry.get("name") or entry.get("kind")) == part:
+            return i
+    raise RecipeError(f"--set {where}: no stage named {part!r}")
+
+
+def _deepcopy(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _deepcopy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_deepcopy(v) for v in value]
+    return value
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if tp is type(None):
+        return "null"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(tp, str(tp))
+
+
+def _key_of(f: dataclasses.Field) -> str:
+    return f.metadata.get("key", f.name)
+
+
+def _join(where: str, key: str | int) -> str:
+    if isinstance(key, int):
+        return f"{where}[{key}]"
+    return f"{where}.{key}" if where else key
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    if cls is Stage:
+        return _build_stage(data, where)
+    if not isinstance(data, dict):
+        raise RecipeError(f"{where or 'recipe'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = [f for f in dataclasses.fields(cls) if not f.metadata.get("internal")]
+    by_key = {_key_of(f): f for f in fields}
+    unknown = [k for k in data if k not in by_key]
+    if unknown:
+        key = unknown[0]
+        close = difflib.get_close_matches(str(key), list(by_key), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        label = f"{where}" if where else "recipe"
+        raise RecipeError(
+            f"{_join(where, str(key))}: unknown key {key!r} in {label}{hint}; valid keys: {', '.join(by_key)}"
+        )
+    values: dict[str, Any] = {}
+    for key, f in by_key.items():
+        if key in data:
+            values[f.name] = _convert(hints[f.name], data[key], _join(where, key))
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise RecipeError(f"{_join(where, key)}: required key is missing")
+    return cls(**values)
+
+
+def _build_stage(data: Any, where: str) -> Stage:
+    if not isinstance(data, dict):
+        raise RecipeError(f"{where}: a stage is a mapping with a 'kind'")
+    kind = data.get("kind")
+    if kind not in STAGE_KINDS:
+        raise RecipeError(f"{where}.kind: expected one of {', '.join(STAGE_KINDS)}, got {kind!r}")
+    label = data.get("name") or kind
+    try:
+        return _build(STAGE_KINDS[kind], data, where)
+    except RecipeError as error:
+        raise RecipeError(f"{error} [stage {label!r}]") from None
+
+
+def _convert(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _convert(option, value, where)
+            except RecipeError as error:
+                errors.append(error)
+        if len(errors) == 1:
+            raise errors[0]
+        raise RecipeError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise RecipeError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+        return value
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(value, str) and item is str:
+            return [value]  # a single file name stands for a list of one
+        if not isinstance(value, list | tuple):
+            raise RecipeError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+        return [_convert(item, v, _join(where, i)) for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise RecipeError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise RecipeError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):
+            try:  # YAML 1.1 reads "1e-3" as a string; accept it as the number it means
+                value = float(value)
+            except ValueError:
+                raise RecipeError(f"{where}: expected a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise RecipeError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise RecipeError(f"{where}: expected a string, got {value!r}")
+        return value
+    if tp is Any:
+        return value
+    raise RecipeError(f"{where}: unsupported field type {tp!r}")
+
+
+def _dump(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        out = {}
+        for f in dataclasses.fields(value):
+            if f.metadata.get("internal"):
+                continue
+            out[_key_of(f)] = _dump(getattr(value, f.name))
+        return out
+    if isinstance(value, list | tuple):
+        return [_dump(v) for v in value]
+    return value
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The fully resolved recipe as YAML (all defaults written out), stored in the run folder."""
+    return yaml.safe_dump(recipe.to_dict(), sort_keys=False)
