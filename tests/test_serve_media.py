@@ -17,7 +17,7 @@ from videollava.serve.media import MediaForbiddenError, MediaPolicy, MediaTooLar
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
-    """Routes: /file/NAME serves a file, plus misbehaving endpoints to test the limits."""
+    """Routes: /file/NAME serves a file (/slow-file/NAME after 1.5 s), plus misbehaving endpoints to test the limits."""
 
     files: dict[str, bytes] = {}
 
@@ -26,8 +26,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         host, port = self.server.server_address[:2]
-        if self.path.startswith("/file/"):
-            data = self.files.get(self.path.removeprefix("/file/"))
+        if self.path.startswith(("/file/", "/slow-file/")):
+            if self.path.startswith("/slow-file/"):
+                time.sleep(1.5)
+            data = self.files.get(self.path.rsplit("/", 1)[-1])
             if data is None:
                 self.send_error(404)
                 return

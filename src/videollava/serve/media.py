@@ -104,7 +104,7 @@ def _read_data_url(url: str, kind: str, policy: MediaPolicy) -> bytes:
         data = base64.b64decode(payload + "=" * (-len(payload) % 4), validate=True)
     except (binascii.Error, ValueError):
         try:
-            data = base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))
+            data = base64.b64decode(payload + "=" * (-len(payload) % 4), altchars=b"-_", validate=True)
         except (binascii.Error, ValueError):
             raise MediaError("data URL", "its data is not valid base64") from None
     if not data:
