@@ -1,0 +1,187 @@
+"""`videollava web`: a Gradio page to chat about an uploaded image or video, with streamed answers.
+
+Media put in the upload boxes join the conversation with the next question, as in the terminal chat;
+every browser session keeps its own conversation, and all of them share one running engine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+from videollava.data.tokenize import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, count_placeholders
+from videollava.errors import VideoLlavaError
+from videollava.infer.engine import Engine
+from videollava.infer.pipeline import MediaItem, Pipeline, content_hash
+from videollava.infer.sampling import SamplingParams
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"}
+VIDEO_SUFFIXES = {".mp4", ".webm", ".mkv", ".avi", ".mov"}
+# System fonts only: the page must not reach out to font servers.
+_SANS = ["ui-sans-serif", "system-ui", "Helvetica", "Arial", "sans-serif"]
+_MONO = ["ui-monospace", "Consolas", "monospace"]
+
+
+def examples_folder() -> Path:
+    return Path(__file__).resolve().parent.parent / "assets" / "examples"
+
+
+def find_examples(folder: Path | None = None) -> tuple[list[str], list[str]]:
+    """Bundled example images and videos, if the package ships any."""
+    folder = folder or examples_folder()
+    if not folder.is_dir():
+        return [], []
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    images = [str(p) for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+    videos = [str(p) for p in files if p.suffix.lower() in VIDEO_SUFFIXES]
+    return images, videos
+
+
+def new_conversation() -> dict[str, Any]:
+    return {"history": [], "media": [], "shown": []}
+
+
+def build_demo(pipeline: Pipeline, engine: Engine, max_new_tokens: int = 128, title: str = "Video-LLaVA"):
+    """The Gradio Blocks app; the caller starts the engine and launches the app."""
+    import gradio as gr
+
+    def respond(question, image_path, video_path, temperature, max_tokens, messages, conversation):
+        question = (question or "").strip()
+        if not question:
+            raise gr.Error("Type a question first.")
+        messages = list(messages or [])
+        new: list[MediaItem] = []
+        keys: list[str] = []
+        for kind, path in (("image", image_path), ("video", video_path)):
+            if not path:
+                continue
+            try:
+                key = f"{kind}:{content_hash(path)}"
+            except VideoLlavaError as error:
+                raise gr.Error(str(error)) from None
+            if key not in conversation["shown"]:
+                new.append(MediaItem(kind, path, name=Path(path).name))
+                keys.append(key)
+        images = sum(m.kind == "image" for m in new)
+        videos = len(new) - images
+        try:
+            prompt = pipeline.build_prompt(question, images, videos, history=conversation["history"])
+            prepared = pipeline.prepare(prompt, conversation["media"] + new)
+            params = SamplingParams(max_new_tokens=int(max_tokens), temperature=float(temperature))
+            handle = engine.submit(prepared, params)
+        except VideoLlavaError as error:
+            raise gr.Error(str(error)) from None
+        shown = ", ".join(f"{m.kind} {m.name}" for m in new)
+        messages.append({"role": "user", "content": f"{question}\n\n[{shown}]" if shown else question})
+        messages.append({"role": "assistant", "content": ""})
+        text = ""
+        try:
+            yield "", messages, conversation
+            for delta in handle:
+                text += delta.text
+                messages[-1] = {"role": "assistant", "content": text}
+                yield "", messages, conversation
+        finally:
+            handle.cancel()  # a no-op when finished; frees the engine when the page went away
+        completion = handle.result()
+        if completion.error:
+            raise gr.Error(f"generation failed: {completion.error}")
+        messages[-1] = {"role": "assistant", "content": completion.text}
+        if not any(count_placeholders(question)) and new:
+            question = VIDEO_PLACEHOLDER * videos + IMAGE_PLACEHOLDER * images + "\n" + question
+        conversation = {
+            "history": [*conversation["history"], ("user", question), ("assistant", completion.text)],
+            "media": conversation["media"] + new,
+            "shown": conversation["shown"] + keys,
+        }
+        yield "", messages, conversation
+
+    def clear():
+        return None, None, [], new_conversation(), ""
+
+    with gr.Blocks(title=title, analytics_enabled=False) as demo:
+        conversation = gr.State(new_conversation())
+        gr.Markdown(
+            f"## {title}\nUpload an image or a video, then ask about it. "
+            "Media uploaded later join the conversation with the next question."
+        )
+        with gr.Row():
+            with gr.Column(scale=2):
+                image = gr.Image(type="filepath", label="Image", sources=["upload"], elem_id="image-input")
+                video = gr.Video(label="Video", sources=["upload"], elem_id="video-input")
+                image_examples, video_examples = find_examples()
+                if image_examples:
+                    gr.Examples([[p] for p in image_examples], inputs=[image], label="Example images")
+                if video_examples:
+                    gr.Examples([[p] for p in video_examples], inputs=[video], label="Example videos")
+                temperature = gr.Slider(0.0, 1.5, value=0.0, step=0.05, label="Temperature (0 = greedy)")
+                max_tokens = gr.Slider(1, 1024, value=max_new_tokens, step=1, label="Max new tokens")
+            with gr.Column(scale=3):
+                chatbot = gr.Chatbot(
+                    label="Conversation", elem_id="chatbot", height=460, render_markdown=False
+                )
+                question = gr.Textbox(
+                    placeholder="Ask about the image or video, then press Enter",
+                    show_label=False,
+                    elem_id="question",
+                    lines=1,
+                )
+                with gr.Row():
+                    send = gr.Button("Send", variant="primary", elem_id="send")
+                    clear_button = gr.Button("Clear", elem_id="clear")
+        inputs = [question, image, video, temperature, max_tokens, chatbot, conversation]
+        outputs = [question, chatbot, conversation]
+        send.click(respond, inputs, outputs)
+        question.submit(respond, inputs, outputs)
+        for event in (clear_button.click, chatbot.clear):  # the chatbot's own bin forgets the state too
+            event(clear, None, [image, video, chatbot, conversation, question], queue=False)
+    return demo
+
+
+def theme():
+    import gradio as gr
+
+    return gr.themes.Soft(font=_SANS, font_mono=_MONO)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("web", help="a web page to chat about images and videos (Gradio)")
+    parser.add_argument(
+        "--model", default=None, help="checkpoint folder or hub id (default: bundled ShapesWorld model)"
+    )
+    parser.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto")
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)"
+    )
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="initial value of the slider")
+    parser.add_argument("--max-batch-size", type=int, default=8, help="answers decoded together")
+    parser.add_argument("--max-upload-mb", type=float, default=64.0)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    if args.max_new_tokens < 1:
+        raise VideoLlavaError("--max-new-tokens must be at least 1")
+    pipeline = Pipeline.from_pretrained(args.model, dtype=args.dtype)
+    engine = Engine(pipeline, max_batch_size=args.max_batch_size, max_queue=64).start()
+    demo = build_demo(pipeline, engine, max_new_tokens=args.max_new_tokens)
+    demo.queue(default_concurrency_limit=args.max_batch_size, max_size=64)
+    print(f"serving the chat page on http://{args.host}:{args.port}/", flush=True)
+    try:
+        demo.launch(
+            server_name=args.host,
+            server_port=args.port,
+            share=False,
+            theme=theme(),
+            max_file_size=f"{args.max_upload_mb:g}mb",
+            ssr_mode=False,
+            show_error=True,
+            quiet=True,
+        )
+    finally:
+        engine.stop()
+    return 0

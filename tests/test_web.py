@@ -1,0 +1,142 @@
+"""The Gradio page, end to end in headless Chromium: upload a video, ask, read the streamed answer."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from videollava.infer.ask import Question, prepare_question
+from videollava.infer.engine import Engine
+from videollava.infer.pipeline import MediaItem, Pipeline
+from videollava.infer.sampling import SamplingParams
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+MAX_TOKENS = 12
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _normal(text: str) -> str:
+    return " ".join(text.split())
+
+
+def test_web_page_answers_about_an_uploaded_video(hf_checkpoint, sample_videos: Path, tmp_path: Path) -> None:
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium): the page cannot be driven")
+    playwright_api = pytest.importorskip(
+        "playwright.sync_api", reason="the playwright package is not installed"
+    )
+    pytest.importorskip("gradio", reason="gradio is not installed")
+
+    folder = hf_checkpoint[0]
+    clip = sample_videos / "bikes.mp4"
+    first_question, second_question = "What happens in the video?", "Who rides the bike?"
+    pipeline = Pipeline.from_pretrained(folder, dtype="float32")
+    params = SamplingParams(max_new_tokens=MAX_TOKENS)
+    first = Engine(pipeline).generate(
+        [prepare_question(pipeline, Question(first_question, videos=[str(clip)]))], params
+    )[0]
+    history = [("user", "<video>\n" + first_question), ("assistant", first.text)]
+    follow_up = pipeline.prepare(
+        pipeline.build_prompt(second_question, 0, 0, history=history), [MediaItem("video", str(clip))]
+    )
+    second = Engine(pipeline).generate([follow_up], params)[0]
+
+    port = _free_port()
+    command = [sys.executable, "-m", "videollava", "web", "--model", str(folder), "--dtype", "float32"]
+    command += ["--port", str(port), "--max-new-tokens", str(MAX_TOKENS)]
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
+    log = open(tmp_path / "web.log", "w")
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}/"
+    external: list[str] = []
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.poll() is None, (tmp_path / "web.log").read_text()
+            try:
+                if httpx.get(url, timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "the web app did not come up"
+            time.sleep(0.3)
+
+        with playwright_api.sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            context = browser.new_context(viewport={"width": 1280, "height": 900})
+            page = context.new_page()
+
+            def local_only(route) -> None:
+                if route.request.url.startswith(("http://127.0.0.1", "ws://127.0.0.1", "data:", "blob:")):
+                    route.continue_()
+                else:
+                    external.append(route.request.url)
+                    route.abort()
+
+            page.route("**/*", local_only)
+            page.goto(url)
+            page.wait_for_selector("#question textarea", timeout=60_000)
+            page.set_input_files("#video-input input[type=file]", str(clip))
+            page.wait_for_selector("#video-input video", timeout=60_000)
+
+            def bot_messages() -> list[str]:
+                return [
+                    _normal(m) for m in page.locator('[data-testid="bot"] .message-content').all_inner_texts()
+                ]
+
+            def wait_for_answer(count: int, expected: str) -> str:
+                deadline = time.monotonic() + 60
+                while time.monotonic() < deadline:
+                    shown = bot_messages()
+                    if len(shown) == count and shown[-1] == _normal(expected):
+                        return shown[-1]
+                    time.sleep(0.2)
+                return bot_messages()[-1] if bot_messages() else ""
+
+            page.fill("#question textarea", first_question)
+            page.click("#send")
+            assert wait_for_answer(1, first.text) == _normal(first.text)
+            page.screenshot(path=str(tmp_path / "web.png"), full_page=True)
+
+            page.fill("#question textarea", second_question)
+            page.press("#question textarea", "Enter")
+            assert wait_for_answer(2, second.text) == _normal(second.text)
+            page.screenshot(path=str(tmp_path / "web-follow-up.png"), full_page=True)
+
+            page.click("#clear")
+            page.wait_for_function(
+                "document.querySelectorAll('[data-testid=\"bot\"]').length === 0", timeout=30_000
+            )
+            assert page.locator("#video-input video").count() == 0
+            browser.close()
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+    assert (tmp_path / "web.png").stat().st_size > 10_000
+    assert external == [], f"the page tried to reach other hosts: {external}"
