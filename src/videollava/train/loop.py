@@ -53,6 +53,8 @@ class Task:
     sampler_mode: str = "mixed"
     # FSDP needs LLM decoder layers to shard; stages without an LLM fall back to DDP.
     fsdp_capable: bool = False
+    # The loss is a sum over samples, so micro-batches may be regrouped by length (less padding).
+    sum_loss: bool = False
     find_unused_parameters: bool = False
 
 
@@ -269,6 +271,7 @@ def train_stage(
             start=start,
             rank=info.rank,
             world_size=world,
+            sort_by_length=task.sum_loss,
         )
 
     if len(task.dataset) == 0:

@@ -847,6 +847,7 @@ class Run:
             evaluate=evaluate if held_out is not None else None,
             sampler_mode=stage.sampler_mode,
             fsdp_capable=True,
+            sum_loss=True,
             find_unused_parameters=(
                 self.recipe.distributed.find_unused_parameters
                 if self.recipe.distributed.find_unused_parameters is not None
