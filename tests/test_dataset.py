@@ -1,0 +1,375 @@
+"""LLaVA-JSON datasets on real ShapesWorld samples: labels, media, bad samples, samplers."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from videollava.data.dataset import (
+    BadSample,
+    BadSampleLog,
+    CaptionDataset,
+    ConversationDataset,
+    MediaSpec,
+    Sample,
+    Skipped,
+    StepBatches,
+    collate_conversations,
+    global_batches,
+    grouped_batches,
+    micro_batches,
+    mixed_batches,
+    read_records,
+    shard,
+    supervised_tokens,
+)
+from videollava.data.tokenize import IGNORE_INDEX, IMAGE_SLOT, VIDEO_SLOT
+from videollava.data.transforms import ImageTransformConfig
+
+FRAMES = 2
+SIZE = 16
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    from videollava.data.shapesworld import generate
+
+    root = tmp_path_factory.mktemp("shapesworld")
+    generate(root, seed=3, n_images=6, n_videos=4, n_test_images=2, n_test_videos=2)
+    return root
+
+
+def spec(root: Path) -> MediaSpec:
+    return MediaSpec(
+        root=root / "media",
+        transform=ImageTransformConfig(size=SIZE, crop_size=SIZE),
+        num_frames=FRAMES,
+        image_rows=4,
+        frame_rows=5,
+    )
+
+
+def dataset(root: Path, tokenizer, entries=None, template="vicuna_v1", max_length=512) -> ConversationDataset:
+    if entries is None:
+        records = read_records([root / "instruct.json"])
+    else:
+        path = root / "custom.json"
+        path.write_text(json.dumps(entries))
+        records = read_records([path])
+    return ConversationDataset(records, spec(root), tokenizer, template, max_length)
+
+
+def supervised_text(tokenizer, sample: Sample) -> str:
+    return tokenizer.decode([t for t in sample.labels if t != IGNORE_INDEX])
+
+
+def test_labels_supervise_only_answers_and_eos(world, tiny_tokenizer):
+    data = dataset(world, tiny_tokenizer)
+    entries = json.loads((world / "instruct.json").read_text())
+    for index in range(len(data)):
+        sample = data.load(index)
+        answers = [turn["value"] for turn in entries[index]["conversations"][1::2]]
+        # Every answer is supervised, followed by its </s>; nothing else is.
+        assert supervised_text(tiny_tokenizer, sample).replace(" ", "") == "".join(
+            a + "</s>" for a in answers
+        ).replace(" ", "")
+        assert len(sample.labels) == len(sample.input_ids)
+        for token, label in zip(sample.input_ids, sample.labels, strict=True):
+            assert label in (IGNORE_INDEX, token)
+        assert sample.input_ids[0] == tiny_tokenizer.bos_token_id and sample.labels[0] == IGNORE_INDEX
+        slots = [t for t in sample.input_ids if t in (IMAGE_SLOT, VIDEO_SLOT)]
+        if "image" in entries[index]:
+            assert slots == [IMAGE_SLOT] and sample.images[0].shape == (3, SIZE, SIZE) and not sample.videos
+        else:
+            assert (
+                slots == [VIDEO_SLOT]
+                and sample.videos[0].shape == (FRAMES, 3, SIZE, SIZE)
+                and not sample.images
+            )
+        # The question (and the system prompt) is context, not target.
+        question = (
+            entries[index]["conversations"][0]["value"].replace("<image>\n", "").replace("<video>\n", "")
+        )
+        assert question.split()[-1] not in supervised_text(tiny_tokenizer, sample).split()
+
+
+def test_plain_template_supervises_the_caption(world, tiny_tokenizer):
+    records = read_records([world / "captions.json"])
+    data = ConversationDataset(records, spec(world), tiny_tokenizer, "plain", 512)
+    sample = data.load(0)
+    caption = records[0].raw["conversations"][1]["value"]
+    assert supervised_text(tiny_tokenizer, sample) == caption + "\n"
+    # plain: BOS, the slot, then the caption: no question, no roles.
+    assert sample.input_ids[1] in (IMAGE_SLOT, VIDEO_SLOT)
+
+
+def test_modality_and_length_come_from_json_alone(world, tiny_tokenizer, tmp_path):
+    records = read_records([world / "instruct.json"])
+    empty = MediaSpec(tmp_path, ImageTransformConfig(size=SIZE, crop_size=SIZE), FRAMES, 4, 5)
+    data = ConversationDataset(records, empty, tiny_tokenizer, "vicuna_v1", 512)  # no media there at all
+    expected = ["image" if "image" in r.raw else "video" for r in records]
+    assert data.modalities == expected
+    for length, record in zip(data.lengths, records, strict=True):
+        visual = 4 if record.modality == "image" else FRAMES * 5
+        assert length == record.text_words + visual
+    # Decoding happens only when a sample is loaded: here it fails, naming the sample.
+    item = data[0]
+    assert isinstance(item, Skipped) and item.id == records[0].id and "file not found" in item.reason
+
+
+def test_multi_media_and_text_only_samples(world, tiny_tokenizer):
+    entries = json.loads((world / "instruct.json").read_text())
+    image = next(e["image"] for e in entries if "image" in e)
+    video = next(e["video"] for e in entries if "video" in e)
+    data = dataset(
+        world,
+        tiny_tokenizer,
+        [
+            {
+                "id": "two",
+                "images": [image, image],
+                "video": video,
+                "conversations": [
+                    {"from": "human", "value": "<video>\n<image> and <image>: same?"},
+                    {"from": "gpt", "value": "yes"},
+                ],
+            },
+            {
+                "id": "text",
+                "conversations": [
+                    {"from": "human", "value": "Name a colour."},
+                    {"from": "gpt", "value": "red"},
+                ],
+            },
+        ],
+    )
+    assert data.modalities == ["mixed", "text"]
+    batch = collate_conversations([data[0], data[1]])
+    assert batch["ids"] == ["two", "text"] and batch["images"].shape == (2, 3, SIZE, SIZE)
+    assert batch["videos"].shape == (1, FRAMES, 3, SIZE, SIZE)
+    assert batch["input_ids"][0].count(IMAGE_SLOT) == 2 and batch["input_ids"][0].count(VIDEO_SLOT) == 1
+    assert not any(t < 0 for t in batch["input_ids"][1])
+    assert supervised_tokens(batch["labels"]) == sum(
+        1 for row in batch["labels"] for label in row if label != IGNORE_INDEX
+    )
+
+
+@pytest.fixture()
+def broken_world(world, tmp_path) -> Path:
+    """A copy of the data with a corrupt mp4 and a truncated png."""
+    root = tmp_path / "world"
+    shutil.copytree(world, root)
+    videos = sorted((root / "media" / "videos").glob("train_*"))
+    videos[0].write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"\x13" * 200)  # an mp4 header, then garbage
+    return root
+
+
+def bad_entries(world: Path) -> list[dict]:
+    entries = json.loads((world / "instruct.json").read_text())
+    first_video = sorted(p.name for p in (world / "media" / "videos").glob("train_*"))[0]
+    good = entries[0]
+    convo = good["conversations"]
+    return [
+        good,
+        {**good, "id": "missing", "image" if "image" in good else "video": "images/nope.png"},
+        {
+            "id": "corrupt",
+            "video": f"videos/{first_video}",
+            "conversations": [
+                {"from": "human", "value": "<video>\nWhat moves?"},
+                {"from": "gpt", "value": "a square"},
+            ],
+        },
+        {**good, "id": "gpt-first", "conversations": [convo[1], convo[0]]},
+        {
+            **good,
+            "id": "no-placeholder",
+            "conversations": [
+                {"from": "human", "value": "What is this?"},
+                {"from": "gpt", "value": "a square"},
+            ],
+        },
+        {
+            **good,
+            "id": "long",
+            "conversations": [
+                {"from": "human", "value": convo[0]["value"] + " why" * 600},
+                {"from": "gpt", "value": "ok"},
+            ],
+        },
+        "not an object",
+    ]
+
+
+def test_bad_samples_are_reported_by_id_and_reason(broken_world, tiny_tokenizer):
+    data = dataset(broken_world, tiny_tokenizer, bad_entries(broken_world), max_length=256)
+    items = [data[i] for i in range(len(data))]
+    assert isinstance(items[0], Sample)
+    reasons = {item.id: item.reason for item in items[1:]}
+    assert all(isinstance(item, Skipped) for item in items[1:])
+    assert "file not found" in reasons["missing"]
+    assert "corrupt" in reasons["corrupt"] or "cannot be parsed" in reasons["corrupt"]
+    assert "malformed conversation" in reasons["gpt-first"]
+    assert "placeholder mismatch" in reasons["no-placeholder"]
+    assert "too long" in reasons["long"] and "256" in reasons["long"]
+    assert "not a JSON object" in reasons["custom.json#6"]
+    batch = collate_conversations(items)
+    assert batch["num_samples"] == 1 and len(batch["skipped"]) == 6  # nothing substituted
+
+
+def test_bad_sample_policy_skip_logs_and_counts(broken_world, tiny_tokenizer, tmp_path, capsys):
+    data = dataset(broken_world, tiny_tokenizer, bad_entries(broken_world), max_length=256)
+    log = BadSampleLog(tmp_path / "bad_samples.jsonl", policy="skip", stage="finetune")
+    # Through a DataLoader worker process: the bad samples cross the process boundary as records.
+    loader = DataLoader(data, batch_size=4, collate_fn=collate_conversations, num_workers=1)
+    good = 0
+    for step, batch in enumerate(loader, 1):
+        log.record(batch["skipped"], step)
+        good += batch["num_samples"]
+    assert good == 1 and log.count == 6
+    lines = [json.loads(line) for line in (tmp_path / "bad_samples.jsonl").read_text().splitlines()]
+    assert {line["id"] for line in lines} == {
+        "missing",
+        "corrupt",
+        "gpt-first",
+        "no-placeholder",
+        "long",
+        "custom.json#6",
+    }
+    assert all(line["reason"] and line["stage"] == "finetune" for line in lines)
+    err = capsys.readouterr().err
+    assert "bad sample missing (skipped)" in err and "file not found" in err
+
+
+def test_bad_sample_policy_fail_names_the_sample(broken_world, tiny_tokenizer, tmp_path):
+    data = dataset(broken_world, tiny_tokenizer, bad_entries(broken_world), max_length=256)
+    log = BadSampleLog(tmp_path / "bad.jsonl", policy="fail", echo=False)
+    batch = collate_conversations([data[0], data[1]])
+    with pytest.raises(BadSample, match="sample missing: bad media.*file not found.*bad_samples: fail"):
+        log.record(batch["skipped"], 1)
+    assert log.count == 1 and "missing" in (tmp_path / "bad.jsonl").read_text()
+
+
+def test_caption_dataset_pairs_media_with_the_gpt_turn(world):
+    records = read_records([world / "captions.json"])
+    images = CaptionDataset(records, spec(world), "image")
+    videos = CaptionDataset(records, spec(world), "video")
+    assert len(images) + len(videos) == len(records)
+    sample = images.load(0)
+    assert sample.pixels.shape == (3, SIZE, SIZE)
+    assert sample.caption == images.records[0].raw["conversations"][1]["value"]
+    assert videos.load(0).pixels.shape == (FRAMES, 3, SIZE, SIZE)
+
+
+# ---------------------------------------------------------------------------------------- samplers
+
+
+def test_mixed_sampler_is_a_deterministic_shuffle():
+    batches = mixed_batches(50, 8, seed=1, epoch=0)
+    flat = [i for b in batches for i in b]
+    assert sorted(flat) == list(range(50)) and [len(b) for b in batches] == [8] * 6 + [2]
+    assert batches == mixed_batches(50, 8, seed=1, epoch=0)
+    assert batches != mixed_batches(50, 8, seed=1, epoch=1)
+    assert batches != mixed_batches(50, 8, seed=2, epoch=0)
+
+
+def grouped_fixture():
+    modalities = ["image"] * 37 + ["video"] * 21 + ["text"] * 10
+    lengths = [(i * 37) % 101 for i in range(len(modalities))]
+    return lengths, modalities
+
+
+def test_grouped_sampler_groups_by_modality_and_length():
+    lengths, modalities = grouped_fixture()
+    batches = grouped_batches(lengths, modalities, 8, seed=0, epoch=0)
+    flat = [i for b in batches for i in b]
+    assert sorted(flat) == list(range(len(lengths)))
+    full = [b for b in batches if len(b) == 8]
+    # Full batches hold one modality each (37 // 8 + 21 // 8 + 10 // 8 = 7 of them) and are sorted by length.
+    assert len([b for b in full if len({modalities[i] for i in b}) == 1]) >= 7
+    for batch in batches[:7]:
+        assert len({modalities[i] for i in batch}) == 1
+        assert [lengths[i] for i in batch] == sorted((lengths[i] for i in batch), reverse=True)
+    # The leftovers of every modality come last; order of the full batches is shuffled per epoch.
+    assert batches == grouped_batches(lengths, modalities, 8, seed=0, epoch=0)
+    assert batches != grouped_batches(lengths, modalities, 8, seed=0, epoch=1)
+    kinds = [modalities[b[0]] for b in batches[:7]]
+    assert Counter(kinds) == {"image": 4, "video": 2, "text": 1}
+
+
+def test_mixed_batches_mix_modalities():
+    lengths, modalities = grouped_fixture()
+    batches = global_batches("mixed", lengths, modalities, 16, seed=0, epoch=0)
+    assert sum(len({modalities[i] for i in b}) > 1 for b in batches) >= len(batches) - 1
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_ranks_together_see_exactly_the_global_batch(world_size):
+    lengths, modalities = grouped_fixture()
+    micro, global_batch = 2, 12
+    accumulation = -(-global_batch // (micro * world_size))
+    samplers = [
+        StepBatches(
+            "grouped",
+            lengths,
+            modalities,
+            global_batch,
+            micro,
+            accumulation,
+            seed=5,
+            rank=r,
+            world_size=world_size,
+        )
+        for r in range(world_size)
+    ]
+    reference = samplers[0].batches
+    streams = [list(s) for s in samplers]
+    for step, batch in enumerate(reference):
+        union = []
+        for stream in streams:
+            union += [i for mb in stream[step * accumulation : (step + 1) * accumulation] for i in mb]
+        assert sorted(union) == sorted(batch)
+    # Every rank steps the same number of times (trailing micro-batches may be empty).
+    assert len({len(stream) for stream in streams}) == 1
+
+
+def test_resuming_a_sampler_skips_consumed_batches():
+    lengths, modalities = grouped_fixture()
+    full = list(StepBatches("mixed", lengths, modalities, 8, 4, 2, seed=1, epoch=2))
+    resumed = list(StepBatches("mixed", lengths, modalities, 8, 4, 2, seed=1, epoch=2, start=3))
+    assert resumed == full[3 * 2 :]
+
+
+def test_shard_and_micro_batches():
+    assert [shard(list(range(7)), r, 3) for r in range(3)] == [[0, 1, 2], [3, 4], [5, 6]]
+    assert micro_batches([1, 2, 3], 2, 3) == [[1, 2], [3], []]
+    with pytest.raises(ValueError):
+        micro_batches([1, 2, 3], 1, 2)
+
+
+def test_sorting_micro_batches_by_length_keeps_the_step_content():
+    lengths, modalities = grouped_fixture()
+    plain = StepBatches("mixed", lengths, modalities, 16, 4, 4, seed=0)
+    ordered = StepBatches("mixed", lengths, modalities, 16, 4, 4, seed=0, sort_by_length=True)
+    a, b = list(plain), list(ordered)
+    for step in range(len(plain.batches)):
+        assert sorted(i for mb in a[step * 4 : step * 4 + 4] for i in mb) == sorted(
+            i for mb in b[step * 4 : step * 4 + 4] for i in mb
+        )
+    first = [i for mb in b[:4] for i in mb]
+    assert [lengths[i] for i in first] == sorted((lengths[i] for i in first), reverse=True)
+
+
+def test_collation_keeps_slot_order(world, tiny_tokenizer):
+    data = dataset(world, tiny_tokenizer)
+    samples = [data.load(i) for i in range(len(data))]
+    batch = collate_conversations(samples)
+    images = [img for s in samples for img in s.images]
+    assert torch.equal(batch["images"], torch.stack(images))
+    assert batch["videos"].shape[0] == sum(len(s.videos) for s in samples)
