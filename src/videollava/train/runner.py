@@ -337,6 +337,19 @@ class AlignObjective(nn.Module):
         return loss * n, n
 
 
+def activation_checkpointing(llm: nn.Module, enabled: bool) -> None:
+    """Recompute LLM activations in the backward pass (transformers 5 name, 4.x name as fallback)."""
+    if hasattr(llm, "activation_checkpointing_enable"):
+        if enabled:
+            llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            llm.activation_checkpointing_disable()
+    elif enabled:
+        llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        llm.gradient_checkpointing_disable()
+
+
 def set_trainable(module: nn.Module, trainable: list[nn.Parameter]) -> None:
     wanted = {id(p) for p in trainable}
     for p in module.parameters():
@@ -794,7 +807,7 @@ class Run:
         model.multi_modal_projector.requires_grad_(train_projector)
         llm = model.language_model
         if stage.gradient_checkpointing:
-            llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            activation_checkpointing(llm, True)
         objective = LMObjective(model, self.tokenizer.bos_token_id, [model.image_tower, model.video_tower])
         records = read_records([self.data_path(n) for n in stage.data], stage.max_samples)
         max_length = min(self.recipe.model.model_max_length, model.max_context)
@@ -832,7 +845,7 @@ class Run:
         def finish(task: Task) -> None:
             m = self.require_model()
             if stage.gradient_checkpointing:
-                m.language_model.gradient_checkpointing_disable()
+                activation_checkpointing(m.language_model, False)
             if lora is not None:
                 m.language_model = m.language_model.merge_and_unload()
             m.requires_grad_(False)

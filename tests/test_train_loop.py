@@ -1,0 +1,280 @@
+"""The training loop and the stage runner on a tiny model and a tiny ShapesWorld set."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors import safe_open
+
+from videollava.train.loop import cosine_with_warmup, param_groups, read_metrics
+
+VISION = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "patch_size": 8,
+    "image_size": 16,
+}
+LLM = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "max_position_embeddings": 256,
+}
+
+
+def tiny_recipe(data_root: Path, stages: list[dict] | None = None, bf16: bool = False) -> dict:
+    """Every stage of the real recipe, at a size that trains in seconds."""
+    common = {"bf16": bf16, "log_every": 1, "warmup_ratio": 0.0}
+    if stages is None:
+        stages = [
+            {"kind": "tokenizer", "vocab_size": 320},
+            {
+                "kind": "align_image",
+                "text_encoder": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "max_length": 48},
+                "projection_dim": 16,
+                "lr": 2e-3,
+                "batch_size": 8,
+                "micro_batch_size": 4,
+                "max_steps": 2,
+                "image_aspect_ratio": "crop",
+                **common,
+            },
+            {
+                "kind": "align_video",
+                "lr": 2e-3,
+                "batch_size": 4,
+                "micro_batch_size": 2,
+                "max_steps": 2,
+                **common,
+            },
+            {"kind": "projector", "lr": 3e-3, "batch_size": 8, "micro_batch_size": 4, "epochs": 1, **common},
+            {"kind": "finetune", "lr": 3e-3, "batch_size": 8, "micro_batch_size": 2, "epochs": 1, **common},
+        ]
+    return {
+        "model": {
+            "init": {"seed": 0, "tokenizer": "train", "vision": VISION, "llm": LLM},
+            "temporal_frames": 2,
+            "num_frames": 2,
+            "model_max_length": 256,
+        },
+        "data": {"root": str(data_root)},
+        "run": {"progress": False, "keep_checkpoints": 2},
+        "stages": stages,
+    }
+
+
+def make_world(root: Path, images: int = 12, videos: int = 6) -> Path:
+    from videollava.data.shapesworld import generate
+
+    generate(root, seed=1, n_images=images, n_videos=videos, n_test_images=4, n_test_videos=4)
+    return root
+
+
+def write_recipe(path: Path, recipe: dict) -> Path:
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def train(recipe_path: Path, output: Path, *overrides: str, resume: bool = False) -> int:
+    from videollava.train.runner import run
+
+    args = argparse.Namespace(recipe=recipe_path, output=output, resume=resume, overrides=list(overrides))
+    return run(args)
+
+
+def step_losses(run_dir: Path, stage: str | None = None) -> list[float]:
+    return [
+        r["loss"]
+        for r in read_metrics(run_dir / "metrics.jsonl")
+        if r.get("event") == "step" and (stage is None or r["stage"] == stage)
+    ]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    return make_world(tmp_path_factory.mktemp("world"))
+
+
+def test_cosine_schedule_with_warmup():
+    f = cosine_with_warmup(total_steps=10, warmup_steps=2)
+    assert [f(0), f(1), f(2)] == [0.0, 0.5, 1.0]
+    assert f(6) == pytest.approx(0.5)
+    assert f(10) == pytest.approx(0.0)
+    assert cosine_with_warmup(10, 0, "constant")(7) == 1.0
+
+
+def test_param_groups_split_lr_and_decay():
+    model = torch.nn.ModuleDict(
+        {
+            "multi_modal_projector": torch.nn.Linear(3, 3),
+            "llm": torch.nn.Linear(3, 3),
+            "norm": torch.nn.LayerNorm(3),
+        }
+    )
+    model["norm"].requires_grad_(False)
+    groups = param_groups(model, 1e-3, 0.1, lambda name: 5e-4 if "projector" in name else 1e-3)
+    by_names = {tuple(g["names"]): (g["lr"], g["weight_decay"]) for g in groups}
+    assert by_names == {
+        ("multi_modal_projector.weight",): (5e-4, 0.1),
+        ("multi_modal_projector.bias",): (5e-4, 0.0),
+        ("llm.weight",): (1e-3, 0.1),
+        ("llm.bias",): (1e-3, 0.0),
+    }
+
+
+def test_full_recipe_trains_and_exports(world, tmp_path):
+    """Every stage kind once, then the loss of stage 2 goes down over a few epochs on the same data."""
+    recipe = tiny_recipe(world)
+    recipe["stages"][-1].update(epochs=6, micro_batch_size=4)
+    out = tmp_path / "run"
+    assert train(write_recipe(tmp_path / "r.yaml", recipe), out) == 0
+
+    records = read_metrics(out / "metrics.jsonl")
+    steps = [r for r in records if r["event"] == "step"]
+    for key in ("step", "loss", "lr", "samples_per_s", "grad_norm", "stage"):
+        assert all(key in r for r in steps)
+    assert {r["stage"] for r in steps} == {"align_image", "align_video", "projector", "finetune"}
+    finetune = step_losses(out, "finetune")
+    assert len(finetune) == 6 * math.ceil(len(json.loads((world / "instruct.json").read_text())) / 8)
+    first, last = sum(finetune[:3]) / 3, sum(finetune[-3:]) / 3
+    assert last < 0.8 * first, finetune
+
+    summary = json.loads((out / "summary.json").read_text())
+    kinds = [s["kind"] for s in summary["stages"]]
+    assert kinds == ["tokenizer", "align_image", "align_video", "projector", "finetune"]
+    for key in ("image_r1_media_to_text", "image_r1_text_to_media", "video_r1_media_to_text"):
+        assert 0.0 <= summary["retrieval_r1"][key] <= 1.0
+    assert summary["bad_samples"] == 0 and summary["stages"][-1]["final_loss"] == finetune[-1]
+    for index, name in enumerate(kinds[1:], 1):
+        assert (out / "plots" / f"{index}-{name}.png").stat().st_size > 1000
+        assert (out / "stages" / f"{index}-{name}" / "weights.safetensors").exists()
+
+    # The export is a -hf checkpoint the inference pipeline loads, in bf16.
+    from videollava.infer.pipeline import Pipeline
+
+    pipeline = Pipeline.from_pretrained(out / "model", dtype="float32")
+    config = json.loads((out / "model" / "config.json").read_text())
+    assert config["model_type"] == "video_llava" and config["videollava"]["template"] == "vicuna_v1"
+    with safe_open(str(out / "model" / "model.safetensors"), "pt") as f:
+        assert f.get_tensor("multi_modal_projector.linear_1.weight").dtype == torch.bfloat16
+    assert pipeline.model.config.temporal_frames == 2
+    # Alignment put the aligned image tower's weights into the video tower (spatial parts).
+    with safe_open(str(out / "model" / "model.safetensors"), "pt") as f:
+        image_q = f.get_tensor("image_tower.encoder.layers.0.self_attn.q_proj.weight")
+        video_q = f.get_tensor("video_tower.encoder.layers.0.self_attn.q_proj.weight")
+    assert torch.equal(image_q, video_q)
+
+
+def test_accumulation_does_not_change_the_update(world, tmp_path):
+    """micro 8 x 1 and micro 2 x 4 make the same global batches, losses and weights (fp32)."""
+    stages = [
+        {"kind": "tokenizer", "vocab_size": 320},
+        {
+            "kind": "finetune",
+            "lr": 3e-3,
+            "batch_size": 8,
+            "micro_batch_size": 8,
+            "max_steps": 3,
+            "bf16": False,
+            "warmup_ratio": 0.0,
+        },
+    ]
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(world, stages))
+    train(recipe, tmp_path / "a")
+    train(recipe, tmp_path / "b", "stage.1.micro_batch_size=2")
+    a, b = step_losses(tmp_path / "a"), step_losses(tmp_path / "b")
+    assert len(a) == 3 and a == pytest.approx(b, rel=1e-5)
+    with (
+        safe_open(str(tmp_path / "a" / "stages" / "1-finetune" / "weights.safetensors"), "pt") as fa,
+        safe_open(str(tmp_path / "b" / "stages" / "1-finetune" / "weights.safetensors"), "pt") as fb,
+    ):
+        for name in fa.keys():
+            torch.testing.assert_close(fa.get_tensor(name), fb.get_tensor(name), rtol=1e-4, atol=1e-5)
+
+
+def test_lora_finetune_merges_into_plain_weights(world, tmp_path):
+    stages = [
+        {"kind": "tokenizer", "vocab_size": 320},
+        {
+            "kind": "finetune",
+            "lr": 1e-2,
+            "projector_lr": 1e-3,
+            "batch_size": 8,
+            "micro_batch_size": 4,
+            "max_steps": 2,
+            "bf16": True,
+            "gradient_checkpointing": True,
+            "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
+        },
+    ]
+    out = tmp_path / "run"
+    train(write_recipe(tmp_path / "r.yaml", tiny_recipe(world, stages)), out)
+    with safe_open(str(out / "stages" / "1-finetune" / "weights.safetensors"), "pt") as f:
+        names = list(f.keys())
+        lora_b = [f.get_tensor(n) for n in names if "lora_B" in n]
+    assert any("multi_modal_projector" in n for n in names)
+    assert lora_b and all("q_proj" in n or "v_proj" in n for n in names if "lora_" in n)
+    assert not any("mlp" in n or "embed_tokens" in n for n in names)  # the base LLM stays frozen
+    assert any(t.abs().sum() > 0 for t in lora_b)  # LoRA B starts at zero: it trained
+    with safe_open(str(out / "model" / "model.safetensors"), "pt") as f:
+        exported = list(f.keys())
+    assert not any("lora" in n or "base_layer" in n for n in exported)
+    assert "language_model.model.layers.0.self_attn.q_proj.weight" in exported
+
+
+def test_existing_run_needs_resume(world, tmp_path):
+    from videollava.errors import VideoLlavaError
+
+    stages = [{"kind": "tokenizer", "vocab_size": 320}]
+    recipe = tiny_recipe(world, stages)
+    recipe["run"]["export"] = {"enabled": False}
+    path = write_recipe(tmp_path / "r.yaml", recipe)
+    train(path, tmp_path / "run")
+    with pytest.raises(VideoLlavaError, match="already holds a run; pass --resume"):
+        train(path, tmp_path / "run")
+    assert train(path, tmp_path / "run", resume=True) == 0
+
+
+def test_bad_samples_in_training_are_logged_and_skipped(world, tmp_path):
+    entries = json.loads((world / "instruct.json").read_text())
+    broken = copy.deepcopy(entries[:6])
+    broken[1]["id"] = "gone"
+    broken[1]["image" if "image" in broken[1] else "video"] = "images/gone.png"
+    broken[2]["id"] = "swapped"
+    broken[2]["conversations"] = broken[2]["conversations"][::-1]
+    (tmp_path / "broken.json").write_text(json.dumps(broken))
+    stages = [
+        {"kind": "tokenizer", "vocab_size": 320, "data": [str(world / "instruct.json")]},
+        {
+            "kind": "finetune",
+            "data": [str(tmp_path / "broken.json")],
+            "batch_size": 6,
+            "micro_batch_size": 3,
+            "max_steps": 1,
+            "bf16": False,
+        },
+    ]
+    recipe = tiny_recipe(world, stages)
+    recipe["run"]["export"] = {"enabled": False}
+    path = write_recipe(tmp_path / "r.yaml", recipe)
+    train(path, tmp_path / "skip")
+    logged = [json.loads(line) for line in (tmp_path / "skip" / "bad_samples.jsonl").read_text().splitlines()]
+    assert sorted(r["id"] for r in logged) == ["gone", "swapped"]
+    step = next(r for r in read_metrics(tmp_path / "skip" / "metrics.jsonl") if r["event"] == "step")
+    assert step["samples"] == 4 and step["skipped"] == 2  # the batch is just smaller
+    assert json.loads((tmp_path / "skip" / "summary.json").read_text())["bad_samples"] == 2
+
+    from videollava.data.dataset import BadSample
+
+    with pytest.raises(BadSample, match="sample (gone|swapped)"):
+        train(path, tmp_path / "fail", "stage.1.bad_samples=fail")
