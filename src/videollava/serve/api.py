@@ -14,6 +14,7 @@ import dataclasses
 import hmac
 import json
 import logging
+import os
 import threading
 import time
 import uuid
@@ -295,12 +296,14 @@ def turn_text(text: str, n_images: int, n_videos: int) -> str:
     return text
 
 
-def prepare_chat(pipeline: Pipeline, chat: ChatRequest, policy: MediaPolicy) -> Prepared:
-    """Read the media and build the engine input; blocking, so it runs off the event loop."""
+def resolve_chat_media(chat: ChatRequest, policy: MediaPolicy) -> list[MediaItem]:
+    """Every image and video of the conversation, in message order; may wait on files or the network."""
+    return [resolve_media(url, kind, policy) for turn in chat.turns for kind, url in turn.media]
+
+
+def prepare_chat(pipeline: Pipeline, chat: ChatRequest, media: list[MediaItem]) -> Prepared:
+    """Build the prompt and encode the media: CPU work, so it runs off the event loop."""
     history: list[tuple[str, str]] = []
-    media: list[MediaItem] = []
-    for turn in chat.turns:
-        media.extend(resolve_media(url, kind, policy) for kind, url in turn.media)
     for turn in chat.turns[:-1]:
         if turn.role == ASSISTANT:
             if any(count_placeholders(turn.text)):
@@ -491,6 +494,9 @@ def create_app(pipeline: Pipeline, settings: ServeSettings, engine: Engine | Non
     """The server app; the engine is started when the app starts and stopped when it stops."""
     engine = engine or Engine(pipeline)
     metrics = ServerMetrics()
+    # Reading and fetching media waits on disks and networks; encoding it keeps the CPU busy: separate pools,
+    # so a slow download never holds up the preparation of other requests.
+    fetchers = ThreadPoolExecutor(max_workers=16, thread_name_prefix="videollava-fetch")
     workers = ThreadPoolExecutor(
         max_workers=max(1, settings.prepare_workers), thread_name_prefix="videollava-prepare"
     )
@@ -507,6 +513,7 @@ def create_app(pipeline: Pipeline, settings: ServeSettings, engine: Engine | Non
         finally:
             engine.stop()
             workers.shutdown(wait=False, cancel_futures=True)
+            fetchers.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="Video-LLaVA", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(_Guard, settings=settings, metrics=metrics)
@@ -597,13 +604,15 @@ def create_app(pipeline: Pipeline, settings: ServeSettings, engine: Engine | Non
         admit()
         loop = asyncio.get_running_loop()
         try:
-            prepared = await loop.run_in_executor(workers, prepare_chat, pipeline, chat, settings.media)
+            media = await loop.run_in_executor(fetchers, resolve_chat_media, chat, settings.media)
+            prepared = await loop.run_in_executor(workers, prepare_chat, pipeline, chat, media)
             handle = engine.submit(prepared, chat.params)
-        except Exception as error:
+        except (VideoLlavaError, APIError) as error:
             release()
-            if not isinstance(error, (VideoLlavaError, APIError)):
-                raise
             raise api_error_from(error) from None
+        except BaseException:  # cancelled or broken: the slot must not leak
+            release()
+            raise
         bridge = EngineBridge(handle, loop, finished)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         if chat.stream:
@@ -642,7 +651,7 @@ async def wait_completion(bridge: EngineBridge, request: Request) -> Completion 
     while True:
         try:
             item = await asyncio.wait_for(bridge.queue.get(), timeout=0.5)
-        except TimeoutError:
+        except asyncio.TimeoutError:  # noqa: UP041 (not the builtin before Python 3.11)
             if await request.is_disconnected():
                 bridge.handle.cancel()
                 return None
@@ -720,7 +729,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument(
-        "--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 and /metrics"
+        "--api-key",
+        default=os.environ.get("VIDEOLLAVA_API_KEY"),
+        help="require 'Authorization: Bearer KEY' on /v1 and /metrics (default: $VIDEOLLAVA_API_KEY, else none)",
     )
     parser.add_argument(
         "--allowed-media-dir",

@@ -181,6 +181,7 @@ def run(args: argparse.Namespace) -> int:
             ssr_mode=False,
             show_error=True,
             quiet=True,
+            allowed_paths=[str(examples_folder())] if examples_folder().is_dir() else None,
         )
     finally:
         engine.stop()
