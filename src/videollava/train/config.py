@@ -306,8 +306,9 @@ class DistributedConfig:
     strategy: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     deepspeed_config: str | None = None
-    # null: on when a stage can leave trainable parameters unused (text-only batches)
-    find_unused_parameters: bool | None = None
+    # DDP's search for parameters a forward did not use; not needed by the stages here (text-only
+    # batches still touch the projector), so off unless a custom objective needs it.
+    find_unused_parameters: bool = False
 
 
 @dataclass

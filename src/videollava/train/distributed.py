@@ -18,6 +18,7 @@ Strategies:
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import os
 from collections.abc import Iterator
@@ -139,11 +140,17 @@ def wrap(module: nn.Module, info: DistInfo, *, strategy: str, find_unused_parame
     if strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
+        # Buffers (rotary frequencies) are identical on every rank: no per-forward sync.
+        buffers = (
+            {"forward_sync_buffers": False}
+            if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+            else {"broadcast_buffers": False}
+        )
         ddp = DistributedDataParallel(
             module,
             device_ids=[info.device.index] if info.device.type == "cuda" else None,
             find_unused_parameters=find_unused_parameters,
-            broadcast_buffers=False,
+            **buffers,
         )
         return Wrapped(ddp, "ddp", averages_gradients=True)
     if strategy == "fsdp":

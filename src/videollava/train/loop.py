@@ -19,7 +19,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -94,9 +94,7 @@ class StageResult:
     wrapped: Any = field(default=None, repr=False)
 
     def summary(self) -> dict[str, Any]:
-        out = asdict(self)
-        out.pop("wrapped")
-        return out
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "wrapped"}
 
 
 # ---------------------------------------------------------------------------------------- metrics
@@ -348,6 +346,8 @@ def train_stage(
         with torch.no_grad(), _autocast(info.device, cfg.bf16):
             results = task.evaluate(target)
         target.train()
+        if not results:
+            return
         eval_results.update(results)
         metrics.write({"event": "eval", "stage": ctx.name, "stage_index": ctx.index, "step": step, **results})
         if ctx.is_main:
@@ -430,9 +430,14 @@ def train_stage(
                 skipped = [s for part in D.all_gather_objects(skipped, info) for s in part]
             bad_log.record(skipped, step + 1, ctx.index)
 
-            real = [m for m in micro if m["num_samples"] > 0]
-            if not real and info.enabled:
-                real = micro[:1]  # nothing here this step: a zero-weight forward keeps the ranks in step
+            if strategy == "fsdp":
+                # FSDP gathers parameters in every forward: all ranks run all micro-batches, an empty
+                # one as a zero-weight forward.
+                real = micro
+            else:
+                real = [m for m in micro if m["num_samples"] > 0]
+                if not real and info.enabled:
+                    real = micro[:1]  # nothing here this step: a zero-weight forward keeps the ranks in step
             loss_sum = torch.zeros((), dtype=torch.float64)
             items = 0
             samples = 0

@@ -308,6 +308,12 @@ class LMObjective(nn.Module):
             ignore_index=IGNORE_INDEX,
             reduction="sum",
         )
+        if batch["images"] is None and batch["videos"] is None:
+            # Text-only batch: touch the projector anyway so it gets a (zero) gradient on every rank and
+            # every step, as under DeepSpeed; FSDP and DDP then see the same parameters used everywhere.
+            projector = self.model.multi_modal_projector
+            probe = torch.zeros(1, projector.linear_1.in_features, device=logits.device)
+            loss = loss + 0.0 * projector(probe).sum()
         return loss, int((targets != IGNORE_INDEX).sum())
 
 
@@ -861,11 +867,7 @@ class Run:
             sampler_mode=stage.sampler_mode,
             fsdp_capable=True,
             sum_loss=True,
-            find_unused_parameters=(
-                self.recipe.distributed.find_unused_parameters
-                if self.recipe.distributed.find_unused_parameters is not None
-                else train_llm
-            ),
+            find_unused_parameters=bool(self.recipe.distributed.find_unused_parameters),
         )
         return task, finish
 
