@@ -106,7 +106,7 @@ MOTION_TEMPLATES: tuple[str, ...] = (
     "{scene}; {motion}.",
     "{scene}, and {motion}.",
     "{scene}. {Motion}.",
-    "{scene}. {Motion} while the others stay still.",
+    "{scene}. {Motion} while {rest} still.",
 )
 
 
@@ -512,7 +512,8 @@ def make_caption(scene: Scene, rng: np.random.Generator) -> str:
     motion = f"the {mover.name} {phrases[int(rng.integers(len(phrases)))]}"
     templates = MOTION_TEMPLATES if count > 1 else MOTION_TEMPLATES[:3]
     template = templates[int(rng.integers(len(templates)))]
-    return _capitalise(template.format(scene=text, motion=motion, Motion=_capitalise(motion)))
+    rest = "the other shape stays" if count == 2 else "the others stay"
+    return _capitalise(template.format(scene=text, motion=motion, Motion=_capitalise(motion), rest=rest))
 
 
 def popularity_ranking(scenes: Iterable[Scene]) -> list[tuple[str, str]]:
