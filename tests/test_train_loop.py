@@ -278,3 +278,113 @@ def test_bad_samples_in_training_are_logged_and_skipped(world, tmp_path):
 
     with pytest.raises(BadSample, match="sample (gone|swapped)"):
         train(path, tmp_path / "fail", "stage.1.bad_samples=fail")
+
+
+def write_parts(folder: Path, tokenizer) -> dict[str, Path]:
+    """Tiny stand-ins for LanguageBind_Image, LanguageBind_Video_merge and a LLaMA LLM, in their layouts."""
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from videollava.model.vision import VisionConfig, VisionTower
+
+    torch.manual_seed(0)
+    parts = {}
+    for name, frames in (("image", 0), ("video", 2)):
+        tower = VisionTower(VisionConfig(**VISION, num_frames=frames))
+        path = folder / f"LanguageBind_{name}"
+        path.mkdir(parents=True)
+        vision_config = {
+            **VISION,
+            "hidden_act": "gelu",
+            "add_time_attn": bool(frames),
+            "num_frames": frames or 8,
+        }
+        model_type = "LanguageBindVideo" if frames else "LanguageBindImage"
+        (path / "config.json").write_text(
+            json.dumps({"model_type": model_type, "vision_config": vision_config})
+        )
+        state = {f"vision_model.{k}": v.contiguous() for k, v in tower.state_dict().items()}
+        state["text_model.embeddings.token_embedding.weight"] = torch.zeros(4, 4)  # ignored
+        save_file(state, str(path / "model.safetensors"))
+        parts[name] = path
+    llm = LlamaForCausalLM(
+        LlamaConfig(
+            **LLM,
+            rms_norm_eps=1e-5,
+            vocab_size=len(tokenizer),
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        )
+    )
+    parts["llm"] = folder / "llm"
+    llm.save_pretrained(parts["llm"])
+    tokenizer.save_pretrained(parts["llm"])
+    return parts
+
+
+def test_from_pretrained_parts_and_from_checkpoint(world, tmp_path):
+    """`from:` LanguageBind-style tower folders + a LLaMA folder; then `from:` the exported checkpoint."""
+    from transformers import AutoTokenizer
+
+    from videollava.errors import CheckpointError
+    from videollava.train.tokenizer import tiny_test_tokenizer
+
+    # A LLaMA-like tokenizer: no <image>/<video> tokens, prompts are split on the placeholders.
+    tokenizer = tiny_test_tokenizer(placeholder_tokens=False)
+    parts = write_parts(tmp_path / "parts", tokenizer)
+    llm_spec = {**LLM, "vocab_size": len(tokenizer)}
+    stage = {"kind": "projector", "batch_size": 4, "micro_batch_size": 4, "max_steps": 1, "bf16": False}
+    raw = {
+        "model": {
+            "from": {
+                "image_tower": str(parts["image"]),
+                "video_tower": str(parts["video"]),
+                "llm": str(parts["llm"]),
+                "architecture": {"vision": VISION, "llm": llm_spec},
+            },
+            "temporal_frames": 2,
+            "num_frames": 2,
+            "model_max_length": 256,
+        },
+        "data": {"root": str(world)},
+        "run": {"progress": False, "export": {"dtype": "float32"}},
+        "stages": [stage],
+    }
+    out = tmp_path / "parts-run"
+    train(write_recipe(tmp_path / "parts.yaml", raw), out)
+    exported = load_file_(out / "model" / "model.safetensors")
+    llm_weights = load_file_(parts["llm"] / "model.safetensors")
+    assert torch.equal(
+        exported["language_model.model.layers.0.mlp.up_proj.weight"],
+        llm_weights["model.layers.0.mlp.up_proj.weight"],
+    )  # frozen in stage 1
+    video = load_file_(parts["video"] / "model.safetensors")
+    assert torch.equal(
+        exported["video_tower.encoder.layers.1.temporal_attn.q_proj.weight"],
+        video["vision_model.encoder.layers.1.temporal_attn.q_proj.weight"],
+    )
+    assert AutoTokenizer.from_pretrained(out / "model").convert_tokens_to_ids("<image>") in (None, 0)
+
+    # Continue from the exported checkpoint with a finetune stage.
+    raw2 = {
+        **raw,
+        "model": {"from": {"checkpoint": str(out / "model")}, "num_frames": 2, "model_max_length": 256},
+        "stages": [{**stage, "kind": "finetune"}],
+    }
+    out2 = tmp_path / "continued"
+    train(write_recipe(tmp_path / "continued.yaml", raw2), out2)
+    assert step_losses(out2, "finetune")
+
+    # A declared shape that the weights do not have is refused, naming the field.
+    raw["model"]["from"]["architecture"]["llm"] = {**llm_spec, "intermediate_size": 96}
+    with pytest.raises(
+        CheckpointError, match=r"architecture\.llm\.intermediate_size is 96 but the weights have 64"
+    ):
+        train(write_recipe(tmp_path / "bad.yaml", raw), tmp_path / "bad")
+
+
+def load_file_(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))

@@ -265,6 +265,30 @@ def resolve_deepspeed_config(
     return config
 
 
+def make_optimizer(
+    groups: list[dict[str, Any]],
+    *,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+    deepspeed_config: dict[str, Any] | None = None,
+) -> torch.optim.Optimizer:
+    """AdamW; under ZeRO-Offload DeepSpeed's CPU Adam (in AdamW mode), which offloading requires."""
+    offload = (deepspeed_config or {}).get("zero_optimization", {}).get("offload_optimizer", {})
+    if offload and offload.get("device", "none") != "none":
+        try:
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+        except ImportError:
+            raise VideoLlavaError(
+                "optimizer offload needs the deepspeed package (pip install deepspeed)"
+            ) from None
+        return DeepSpeedCPUAdam(
+            groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, adamw_mode=True
+        )
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+
+
 def deepspeed_initialize(
     module: nn.Module,
     optimizer: torch.optim.Optimizer,

@@ -293,16 +293,7 @@ def train_stage(
     target = module if wrapped is None else D.unwrap(wrapped)
     groups = param_groups(target, cfg.lr, cfg.weight_decay, task.lr_for)
     params = [p for g in groups for p in g["params"]]
-    optimizer = torch.optim.AdamW(
-        [{k: v for k, v in g.items() if k != "names"} for g in groups],
-        lr=cfg.lr,
-        betas=(cfg.betas[0], cfg.betas[1]),
-        eps=cfg.eps,
-        weight_decay=cfg.weight_decay,
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, cosine_with_warmup(total_steps, warmup, cfg.lr_schedule)
-    )
+    ds_config = None
     if strategy == "deepspeed":
         if ctx.deepspeed_config is None:
             raise ValueError(f"stage {ctx.name}: strategy deepspeed needs a deepspeed_config")
@@ -314,6 +305,18 @@ def train_stage(
             max_grad_norm=cfg.max_grad_norm,
             bf16=cfg.bf16,
         )
+    optimizer = D.make_optimizer(
+        [{k: v for k, v in g.items() if k != "names"} for g in groups],
+        lr=cfg.lr,
+        betas=(cfg.betas[0], cfg.betas[1]),
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
+        deepspeed_config=ds_config,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, cosine_with_warmup(total_steps, warmup, cfg.lr_schedule)
+    )
+    if ds_config is not None:
         wrapped = D.deepspeed_initialize(module, optimizer, scheduler, ds_config)
     assert wrapped is not None
     if resume is not None:
@@ -430,9 +433,9 @@ def train_stage(
                 skipped = [s for part in D.all_gather_objects(skipped, info) for s in part]
             bad_log.record(skipped, step + 1, ctx.index)
 
-            if strategy == "fsdp":
-                # FSDP gathers parameters in every forward: all ranks run all micro-batches, an empty
-                # one as a zero-weight forward.
+            if strategy in ("fsdp", "deepspeed"):
+                # FSDP gathers parameters in every forward and DeepSpeed counts micro-batches to find
+                # the step boundary: all ranks run all micro-batches, an empty one as a zero-weight forward.
                 real = micro
             else:
                 real = [m for m in micro if m["num_samples"] > 0]
