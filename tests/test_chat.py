@@ -60,7 +60,7 @@ def test_session_streams_answers_equal_to_ask_and_reuses_the_prefix(
         assert "".join(answer_writes).startswith(expected.text)
 
         second = session.ask("And then?")
-        history = [("user", "<video>\nWhat happens in the video?"), ("assistant", first.text)]
+        history = [("user", "<video>\nWhat happens in the video?"), ("assistant", first.text.strip())]
         prompt = chat_pipeline.build_prompt("And then?", 0, 0, history=history)
         reference = Engine(chat_pipeline).generate(
             [chat_pipeline.prepare(prompt, [MediaItem("video", clip)])], params

@@ -258,7 +258,7 @@ def test_multi_turn_reuses_the_conversation(server, pipeline: Pipeline, media_ro
     ]
     second = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0)
 
-    history = [("user", "<video>\n" + first_question), ("assistant", answer)]
+    history = [("user", "<video>\n" + first_question), ("assistant", answer.strip())]
     prompt = pipeline.build_prompt(second_question, 0, 0, history=history)
     prepared = pipeline.prepare(prompt, [MediaItem("video", clip)])
     expected = Engine(pipeline).generate([prepared], SamplingParams(max_new_tokens=10))[0]

@@ -57,7 +57,7 @@ def test_web_page_answers_about_an_uploaded_video(hf_checkpoint, sample_videos: 
     first = Engine(pipeline).generate(
         [prepare_question(pipeline, Question(first_question, videos=[str(clip)]))], params
     )[0]
-    history = [("user", "<video>\n" + first_question), ("assistant", first.text)]
+    history = [("user", "<video>\n" + first_question), ("assistant", first.text.strip())]
     follow_up = pipeline.prepare(
         pipeline.build_prompt(second_question, 0, 0, history=history), [MediaItem("video", str(clip))]
     )

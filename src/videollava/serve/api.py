@@ -308,7 +308,8 @@ def prepare_chat(pipeline: Pipeline, chat: ChatRequest, media: list[MediaItem]) 
         if turn.role == ASSISTANT:
             if any(count_placeholders(turn.text)):
                 raise PromptError("an assistant message contains a media placeholder")
-            history.append((ASSISTANT, turn.text))
+            # the template already puts a space after "ASSISTANT:"; answers as generated follow it
+            history.append((ASSISTANT, turn.text.strip()))
         else:
             n_images = sum(k == "image" for k, _ in turn.media)
             history.append((USER, turn_text(turn.text, n_images, len(turn.media) - n_images)))

@@ -85,7 +85,7 @@ class ChatSession:
             raise VideoLlavaError(f"generation failed: {completion.error}")
         if not any(count_placeholders(question)) and (images or videos):
             question = VIDEO_PLACEHOLDER * videos + IMAGE_PLACEHOLDER * images + "\n" + question
-        self.history += [("user", question), ("assistant", completion.text)]
+        self.history += [("user", question), ("assistant", completion.text.strip())]
         self.media = media
         self.pending = []
         self.out.write(stats_line(completion) + "\n")

@@ -92,7 +92,7 @@ def build_demo(pipeline: Pipeline, engine: Engine, max_new_tokens: int = 128, ti
         if not any(count_placeholders(question)) and new:
             question = VIDEO_PLACEHOLDER * videos + IMAGE_PLACEHOLDER * images + "\n" + question
         conversation = {
-            "history": [*conversation["history"], ("user", question), ("assistant", completion.text)],
+            "history": [*conversation["history"], ("user", question), ("assistant", completion.text.strip())],
             "media": conversation["media"] + new,
             "shown": conversation["shown"] + keys,
         }
