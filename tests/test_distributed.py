@@ -1,16 +1,18 @@
 """Two CPU processes (torchrun, gloo) train exactly what one process trains with the same global batch.
 
-Measured here: per-step losses of DDP and of FSDP2 agree with one process to ~1e-7 relative in fp32
-(the bound asserted is 1e-5); the exported weights agree to bf16 rounding.
+Measured here: per-step losses of DDP and of FSDP2 (also when killed and resumed) agree with one
+process to ~1e-7 relative in fp32 (the bound asserted is 1e-5); the exported weights agree to bf16 rounding.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -70,9 +72,8 @@ def single(tmp_path_factory) -> tuple[Path, Path]:
     return path, base / "single"
 
 
-def torchrun(path: Path, output: Path, *overrides: str) -> None:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    command = [
+def command(path: Path, output: Path, *overrides: str, resume: bool = False) -> list[str]:
+    line = [
         sys.executable,
         "-m",
         "torch.distributed.run",
@@ -85,19 +86,43 @@ def torchrun(path: Path, output: Path, *overrides: str) -> None:
         str(path),
         "--output",
         str(output),
-    ]
+    ] + (["--resume"] if resume else [])
     for item in overrides:
-        command += ["--set", item]
-    # Own process group, so a hung run is stopped with all its workers (and only those).
-    process = subprocess.Popen(
-        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
-    )
+        line += ["--set", item]
+    return line
+
+
+def start(line: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen(line, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def workers(process: subprocess.Popen) -> list[int]:
+    """torchrun's worker processes (each in a process group of its own)."""
+    try:
+        return [
+            int(pid) for pid in Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+        ]
+    except OSError:
+        return []
+
+
+def kill(process: subprocess.Popen) -> None:
+    """SIGKILL the workers, then torchrun: the run stops wherever it is."""
+    for pid in workers(process):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    process.kill()
+    process.communicate()
+
+
+def torchrun(path: Path, output: Path, *overrides: str, resume: bool = False) -> None:
+    process = start(command(path, output, *overrides, resume=resume))
     try:
         _, stderr = process.communicate(timeout=240)
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        _, stderr = process.communicate()
-        pytest.fail(f"torchrun did not finish in 240 s: {stderr[-3000:]}")
+        kill(process)
+        pytest.fail("torchrun did not finish in 240 s")
     assert process.returncode == 0, stderr[-4000:]
 
 
@@ -126,10 +151,23 @@ def test_ddp_two_processes_equal_one(single, tmp_path):
     compare(one, tmp_path / "ddp")
 
 
-def test_fsdp_two_processes_equal_one(single, tmp_path):
+def test_fsdp_two_processes_equal_one_across_a_kill(single, tmp_path):
+    """FSDP2, SIGKILLed in the middle of the last stage and resumed: still the one-process losses."""
     path, one = single
-    torchrun(path, tmp_path / "fsdp", "distributed.strategy=fsdp")
-    compare(one, tmp_path / "fsdp")
+    run = tmp_path / "fsdp"
+    overrides = ("distributed.strategy=fsdp", "stage.finetune.checkpoint_every=1")
+    process = start(command(path, run, *overrides))
+    deadline = time.time() + 240
+    try:
+        while not ((run / "latest").exists() and (run / "latest").read_text().strip() == "checkpoint-3-1"):
+            assert process.poll() is None, process.communicate()[1][-4000:]
+            assert time.time() < deadline, "no finetune checkpoint in 240 s"
+            time.sleep(0.02)
+    finally:
+        kill(process)
+    assert not (run / "summary.json").exists()
+    torchrun(path, run, *overrides, resume=True)
+    compare(one, run)
 
 
 def test_world_of_one_needs_no_process_group(monkeypatch):

@@ -163,13 +163,16 @@ def wrap(module: nn.Module, info: DistInfo, *, strategy: str, find_unused_parame
     raise VideoLlavaError(f"unknown strategy {strategy!r}; expected ddp, fsdp or deepspeed")
 
 
-def full_state_dict(wrapped: Wrapped, names: set[str] | None = None) -> dict[str, torch.Tensor]:
-    """Unsharded CPU tensors of the objective (only `names` if given). Collective under FSDP."""
+def full_state_dict(
+    wrapped: Wrapped, names: set[str] | None = None, all_ranks: bool = False
+) -> dict[str, torch.Tensor]:
+    """Unsharded CPU tensors of the objective (only `names` if given). Collective under FSDP, where
+    only rank 0 receives them unless `all_ranks`."""
     if wrapped.strategy == "fsdp":
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         state = get_model_state_dict(
-            wrapped.module, options=StateDictOptions(full_state_dict=True, cpu_offload=False)
+            wrapped.module, options=StateDictOptions(full_state_dict=True, cpu_offload=not all_ranks)
         )
     else:
         state = unwrap(wrapped).state_dict()
@@ -177,12 +180,12 @@ def full_state_dict(wrapped: Wrapped, names: set[str] | None = None) -> dict[str
 
 
 def optimizer_state_dict(wrapped: Wrapped, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """The optimiser's state; under FSDP gathered in full and keyed by parameter name. Collective under FSDP."""
+    """The optimiser's state; under FSDP gathered in full on rank 0, keyed by parameter name (collective)."""
     if wrapped.strategy == "fsdp":
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
         state = get_optimizer_state_dict(
-            wrapped.module, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=False)
+            wrapped.module, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
         )
         return _to_cpu(state)
     return optimizer.state_dict()

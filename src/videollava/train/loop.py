@@ -316,6 +316,8 @@ def train_stage(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, cosine_with_warmup(total_steps, warmup, cfg.lr_schedule)
     )
+    # The group whose lr is the stage's own (others, such as projector_lr, are scaled alike).
+    base_group = next((i for i, g in enumerate(groups) if g["lr"] == cfg.lr), 0)
     if ds_config is not None:
         wrapped = D.deepspeed_initialize(module, optimizer, scheduler, ds_config)
     assert wrapped is not None
@@ -461,7 +463,7 @@ def train_stage(
             )
             total_loss, total_items, total_samples = totals.tolist()
 
-            lr = scheduler.get_last_lr()[0]
+            lr = scheduler.get_last_lr()[base_group]
             grad_norm = None
             if strategy != "deepspeed":
                 if total_items > 0:

@@ -647,7 +647,7 @@ class Run:
         """After an FSDP stage: a plain model again, rebuilt from the gathered full state."""
         from videollava.model.checkpoint import build_model
 
-        full = D.full_state_dict(wrapped)
+        full = D.full_state_dict(wrapped, all_ranks=True)
         state = {k[len("model.") :]: v for k, v in full.items() if k.startswith("model.")}
         assert self.model is not None
         self.model = build_model(self.model.config, state, torch.float32, "fsdp gather").train()
