@@ -43,7 +43,7 @@ def recipe(world: Path) -> dict:
             **common,
         },
         {"kind": "projector", "lr": 3e-3, "batch_size": 8, "micro_batch_size": 2, "max_steps": 2, **common},
-        # Grouped batches put text-only and image/video samples apart: ranks leave the projector unused.
+        # Grouped batches: one rank may get only the text-only sample (no media in its forward).
         {"kind": "finetune", "lr": 3e-3, "batch_size": 8, "micro_batch_size": 2, "max_steps": 3, **common},
     ]
     return tiny_recipe(world, stages)

@@ -61,8 +61,9 @@ def test_rng_state_round_trip(tmp_path):
 
 def resume_recipe(world: Path) -> dict:
     recipe = tiny_recipe(world)
-    recipe["stages"][1].update(max_steps=1)
-    recipe["stages"][2].update(max_steps=1)
+    recipe["stages"][1].update(max_steps=1, eval=None)
+    recipe["stages"][2].update(max_steps=1, eval=None)
+    recipe["run"]["export"] = {"enabled": False}
     for stage in recipe["stages"][3:]:
         stage["checkpoint_every"] = 1
     recipe["stages"][3].update(epochs=2)  # projector: 2 epochs, so the kill can land across an epoch edge
@@ -123,7 +124,6 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     assert step_losses(reference) == pytest.approx(step_losses(killed), rel=1e-6)
     summary_a = json.loads((reference / "summary.json").read_text())
     summary_b = json.loads((killed / "summary.json").read_text())
-    assert summary_a["retrieval_r1"] == summary_b["retrieval_r1"]
     trained_a = [s["final_loss"] for s in summary_a["stages"] if s["kind"] != "tokenizer"]
     trained_b = [s["final_loss"] for s in summary_b["stages"] if s["kind"] != "tokenizer"]
     assert trained_a == pytest.approx(trained_b, rel=1e-6)
