@@ -432,7 +432,7 @@ def test_bad_requests_are_400_in_openai_shape(server) -> None:
 
 
 def test_queue_full_is_429(pipeline: Pipeline, media_root: Path) -> None:
-    """Two slow requests (their media arrive after a delay) fill max_queue 1 + batch 1; a third gets 429."""
+    """Two slow requests (their media arrive after 3 s) fill max_queue 1 + batch 1; a third gets 429."""
     settings = ServeSettings(
         model_name=MODEL,
         media=MediaPolicy(allowed_domains=["127.0.0.1"], fetch_timeout=10),
@@ -440,14 +440,17 @@ def test_queue_full_is_429(pipeline: Pipeline, media_root: Path) -> None:
     )
     app = create_app(pipeline, settings, Engine(pipeline, max_batch_size=1, max_queue=1))
     clip = (media_root / "carphone_pristine.mp4").read_bytes()
-    with running_server(app) as base, media_http_server({"clip.mp4": clip}) as media_base:
+    seen: list[str] = []
+    with running_server(app) as base, media_http_server({"clip.mp4": clip}, seen) as media_base:
         client = client_for(base)
         slow = [user("What?", video_part(f"{media_base}/slow-file/clip.mp4"))]
         with ThreadPoolExecutor(max_workers=2) as pool:
             pending = [
                 pool.submit(client.chat.completions.create, model=MODEL, messages=slow) for _ in range(2)
             ]
-            time.sleep(0.5)
+            deadline = time.monotonic() + 10
+            while len(seen) < 2 and time.monotonic() < deadline:  # both admitted, fetching their media
+                time.sleep(0.01)
             with pytest.raises(openai.RateLimitError) as caught:
                 client.chat.completions.create(model=MODEL, messages=[user("hi")])
             assert caught.value.response.headers["retry-after"] == "1"

@@ -17,18 +17,20 @@ from videollava.serve.media import MediaForbiddenError, MediaPolicy, MediaTooLar
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
-    """Routes: /file/NAME serves a file (/slow-file/NAME after 1.5 s), plus misbehaving endpoints to test the limits."""
+    """Routes: /file/NAME serves a file (/slow-file/NAME after 3 s), and endpoints that misbehave."""
 
     files: dict[str, bytes] = {}
+    seen: list[str] = []
 
     def log_message(self, *args) -> None:  # keep test output quiet
         pass
 
     def do_GET(self) -> None:
+        self.seen.append(self.path)
         host, port = self.server.server_address[:2]
         if self.path.startswith(("/file/", "/slow-file/")):
             if self.path.startswith("/slow-file/"):
-                time.sleep(1.5)
+                time.sleep(3.0)
             data = self.files.get(self.path.rsplit("/", 1)[-1])
             if data is None:
                 self.send_error(404)
@@ -65,9 +67,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 
 @contextlib.contextmanager
-def media_http_server(files: dict[str, bytes]) -> Iterator[str]:
-    """A local HTTP server on 127.0.0.1 serving `files` under /file/; yields its base URL."""
-    handler = type("Handler", (_Handler,), {"files": files})
+def media_http_server(files: dict[str, bytes], seen: list[str] | None = None) -> Iterator[str]:
+    """A local HTTP server on 127.0.0.1 serving `files` under /file/; yields its base URL.
+
+    The paths it was asked for are appended to `seen`, to know when a client has got this far.
+    """
+    handler = type("Handler", (_Handler,), {"files": files, "seen": seen if seen is not None else []})
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, daemon=True)
