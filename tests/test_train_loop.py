@@ -243,6 +243,10 @@ def test_existing_run_needs_resume(world, tmp_path):
     with pytest.raises(VideoLlavaError, match="already holds a run; pass --resume"):
         train(path, tmp_path / "run")
     assert train(path, tmp_path / "run", resume=True) == 0
+    from videollava.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="saved in stage 0 \\('tokenizer'\\) but the recipe has 'tok'"):
+        train(path, tmp_path / "run", "stage.0.name=tok", resume=True)
 
 
 def test_bad_samples_in_training_are_logged_and_skipped(world, tmp_path):

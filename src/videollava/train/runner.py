@@ -477,6 +477,11 @@ class Run:
         if m.init is not None:
             if self.tokenizer is None:
                 raise RecipeError("model.init: the tokenizer must exist before the model is built")
+            if m.init.llm.vocab_size is not None and m.init.llm.vocab_size < len(self.tokenizer):
+                raise RecipeError(
+                    f"model.init.llm.vocab_size: {m.init.llm.vocab_size} is smaller than the tokenizer's "
+                    f"{len(self.tokenizer)} tokens"
+                )
             ckpt.seed_everything(m.init.seed)
             config = model_config(
                 self.recipe, m.init.vision, m.init.llm, padded_vocab(self.tokenizer), self.tokenizer
@@ -525,6 +530,14 @@ class Run:
                 self.log(f"no checkpoint in {self.run_dir}: starting from the beginning")
             else:
                 checkpoint = ckpt.load_checkpoint(path, self.info.rank)
+                index = checkpoint.state.stage_index
+                stages = self.recipe.stages
+                if index >= len(stages) or stages[index].label != checkpoint.state.stage:
+                    found = stages[index].label if index < len(stages) else "nothing"
+                    raise CheckpointError(
+                        f"{path}: saved in stage {index} ({checkpoint.state.stage!r}) but the recipe has "
+                        f"{found!r} there; resume with the recipe the run was started with"
+                    )
                 self.log(f"resuming from {path.name}")
                 if self.info.is_main:
                     for name in (METRICS_FILE, BAD_SAMPLES_FILE):
