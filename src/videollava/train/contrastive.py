@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from videollava.model.vision import VisionTower
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 LOGIT_SCALE_INIT = math.log(1 / 0.07)
 LOGIT_SCALE_MAX = math.log(100.0)
@@ -252,8 +256,12 @@ def retrieval_recall_at_1(
     }
 
 
-def tokenize_captions(tokenizer, captions: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+def tokenize_captions(
+    tokenizer: PreTrainedTokenizerBase, captions: list[str], max_length: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded (N, L) ids and mask, each caption ending in EOS so the text tower pools there."""
+    if max_length < 1:
+        raise ValueError(f"max_length must be at least 1, got {max_length}")
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("the tokenizer has no EOS token")
