@@ -208,7 +208,18 @@ class Engine:
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()
                 continue
-            self.step()
+            try:
+                self.step()
+            except Exception as error:  # never leave clients waiting on a dead engine thread
+                self._fail_everything(error)
+
+    def _fail_everything(self, error: Exception) -> None:
+        with self._lock:
+            waiting, self._waiting = list(self._waiting), deque()
+        for request in self._running + waiting:
+            self._fail(request, error)
+        self._running = []
+        self._batch = RunningBatch()
 
     @torch.inference_mode()
     def step(self) -> None:
@@ -336,13 +347,21 @@ class Engine:
             if request.finish_reason is None and not request.cancelled:
                 keep.append(row)
                 continue
-            layers = self._batch.row_layers(row) if request.finish_reason == "stop" else None
+            # Finished answers, cut off or not, serve follow-up questions from the prefix cache.
+            layers = self._batch.row_layers(row) if request.finish_reason in ("stop", "length") else None
             self._finish(request, request.finish_reason or "cancelled", layers)
         if len(keep) != len(self._running):
             self._running = [self._running[i] for i in keep]
             self._batch.keep(keep)
 
     def _drop_cancelled(self) -> None:
+        """Cancelled requests leave at once: from the queue too, so they stop holding queue slots."""
+        with self._lock:
+            cancelled = [r for r in self._waiting if r.cancelled]
+            if cancelled:
+                self._waiting = deque(r for r in self._waiting if not r.cancelled)
+        for request in cancelled:
+            self._finish(request, "cancelled", layers=None)
         if any(r.cancelled for r in self._running):
             self._retire()
 
