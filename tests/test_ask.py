@@ -27,7 +27,18 @@ def model(hf_checkpoint) -> str:
 
 def test_json_answer_fields(model, sample_videos, capsys):
     code, out, _ = ask(
-        ["--model", model, "--dtype", "float32", "--video", str(sample_videos / "bikes.mp4"), "--max-new-tokens", "4", "--json", "What happens?"],
+        [
+            "--model",
+            model,
+            "--dtype",
+            "float32",
+            "--video",
+            str(sample_videos / "bikes.mp4"),
+            "--max-new-tokens",
+            "4",
+            "--json",
+            "What happens?",
+        ],
         capsys,
     )
     assert code == 0
@@ -61,7 +72,20 @@ def test_batch_file_keeps_order_and_reports_bad_lines(model, sample_videos, tmp_
     lines = [r if isinstance(r, str) else json.dumps(r) for r in requests]
     (tmp_path / "requests.jsonl").write_text("\n".join(lines) + "\n")
     code, _, err = ask(
-        ["--model", model, "--dtype", "float32", "--batch", str(tmp_path / "requests.jsonl"), "--output", str(tmp_path / "answers.jsonl"), "--max-new-tokens", "4", "--batch-size", "3"],
+        [
+            "--model",
+            model,
+            "--dtype",
+            "float32",
+            "--batch",
+            str(tmp_path / "requests.jsonl"),
+            "--output",
+            str(tmp_path / "answers.jsonl"),
+            "--max-new-tokens",
+            "4",
+            "--batch-size",
+            "3",
+        ],
         capsys,
     )
     assert code == 0
@@ -72,14 +96,30 @@ def test_batch_file_keeps_order_and_reports_bad_lines(model, sample_videos, tmp_
     assert answers[1]["visual_tokens"] == 2 * answers[0]["visual_tokens"]
     assert "2 of 5 requests failed" in err
     # batched greedy answers equal single answers
-    code, out, _ = ask(["--model", model, "--dtype", "float32", "--video", video, "--max-new-tokens", "4", "--json", "What is moving?"], capsys)
+    code, out, _ = ask(
+        [
+            "--model",
+            model,
+            "--dtype",
+            "float32",
+            "--video",
+            video,
+            "--max-new-tokens",
+            "4",
+            "--json",
+            "What is moving?",
+        ],
+        capsys,
+    )
     assert json.loads(out)["token_ids"] == answers[0]["token_ids"]
 
 
 def _write_audio_only(path: Path) -> None:
     with av.open(str(path), "w") as container:
         stream = container.add_stream("aac", rate=16000)
-        frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), dtype=np.float32), format="fltp", layout="mono")
+        frame = av.AudioFrame.from_ndarray(
+            np.zeros((1, 1024), dtype=np.float32), format="fltp", layout="mono"
+        )
         frame.sample_rate = 16000
         for packet in stream.encode(frame):
             container.mux(packet)
@@ -110,7 +150,10 @@ def test_bad_media_named_in_error(kind, model, sample_videos, tmp_path, capsys):
 
 def test_placeholder_mismatch(model, sample_videos, capsys):
     video = str(sample_videos / "bikes.mp4")
-    code, _, err = ask(["--model", model, "--video", video, "--raw-prompt", "USER: <video>\n<video>\nWhat? ASSISTANT:"], capsys)
+    code, _, err = ask(
+        ["--model", model, "--video", video, "--raw-prompt", "USER: <video>\n<video>\nWhat? ASSISTANT:"],
+        capsys,
+    )
     assert code == 2 and "2 <video> placeholders" in err and "1 video" in err
     code, _, err = ask(["--model", model, "--image", video, "USER: <video>\nWhat?"], capsys)
     assert code == 2 and "placeholder" in err
@@ -123,7 +166,19 @@ def test_prompt_longer_than_context(model, capsys):
 
 def test_console_script_runs(model, sample_videos):
     result = subprocess.run(
-        [sys.executable, "-m", "videollava", "ask", "--model", model, "--video", str(sample_videos / "bikes.mp4"), "--max-new-tokens", "2", "Hi?"],
+        [
+            sys.executable,
+            "-m",
+            "videollava",
+            "ask",
+            "--model",
+            model,
+            "--video",
+            str(sample_videos / "bikes.mp4"),
+            "--max-new-tokens",
+            "2",
+            "Hi?",
+        ],
         capture_output=True,
         text=True,
         timeout=300,
