@@ -370,8 +370,9 @@ def _sample_mover(
     horizontal = direction in ("left", "right")
     extent = width if horizontal else height
     across = height if horizontal else width
-    # Travel strictly above the minimum after rounding, and never out of the frame.
-    travel = rng.uniform(MIN_TRAVEL * extent + 1.0, max(MIN_TRAVEL * extent + 1.0, extent - s))
+    # A couple of pixels above the minimum, so the travel still measures above it after lossy encoding.
+    shortest = MIN_TRAVEL * extent + 2.0
+    travel = rng.uniform(shortest, max(shortest, extent - s))
     lo = s / 2 + (travel if direction in ("left", "up") else 0.0)
     along_start = rng.uniform(lo, max(lo, extent - s / 2 - (0.0 if direction in ("left", "up") else travel)))
     along_end = along_start - travel if direction in ("left", "up") else along_start + travel
@@ -861,7 +862,9 @@ def generate(
         # Videos first: they are the slow jobs, so the pool ends with short image jobs.
         jobs.sort(key=lambda job: job[0]["kind"] != "video")
         if workers > 1 and len(jobs) > 1:
-            context = multiprocessing.get_context("spawn")
+            # fork where possible: spawn would re-run an unguarded calling script in every worker
+            method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+            context = multiprocessing.get_context(method)
             with context.Pool(processes=workers) as pool:
                 for _ in pool.imap_unordered(_write_job, jobs, chunksize=4):
                     pass

@@ -1,0 +1,458 @@
+"""ShapesWorld must be exact: every pixel, path and answer has to agree with the metadata."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+from PIL import Image
+
+from videollava.cli import main as cli_main
+from videollava.data import shapesworld as sw
+from videollava.errors import VideoLlavaError
+
+TOLERANCE = 30  # per channel, for JPEG and H.264
+SMALL = dict(n_images=10, n_videos=8, n_test_images=4, n_test_videos=4)
+
+
+def _read_json(path: Path):
+    return json.loads(path.read_text())
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _scenes(root: Path) -> list[tuple[dict, sw.Scene]]:
+    return [(row, sw.Scene.from_dict(row)) for row in _read_jsonl(root / "scenes.jsonl")]
+
+
+def _decode(path: Path) -> tuple[list[np.ndarray], float]:
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        fps = float(stream.average_rate)
+        frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
+    return frames, fps
+
+
+def _pixel(array: np.ndarray, centre: tuple[float, float]) -> np.ndarray:
+    return array[int(centre[1]), int(centre[0])].astype(int)
+
+
+def _centroid(array: np.ndarray, scene: sw.Scene, obj: sw.SceneObject) -> tuple[float, float]:
+    """Centre of the object measured as the mean of its colour's pixels near its path.
+
+    A mean over the whole area shrugs off the chroma blur of lossy edges; a triangle's area
+    centroid lies size/6 below its centre (apex up), which is taken off here.
+    """
+    x0, y0, x1, y1 = _window(scene, obj)
+    patch = array[y0:y1, x0:x1].astype(int)
+    mask = np.all(np.abs(patch - np.array(sw.COLORS[obj.color])) <= TOLERANCE, axis=2)
+    ys, xs = np.nonzero(mask)
+    assert len(xs) > 0, f"{obj.name} not found"
+    offset = obj.size / 6 if obj.shape == "triangle" else 0.0
+    return (x0 + xs.mean() + 0.5, y0 + ys.mean() + 0.5 - offset)
+
+
+def _window(scene: sw.Scene, obj: sw.SceneObject) -> tuple[int, int, int, int]:
+    half = obj.size / 2 + 3
+    xs = (obj.start[0], obj.end[0])
+    ys = (obj.start[1], obj.end[1])
+    return (
+        max(0, int(min(xs) - half)),
+        max(0, int(min(ys) - half)),
+        min(scene.width, int(max(xs) + half) + 1),
+        min(scene.height, int(max(ys) + half) + 1),
+    )
+
+
+def _article(name: str) -> str:
+    return ("an " if name[0] in "aeiou" else "a ") + name
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("sw")
+    sw.generate(root, seed=7, **SMALL)
+    return root
+
+
+@pytest.fixture(scope="module")
+def text_only(tmp_path_factory) -> Path:
+    """A bigger dry run: enough questions for statistics without encoding any media."""
+    root = tmp_path_factory.mktemp("sw_dry")
+    sw.generate(root, seed=11, n_images=400, n_videos=300, n_test_images=60, n_test_videos=60, dry_run=True)
+    return root
+
+
+# ------------------------------------------------------------------- determinism
+
+
+def test_same_seed_same_files_and_different_seed_differs(tmp_path: Path, dataset: Path) -> None:
+    again = tmp_path / "again"
+    sw.generate(again, seed=7, workers=2, **SMALL)
+    for name in (
+        "captions.json",
+        "instruct.json",
+        "test_captions.json",
+        "test_questions.jsonl",
+        "world.json",
+    ):
+        assert (again / name).read_bytes() == (dataset / name).read_bytes(), name
+    assert (again / "scenes.jsonl").read_bytes() == (dataset / "scenes.jsonl").read_bytes()
+    for row, _ in _scenes(dataset):
+        a, b = dataset / "media" / row["media"], again / "media" / row["media"]
+        if row["kind"] == "image":
+            assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
+        else:
+            frames_a, _ = _decode(a)
+            frames_b, _ = _decode(b)
+            assert len(frames_a) == len(frames_b)
+            assert all(np.array_equal(x, y) for x, y in zip(frames_a, frames_b, strict=True))
+
+    other = tmp_path / "other"
+    sw.generate(other, seed=8, dry_run=True, **SMALL)
+    for name in ("captions.json", "instruct.json", "test_questions.jsonl", "scenes.jsonl"):
+        assert (other / name).read_bytes() != (dataset / name).read_bytes(), name
+
+
+def test_png_matches_render_scene_exactly(dataset: Path) -> None:
+    for row, scene in _scenes(dataset):
+        if row["kind"] == "image" and scene.image_format == "png":
+            stored = np.asarray(Image.open(dataset / "media" / row["media"]).convert("RGB"))
+            assert np.array_equal(stored, np.asarray(sw.render_scene(scene)))
+
+
+# ------------------------------------------------------------------- pixels agree with metadata
+
+
+def test_images_show_objects_where_metadata_says(dataset: Path) -> None:
+    formats = Counter()
+    for row, scene in _scenes(dataset):
+        if scene.kind != "image":
+            continue
+        path = dataset / "media" / row["media"]
+        with Image.open(path) as image:
+            formats[image.format] += 1
+            assert image.size == (scene.width, scene.height)
+            array = np.asarray(image.convert("RGB"))
+        for obj in scene.objects:
+            diff = np.abs(_pixel(array, obj.start) - np.array(sw.COLORS[obj.color]))
+            assert diff.max() <= TOLERANCE, (row["media"], obj)
+            cx, cy = _centroid(array, scene, obj)
+            assert abs(cx - obj.start[0]) <= 1.5 and abs(cy - obj.start[1]) <= 1.5
+        # a corner far from every object is background grey
+        grey = _pixel(array, (1, 1))
+        if all(math.hypot(o.start[0] - 1, o.start[1] - 1) > o.radius + 2 for o in scene.objects):
+            assert abs(grey - scene.background).max() <= scene.noise + TOLERANCE // 2
+    assert formats["PNG"] > 0 and formats["JPEG"] > 0
+
+
+def test_videos_show_the_motion_metadata_says(dataset: Path) -> None:
+    seen = 0
+    for row, scene in _scenes(dataset):
+        if scene.kind != "video":
+            continue
+        seen += 1
+        frames, fps = _decode(dataset / "media" / row["media"])
+        assert len(frames) == scene.n_frames
+        assert fps == pytest.approx(scene.fps)
+        assert frames[0].shape == (scene.height, scene.width, 3)
+        mover = scene.moving_object
+        assert mover is not None and sum(o.moves for o in scene.objects) == 1
+        for index, frame in enumerate(frames):
+            for obj in scene.objects:
+                diff = np.abs(_pixel(frame, obj.center(scene.time(index))) - np.array(sw.COLORS[obj.color]))
+                assert diff.max() <= TOLERANCE, (row["media"], index, obj)
+
+        axis = 0 if scene.direction in ("left", "right") else 1
+        sign = -1 if scene.direction in ("left", "up") else 1
+        extent = scene.width if axis == 0 else scene.height
+        track = [_centroid(frame, scene, mover) for frame in frames]
+        along = [sign * c[axis] for c in track]
+        assert all(b >= a - 0.5 for a, b in zip(along, along[1:], strict=False)), along
+        assert along[-1] - along[0] >= sw.MIN_TRAVEL * extent
+        for index, c in enumerate(track):  # on the path the metadata gives, with no drift across it
+            expected = mover.center(scene.time(index))
+            assert math.hypot(c[0] - expected[0], c[1] - expected[1]) <= 2.0, (row["media"], index)
+        for obj in scene.objects:
+            if obj is mover:
+                continue
+            first = _centroid(frames[0], scene, obj)
+            last = _centroid(frames[-1], scene, obj)
+            assert math.hypot(first[0] - last[0], first[1] - last[1]) <= 1.0
+    assert seen > 0
+
+
+# ------------------------------------------------------------------- scene invariants
+
+
+def test_sampled_scenes_respect_the_world_rules() -> None:
+    rng = np.random.default_rng(0)
+    kinds = Counter()
+    for i in range(600):
+        kind = "video" if i % 2 else "image"
+        scene = sw.sample_scene(rng, kind, min_size=96, max_size=200)
+        kinds[(kind, len(scene.objects))] += 1
+        short, long = sorted((scene.width, scene.height))
+        assert short >= 96 and long / short <= 16 / 9 + 1e-9
+        assert 1 <= len(scene.objects) <= 3
+        assert len({o.color for o in scene.objects}) == len(scene.objects)
+        assert all(o.color in sw.COLORS and o.shape in sw.SHAPES for o in scene.objects)
+        for obj in scene.objects:
+            assert 0.15 * short - 0.01 <= obj.size <= 0.35 * short + 0.01
+            for point in (obj.start, obj.end):  # whole shape inside the frame along the path
+                assert obj.size / 2 - 0.01 <= point[0] <= scene.width - obj.size / 2 + 0.01
+                assert obj.size / 2 - 0.01 <= point[1] <= scene.height - obj.size / 2 + 0.01
+        for a_index, a in enumerate(scene.objects):
+            for b in scene.objects[a_index + 1 :]:
+                # sample the motion densely: bounding discs never meet
+                for t in np.linspace(0, 1, 50):
+                    ca, cb = a.center(t), b.center(t)
+                    assert math.hypot(ca[0] - cb[0], ca[1] - cb[1]) >= a.radius + b.radius
+        assert sw.GREY_RANGE[0] <= scene.background <= sw.GREY_RANGE[1] and scene.noise <= 12
+        if kind == "image":
+            assert scene.n_frames == 1 and all(not o.moves for o in scene.objects)
+            assert scene.image_format in ("png", "jpeg")
+        else:
+            assert scene.width % 2 == 0 and scene.height % 2 == 0
+            assert 8 <= scene.n_frames <= 48 and 4 <= scene.fps <= 30
+            movers = [o for o in scene.objects if o.moves]
+            assert len(movers) == 1
+            (mover,) = movers
+            dx, dy = mover.end[0] - mover.start[0], mover.end[1] - mover.start[1]
+            expected = {"left": (dx < 0, dy == 0), "right": (dx > 0, dy == 0)}
+            expected |= {"up": (dy < 0, dx == 0), "down": (dy > 0, dx == 0)}
+            assert all(expected[scene.direction])
+            extent = scene.width if scene.direction in ("left", "right") else scene.height
+            assert abs(dx) + abs(dy) >= 0.3 * extent
+    assert all(kinds[(k, n)] > 0 for k in ("image", "video") for n in (1, 2, 3))
+
+
+def test_render_scene_draws_each_shape_at_its_centre() -> None:
+    objects = (
+        sw.SceneObject("red", "circle", 30.0, (30.0, 40.0), (30.0, 40.0)),
+        sw.SceneObject("orange", "triangle", 30.0, (80.0, 40.0), (80.0, 40.0)),
+        sw.SceneObject("blue", "square", 30.0, (130.0, 40.0), (130.0, 40.0)),
+    )
+    scene = sw.Scene("t", "image", 170, 96, 128, 0, 0, objects)
+    array = np.asarray(sw.render_scene(scene))
+    for obj in objects:
+        assert tuple(_pixel(array, obj.start)) == sw.COLORS[obj.color]
+    # square fills its corners, circle and triangle do not
+    assert tuple(array[26, 116]) == sw.COLORS["blue"]
+    assert tuple(array[26, 16]) == (128, 128, 128)
+    assert tuple(array[27, 67]) == (128, 128, 128)  # triangle apex is narrow
+    assert tuple(array[53, 67]) == sw.COLORS["orange"]  # triangle base is wide
+    with pytest.raises(VideoLlavaError):
+        sw.render_scene(scene, 1)
+
+
+def test_bad_sizes_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(VideoLlavaError):
+        sw.generate(tmp_path, min_size=64, dry_run=True)
+    with pytest.raises(VideoLlavaError):
+        sw.generate(tmp_path, min_size=128, max_size=100, dry_run=True)
+
+
+# ------------------------------------------------------------------- questions and answers
+
+
+def _check_answer(scene: sw.Scene, qtype: str, split: str | None, question: str, answer: str) -> None:
+    objects = scene.objects
+    names = {(o.color, o.shape) for o in objects}
+    shapes = Counter(o.shape for o in objects)
+    assert answer == answer.lower()
+    if qtype == "color":
+        (shape,) = [s for s in sw.SHAPES if question == f"What color is the {s}?"]
+        assert shapes[shape] == 1, "asked about a shape that is not unique"
+        assert answer == next(o.color for o in objects if o.shape == shape)
+    elif qtype == "shape":
+        (color,) = [c for c in sw.COLORS if question == f"What shape is the {c} object?"]
+        assert answer == next(o.shape for o in objects if o.color == color)
+    elif qtype == "count":
+        assert question == "How many objects are there?"
+        assert answer == {1: "one", 2: "two", 3: "three"}[len(objects)]
+    elif qtype == "exists":
+        assert split in sw.SPLITS
+        (combo,) = [(c, s) for c in sw.COLORS for s in sw.SHAPES if question == f"Is there a {c} {s}?"]
+        assert answer == ("yes" if combo in names else "no")
+        if answer == "no" and split == "adversarial":
+            assert any(combo[0] == o.color or combo[1] == o.shape for o in objects)
+    elif qtype == "direction":
+        mover = scene.moving_object
+        assert scene.kind == "video" and mover is not None
+        assert question == f"Which direction does the {mover.color} {mover.shape} move?"
+        assert answer == scene.direction
+    elif qtype == "moving":
+        assert scene.kind == "video" and question == "Which object is moving?"
+        assert answer == f"the {scene.moving_object.name}"
+    else:
+        raise AssertionError(f"unknown question type {qtype}")
+    if qtype != "exists":
+        assert split is None
+
+
+def _check_caption(scene: sw.Scene, caption: str) -> None:
+    lowered = caption.lower()
+    for obj in scene.objects:
+        assert _article(obj.name) in lowered, (caption, obj.name)
+    if scene.kind == "video":
+        mover = scene.moving_object
+        assert f"the {mover.name} " in lowered
+        assert any(phrase in lowered for phrase in sw.MOTION_PHRASES[scene.direction])
+        others = [d for d in ("left", "right", "down") if d != scene.direction]
+        assert not any(f" {d}" in lowered for d in others)
+
+
+def test_test_questions_are_answered_from_metadata(text_only: Path) -> None:
+    scenes = {row["media"]: scene for row, scene in _scenes(text_only) if row["set"] == "test"}
+    questions = _read_jsonl(text_only / "test_questions.jsonl")
+    assert [q["question_id"] for q in questions] == list(range(len(questions)))
+    for q in questions:
+        scene = scenes[q["media"]]
+        assert q["modality"] == scene.kind and q["media"].startswith(scene.kind + "s/")
+        _check_answer(scene, q["type"], q["split"], q["question"], q["answer"])
+    assert {q["type"] for q in questions} == {"color", "shape", "count", "exists", "direction", "moving"}
+    probes = [q for q in questions if q["type"] == "exists"]
+    for split in sw.SPLITS:
+        answers = Counter(q["answer"] for q in probes if q["split"] == split)
+        assert answers["yes"] == answers["no"] > 0
+
+
+def test_popular_negatives_come_from_the_most_frequent_combinations(text_only: Path) -> None:
+    world = _read_json(text_only / "world.json")
+    ranking = [tuple(name.split()) for name in world["generation"]["popular_ranking_test"]]
+    scenes = {row["media"]: scene for row, scene in _scenes(text_only) if row["set"] == "test"}
+    counts = Counter((o.color, o.shape) for s in scenes.values() for o in s.objects)
+    assert [counts[c] for c in ranking] == sorted((counts[c] for c in ranking), reverse=True)
+    for q in _read_jsonl(text_only / "test_questions.jsonl"):
+        if q["type"] == "exists" and q["split"] == "popular" and q["answer"] == "no":
+            present = {(o.color, o.shape) for o in scenes[q["media"]].objects}
+            top = [c for c in ranking if c not in present][: sw.POPULAR_TOP_K]
+            assert q["question"] in {f"Is there a {c} {s}?" for c, s in top}
+
+
+def test_instructions_are_canonical_multi_turn(text_only: Path) -> None:
+    scenes = {row["media"]: (row, scene) for row, scene in _scenes(text_only) if row["set"] == "train"}
+    entries = _read_json(text_only / "instruct.json")
+    assert len(entries) == len(scenes)
+    probes: Counter = Counter()
+    kinds = Counter()
+    captions = 0
+    for entry in entries:
+        kind = "image" if "image" in entry else "video"
+        row, scene = scenes[entry[kind]]
+        assert entry["id"] == scene.id and scene.kind == kind
+        kinds[kind] += 1
+        conv = entry["conversations"]
+        assert 2 <= len(conv) // 2 <= 5 and len(conv) % 2 == 0
+        assert [t["from"] for t in conv] == ["human", "gpt"] * (len(conv) // 2)
+        token = f"<{kind}>"
+        assert conv[0]["value"].startswith(token + "\n")
+        assert all(token not in t["value"] for t in conv[1:])
+        questions = [t["value"].removeprefix(token + "\n") for t in conv[0::2]]
+        assert len(set(questions)) == len(questions)
+        assert len(entry["turn_types"]) == len(questions)
+        for meta, question, answer in zip(entry["turn_types"], questions, conv[1::2], strict=True):
+            if meta["type"] == "caption":
+                captions += 1
+                assert answer["value"] == row["caption"]
+                continue
+            _check_answer(scene, meta["type"], meta["split"], question, answer["value"])
+            if meta["type"] == "exists":
+                probes[(meta["split"], answer["value"])] += 1
+    assert kinds["image"] == 400 and kinds["video"] == 300
+    assert captions > 0
+    for split in sw.SPLITS:
+        yes, no = probes[(split, "yes")], probes[(split, "no")]
+        assert yes > 50 and abs(yes - no) <= 1
+
+
+def test_captions_name_every_object_and_the_motion(text_only: Path) -> None:
+    rows = {row["id"]: (row, scene) for row, scene in _scenes(text_only)}
+    variants = set()
+    for name in ("captions.json", "test_captions.json"):
+        entries = _read_json(text_only / name)
+        assert len({e["id"] for e in entries}) == len(entries)
+        for entry in entries:
+            row, scene = rows[entry["id"]]
+            media = entry.get("image") or entry.get("video")
+            assert media == row["media"] and ("image" in entry) == (scene.kind == "image")
+            human, gpt = entry["conversations"]
+            assert human["from"] == "human" and gpt["from"] == "gpt"
+            assert human["value"].startswith(f"<{scene.kind}>\n")
+            variants.add(human["value"])
+            assert gpt["value"] == row["caption"]
+            _check_caption(scene, gpt["value"])
+    assert len(variants) >= 8
+    distinct_openings = {row["caption"].split()[0] for row, _ in rows.values()}
+    assert len(distinct_openings) >= 4
+
+
+def test_held_out_media_are_disjoint_from_training(text_only: Path) -> None:
+    rows = [row for row, _ in _scenes(text_only)]
+    train = [r for r in rows if r["set"] == "train"]
+    test = [r for r in rows if r["set"] == "test"]
+    assert len(train) == 700 and len(test) == 120
+    assert not {r["media"] for r in train} & {r["media"] for r in test}
+    assert not {r["id"] for r in train} & {r["id"] for r in test}
+    signature = {sw.Scene.from_dict(r).signature() for r in train}
+    assert not any(sw.Scene.from_dict(r).signature() in signature for r in test)
+    caption_media = {e.get("image") or e.get("video") for e in _read_json(text_only / "captions.json")}
+    test_media = {q["media"] for q in _read_jsonl(text_only / "test_questions.jsonl")}
+    assert caption_media == {r["media"] for r in train} and not caption_media & test_media
+
+
+def test_default_test_set_has_over_a_thousand_questions(tmp_path: Path) -> None:
+    summary = sw.generate(tmp_path, n_images=0, n_videos=0, dry_run=True)
+    assert summary["test_questions"] >= 1000
+    assert len(_read_jsonl(tmp_path / "test_questions.jsonl")) == summary["test_questions"]
+    assert summary["media_written"] == 0 and not any((tmp_path / "media").rglob("*.*"))
+    world = _read_json(tmp_path / "world.json")
+    assert world["generation"]["n_test_images"] >= 150 and world["generation"]["n_test_videos"] >= 150
+    assert world["colors"]["red"] == [220, 40, 40] and world["shapes"] == ["circle", "square", "triangle"]
+
+
+# ------------------------------------------------------------------- command line
+
+
+def test_cli_generates_a_small_dataset(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "cli"
+    code = cli_main(
+        ["shapesworld", "generate", "--out", str(out), "--images", "3", "--videos", "2"]
+        + [
+            "--test-images",
+            "2",
+            "--test-videos",
+            "1",
+            "--seed",
+            "5",
+            "--size",
+            "100",
+            "120",
+            "--workers",
+            "1",
+        ]
+    )
+    assert code == 0
+    assert "wrote 3 + 2 images" in capsys.readouterr().out
+    assert len(list((out / "media" / "images").iterdir())) == 5
+    assert len(list((out / "media" / "videos").glob("*.mp4"))) == 3
+    for row, scene in _scenes(out):
+        assert 100 <= min(scene.width, scene.height) <= 120
+        assert (out / "media" / row["media"]).is_file()
+    world = _read_json(out / "world.json")
+    assert world["generation"]["seed"] == 5
+    assert len(_read_json(out / "captions.json")) == 5 and len(_read_json(out / "instruct.json")) == 5
+    assert len(_read_json(out / "test_captions.json")) == 3
+
+
+def test_cli_refuses_bad_sizes(tmp_path: Path, capsys) -> None:
+    code = cli_main(["shapesworld", "generate", "--out", str(tmp_path), "--min-size", "50", "--dry-run"])
+    assert code == 2 and "min_size" in capsys.readouterr().err
