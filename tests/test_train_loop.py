@@ -392,3 +392,18 @@ def load_file_(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(str(path))
+
+
+def test_projector_stage_can_train_a_from_scratch_llm(world, tmp_path):
+    stages = [
+        {"kind": "tokenizer", "vocab_size": 320},
+        {"kind": "projector", "train_llm": True, "batch_size": 4, "micro_batch_size": 4, "max_steps": 1},
+    ]
+    recipe = tiny_recipe(world, stages)
+    recipe["run"]["export"] = {"enabled": False}
+    train(write_recipe(tmp_path / "r.yaml", recipe), tmp_path / "run")
+    with safe_open(str(tmp_path / "run" / "stages" / "1-projector" / "weights.safetensors"), "pt") as f:
+        names = set(f.keys())
+    assert "model.language_model.model.layers.0.mlp.up_proj.weight" in names
+    assert "model.multi_modal_projector.linear_1.weight" in names
+    assert not any("tower" in n for n in names)  # the towers stay frozen

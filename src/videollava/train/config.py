@@ -256,6 +256,9 @@ class ProjectorStage(TrainStage):
 
     data: list[str] = field(default_factory=lambda: ["captions.json"])
     template: str = "plain"
+    # The paper freezes its pretrained LLM here. A from-scratch LLM (ShapesWorld) knows no language
+    # yet, so a small recipe may let it learn captions in this stage too.
+    train_llm: bool = False
 
 
 @dataclass

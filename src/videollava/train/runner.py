@@ -622,7 +622,7 @@ class Run:
         elif isinstance(stage, AlignVideoStage):
             task, finish = self.align_video_task(stage)
         elif isinstance(stage, ProjectorStage):
-            task, finish = self.lm_task(stage, template=stage.template, train_llm=False, lora=None)
+            task, finish = self.lm_task(stage, template=stage.template, train_llm=stage.train_llm, lora=None)
         elif isinstance(stage, FinetuneStage):
             task, finish = self.lm_task(
                 stage, template=stage.template or self.recipe.model.template, train_llm=True, lora=stage.lora
