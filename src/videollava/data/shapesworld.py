@@ -70,6 +70,9 @@ GAP = 2.0  # pixels between bounding discs
 JPEG_QUALITY = 90
 VIDEO_CRF = 20
 VIDEO_PRESET = "veryfast"
+# Without cpu-independent, x264 (one thread, identical input) now and then encoded the same scene
+# differently from run to run (about one video in twenty); with it, runs repeat bit for bit.
+X264_PARAMS = "cpu-independent=1"
 POPULAR_TOP_K = 3
 
 QUESTION_TEMPLATES: dict[str, str] = {
@@ -448,16 +451,19 @@ def write_media(scene: Scene, path: str | Path) -> None:
     import av
 
     background = _background(scene)
+    options = {"crf": str(VIDEO_CRF), "preset": VIDEO_PRESET, "x264-params": X264_PARAMS}
     with av.open(str(path), mode="w", format="mp4") as container:
-        stream = container.add_stream(
-            "libx264", rate=Fraction(scene.fps), options={"crf": str(VIDEO_CRF), "preset": VIDEO_PRESET}
-        )
+        stream = container.add_stream("libx264", rate=Fraction(scene.fps), options=options)
         stream.width = scene.width
         stream.height = scene.height
         stream.pix_fmt = "yuv420p"
-        stream.codec_context.thread_count = 1  # one encoder thread per worker process keeps output stable
+        stream.codec_context.thread_count = 1
+        # swscale converts RGB with BT.601 in limited range unless told otherwise; say so in the stream
+        stream.codec_context.colorspace = 6  # SMPTE 170M (BT.601)
+        stream.codec_context.color_range = 1  # limited
         for index in range(scene.n_frames):
             frame = av.VideoFrame.from_ndarray(_render_array(scene, index, background), format="rgb24")
+            frame.pts = index
             for packet in stream.encode(frame):
                 container.mux(packet)
         for packet in stream.encode():
@@ -582,7 +588,7 @@ def _text(qtype: str, **slots: str) -> dict[str, str]:
     return {"question": QUESTION_TEMPLATES[qtype].format(**slots)}
 
 
-class _Balancer:
+class ProbeBalancer:
     """Hands out POPE splits round-robin and alternates yes/no within each split, so both stay balanced."""
 
     def __init__(self) -> None:
@@ -604,7 +610,7 @@ def instruct_turns(
     caption: str,
     rng: np.random.Generator,
     ranking: Sequence[tuple[str, str]],
-    balancer: _Balancer,
+    balancer: ProbeBalancer,
     caption_probability: float = 0.15,
 ) -> list[dict[str, Any]]:
     """Two to five question-answer turns for one media, always with at least one yes/no probe."""
@@ -751,6 +757,7 @@ def world_description() -> dict[str, Any]:
             "video_codec": "libx264",
             "video_crf": VIDEO_CRF,
             "video_preset": VIDEO_PRESET,
+            "x264_params": X264_PARAMS,
             "pix_fmt": "yuv420p",
         },
     }
@@ -794,7 +801,7 @@ def generate(
     # Text for the training set
     text_rng = np.random.default_rng([seed, 0, 2])
     ranking = popularity_ranking(scene for scene, _ in train)
-    balancer = _Balancer()
+    balancer = ProbeBalancer()
     captions: list[dict[str, Any]] = []
     instruct: list[dict[str, Any]] = []
     scene_rows: list[dict[str, Any]] = []
