@@ -258,6 +258,10 @@ def test_bad_sizes_are_refused(tmp_path: Path) -> None:
         sw.generate(tmp_path, min_size=64, dry_run=True)
     with pytest.raises(VideoLlavaError):
         sw.generate(tmp_path, min_size=128, max_size=100, dry_run=True)
+    with pytest.raises(VideoLlavaError, match="even"):  # no even short side for yuv420p video
+        sw.generate(tmp_path, min_size=97, max_size=97, n_images=0, n_videos=1, dry_run=True)
+    summary = sw.generate(tmp_path, min_size=97, max_size=97, n_videos=0, n_test_videos=0, dry_run=True)
+    assert summary["train_images"] > 0
 
 
 # ------------------------------------------------------------------- questions and answers
@@ -359,6 +363,8 @@ def test_instructions_are_canonical_multi_turn(text_only: Path) -> None:
         questions = [t["value"].removeprefix(token + "\n") for t in conv[0::2]]
         assert len(set(questions)) == len(questions)
         assert len(entry["turn_types"]) == len(questions)
+        if kind == "video":  # the question a single frame cannot answer is always there
+            assert {"direction", "moving"} & {t["type"] for t in entry["turn_types"]}
         for meta, question, answer in zip(entry["turn_types"], questions, conv[1::2], strict=True):
             if meta["type"] == "caption":
                 captions += 1

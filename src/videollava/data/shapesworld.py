@@ -258,8 +258,13 @@ def _r2(x: float) -> float:
 def _media_size(rng: np.random.Generator, kind: str, min_size: int, max_size: int) -> tuple[int, int]:
     short = int(rng.integers(min_size, max_size + 1))
     aspect = float(rng.uniform(1.0, MAX_ASPECT))
-    if kind == "video" and short % 2:
-        short = short + 1 if short + 1 <= max_size else short - 1
+    if kind == "video" and short % 2:  # yuv420p needs even sides
+        if short + 1 <= max_size:
+            short += 1
+        elif short - 1 >= min_size:
+            short -= 1
+        else:
+            raise VideoLlavaError(f"videos need an even short side, and {min_size}..{max_size} has none")
     long = max(short, int(math.floor(short * aspect)))
     if kind == "video":
         long -= long % 2
@@ -613,9 +618,13 @@ def instruct_turns(
     balancer: ProbeBalancer,
     caption_probability: float = 0.15,
 ) -> list[dict[str, Any]]:
-    """Two to five question-answer turns for one media, always with at least one yes/no probe."""
+    """Two to five question-answer turns for one media.
+
+    Yes/no probes come from ``balancer`` so that splits and answers stay balanced over the file, and
+    every video asks about its motion, the one thing a single frame cannot answer.
+    """
     n_turns = int(rng.integers(2, 6))
-    n_probes = 1 if rng.random() < 0.6 else 2
+    n_probes = int(rng.choice(3, p=[0.2, 0.55, 0.25]))
     turns: list[dict[str, Any]] = []
     seen: set[str] = set()
     for _ in range(n_probes):
@@ -629,15 +638,19 @@ def instruct_turns(
                 break
     others = fixed_questions(scene)
     others = [others[int(i)] for i in rng.permutation(len(others))]
+    motion = [q for q in others if q["type"] in ("direction", "moving")]
+    if motion:
+        turns.append(motion[0])
+        others.remove(motion[0])
     if rng.random() < caption_probability:
         request = INSTRUCT_CAPTION_REQUESTS[int(rng.integers(len(INSTRUCT_CAPTION_REQUESTS)))]
-        others.insert(0, {"type": "caption", "split": None, "question": request.format(media=scene.kind)})
-        others[0]["answer"] = caption
+        question = request.format(media=scene.kind)
+        others.insert(0, {"type": "caption", "split": None, "question": question, "answer": caption})
     turns.extend(others[: max(0, n_turns - len(turns))])
     return [turns[int(i)] for i in rng.permutation(len(turns))]
 
 
-def test_questions_for(
+def heldout_questions(
     scene: Scene, rng: np.random.Generator, ranking: Sequence[tuple[str, str]]
 ) -> list[dict[str, Any]]:
     """All canonical questions of a held-out scene, with one yes and one no probe per POPE split."""
@@ -830,7 +843,7 @@ def generate(
     for scene, media in test:
         caption = make_caption(scene, test_rng)
         test_captions.append(_caption_entry(scene, media, caption, test_rng))
-        for q in test_questions_for(scene, test_rng, test_ranking):
+        for q in heldout_questions(scene, test_rng, test_ranking):
             questions.append(
                 {
                     "question_id": len(questions),
