@@ -230,3 +230,18 @@ def test_config_validation() -> None:
     with pytest.raises(ValueError):
         ImageTransformConfig(std=(0.0, 1.0, 1.0))
     assert preprocess_images([]).shape == (0, 3, 224, 224)
+
+
+def test_video_pad_keeps_the_frame_edges():
+    """Padding a 16:9 video to a square keeps an object at its left edge; the reference crop loses it."""
+    from videollava.data.transforms import ImageTransformConfig, preprocess_video
+
+    frames = np.full((2, 90, 160, 3), 128, dtype=np.uint8)
+    frames[:, 40:50, 0:10] = (220, 40, 40)  # a red patch touching the left edge
+    cropped = preprocess_video(frames, ImageTransformConfig(size=32, crop_size=32))
+    padded = preprocess_video(frames, ImageTransformConfig(size=32, crop_size=32, video_pad_to_square=True))
+    red = lambda x: (x[:, 0] > 1.0) & (x[:, 1] < 0)  # noqa: E731  (normalised: red high, green low)
+    assert not red(cropped).any()
+    assert red(padded).any()
+    # the pad colour normalises to about zero, like the images' pad
+    assert padded[:, :, 0, 16].abs().max() < 0.05

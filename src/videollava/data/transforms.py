@@ -50,6 +50,8 @@ class ImageTransformConfig:
     mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
     std: tuple[float, float, float] = OPENAI_CLIP_STD
     pad_to_square: bool = False  # images only: the reference's "pad" aspect mode
+    # Videos too: the reference crops video frames; pad keeps objects at the frame's edges in view.
+    video_pad_to_square: bool = False
     resample: str = "bicubic"  # images, PIL filter
     video_resample: str = "bilinear"  # videos, torch interpolate mode
     video_antialias: bool = False
@@ -110,6 +112,8 @@ class ImageTransformConfig:
             "image_mean": list(self.mean),
             "image_std": list(self.std),
             "do_convert_rgb": True,
+            "image_aspect_ratio": "pad" if self.pad_to_square else "crop",
+            "video_aspect_ratio": "pad" if self.video_pad_to_square else "crop",
         }
 
     def to_preprocessor_json(self, path: str | Path) -> Path:
@@ -154,6 +158,8 @@ def _fields_from_hf(raw: dict) -> dict[str, object]:
         fields["resample"] = _PIL_RESAMPLE_NAME[int(raw["resample"])]
     if raw.get("image_aspect_ratio") == "pad":
         fields["pad_to_square"] = True
+    if raw.get("video_aspect_ratio") == "pad":
+        fields["video_pad_to_square"] = True
     return fields
 
 
@@ -233,6 +239,13 @@ def _as_frames(frames: np.ndarray | torch.Tensor) -> torch.Tensor:
 
 def _video_batch(x: torch.Tensor, cfg: ImageTransformConfig) -> torch.Tensor:
     """uint8 (N, H, W, 3) frames of one size -> float32 (N, 3, crop, crop)."""
+    if cfg.video_pad_to_square and x.shape[1] != x.shape[2]:
+        n, h, w, _ = x.shape
+        side = max(h, w)
+        canvas = torch.tensor(cfg.pad_color, dtype=torch.uint8).expand(n, side, side, 3).clone()
+        top, left = (side - h) // 2, (side - w) // 2
+        canvas[:, top : top + h, left : left + w] = x
+        x = canvas
     x = x.permute(0, 3, 1, 2)  # (N, H, W, 3) -> (N, 3, H, W)
     x = x / 255.0  # float32
     x = _normalise(x, cfg)

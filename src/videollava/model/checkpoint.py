@@ -224,6 +224,7 @@ def config_from_hf(data: dict[str, Any], has_temporal: bool) -> VideoLlavaConfig
         video_token_id=data.get("video_token_index", 32001),
         pad_token_id=data.get("pad_token_id", text_config.get("pad_token_id")),
         image_aspect_ratio=ours.get("image_aspect_ratio", "crop"),
+        video_aspect_ratio=ours.get("video_aspect_ratio", "crop"),
         template=ours.get("template", "hf"),
     )
 
@@ -253,6 +254,7 @@ def config_to_hf(config: VideoLlavaConfig) -> dict[str, Any]:
             "temporal_frames": config.temporal_frames,
             "num_frames": config.num_frames,
             "image_aspect_ratio": config.image_aspect_ratio,
+            "video_aspect_ratio": config.video_aspect_ratio,
             "template": config.template,
         },
     }

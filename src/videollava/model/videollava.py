@@ -37,6 +37,8 @@ class VideoLlavaConfig:
     pad_token_id: int | None = 32002
     # "pad" pads images to a square with the mean colour before the crop; "crop" centre-crops.
     image_aspect_ratio: str = "crop"
+    # The reference crops video frames ("crop"); "pad" pads them to a square first.
+    video_aspect_ratio: str = "crop"
     template: str = "vicuna_v1"
 
     @property

@@ -107,6 +107,7 @@ class ModelConfig:
     num_frames: int = 8
     vision_feature_layer: int = -2
     image_aspect_ratio: Literal["pad", "crop"] = "pad"
+    video_aspect_ratio: Literal["pad", "crop"] = "crop"
     template: str = "vicuna_v1"
     model_max_length: int = 2048
     projector_hidden_act: str = "gelu"

@@ -125,6 +125,7 @@ def model_config(
         video_token_id=token_id("<video>", VIDEO_SLOT),
         pad_token_id=tokenizer.pad_token_id if tokenizer is not None else 0,
         image_aspect_ratio=m.image_aspect_ratio,
+        video_aspect_ratio=m.video_aspect_ratio,
         template=export_template(recipe),
     )
 
@@ -404,7 +405,12 @@ class Run:
 
     def transform(self, aspect: str) -> ImageTransformConfig:
         size = self.require_model().config.vision.image_size
-        return ImageTransformConfig(size=size, crop_size=size, pad_to_square=aspect == "pad")
+        return ImageTransformConfig(
+            size=size,
+            crop_size=size,
+            pad_to_square=aspect == "pad",
+            video_pad_to_square=self.recipe.model.video_aspect_ratio == "pad",
+        )
 
     def media_spec(self, stage: TrainStage) -> MediaSpec:
         model = self.require_model()
