@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from videollava.data.dataset import BadSampleLog, StepBatches
-from videollava.errors import CheckpointError
+from videollava.errors import CheckpointError, VideoLlavaError
 from videollava.train import checkpointing as ckpt
 from videollava.train import distributed as D
 from videollava.train.config import TrainStage, accumulation_steps
@@ -204,7 +204,7 @@ def param_groups(
         groups.setdefault((group_lr, decay), []).append(param)
         names.setdefault((group_lr, decay), []).append(name)
     if not groups:
-        raise ValueError("the stage has no trainable parameters")
+        raise VideoLlavaError("the stage has no trainable parameters")
     return [
         {"params": params, "lr": key[0], "weight_decay": weight_decay if key[1] else 0.0, "names": names[key]}
         for key, params in groups.items()
@@ -273,7 +273,7 @@ def train_stage(
         )
 
     if len(task.dataset) == 0:
-        raise ValueError(f"stage {ctx.name}: no training samples")
+        raise VideoLlavaError(f"stage {ctx.name}: no training samples in {', '.join(cfg.data)}")
     per_epoch = sampler_for(0, 0).steps()
     total_steps = cfg.max_steps or cfg.epochs * per_epoch
     warmup = math.ceil(cfg.warmup_ratio * total_steps)
@@ -296,7 +296,7 @@ def train_stage(
     ds_config = None
     if strategy == "deepspeed":
         if ctx.deepspeed_config is None:
-            raise ValueError(f"stage {ctx.name}: strategy deepspeed needs a deepspeed_config")
+            raise VideoLlavaError(f"stage {ctx.name}: strategy deepspeed needs a deepspeed_config")
         ds_config = D.resolve_deepspeed_config(
             ctx.deepspeed_config,
             micro_batch_size=cfg.micro_batch_size,
