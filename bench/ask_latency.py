@@ -20,9 +20,6 @@ import numpy as np
 import torch
 from transformers import (
     AutoTokenizer,
-    CLIPVisionConfig,
-    LlamaConfig,
-    VideoLlavaConfig,
     VideoLlavaForConditionalGeneration,
     VideoLlavaImageProcessor,
 )
@@ -31,46 +28,32 @@ from videollava.infer.ask import Question, prepare_question
 from videollava.infer.engine import Engine
 from videollava.infer.pipeline import Pipeline
 from videollava.infer.sampling import SamplingParams
+from videollava.model.random_checkpoint import write_random_checkpoint
 from videollava.train.tokenizer import tiny_test_tokenizer
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def build_checkpoint(folder: Path) -> None:
-    """A random Video-LLaVA shaped like a small real one: 224 px ViT, 8 frames, a 16-layer LLM."""
-    tokenizer = tiny_test_tokenizer()
-    torch.manual_seed(0)
-    config = VideoLlavaConfig(
-        vision_config=CLIPVisionConfig(
-            hidden_size=384,
-            intermediate_size=1536,
-            num_hidden_layers=8,
-            num_attention_heads=6,
-            image_size=224,
-            patch_size=14,
-            hidden_act="gelu",
-        ),
-        text_config=LlamaConfig(
-            hidden_size=768,
-            intermediate_size=2048,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            num_key_value_heads=12,
-            vocab_size=-(-len(tokenizer) // 64) * 64,
-            max_position_embeddings=4096,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        ),
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
-        image_seq_length=256,
-        video_seq_length=8 * 257,
+    """A random Video-LLaVA shaped like a small real one: 224 px ViT, 8 frames, a 12-layer LLM."""
+    vision = dict(
+        hidden_size=384,
+        intermediate_size=1536,
+        num_hidden_layers=8,
+        num_attention_heads=6,
+        image_size=224,
+        patch_size=14,
+        hidden_act="gelu",
     )
-    model = VideoLlavaForConditionalGeneration(config)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    VideoLlavaImageProcessor().save_pretrained(folder)
+    text = dict(
+        hidden_size=768,
+        intermediate_size=2048,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        num_key_value_heads=12,
+        max_position_embeddings=4096,
+    )
+    write_random_checkpoint(folder, tiny_test_tokenizer(), vision, text, scale=0.02)
 
 
 def read_video_pyav(path: str, num_frames: int = 8) -> np.ndarray:

@@ -90,59 +90,11 @@ QUESTIONS = [
 
 def build_checkpoint(folder: Path) -> None:
     """A random transformers Video-LLaVA with the EOS logit pinned at zero, saved in the -hf layout."""
-    from transformers import (
-        CLIPVisionConfig,
-        LlamaConfig,
-        VideoLlavaConfig,
-        VideoLlavaForConditionalGeneration,
-    )
-
+    from videollava.model.random_checkpoint import write_random_checkpoint
     from videollava.train.tokenizer import tiny_test_tokenizer
 
-    tokenizer = tiny_test_tokenizer()
-    torch.manual_seed(0)
-    config = VideoLlavaConfig(
-        vision_config=CLIPVisionConfig(**VISION),
-        text_config=LlamaConfig(
-            **TEXT,
-            vocab_size=-(-len(tokenizer) // 64) * 64,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        ),
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
-        image_seq_length=PATCHES,
-        video_seq_length=FRAMES * (PATCHES + 1),
-    )
-    config.pad_token_id = tokenizer.pad_token_id
-    model = VideoLlavaForConditionalGeneration(config).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                param.copy_(1 + 0.1 * torch.randn_like(param))
-            else:
-                param.copy_(0.05 * torch.randn_like(param))
-        model.lm_head.weight[tokenizer.eos_token_id] = 0  # logit exactly 0: never the argmax of random logits
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    size = VISION["image_size"]
-    (folder / "preprocessor_config.json").write_text(
-        json.dumps(
-            {
-                "image_processor_type": "VideoLlavaImageProcessor",
-                "do_resize": True,
-                "size": {"shortest_edge": size},
-                "do_center_crop": True,
-                "crop_size": {"height": size, "width": size},
-                "do_rescale": True,
-                "rescale_factor": 1 / 255,
-                "do_normalize": True,
-                "image_mean": [0.48145466, 0.4578275, 0.40821073],
-                "image_std": [0.26862954, 0.26130258, 0.27577711],
-                "do_convert_rgb": True,
-            }
-        )
+    write_random_checkpoint(
+        folder, tiny_test_tokenizer(), VISION, TEXT, FRAMES, scale=0.05, eos_never_argmax=True
     )
 
 

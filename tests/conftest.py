@@ -6,7 +6,6 @@ import importlib.util
 from pathlib import Path
 
 import pytest
-import torch
 
 VISION = dict(
     hidden_size=32,
@@ -36,74 +35,13 @@ def tiny_tokenizer():
     return tiny_test_tokenizer()
 
 
-def build_hf_model(tokenizer, seed: int = 0):
-    """A random transformers VideoLlavaForConditionalGeneration sized for tests."""
-    from transformers import (
-        CLIPVisionConfig,
-        LlamaConfig,
-        VideoLlavaConfig,
-        VideoLlavaForConditionalGeneration,
-    )
-
-    torch.manual_seed(seed)
-    vocab = -(-len(tokenizer) // 64) * 64
-    config = VideoLlavaConfig(
-        vision_config=CLIPVisionConfig(**VISION),
-        text_config=LlamaConfig(
-            **TEXT,
-            vocab_size=vocab,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        ),
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
-        image_seq_length=(VISION["image_size"] // VISION["patch_size"]) ** 2,
-        video_seq_length=8 * ((VISION["image_size"] // VISION["patch_size"]) ** 2 + 1),
-    )
-    config.pad_token_id = tokenizer.pad_token_id
-    model = VideoLlavaForConditionalGeneration(config).eval()
-    # Random non-trivial values for every parameter (CLIP init leaves some at zero / one).
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                param.copy_(1 + 0.1 * torch.randn_like(param))
-            else:
-                param.copy_(0.1 * torch.randn_like(param))
-    return model
-
-
-def write_preprocessor(folder: Path, size: int) -> None:
-    import json
-
-    (folder / "preprocessor_config.json").write_text(
-        json.dumps(
-            {
-                "image_processor_type": "VideoLlavaImageProcessor",
-                "do_resize": True,
-                "size": {"shortest_edge": size},
-                "do_center_crop": True,
-                "crop_size": {"height": size, "width": size},
-                "do_rescale": True,
-                "rescale_factor": 1 / 255,
-                "do_normalize": True,
-                "image_mean": [0.48145466, 0.4578275, 0.40821073],
-                "image_std": [0.26862954, 0.26130258, 0.27577711],
-                "do_convert_rgb": True,
-            }
-        )
-    )
-
-
 @pytest.fixture(scope="session")
 def hf_checkpoint(tmp_path_factory, tiny_tokenizer):
     """(folder, model): a tiny random checkpoint saved by transformers' own save_pretrained."""
+    from videollava.model.random_checkpoint import write_random_checkpoint
+
     folder = tmp_path_factory.mktemp("hf-checkpoint")
-    model = build_hf_model(tiny_tokenizer)
-    model.save_pretrained(folder)
-    tiny_tokenizer.save_pretrained(folder)
-    write_preprocessor(folder, VISION["image_size"])
-    return folder, model
+    return folder, write_random_checkpoint(folder, tiny_tokenizer, VISION, TEXT)
 
 
 @pytest.fixture(scope="session")
