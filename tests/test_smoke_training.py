@@ -1,0 +1,48 @@
+"""The smoke recipe, from nothing: data, tokenizer, alignment, both stages, export; then it must
+name the colours of held-out images well above chance."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from videollava.eval.shapesworld import evaluate
+from videollava.infer.pipeline import Pipeline
+
+RECIPE = Path(__file__).resolve().parent.parent / "configs" / "shapesworld-smoke.yaml"
+
+
+def test_smoke_recipe_learns(tmp_path):
+    run = tmp_path / "run"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "videollava",
+            "train",
+            str(RECIPE),
+            "--output",
+            str(run),
+            "--set",
+            "run.progress=false",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert [s["kind"] for s in summary["stages"]] == [
+        "tokenizer",
+        "align_image",
+        "align_video",
+        "projector",
+        "finetune",
+    ]
+    report = evaluate(Pipeline.from_pretrained(run / "model", dtype="float32"), run / "data", batch_size=32)
+    # Colour has 6 answers (chance 1/6); this recipe measured 42% on the 60 held-out image questions.
+    color = report.accuracy["image"]["color"]
+    assert color["n"] >= 40
+    assert color["accuracy"] >= 1 / 6 + 0.15, color
