@@ -734,21 +734,7 @@ class Run:
         def evaluate(_: nn.Module) -> dict[str, float]:
             return self.retrieval(aligner, held_out, batch)
 
-        def finish(task: Task) -> None:
-            model.image_tower.encoder.gradient_checkpointing = False
-            set_trainable(task.module, [])
-            aligner.eval()
-
-        task = Task(
-            module=objective,
-            dataset=dataset,
-            collate_fn=collate_captions,
-            lengths=dataset.lengths,
-            modalities=dataset.modalities,
-            evaluate=evaluate,
-            sampler_mode=stage.sampler_mode,
-        )
-        return task, finish
+        return self.alignment_task(model.image_tower, aligner, objective, dataset, evaluate, stage)
 
     def align_video_task(self, stage: AlignVideoStage) -> tuple[Task, Any]:
         from videollava.train.contrastive import VideoTextAligner, init_video_tower_from_image
@@ -789,8 +775,21 @@ class Run:
                 aligner, held_videos, batch
             )
 
+        return self.alignment_task(model.video_tower, aligner, objective, dataset, evaluate, stage)
+
+    @staticmethod
+    def alignment_task(
+        tower: nn.Module,
+        aligner: nn.Module,
+        objective: nn.Module,
+        dataset: CaptionDataset,
+        evaluate: Any,
+        stage: TrainStage,
+    ) -> tuple[Task, Any]:
+        """The task of a contrastive stage, and what to undo when it ends (the tower stays frozen)."""
+
         def finish(task: Task) -> None:
-            model.video_tower.encoder.gradient_checkpointing = False
+            tower.encoder.gradient_checkpointing = False
             set_trainable(task.module, [])
             aligner.eval()
 
