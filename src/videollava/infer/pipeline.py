@@ -188,10 +188,13 @@ class Pipeline:
 
     # ------------------------------------------------------------ media
 
-    def encode_media(self, item: MediaItem, num_frames: int | None = None) -> torch.Tensor:
+    def encode_media(
+        self, item: MediaItem, num_frames: int | None = None, digest: str | None = None
+    ) -> torch.Tensor:
         """Projected features (rows, H) of one image or video; cached by content and frame count."""
         frames = num_frames or self.num_frames
-        key = f"{item.kind}:{frames}:{content_hash(item.source, item.name)}"
+        digest = digest or content_hash(item.source, item.name)
+        key = f"{item.kind}:{frames}:{digest}"
         cached = self.feature_cache.get(key)
         if cached is not None:
             return cached
@@ -229,9 +232,10 @@ class Pipeline:
         for token in tokenized.input_ids:
             if token in (IMAGE_SLOT, VIDEO_SLOT):
                 item = next(images) if token == IMAGE_SLOT else next(videos)
-                feature = self.encode_media(item, num_frames)
+                digest = content_hash(item.source, item.name)  # read once: cache key and prefix key
+                feature = self.encode_media(item, num_frames, digest)
                 features.append(feature)
-                prefix_key.append(f"{item.kind}:{content_hash(item.source, item.name)}:{feature.shape[0]}")
+                prefix_key.append(f"{item.kind}:{digest}:{feature.shape[0]}")
             else:
                 prefix_key.append(token)
         visual = sum(f.shape[0] for f in features)
