@@ -15,7 +15,9 @@ from videollava.data.dataset import (
     BadSample,
     BadSampleLog,
     CaptionDataset,
+    CaptionSample,
     ConversationDataset,
+    MediaCache,
     MediaSpec,
     Sample,
     Skipped,
@@ -277,6 +279,39 @@ def test_mixed_sampler_is_a_deterministic_shuffle():
     assert batches == mixed_batches(50, 8, seed=1, epoch=0)
     assert batches != mixed_batches(50, 8, seed=1, epoch=1)
     assert batches != mixed_batches(50, 8, seed=2, epoch=0)
+
+
+def test_mixed_sampler_keeps_each_group_in_one_batch():
+    groups = [f"g{i // 2}" if i < 40 else None for i in range(50)] + ["big"] * 11
+    batches = mixed_batches(len(groups), 8, seed=3, epoch=0, groups=groups)
+    flat = [i for b in batches for i in b]
+    assert sorted(flat) == list(range(len(groups))) and max(len(b) for b in batches) <= 8
+    where = {i: k for k, b in enumerate(batches) for i in b}
+    for pair in range(20):
+        assert where[2 * pair] == where[2 * pair + 1]
+    big = [i for i, g in enumerate(groups) if g == "big"]
+    assert len({where[i] for i in big}) == 2  # larger than a batch: cut once, not scattered
+    assert batches == mixed_batches(len(groups), 8, seed=3, epoch=0, groups=groups)
+    assert batches != mixed_batches(len(groups), 8, seed=3, epoch=1, groups=groups)
+    assert mixed_batches(50, 8, 1, 0, groups=[None] * 50) == mixed_batches(50, 8, 1, 0)
+
+
+def test_media_cache_decodes_each_file_once(world, tmp_path):
+    root = tmp_path / "copy"
+    shutil.copytree(world, root)
+    cache = MediaCache()
+    cached = MediaSpec(**{**spec(root).__dict__, "cache": cache})
+    records = read_records([root / "captions.json"])
+    images = CaptionDataset(records, cached, "image")
+    videos = CaptionDataset(records, cached, "video")
+    first_image, first_video = images.load(0).pixels, videos.load(0).pixels
+    assert len(cache) == 2
+    for rel in (images.records[0].images[0], videos.records[0].videos[0]):
+        (root / "media" / rel).write_bytes(b"gone")  # a second read would now fail
+    assert images.load(0).pixels is first_image and videos.load(0).pixels is first_video
+    assert isinstance(images[1], CaptionSample) and len(cache) == 3
+    (root / "media" / images.records[2].images[0]).write_bytes(b"broken")
+    assert isinstance(images[2], Skipped) and isinstance(images[2], Skipped) and len(cache) == 3
 
 
 def grouped_fixture():

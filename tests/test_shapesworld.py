@@ -306,12 +306,28 @@ def _check_caption(scene: sw.Scene, caption: str) -> None:
     lowered = caption.lower()
     for obj in scene.objects:
         assert _article(obj.name) in lowered, (caption, obj.name)
+        if not obj.moves:  # still objects are placed in thirds of the frame
+            assert f"{_article(obj.name)} {sw.place_words(scene, obj)}" in lowered, (caption, obj.name)
     if scene.kind == "video":
         mover = scene.moving_object
-        assert f"the {mover.name} " in lowered
-        assert any(phrase in lowered for phrase in sw.MOTION_PHRASES[scene.direction])
-        others = [d for d in ("left", "right", "down") if d != scene.direction]
-        assert not any(f" {d}" in lowered for d in others)
+        motion = [f"the {mover.name} {phrase}" for phrase in sw.MOTION_PHRASES[scene.direction]]
+        assert any(m in lowered for m in motion), caption
+        for direction, phrases in sw.MOTION_PHRASES.items():
+            if direction != scene.direction:
+                assert not any(f"the {mover.name} {phrase}" in lowered for phrase in phrases)
+
+
+def test_place_words_name_the_third_of_the_frame() -> None:
+    def at(x: float, y: float) -> str:
+        obj = sw.SceneObject("red", "circle", 10.0, (x, y), (x, y))
+        scene = sw.Scene("s", "image", 300, 150, 128, 0, 0, (obj,))
+        return sw.place_words(scene, obj)
+
+    assert at(20, 20) == "at the top left"
+    assert at(150, 20) == "at the top"
+    assert at(280, 75) == "on the right"
+    assert at(150, 75) == "in the middle"
+    assert at(20, 140) == "at the bottom left"
 
 
 def test_test_questions_are_answered_from_metadata(text_only: Path) -> None:
@@ -355,7 +371,7 @@ def test_instructions_are_canonical_multi_turn(text_only: Path) -> None:
         assert entry["id"] == scene.id and scene.kind == kind
         kinds[kind] += 1
         conv = entry["conversations"]
-        assert 2 <= len(conv) // 2 <= 5 and len(conv) % 2 == 0
+        assert 2 <= len(conv) // 2 <= 8 and len(conv) % 2 == 0
         assert [t["from"] for t in conv] == ["human", "gpt"] * (len(conv) // 2)
         token = f"<{kind}>"
         assert conv[0]["value"].startswith(token + "\n")
@@ -363,8 +379,8 @@ def test_instructions_are_canonical_multi_turn(text_only: Path) -> None:
         questions = [t["value"].removeprefix(token + "\n") for t in conv[0::2]]
         assert len(set(questions)) == len(questions)
         assert len(entry["turn_types"]) == len(questions)
-        if kind == "video":  # the question a single frame cannot answer is always there
-            assert {"direction", "moving"} & {t["type"] for t in entry["turn_types"]}
+        if kind == "video":  # the questions a single frame cannot answer are always there
+            assert {"direction", "moving"} <= {t["type"] for t in entry["turn_types"]}
         for meta, question, answer in zip(entry["turn_types"], questions, conv[1::2], strict=True):
             if meta["type"] == "caption":
                 captions += 1
@@ -462,3 +478,41 @@ def test_cli_generates_a_small_dataset(tmp_path: Path, capsys) -> None:
 def test_cli_refuses_bad_sizes(tmp_path: Path, capsys) -> None:
     code = cli_main(["shapesworld", "generate", "--out", str(tmp_path), "--min-size", "50", "--dry-run"])
     assert code == 2 and "min_size" in capsys.readouterr().err
+
+
+def test_contrast_twins_differ_in_exactly_one_fact(tmp_path: Path) -> None:
+    summary = sw.generate(
+        tmp_path, seed=5, n_images=60, n_videos=30, n_test_images=4, n_test_videos=4, twins=1.0
+    )
+    rows = {row["id"]: scene for row, scene in _scenes(tmp_path) if row["set"] == "train"}
+    twins = [i for i in rows if i.endswith("_twin")]
+    assert summary["train_twins"] == len(twins) >= 80
+    for twin_id in twins:
+        base, twin = rows[twin_id.removesuffix("_twin")], rows[twin_id]
+        assert (base.width, base.height, base.background, base.noise) == (
+            twin.width,
+            twin.height,
+            twin.background,
+            twin.noise,
+        )
+        changed = [(a, b) for a, b in zip(base.objects, twin.objects, strict=True) if a != b]
+        assert len(changed) == 1
+        a, b = changed[0]
+        if base.kind == "image":
+            assert a.shape != b.shape and (a.color, a.start, a.size) == (b.color, b.start, b.size)
+        else:
+            assert (a.start, a.end) == (b.end, b.start)
+            assert {base.direction, twin.direction} in ({"left", "right"}, {"up", "down"})
+        assert all(sw._paths_apart(x, y) for i, x in enumerate(twin.objects) for y in twin.objects[i + 1 :])
+        # Rendered like any scene: the changed object shows in the twin's media.
+        media = next(r["media"] for r, s in _scenes(tmp_path) if s.id == twin_id)
+        assert (tmp_path / "media" / media).exists()
+    for name in ("captions.json", "instruct.json"):
+        groups = Counter(e["group"] for e in _read_json(tmp_path / name) if "group" in e)
+        assert len(groups) == len(twins) and set(groups.values()) == {2}
+    assert not any("_twin" in q["media"] for q in _read_jsonl(tmp_path / "test_questions.jsonl"))
+
+
+def test_twins_must_be_a_fraction(tmp_path: Path) -> None:
+    with pytest.raises(VideoLlavaError, match="twins"):
+        sw.generate(tmp_path, n_images=1, n_videos=0, dry_run=True, twins=1.5)

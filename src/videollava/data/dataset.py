@@ -15,7 +15,8 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,6 +72,7 @@ class Record:
     modality: str
     text_words: int
     problem: str | None = None  # structural problem found while reading the JSON
+    group: str | None = None  # entries sharing a group go into one batch under the mixed sampler
 
 
 def _media_list(raw: dict[str, Any], single: str, plural: str) -> list[str]:
@@ -112,7 +114,10 @@ def parse_record(raw: Any, index: int, source: str) -> Record:
         words = sum(
             len(t["value"].split()) for t in turns if isinstance(t, dict) and isinstance(t.get("value"), str)
         )
-    return Record(index, sample_id, raw, images, videos, modality, words)
+    group = raw.get("group")
+    return Record(
+        index, sample_id, raw, images, videos, modality, words, group=None if group is None else str(group)
+    )
 
 
 def read_records(paths: Sequence[str | os.PathLike], max_samples: int | None = None) -> list[Record]:
@@ -160,6 +165,32 @@ def training_texts(records: Sequence[Record], template: str = "vicuna_v1") -> li
 # ---------------------------------------------------------------------------------------- media
 
 
+class MediaCache:
+    """Preprocessed media kept in memory, so that every epoch after the first skips decoding.
+
+    Only worth it when the dataset is read in the training process (``num_workers: 0``): each
+    loader worker would fill a copy of its own. Media that fail to load are never cached, so a bad
+    sample is reported every time it comes up.
+    """
+
+    def __init__(self) -> None:
+        self._items: dict[tuple, torch.Tensor] = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get_or_load(self, key: tuple, load: Callable[[], torch.Tensor]) -> torch.Tensor:
+        with self._lock:
+            found = self._items.get(key)
+        if found is not None:
+            return found
+        value = load()
+        with self._lock:
+            self._items[key] = value
+        return value
+
+
 @dataclass(frozen=True)
 class MediaSpec:
     """How media become pixels and how many LLM rows they become."""
@@ -169,17 +200,32 @@ class MediaSpec:
     num_frames: int
     image_rows: int  # visual rows per image
     frame_rows: int  # visual rows per video frame
+    cache: MediaCache | None = field(default=None, compare=False)
+
+    def _cached(self, kind: str, rel: str, load: Callable[[], torch.Tensor]) -> torch.Tensor:
+        if self.cache is None:
+            return load()
+        key = (kind, str(self.root / rel), self.transform, self.num_frames if kind == "video" else 0)
+        return self.cache.get_or_load(key, load)
 
 
 def _load_image(spec: MediaSpec, rel: str) -> torch.Tensor:
     """(3, S, S)"""
-    return preprocess_images([load_image(spec.root / rel, name=rel)], spec.transform)[0]
+
+    def load() -> torch.Tensor:
+        return preprocess_images([load_image(spec.root / rel, name=rel)], spec.transform)[0]
+
+    return spec._cached("image", rel, load)
 
 
 def _load_video(spec: MediaSpec, rel: str) -> torch.Tensor:
     """(T, 3, S, S)"""
-    frames = read_video_frames(spec.root / rel, num_frames=spec.num_frames, name=rel)
-    return preprocess_video(frames, spec.transform)
+
+    def load() -> torch.Tensor:
+        frames = read_video_frames(spec.root / rel, num_frames=spec.num_frames, name=rel)
+        return preprocess_video(frames, spec.transform)
+
+    return spec._cached("video", rel, load)
 
 
 # ---------------------------------------------------------------------------------------- datasets
@@ -199,7 +245,18 @@ class Sample:
         return sum(1 for label in self.labels[1:] if label >= 0)
 
 
-class ConversationDataset(Dataset):
+class RecordDataset(Dataset):
+    """A dataset over JSON records, one sample per record."""
+
+    records: list[Record]
+
+    @property
+    def groups(self) -> list[str | None]:
+        """Each record's group; the mixed sampler keeps a group in one batch."""
+        return [r.group for r in self.records]
+
+
+class ConversationDataset(RecordDataset):
     """Tokenized conversations with answer-only labels and their media, for the LLM stages."""
 
     def __init__(
@@ -286,7 +343,7 @@ class CaptionSample:
     modality: str
 
 
-class CaptionDataset(Dataset):
+class CaptionDataset(RecordDataset):
     """Media-caption pairs for contrastive alignment: the caption is the first gpt turn."""
 
     def __init__(self, records: Sequence[Record], media: MediaSpec, modality: str):
@@ -383,10 +440,37 @@ def _generator(seed: int, epoch: int) -> torch.Generator:
     return g
 
 
-def mixed_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """Everything shuffled together, cut into global batches (the last may be smaller)."""
-    order = torch.randperm(n, generator=_generator(seed, epoch)).tolist()
-    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+def mixed_batches(
+    n: int, batch_size: int, seed: int, epoch: int, groups: Sequence[str | None] | None = None
+) -> list[list[int]]:
+    """Everything shuffled together, cut into global batches (the last may be smaller).
+
+    With ``groups``, the members of a group move as one unit and share a batch (a batch closes
+    early rather than split one), so a contrastive loss always sees them side by side.
+    """
+    if groups is None or all(g is None for g in groups):
+        order = torch.randperm(n, generator=_generator(seed, epoch)).tolist()
+        return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+    members: dict[str, list[int]] = {}
+    units: list[list[int]] = []
+    for index, group in enumerate(groups):
+        if group is None:
+            units.append([index])
+        elif group in members:
+            members[group].append(index)
+        else:
+            members[group] = [index]
+            units.append(members[group])
+    batches: list[list[int]] = [[]]
+    for u in torch.randperm(len(units), generator=_generator(seed, epoch)).tolist():
+        unit = units[u]
+        if batches[-1] and len(batches[-1]) + len(unit) > batch_size:
+            batches.append([])
+        for start in range(0, len(unit), batch_size):  # a group larger than a batch is cut
+            if batches[-1] and start:
+                batches.append([])
+            batches[-1].extend(unit[start : start + batch_size])
+    return [b for b in batches if b]
 
 
 def grouped_batches(
@@ -426,10 +510,11 @@ def global_batches(
     batch_size: int,
     seed: int,
     epoch: int,
+    groups: Sequence[str | None] | None = None,
 ) -> list[list[int]]:
     """One epoch's global batches; the same for any number of processes."""
     if mode == "mixed":
-        return mixed_batches(len(lengths), batch_size, seed, epoch)
+        return mixed_batches(len(lengths), batch_size, seed, epoch, groups)
     if mode == "grouped":
         return grouped_batches(lengths, modalities, batch_size, seed, epoch)
     raise ValueError(f"unknown sampler mode {mode!r}; expected 'mixed' or 'grouped'")
@@ -483,11 +568,12 @@ class StepBatches(Sampler[list[int]]):
     # Order this rank's share by length before cutting micro-batches: less padding. Only for losses
     # that are sums over samples (LM), where the grouping into micro-batches does not change the result.
     sort_by_length: bool = False
+    groups: Sequence[str | None] | None = None
     _batches: list[list[int]] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._batches = global_batches(
-            self.mode, self.lengths, self.modalities, self.batch_size, self.seed, self.epoch
+            self.mode, self.lengths, self.modalities, self.batch_size, self.seed, self.epoch, self.groups
         )
 
     @property

@@ -19,7 +19,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -99,11 +99,13 @@ SCENE_TEMPLATES: tuple[str, ...] = (
     "{count} on a {background} background: {objects}",
     "{a_media} of {objects} on a {background} background",
 )
+# Motion is phrased with the same words that place objects in stills ("left", "top", ...), so a
+# text encoder that learned them from images can tell the directions apart.
 MOTION_PHRASES: dict[str, tuple[str, ...]] = {
     "left": ("moves to the left", "moves left", "slides to the left"),
     "right": ("moves to the right", "moves right", "slides to the right"),
-    "up": ("moves up", "moves upward", "slides up"),
-    "down": ("moves down", "moves downward", "slides down"),
+    "up": ("moves up to the top", "moves upward to the top", "slides up toward the top"),
+    "down": ("moves down to the bottom", "moves downward to the bottom", "slides down toward the bottom"),
 }
 MOTION_TEMPLATES: tuple[str, ...] = (
     "{scene}; {motion}.",
@@ -372,6 +374,39 @@ def _try_sample_scene(
     )
 
 
+def contrast_twin(scene: Scene, rng: np.random.Generator) -> Scene | None:
+    """The same scene with one thing changed: an image's object takes another shape, a video's
+    mover runs the opposite way. Seen side by side, the pair can only be told apart by that one
+    fact, which teaches contrastive alignment shapes and directions instead of colours alone.
+    Returns None when no changed shape fits without touching its neighbours.
+    """
+    if scene.kind == "video":
+        mover = scene.moving_object
+        if mover is None or scene.direction is None:
+            return None
+        reverse = {"left": "right", "right": "left", "up": "down", "down": "up"}
+        objects = tuple(replace(o, start=o.end, end=o.start) if o.moves else o for o in scene.objects)
+        return replace(scene, id=f"{scene.id}_twin", objects=objects, direction=reverse[scene.direction])
+    for i in (int(k) for k in rng.permutation(len(scene.objects))):
+        for shape in (SHAPES[int(k)] for k in rng.permutation(len(SHAPES))):
+            obj = scene.objects[i]
+            if shape == obj.shape:
+                continue
+            changed = replace(obj, shape=shape)
+            others = [o for j, o in enumerate(scene.objects) if j != i]
+            if all(_paths_apart(changed, other) for other in others) and _inside(changed, scene):
+                objects = scene.objects[:i] + (changed,) + scene.objects[i + 1 :]
+                return replace(scene, id=f"{scene.id}_twin", objects=objects)
+    return None
+
+
+def _inside(obj: SceneObject, scene: Scene) -> bool:
+    half = obj.size / 2
+    return all(
+        half <= x <= scene.width - half and half <= y <= scene.height - half for x, y in (obj.start, obj.end)
+    )
+
+
 def _sample_mover(
     rng: np.random.Generator, color: str, shape: str, s: float, width: int, height: int, direction: str
 ) -> SceneObject:
@@ -505,9 +540,25 @@ def background_words(scene: Scene) -> str:
     return f"noisy {tone}" if scene.noise else tone
 
 
+def place_words(scene: Scene, obj: SceneObject) -> str:
+    """Where an object sits, in thirds of the frame: "at the top left", "on the right", "in the middle"."""
+    x, y = obj.start
+    column = ("left", None, "right")[min(2, int(3 * x / scene.width))]
+    row = ("top", None, "bottom")[min(2, int(3 * y / scene.height))]
+    if row and column:
+        return f"at the {row} {column}"
+    if row:
+        return f"at the {row}"
+    if column:
+        return f"on the {column}"
+    return "in the middle"
+
+
 def make_caption(scene: Scene, rng: np.random.Generator) -> str:
-    """A caption naming every object (and the motion in videos), phrased by a random template."""
-    names = [_article(o.name) for o in scene.objects]
+    """A caption naming every object, where still ones sit, and the motion in videos."""
+    names = [
+        _article(o.name) if o.moves else f"{_article(o.name)} {place_words(scene, o)}" for o in scene.objects
+    ]
     names = [names[int(i)] for i in rng.permutation(len(names))]
     count = len(scene.objects)
     template = SCENE_TEMPLATES[int(rng.integers(len(SCENE_TEMPLATES)))]
@@ -618,13 +669,14 @@ def instruct_turns(
     balancer: ProbeBalancer,
     caption_probability: float = 0.15,
 ) -> list[dict[str, Any]]:
-    """Two to five question-answer turns for one media.
+    """Four to eight question-answer turns for one media.
 
-    Yes/no probes come from ``balancer`` so that splits and answers stay balanced over the file, and
-    every video asks about its motion, the one thing a single frame cannot answer.
+    Many turns per media make each (costly) pass over its visual tokens teach more answers. Yes/no
+    probes come from ``balancer`` so that splits and answers stay balanced over the file, and every
+    video asks both motion questions, the ones a single frame cannot answer.
     """
-    n_turns = int(rng.integers(2, 6))
-    n_probes = int(rng.choice(3, p=[0.2, 0.55, 0.25]))
+    n_turns = int(rng.integers(4, 9))
+    n_probes = int(rng.choice(4, p=[0.1, 0.3, 0.4, 0.2]))
     turns: list[dict[str, Any]] = []
     seen: set[str] = set()
     for _ in range(n_probes):
@@ -639,9 +691,8 @@ def instruct_turns(
     others = fixed_questions(scene)
     others = [others[int(i)] for i in rng.permutation(len(others))]
     motion = [q for q in others if q["type"] in ("direction", "moving")]
-    if motion:
-        turns.append(motion[0])
-        others.remove(motion[0])
+    turns.extend(motion)
+    others = [q for q in others if q not in motion]
     if rng.random() < caption_probability:
         request = INSTRUCT_CAPTION_REQUESTS[int(rng.integers(len(INSTRUCT_CAPTION_REQUESTS)))]
         question = request.format(media=scene.kind)
@@ -787,9 +838,16 @@ def generate(
     max_size: int = DEFAULT_MAX_SIZE,
     workers: int = 1,
     dry_run: bool = False,
+    twins: float = 0.0,
 ) -> dict[str, Any]:
-    """Write a complete ShapesWorld dataset; ``dry_run`` writes the JSON files but no media."""
+    """Write a complete ShapesWorld dataset; ``dry_run`` writes the JSON files but no media.
+
+    ``twins`` is the fraction of training media that also get a `contrast_twin`; both carry the
+    same ``group`` in the JSON files, so samplers can put them in one batch.
+    """
     started = time.perf_counter()
+    if not 0.0 <= twins <= 1.0:
+        raise VideoLlavaError(f"twins must be a fraction in [0, 1] (got {twins})")
     for name, value in (
         ("n_images", n_images),
         ("n_videos", n_videos),
@@ -808,6 +866,18 @@ def generate(
     (media_root / "videos").mkdir(parents=True, exist_ok=True)
 
     train = _sample_set(seed, 0, "train", n_images, n_videos, min_size, max_size)
+    groups: dict[str, str] = {}
+    if twins > 0:
+        twin_rng = np.random.default_rng([seed, 0, 3])
+        paired: list[tuple[Scene, str]] = []
+        for scene, media in train:
+            paired.append((scene, media))
+            twin = contrast_twin(scene, twin_rng) if twin_rng.random() < twins else None
+            if twin is not None:
+                stem = media.rsplit(".", 1)[0]
+                paired.append((twin, f"{stem}_twin.{twin.extension}"))
+                groups[scene.id] = groups[twin.id] = scene.id
+        train = paired
     train_signatures = {scene.signature() for scene, _ in train}
     test = _sample_set(seed, 1, "test", n_test_images, n_test_videos, min_size, max_size, train_signatures)
 
@@ -820,10 +890,12 @@ def generate(
     scene_rows: list[dict[str, Any]] = []
     for scene, media in train:
         caption = make_caption(scene, text_rng)
-        captions.append(_caption_entry(scene, media, caption, text_rng))
+        group = {"group": groups[scene.id]} if scene.id in groups else {}
+        captions.append(_caption_entry(scene, media, caption, text_rng) | group)
         turns = instruct_turns(scene, caption, text_rng, ranking, balancer)
         instruct.append(
             _entry(scene, media)
+            | group
             | {
                 "conversations": _conversation(scene, turns),
                 "turn_types": [{"type": t["type"], "split": t["split"]} for t in turns],
@@ -899,6 +971,7 @@ def generate(
         "seed": seed,
         "train_images": n_images,
         "train_videos": n_videos,
+        "train_twins": len(groups) // 2,
         "test_images": n_test_images,
         "test_videos": n_test_videos,
         "captions": len(captions),
@@ -934,6 +1007,7 @@ def _run_generate(args: argparse.Namespace) -> int:
         max_size=max_size,
         workers=args.workers,
         dry_run=args.dry_run,
+        twins=args.twins,
     )
     print(
         f"wrote {summary['train_images']} + {summary['test_images']} images, "
@@ -971,6 +1045,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=int,
         default=min(4, os.cpu_count() or 1),
         help="processes that render and encode media (output does not depend on it)",
+    )
+    gen.add_argument(
+        "--twins",
+        type=float,
+        default=0.0,
+        help="fraction of training media that also get a twin differing in one shape (images) or "
+        "in direction (videos), grouped with it for contrastive batches (default 0)",
     )
     gen.add_argument("--dry-run", action="store_true", help="write the JSON files only, no media")
     gen.set_defaults(func=_run_generate)

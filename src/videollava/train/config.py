@@ -128,6 +128,7 @@ class GenerateConfig:
     min_size: int = 96
     max_size: int = 160
     workers: int = 1
+    twins: float = 0.0  # fraction of training media with a contrast twin (see shapesworld.contrast_twin)
 
 
 @dataclass
@@ -302,6 +303,9 @@ class RunConfig:
     keep_checkpoints: int = 2
     progress: bool = True  # tqdm bar on stderr (rank 0)
     threads: int | None = None  # torch intra-op threads per process
+    # Keep preprocessed media in memory across epochs and stages (pays off with num_workers: 0 and
+    # a dataset that fits in RAM; each loader worker would hold a copy of its own).
+    cache_media: bool = False
     export: ExportConfig = field(default_factory=ExportConfig)
 
 

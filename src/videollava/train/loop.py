@@ -56,6 +56,7 @@ class Task:
     # The loss is a sum over samples, so micro-batches may be regrouped by length (less padding).
     sum_loss: bool = False
     find_unused_parameters: bool = False
+    groups: list[str | None] | None = None  # samples that the mixed sampler keeps in one batch
 
 
 @dataclass
@@ -270,6 +271,7 @@ def train_stage(
             rank=info.rank,
             world_size=world,
             sort_by_length=task.sum_loss,
+            groups=task.groups,
         )
 
     if len(task.dataset) == 0:

@@ -30,6 +30,7 @@ from torch import nn
 from videollava.data.dataset import (
     CaptionDataset,
     ConversationDataset,
+    MediaCache,
     MediaSpec,
     Skipped,
     collate_captions,
@@ -381,6 +382,7 @@ class Run:
         self.video_aligner: nn.Module | None = None
         self.results: list[dict[str, Any]] = []
         self.data_root: Path | None = None
+        self.media_cache = MediaCache() if recipe.run.cache_media else None
 
     # ------------------------------------------------------------ helpers
 
@@ -420,6 +422,7 @@ class Run:
             num_frames=stage.num_frames or self.recipe.model.num_frames,
             image_rows=model.config.image_tokens,
             frame_rows=model.config.vision.num_patches + 1,
+            cache=self.media_cache,
         )
 
     def require_model(self) -> VideoLlava:
@@ -474,6 +477,7 @@ class Run:
                     min_size=g.min_size,
                     max_size=g.max_size,
                     workers=g.workers,
+                    twins=g.twins,
                 )
                 ckpt.atomic_write_text(marker, wanted)
         D.barrier(self.info)
@@ -799,6 +803,7 @@ class Run:
             collate_fn=collate_captions,
             lengths=dataset.lengths,
             modalities=dataset.modalities,
+            groups=dataset.groups,
             evaluate=evaluate,
             sampler_mode=stage.sampler_mode,
         )
@@ -880,6 +885,7 @@ class Run:
             collate_fn=collate_conversations,
             lengths=dataset.lengths,
             modalities=dataset.modalities,
+            groups=dataset.groups,
             lr_for=lr_for if projector_lr is not None else None,
             evaluate=evaluate if held_out is not None else None,
             sampler_mode=stage.sampler_mode,
