@@ -119,6 +119,32 @@ def test_video_tower_from_image_starts_as_the_image_tower():
     assert torch.count_nonzero(layer.temporal_attn.q_proj.weight) > 0
 
 
+def test_random_temporal_embedding_breaks_time_symmetry():
+    """Zero temporal embeddings make a video and its reverse look the same; a small random one does not."""
+    tower, _ = tiny_parts()
+    tower.eval()
+    frames = torch.randn(2, 4, 3, 32, 32)
+    backwards = frames.flip(1)
+
+    def pooled(video_tower: VisionTower, videos: torch.Tensor) -> torch.Tensor:
+        # (B, T, 3, H, W) -> (B*T, D) -> (B, D): the mean over frames the video aligner uses
+        return video_tower(videos.flatten(0, 1), num_frames=4).view(2, 4, -1).mean(1)
+
+    with torch.no_grad():
+        symmetric = init_video_tower_from_image(tower, 4).eval()
+        assert torch.allclose(pooled(symmetric, frames), pooled(symmetric, backwards), atol=1e-5)
+        broken = init_video_tower_from_image(tower, 4, temporal_embedding_std=0.02).eval()
+        forward, reverse = pooled(broken, frames), pooled(broken, backwards)
+        assert (forward - reverse).abs().max() > 1e-3
+        # still close to the image tower it came from
+        per_frame = tower(frames.flatten(0, 1)).view(2, 4, -1).mean(1)
+        assert (forward - per_frame).norm() / per_frame.norm() < 0.1
+    assert broken.encoder.layers[0].temporal_embedding.std().item() == pytest.approx(0.02, rel=0.3)
+    assert torch.count_nonzero(broken.encoder.layers[0].temporal_attn.out_proj.weight) == 0
+    with pytest.raises(ValueError, match="temporal_embedding_std"):
+        init_video_tower_from_image(tower, 4, temporal_embedding_std=-1.0)
+
+
 def test_video_aligner_trains_only_what_the_recipe_trains():
     tower, text = tiny_parts()
     image = ImageTextAligner(tower, text, projection_dim=16)

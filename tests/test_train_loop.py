@@ -28,7 +28,8 @@ LLM = {
     "intermediate_size": 64,
     "num_hidden_layers": 1,
     "num_attention_heads": 2,
-    "max_position_embeddings": 256,
+    # ShapesWorld conversations run to eight turns: about 320 tokens with a 320-token vocabulary.
+    "max_position_embeddings": 1024,
 }
 
 
@@ -65,7 +66,7 @@ def tiny_recipe(data_root: Path, stages: list[dict] | None = None, bf16: bool = 
             "init": {"seed": 0, "tokenizer": "train", "vision": VISION, "llm": LLM},
             "temporal_frames": 2,
             "num_frames": 2,
-            "model_max_length": 256,
+            "model_max_length": 1024,
         },
         "data": {"root": str(data_root)},
         "run": {"progress": False, "keep_checkpoints": 2},

@@ -204,14 +204,22 @@ class VideoTextAligner(_Aligner):
         return [*tower, self.visual_projection.weight, self.logit_scale]
 
 
-def init_video_tower_from_image(image_tower: VisionTower, num_frames: int) -> VisionTower:
-    """A video tower that starts out computing exactly what the image tower computes on each frame.
+def init_video_tower_from_image(
+    image_tower: VisionTower, num_frames: int, temporal_embedding_std: float = 0.0
+) -> VisionTower:
+    """A video tower that starts out computing what the image tower computes on each frame.
 
     The temporal branch is a residual whose output projection is zero, so training grows it from a
-    no-op instead of disturbing the language-aligned image features.
+    no-op instead of disturbing the language-aligned image features. With a zero temporal embedding
+    the tower is symmetric in time: frames in reverse order give the same pooled output, and on
+    data that holds every motion and its reverse the gradient keeps that symmetry, so the tower
+    never learns which way things move. A small random temporal embedding
+    (``temporal_embedding_std``, about 2% of the unit-scale residual stream at 0.02) breaks it.
     """
     if num_frames < 1:
         raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+    if temporal_embedding_std < 0:
+        raise ValueError(f"temporal_embedding_std must be >= 0, got {temporal_embedding_std}")
     reference = next(image_tower.parameters())
     video_tower = VisionTower(replace(image_tower.config, num_frames=num_frames))
     video_tower.to(device=reference.device, dtype=reference.dtype)
@@ -220,7 +228,7 @@ def init_video_tower_from_image(image_tower: VisionTower, num_frames: int) -> Vi
         raise ValueError(f"image tower does not fit: missing {missing}, unexpected {unexpected}")
     with torch.no_grad():
         for layer in video_tower.encoder.layers:
-            layer.temporal_embedding.zero_()
+            layer.temporal_embedding.normal_(0.0, temporal_embedding_std)
             layer.temporal_attn.out_proj.weight.zero_()
             layer.temporal_attn.out_proj.bias.zero_()
     video_tower.train(image_tower.training)

@@ -749,7 +749,7 @@ class Run:
         frames = model.config.temporal_frames
         if frames < 1:
             raise RecipeError("model.temporal_frames: the video tower needs temporal modules (>= 1) to align")
-        fresh = init_video_tower_from_image(model.image_tower, frames)
+        fresh = init_video_tower_from_image(model.image_tower, frames, stage.temporal_embedding_std)
         model.video_tower.load_state_dict(fresh.state_dict())
         projection = self.image_aligner.visual_projection if stage.init_projection_from_image else None
         aligner = VideoTextAligner(
