@@ -249,9 +249,9 @@ class AlignVideoStage(TrainStage):
     data: list[str] = field(default_factory=lambda: ["captions.json"])
     # Start the video projection from the aligned image projection (else fresh).
     init_projection_from_image: bool = True
-    # Std of the initial temporal embedding; 0 keeps the fresh tower symmetric in time, which
-    # cannot learn directions from data that holds each motion and its reverse.
-    temporal_embedding_std: float = 0.02
+    # Std of the initial temporal embedding. 0 (LanguageBind's no-op start) keeps the fresh tower
+    # symmetric in time; a small value breaks that symmetry (see init_video_tower_from_image).
+    temporal_embedding_std: float = 0.0
     eval: EvalConfig | None = field(default_factory=EvalConfig)
 
 
