@@ -18,7 +18,14 @@ from typing import TYPE_CHECKING
 import torch
 
 from videollava.errors import VideoLlavaError
-from videollava.infer.kv import LayerKV, PrefixCache, RunningBatch, cache_from_layers, cache_layers
+from videollava.infer.kv import (
+    LayerKV,
+    PrefixCache,
+    RunningBatch,
+    cache_from_layers,
+    cache_layers,
+    forward_with_cache,
+)
 from videollava.infer.sampling import SamplingParams, pick_tokens
 
 if TYPE_CHECKING:
@@ -253,15 +260,15 @@ class Engine:
         cache = cache_from_layers(past) if past is not None else None
         embeds = spliced.inputs_embeds[:, reused:]
         positions = torch.arange(reused, total, device=embeds.device)[None]
-        output = self.model.language_model(
+        output, new_cache = forward_with_cache(
+            self.model.language_model,
+            cache if cache is not None else _empty_cache(),
             inputs_embeds=embeds,
             attention_mask=torch.ones(1, total, dtype=torch.long, device=embeds.device),
             position_ids=positions,
-            past_key_values=cache if cache is not None else _empty_cache(),
-            use_cache=True,
             logits_to_keep=1,
         )
-        layers = cache_layers(output.past_key_values)
+        layers = cache_layers(new_cache)
         self.prefix_cache.put(prepared.prefix_key, rows_of, layers)
         request.reused = reused
         request.next_position = total
@@ -276,14 +283,13 @@ class Engine:
         last = torch.tensor([[r.generated[-1]] for r in self._running], device=self.model.device)
         positions = torch.tensor([[r.next_position] for r in self._running], device=self.model.device)
         mask = torch.cat([self._batch.mask, torch.ones_like(self._batch.mask[:, :1])], dim=1)
-        output = self.model.language_model(
+        output, self._batch.cache = forward_with_cache(
+            self.model.language_model,
+            self._batch.cache,
             inputs_embeds=embed(last),
             attention_mask=mask,
             position_ids=positions,
-            past_key_values=self._batch.cache,
-            use_cache=True,
         )
-        self._batch.cache = output.past_key_values
         self._batch.mask = mask
         tokens = pick_tokens(
             output.logits[:, -1], [r.params for r in self._running], [r.generator for r in self._running]

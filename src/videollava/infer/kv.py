@@ -8,6 +8,7 @@ tensors are never modified in place, so a prefix stored here can be shared by ma
 
 from __future__ import annotations
 
+import inspect
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -18,6 +19,19 @@ from transformers import DynamicCache
 
 # Per layer: (keys, values), each (B, heads, L, head_dim).
 LayerKV = tuple[torch.Tensor, torch.Tensor]
+
+
+def forward_with_cache(llm: torch.nn.Module, cache: DynamicCache, **inputs) -> tuple[object, DynamicCache]:
+    """One LLM forward that reads and returns a KV cache.
+
+    Recent `transformers` releases call the argument and the output field `cache` and warn on
+    `past_key_values`; earlier 5.x releases only know `past_key_values`.
+    """
+    if "cache" in inspect.signature(llm.forward).parameters:
+        output = llm(cache=cache, use_cache=True, **inputs)
+        return output, output.cache
+    output = llm(past_key_values=cache, use_cache=True, **inputs)
+    return output, output.past_key_values
 
 
 def cache_from_layers(layers: list[LayerKV]) -> DynamicCache:
