@@ -8,6 +8,7 @@ tensors are never modified in place, so a prefix stored here can be shared by ma
 
 from __future__ import annotations
 
+import functools
 import inspect
 import threading
 from collections import OrderedDict
@@ -27,11 +28,17 @@ def forward_with_cache(llm: torch.nn.Module, cache: DynamicCache, **inputs) -> t
     Recent `transformers` releases call the argument and the output field `cache` and warn on
     `past_key_values`; earlier 5.x releases only know `past_key_values`.
     """
-    if "cache" in inspect.signature(llm.forward).parameters:
+    if _forward_takes_cache(type(llm)):
         output = llm(cache=cache, use_cache=True, **inputs)
         return output, output.cache
     output = llm(past_key_values=cache, use_cache=True, **inputs)
     return output, output.past_key_values
+
+
+@functools.cache
+def _forward_takes_cache(model_class: type) -> bool:
+    """Read once per model class, not on every decoding step."""
+    return "cache" in inspect.signature(model_class.forward).parameters
 
 
 def cache_from_layers(layers: list[LayerKV]) -> DynamicCache:
