@@ -513,6 +513,31 @@ def test_contrast_twins_differ_in_exactly_one_fact(tmp_path: Path) -> None:
     assert not any("_twin" in q["media"] for q in _read_jsonl(tmp_path / "test_questions.jsonl"))
 
 
+def test_mirror_twins_move_every_object_to_the_other_side(tmp_path: Path) -> None:
+    summary = sw.generate(
+        tmp_path, seed=6, n_images=60, n_videos=10, n_test_images=4, n_test_videos=4, twins=1.0, mirrors=1.0
+    )
+    rows = {row["id"]: (row, scene) for row, scene in _scenes(tmp_path) if row["set"] == "train"}
+    mirrors = [i for i in rows if i.endswith("_mirror")]
+    assert summary["train_mirrors"] == len(mirrors) >= 50  # only all-in-the-middle scenes have none
+    assert not any(rows[i][1].kind == "video" for i in mirrors)
+    for mirror_id in mirrors:
+        (base_row, base), (row, mirror) = rows[mirror_id.removesuffix("_mirror")], rows[mirror_id]
+        pairs = list(zip(base.objects, mirror.objects, strict=True))
+        flipped_x = all(b.start == (round(base.width - a.start[0], 2), a.start[1]) for a, b in pairs)
+        flipped_y = all(b.start == (a.start[0], round(base.height - a.start[1], 2)) for a, b in pairs)
+        assert flipped_x != flipped_y  # one axis, and it moved something
+        assert all((a.color, a.shape, a.size) == (b.color, b.shape, b.size) for a, b in pairs)
+        places = lambda scene: [sw.place_words(scene, o) for o in scene.objects]  # noqa: E731
+        assert places(base) != places(mirror) and row["caption"] != base_row["caption"]
+        assert (tmp_path / "media" / row["media"]).exists()
+    # Original, shape twin and mirror share one group, so one contrastive batch.
+    groups = Counter(e["group"] for e in _read_json(tmp_path / "captions.json") if "group" in e)
+    assert max(groups.values()) == 3 and sum(groups.values()) == summary["train_twins"] + len(mirrors) + len(groups)
+
+
 def test_twins_must_be_a_fraction(tmp_path: Path) -> None:
     with pytest.raises(VideoLlavaError, match="twins"):
         sw.generate(tmp_path, n_images=1, n_videos=0, dry_run=True, twins=1.5)
+    with pytest.raises(VideoLlavaError, match="mirrors"):
+        sw.generate(tmp_path, n_images=1, n_videos=0, dry_run=True, mirrors=-0.1)

@@ -400,6 +400,30 @@ def contrast_twin(scene: Scene, rng: np.random.Generator) -> Scene | None:
     return None
 
 
+def mirror_twin(scene: Scene, rng: np.random.Generator) -> Scene | None:
+    """The same still scene mirrored left-right or top-bottom (objects keep their upright shapes).
+
+    A pair like this differs only in where things are, so contrastive alignment must learn the
+    place words (left, right, top, bottom) that shape and colour twins never ask for; the frozen
+    text encoder then knows them when video alignment meets "moves to the left". Returns None for
+    videos and for scenes whose captions no flip would change (everything in the middle).
+    """
+    if scene.kind != "image":
+        return None
+
+    def flip(point: tuple[float, float], axis: str) -> tuple[float, float]:
+        x, y = point
+        return (_r2(scene.width - x), y) if axis == "horizontal" else (x, _r2(scene.height - y))
+
+    places = [place_words(scene, o) for o in scene.objects]
+    for axis in (("horizontal", "vertical")[int(k)] for k in rng.permutation(2)):
+        objects = tuple(replace(o, start=flip(o.start, axis), end=flip(o.end, axis)) for o in scene.objects)
+        mirrored = replace(scene, id=f"{scene.id}_mirror", objects=objects)
+        if [place_words(mirrored, o) for o in objects] != places:
+            return mirrored
+    return None
+
+
 def _inside(obj: SceneObject, scene: Scene) -> bool:
     half = obj.size / 2
     return all(
@@ -839,15 +863,18 @@ def generate(
     workers: int = 1,
     dry_run: bool = False,
     twins: float = 0.0,
+    mirrors: float = 0.0,
 ) -> dict[str, Any]:
     """Write a complete ShapesWorld dataset; ``dry_run`` writes the JSON files but no media.
 
     ``twins`` is the fraction of training media that also get a `contrast_twin`; both carry the
-    same ``group`` in the JSON files, so samplers can put them in one batch.
+    same ``group`` in the JSON files, so samplers can put them in one batch. ``mirrors`` is the
+    fraction of training images that also get a `mirror_twin`, in the same group.
     """
     started = time.perf_counter()
-    if not 0.0 <= twins <= 1.0:
-        raise VideoLlavaError(f"twins must be a fraction in [0, 1] (got {twins})")
+    for name, fraction in (("twins", twins), ("mirrors", mirrors)):
+        if not 0.0 <= fraction <= 1.0:
+            raise VideoLlavaError(f"{name} must be a fraction in [0, 1] (got {fraction})")
     for name, value in (
         ("n_images", n_images),
         ("n_videos", n_videos),
@@ -867,16 +894,19 @@ def generate(
 
     train = _sample_set(seed, 0, "train", n_images, n_videos, min_size, max_size)
     groups: dict[str, str] = {}
-    if twins > 0:
+    if twins > 0 or mirrors > 0:
         twin_rng = np.random.default_rng([seed, 0, 3])
+        mirror_rng = np.random.default_rng([seed, 0, 4])
         paired: list[tuple[Scene, str]] = []
         for scene, media in train:
             paired.append((scene, media))
+            stem = media.rsplit(".", 1)[0]
             twin = contrast_twin(scene, twin_rng) if twin_rng.random() < twins else None
-            if twin is not None:
-                stem = media.rsplit(".", 1)[0]
-                paired.append((twin, f"{stem}_twin.{twin.extension}"))
-                groups[scene.id] = groups[twin.id] = scene.id
+            mirror = mirror_twin(scene, mirror_rng) if mirror_rng.random() < mirrors else None
+            for kin, suffix in ((twin, "twin"), (mirror, "mirror")):
+                if kin is not None:
+                    paired.append((kin, f"{stem}_{suffix}.{kin.extension}"))
+                    groups[scene.id] = groups[kin.id] = scene.id
         train = paired
     train_signatures = {scene.signature() for scene, _ in train}
     test = _sample_set(seed, 1, "test", n_test_images, n_test_videos, min_size, max_size, train_signatures)
@@ -971,7 +1001,8 @@ def generate(
         "seed": seed,
         "train_images": n_images,
         "train_videos": n_videos,
-        "train_twins": len(groups) // 2,
+        "train_twins": sum(key.endswith("_twin") for key in groups),
+        "train_mirrors": sum(key.endswith("_mirror") for key in groups),
         "test_images": n_test_images,
         "test_videos": n_test_videos,
         "captions": len(captions),
@@ -1008,6 +1039,7 @@ def _run_generate(args: argparse.Namespace) -> int:
         workers=args.workers,
         dry_run=args.dry_run,
         twins=args.twins,
+        mirrors=args.mirrors,
     )
     print(
         f"wrote {summary['train_images']} + {summary['test_images']} images, "
@@ -1052,6 +1084,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=0.0,
         help="fraction of training media that also get a twin differing in one shape (images) or "
         "in direction (videos), grouped with it for contrastive batches (default 0)",
+    )
+    gen.add_argument(
+        "--mirrors",
+        type=float,
+        default=0.0,
+        help="fraction of training images that also get a mirrored twin (objects moved to the other "
+        "side), grouped with them (default 0)",
     )
     gen.add_argument("--dry-run", action="store_true", help="write the JSON files only, no media")
     gen.set_defaults(func=_run_generate)

@@ -129,6 +129,7 @@ class GenerateConfig:
     max_size: int = 160
     workers: int = 1
     twins: float = 0.0  # fraction of training media with a contrast twin (see shapesworld.contrast_twin)
+    mirrors: float = 0.0  # fraction of training images with a mirrored twin (see shapesworld.mirror_twin)
 
 
 @dataclass

@@ -478,6 +478,7 @@ class Run:
                     max_size=g.max_size,
                     workers=g.workers,
                     twins=g.twins,
+                    mirrors=g.mirrors,
                 )
                 ckpt.atomic_write_text(marker, wanted)
         D.barrier(self.info)
