@@ -233,6 +233,34 @@ def test_lora_finetune_merges_into_plain_weights(world, tmp_path):
     assert "language_model.model.layers.0.self_attn.q_proj.weight" in exported
 
 
+def test_text_encoder_lr_sets_the_text_encoders_own_rate(world, tmp_path):
+    """text_encoder_lr 0 freezes the text encoder while the image tower trains; unset, both train."""
+    from videollava.train.config import RecipeError
+
+    align = copy.deepcopy(tiny_recipe(world)["stages"][1])
+    align["max_steps"] = 1
+    recipe = write_recipe(
+        tmp_path / "r.yaml", tiny_recipe(world, [{"kind": "tokenizer", "vocab_size": 320}, align])
+    )
+
+    def weights(run: str, *overrides: str) -> dict[str, torch.Tensor]:
+        train(recipe, tmp_path / run, *overrides)
+        with safe_open(str(tmp_path / run / "stages" / "1-align_image" / "weights.safetensors"), "pt") as f:
+            return {name: f.get_tensor(name) for name in f.keys()}
+
+    one = weights("one", "stage.1.text_encoder_lr=0")
+    two = weights("two", "stage.1.text_encoder_lr=0", "stage.1.max_steps=2")
+    both = weights("both", "stage.1.max_steps=2")
+    text = [n for n in one if ".text_encoder." in f".{n}"]
+    tower = [n for n in one if "image_tower" in n and n.endswith("weight")]
+    assert text and tower
+    assert all(torch.equal(one[n], two[n]) for n in text)  # a second step left the text encoder as it was
+    assert any(not torch.equal(one[n], two[n]) for n in tower)
+    assert any(not torch.equal(two[n], both[n]) for n in text)
+    with pytest.raises(RecipeError, match="text_encoder_lr: must not be negative"):
+        train(recipe, tmp_path / "bad", "stage.1.text_encoder_lr=-1")
+
+
 def test_existing_run_needs_resume(world, tmp_path):
     from videollava.errors import VideoLlavaError
 

@@ -240,6 +240,9 @@ class AlignImageStage(TrainStage):
     data: list[str] = field(default_factory=lambda: ["captions.json"])
     text_encoder: TextEncoderSpec = field(default_factory=TextEncoderSpec)
     projection_dim: int = 128
+    # A slower text encoder keeps words apart that the young image tower cannot see yet (e.g. the
+    # shape words), instead of learning to ignore them; default: lr.
+    text_encoder_lr: float | None = None
     eval: EvalConfig | None = field(default_factory=EvalConfig)
 
 
@@ -442,6 +445,10 @@ def _validate_train_stage(stage: TrainStage, where: str, model: ModelConfig) -> 
         )
     if not 0 <= stage.warmup_ratio < 1:
         raise RecipeError(f"{where}.warmup_ratio: must be in [0, 1), got {stage.warmup_ratio}")
+    for key in ("projector_lr", "text_encoder_lr"):
+        value = getattr(stage, key, None)
+        if value is not None and not value >= 0:
+            raise RecipeError(f"{where}.{key}: must not be negative, got {value}")
     if stage.weight_decay < 0 or stage.max_grad_norm < 0:
         raise RecipeError(f"{where}: weight_decay and max_grad_norm must not be negative")
     if len(stage.betas) != 2 or not all(0 <= b < 1 for b in stage.betas):

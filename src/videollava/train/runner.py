@@ -739,7 +739,20 @@ class Run:
         def evaluate(_: nn.Module) -> dict[str, float]:
             return self.retrieval(aligner, held_out, batch)
 
-        return self.alignment_task(model.image_tower, aligner, objective, dataset, evaluate, stage)
+        text_lr = stage.text_encoder_lr
+
+        def lr_for(name: str) -> float:
+            return text_lr if text_lr is not None and ".text_encoder." in f".{name}" else stage.lr
+
+        return self.alignment_task(
+            model.image_tower,
+            aligner,
+            objective,
+            dataset,
+            evaluate,
+            stage,
+            lr_for if text_lr is not None else None,
+        )
 
     def align_video_task(self, stage: AlignVideoStage) -> tuple[Task, Any]:
         from videollava.train.contrastive import VideoTextAligner, init_video_tower_from_image
@@ -790,6 +803,7 @@ class Run:
         dataset: CaptionDataset,
         evaluate: Any,
         stage: TrainStage,
+        lr_for: Any = None,
     ) -> tuple[Task, Any]:
         """The task of a contrastive stage, and what to undo when it ends (the tower stays frozen)."""
 
@@ -807,6 +821,7 @@ class Run:
             groups=dataset.groups,
             evaluate=evaluate,
             sampler_mode=stage.sampler_mode,
+            lr_for=lr_for,
         )
         return task, finish
 
