@@ -403,10 +403,10 @@ def contrast_twin(scene: Scene, rng: np.random.Generator) -> Scene | None:
 def mirror_twin(scene: Scene, rng: np.random.Generator) -> Scene | None:
     """The same still scene mirrored left-right or top-bottom (objects keep their upright shapes).
 
-    A pair like this differs only in where things are, so contrastive alignment must learn the
-    place words (left, right, top, bottom) that shape and colour twins never ask for; the frozen
-    text encoder then knows them when video alignment meets "moves to the left". Returns None for
-    videos and for scenes whose captions no flip would change (everything in the middle).
+    A pair like this differs only in where things are, so a contrastive batch holding both asks
+    for the place words (left, right, top, bottom) that shape and colour twins never ask for, the
+    words video alignment meets again in "moves to the left". Returns None for videos and for
+    scenes whose captions no flip would change (everything in the middle).
     """
     if scene.kind != "image":
         return None
