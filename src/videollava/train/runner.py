@@ -20,6 +20,7 @@ import json
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -356,6 +357,14 @@ def activation_checkpointing(llm: nn.Module, enabled: bool) -> None:
         llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     else:
         llm.gradient_checkpointing_disable()
+
+
+def submodule_lr(stage_lr: float, submodule: str, lr: float | None) -> Callable[[str], float] | None:
+    """Parameter name -> lr, with `lr` for the parameters under `submodule`; None when `lr` is unset."""
+    if lr is None:
+        return None
+    marker = f".{submodule}."
+    return lambda name: lr if marker in f".{name}" else stage_lr
 
 
 def set_trainable(module: nn.Module, trainable: list[nn.Parameter]) -> None:
@@ -739,20 +748,8 @@ class Run:
         def evaluate(_: nn.Module) -> dict[str, float]:
             return self.retrieval(aligner, held_out, batch)
 
-        text_lr = stage.text_encoder_lr
-
-        def lr_for(name: str) -> float:
-            return text_lr if text_lr is not None and ".text_encoder." in f".{name}" else stage.lr
-
-        return self.alignment_task(
-            model.image_tower,
-            aligner,
-            objective,
-            dataset,
-            evaluate,
-            stage,
-            lr_for if text_lr is not None else None,
-        )
+        lr_for = submodule_lr(stage.lr, "text_encoder", stage.text_encoder_lr)
+        return self.alignment_task(model.image_tower, aligner, objective, dataset, evaluate, stage, lr_for)
 
     def align_video_task(self, stage: AlignVideoStage) -> tuple[Task, Any]:
         from videollava.train.contrastive import VideoTextAligner, init_video_tower_from_image
@@ -803,7 +800,7 @@ class Run:
         dataset: CaptionDataset,
         evaluate: Any,
         stage: TrainStage,
-        lr_for: Any = None,
+        lr_for: Callable[[str], float] | None = None,
     ) -> tuple[Task, Any]:
         """The task of a contrastive stage, and what to undo when it ends (the tower stays frozen)."""
 
@@ -867,12 +864,6 @@ class Run:
                 )
             else:
                 self.log(f"[{stage.label}] no held-out file {path}: eval loss is not computed")
-        projector_lr = getattr(stage, "projector_lr", None)
-
-        def lr_for(name: str) -> float:
-            if projector_lr is not None and ".multi_modal_projector." in f".{name}":
-                return projector_lr
-            return stage.lr
 
         def evaluate(module: nn.Module) -> dict[str, float]:
             if held_out is None:
@@ -902,7 +893,7 @@ class Run:
             lengths=dataset.lengths,
             modalities=dataset.modalities,
             groups=dataset.groups,
-            lr_for=lr_for if projector_lr is not None else None,
+            lr_for=submodule_lr(stage.lr, "multi_modal_projector", getattr(stage, "projector_lr", None)),
             evaluate=evaluate if held_out is not None else None,
             sampler_mode=stage.sampler_mode,
             fsdp_capable=True,
