@@ -261,6 +261,46 @@ def test_text_encoder_lr_sets_the_text_encoders_own_rate(world, tmp_path):
         train(recipe, tmp_path / "bad", "stage.1.text_encoder_lr=-1")
 
 
+def test_tower_lr_trains_both_towers_in_stage_2(world, tmp_path):
+    """Unset, stage 2 leaves the towers as the paper does; with tower_lr they learn at that rate."""
+    from videollava.train.config import RecipeError
+
+    finetune = {
+        "kind": "finetune",
+        "lr": 3e-3,
+        "batch_size": 8,
+        "micro_batch_size": 8,
+        "max_steps": 2,
+        "sampler": "mixed",
+    }
+    recipe = write_recipe(
+        tmp_path / "r.yaml", tiny_recipe(world, [{"kind": "tokenizer", "vocab_size": 320}, finetune])
+    )
+
+    def stage_weights(run: str, *overrides: str) -> dict[str, torch.Tensor]:
+        train(recipe, tmp_path / run, *overrides)
+        with safe_open(str(tmp_path / run / "stages" / "1-finetune" / "weights.safetensors"), "pt") as f:
+            return {name: f.get_tensor(name) for name in f.keys()}
+
+    def exported_towers(run: str) -> dict[str, torch.Tensor]:
+        weights = load_file_(tmp_path / run / "model" / "model.safetensors")
+        return {n: t for n, t in weights.items() if n.startswith(("image_tower.", "video_tower."))}
+
+    frozen = stage_weights("frozen")
+    assert not any(".image_tower." in f".{n}" or ".video_tower." in f".{n}" for n in frozen)
+    trained = stage_weights("trained", "stage.1.tower_lr=1e-2")
+    for prefix in ("image_tower.", "video_tower."):
+        names = [n for n in trained if f".{prefix}" in f".{n}"]
+        assert names, f"no {prefix} weights saved"
+    before, after = exported_towers("frozen"), exported_towers("trained")
+    assert before.keys() == after.keys()
+    changed = [n for n in before if not torch.equal(before[n], after[n])]
+    assert any(n.startswith("image_tower.") for n in changed)
+    assert any("temporal" in n for n in changed)  # the answers' loss reaches the video tower's time attention
+    with pytest.raises(RecipeError, match="tower_lr: must not be negative"):
+        train(recipe, tmp_path / "bad", "stage.1.tower_lr=-1")
+
+
 def test_existing_run_needs_resume(world, tmp_path):
     from videollava.errors import VideoLlavaError
 

@@ -280,6 +280,10 @@ class FinetuneStage(TrainStage):
     lora: LoraConfig | None = None
     projector_lr: float | None = None  # default: lr
     train_projector: bool = True
+    # The paper keeps both towers frozen here (None). A rate trains the image and video towers
+    # too, so the answers' loss reaches the patch features: a tower aligned at small scale may
+    # lack what the questions ask (ShapesWorld: shape and motion, see reports/).
+    tower_lr: float | None = None
 
     @property
     def default_sampler(self) -> str:
@@ -445,7 +449,7 @@ def _validate_train_stage(stage: TrainStage, where: str, model: ModelConfig) -> 
         )
     if not 0 <= stage.warmup_ratio < 1:
         raise RecipeError(f"{where}.warmup_ratio: must be in [0, 1), got {stage.warmup_ratio}")
-    for key in ("projector_lr", "text_encoder_lr"):
+    for key in ("projector_lr", "text_encoder_lr", "tower_lr"):
         value = getattr(stage, key, None)
         if value is not None and not value >= 0:
             raise RecipeError(f"{where}.{key}: must not be negative, got {value}")

@@ -276,15 +276,15 @@ def expand_labels(
 class LMObjective(nn.Module):
     """Next-token loss on answers: returns the sum over supervised tokens and their count."""
 
-    def __init__(self, model: VideoLlava, bos_token_id: int, frozen: list[nn.Module]):
+    def __init__(self, model: VideoLlava, bos_token_id: int, eval_modules: list[nn.Module]):
         super().__init__()
         self.model = model
         self.bos_token_id = bos_token_id
-        self._frozen = frozen
+        self._eval_modules = eval_modules
 
     def train(self, mode: bool = True) -> LMObjective:
         super().train(mode)
-        for module in self._frozen:
+        for module in self._eval_modules:
             module.eval()
         return self
 
@@ -359,12 +359,17 @@ def activation_checkpointing(llm: nn.Module, enabled: bool) -> None:
         llm.gradient_checkpointing_disable()
 
 
-def submodule_lr(stage_lr: float, submodule: str, lr: float | None) -> Callable[[str], float] | None:
-    """Parameter name -> lr, with `lr` for the parameters under `submodule`; None when `lr` is unset."""
-    if lr is None:
+def submodule_lr(stage_lr: float, rates: dict[str, float | None]) -> Callable[[str], float] | None:
+    """Parameter name -> lr: a submodule's own rate from `rates` where set, else the stage's."""
+    markers = {f".{submodule}.": lr for submodule, lr in rates.items() if lr is not None}
+    if not markers:
         return None
-    marker = f".{submodule}."
-    return lambda name: lr if marker in f".{name}" else stage_lr
+
+    def lr_for(name: str) -> float:
+        dotted = f".{name}"
+        return next((lr for marker, lr in markers.items() if marker in dotted), stage_lr)
+
+    return lr_for
 
 
 def set_trainable(module: nn.Module, trainable: list[nn.Parameter]) -> None:
@@ -748,7 +753,7 @@ class Run:
         def evaluate(_: nn.Module) -> dict[str, float]:
             return self.retrieval(aligner, held_out, batch)
 
-        lr_for = submodule_lr(stage.lr, "text_encoder", stage.text_encoder_lr)
+        lr_for = submodule_lr(stage.lr, {"text_encoder": stage.text_encoder_lr})
         return self.alignment_task(model.image_tower, aligner, objective, dataset, evaluate, stage, lr_for)
 
     def align_video_task(self, stage: AlignVideoStage) -> tuple[Task, Any]:
@@ -847,10 +852,15 @@ class Run:
             model.language_model.requires_grad_(True)
         train_projector = getattr(stage, "train_projector", True)
         model.multi_modal_projector.requires_grad_(train_projector)
+        tower_lr = getattr(stage, "tower_lr", None)
+        towers = [model.image_tower, model.video_tower]
+        if tower_lr is not None:
+            for tower in towers:
+                tower.requires_grad_(True)
         llm = model.language_model
         if stage.gradient_checkpointing:
             activation_checkpointing(llm, True)
-        objective = LMObjective(model, self.tokenizer.bos_token_id, [model.image_tower, model.video_tower])
+        objective = LMObjective(model, self.tokenizer.bos_token_id, towers)
         records = read_records([self.data_path(n) for n in stage.data], stage.max_samples)
         max_length = min(self.recipe.model.model_max_length, model.max_context)
         media = self.media_spec(stage)
@@ -893,12 +903,21 @@ class Run:
             lengths=dataset.lengths,
             modalities=dataset.modalities,
             groups=dataset.groups,
-            lr_for=submodule_lr(stage.lr, "multi_modal_projector", getattr(stage, "projector_lr", None)),
+            lr_for=submodule_lr(
+                stage.lr,
+                {
+                    "multi_modal_projector": getattr(stage, "projector_lr", None),
+                    "image_tower": tower_lr,
+                    "video_tower": tower_lr,
+                },
+            ),
             evaluate=evaluate if held_out is not None else None,
             sampler_mode=stage.sampler_mode,
             fsdp_capable=True,
             sum_loss=True,
-            find_unused_parameters=bool(self.recipe.distributed.find_unused_parameters),
+            # A batch of images alone leaves a trained video tower without gradients, and the reverse.
+            find_unused_parameters=bool(self.recipe.distributed.find_unused_parameters)
+            or tower_lr is not None,
         )
         return task, finish
 
