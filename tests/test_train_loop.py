@@ -101,6 +101,15 @@ def step_losses(run_dir: Path, stage: str | None = None) -> list[float]:
     ]
 
 
+def trained_stage_weights(
+    recipe: Path, output: Path, stage_dir: str, *overrides: str
+) -> dict[str, torch.Tensor]:
+    """Train the recipe into `output` and return what the stage saved as its trainable weights."""
+    train(recipe, output, *overrides)
+    with safe_open(str(output / "stages" / stage_dir / "weights.safetensors"), "pt") as f:
+        return {name: f.get_tensor(name) for name in f.keys()}
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
     return make_world(tmp_path_factory.mktemp("world"))
@@ -244,9 +253,7 @@ def test_text_encoder_lr_sets_the_text_encoders_own_rate(world, tmp_path):
     )
 
     def weights(run: str, *overrides: str) -> dict[str, torch.Tensor]:
-        train(recipe, tmp_path / run, *overrides)
-        with safe_open(str(tmp_path / run / "stages" / "1-align_image" / "weights.safetensors"), "pt") as f:
-            return {name: f.get_tensor(name) for name in f.keys()}
+        return trained_stage_weights(recipe, tmp_path / run, "1-align_image", *overrides)
 
     one = weights("one", "stage.1.text_encoder_lr=0")
     two = weights("two", "stage.1.text_encoder_lr=0", "stage.1.max_steps=2")
@@ -262,7 +269,7 @@ def test_text_encoder_lr_sets_the_text_encoders_own_rate(world, tmp_path):
 
 
 def test_tower_lr_trains_both_towers_in_stage_2(world, tmp_path):
-    """Unset, stage 2 leaves the towers as the paper does; with tower_lr they learn at that rate."""
+    """Unset, stage 2 leaves the towers as the paper does; with tower_lr both towers learn too."""
     from videollava.train.config import RecipeError
 
     finetune = {
@@ -278,9 +285,7 @@ def test_tower_lr_trains_both_towers_in_stage_2(world, tmp_path):
     )
 
     def stage_weights(run: str, *overrides: str) -> dict[str, torch.Tensor]:
-        train(recipe, tmp_path / run, *overrides)
-        with safe_open(str(tmp_path / run / "stages" / "1-finetune" / "weights.safetensors"), "pt") as f:
-            return {name: f.get_tensor(name) for name in f.keys()}
+        return trained_stage_weights(recipe, tmp_path / run, "1-finetune", *overrides)
 
     def exported_towers(run: str) -> dict[str, torch.Tensor]:
         weights = load_file_(tmp_path / run / "model" / "model.safetensors")
