@@ -13,9 +13,11 @@ from videollava.model.vision import VisionConfig, VisionTower
 from videollava.train.contrastive import (
     LOGIT_SCALE_MAX,
     ImageTextAligner,
+    RegionVocabulary,
     TextEncoder,
     TextEncoderConfig,
     VideoTextAligner,
+    box_patch_weights,
     clip_loss,
     init_video_tower_from_image,
     retrieval_recall_at_1,
@@ -93,6 +95,158 @@ def test_text_encoder_pools_at_the_last_real_token():
     full = text(ids, torch.ones(1, 4, dtype=torch.long))
     assert torch.allclose(text(padded, mask), full, atol=1e-6)
     assert text(ids, torch.ones(1, 4, dtype=torch.long)).shape == (1, 16)
+
+
+def test_mean_pooled_text_encoder_averages_the_real_tokens():
+    text = TextEncoder(
+        TextEncoderConfig(vocab_size=50, hidden_size=32, num_heads=4, projection_dim=16, pooling="mean")
+    )
+    text.eval()
+    ids = torch.tensor([[5, 6, 7, 2]])
+    padded = torch.tensor([[5, 6, 7, 2, 9, 9, 9]])
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0, 0]])
+    full = text(ids, torch.ones(1, 4, dtype=torch.long))
+    assert torch.allclose(text(padded, mask), full, atol=1e-6)  # padding never counts
+    # by hand: the projection of the mean of the final hidden states
+    x = text.token_embedding(ids) + text.position_embedding(torch.arange(4))
+    for layer in text.layers:
+        x = layer(x)
+    expected = text.text_projection(text.final_layer_norm(x).mean(dim=1))
+    assert torch.allclose(full, expected, atol=1e-6)
+    wide = TextEncoder(TextEncoderConfig(vocab_size=50, token_init_std=1.0))
+    assert wide.token_embedding.weight.std().item() == pytest.approx(1.0, rel=0.05)
+    with pytest.raises(ValueError, match="pooling"):
+        TextEncoderConfig(vocab_size=50, pooling="max")
+
+
+def test_box_patch_weights_share_each_box_among_the_patches_it_covers():
+    # a 32 px crop in 8 px patches: a 4 x 4 grid, row-major
+    boxes = torch.tensor(
+        [
+            [1.0, 1.0, 5.0, 5.0],  # inside patch 0
+            [4.0, 8.0, 12.0, 16.0],  # half in patch 4, half in patch 5
+            [0.0, 0.0, 32.0, 32.0],  # the whole crop
+        ]
+    )
+    weights = box_patch_weights(boxes, image_size=32, patch_size=8)
+    assert weights.shape == (3, 16)
+    assert torch.allclose(weights.sum(dim=1), torch.ones(3))
+    assert weights[0, 0] == 1.0
+    assert weights[1, 4] == pytest.approx(0.5) and weights[1, 5] == pytest.approx(0.5)
+    assert torch.allclose(weights[2], torch.full((16,), 1 / 16))
+    with pytest.raises(ValueError, match="covers no patch"):
+        box_patch_weights(torch.tensor([[40.0, 40.0, 48.0, 48.0]]), image_size=32, patch_size=8)
+
+
+def _region_batch(tokenizer, names, regions_per_media):
+    from videollava.data.dataset import Region
+
+    vocab = RegionVocabulary(names, tokenizer, max_length=16)
+    return vocab.batch(
+        [[Region(box, text) for box, text in media] for media in regions_per_media], torch.device("cpu")
+    )
+
+
+def test_region_loss_reads_only_the_patches_of_each_box(tiny_tokenizer):
+    tower, text = tiny_parts(vocab=len(tiny_tokenizer))
+    aligner = ImageTextAligner(tower, text, projection_dim=16, region_weight=2.0, region_scale=10.0)
+    aligner.eval()
+    names = ["red circle", "blue square", "green triangle"]
+    regions = _region_batch(
+        tiny_tokenizer, names, [[((0, 0, 8, 8), "blue square")], [((16, 16, 32, 32), "red circle")]]
+    )
+    assert regions.sample_index.tolist() == [0, 1] and regions.target.tolist() == [1, 0]
+    patches = torch.randn(2, 16, 32)
+    logits = aligner.region_logits(patches, regions)
+    assert logits.shape == (2, 3) and logits.abs().max() <= 10.0 + 1e-5  # scale x cosine
+    # by hand for the first region: patch 0 of media 0, projected, against the three names
+    own = F.normalize(aligner.region_projection(patches[0, 0]), dim=-1)
+    ids, mask = tokenize_captions(tiny_tokenizer, names, 16)
+    words = aligner.embed_text(ids, mask)
+    assert torch.allclose(logits[0], 10.0 * words @ own, atol=1e-5)
+    # patches outside every box change nothing
+    moved = patches.clone()
+    moved[0, 1:] += 5.0
+    moved[1, :10] -= 3.0
+    assert torch.allclose(aligner.region_logits(moved, regions), logits, atol=1e-6)
+    # the total: caption loss + weight x cross-entropy of the names
+    pixels = torch.randn(2, 3, 32, 32)
+    cap_ids, cap_mask = tokenize_captions(tiny_tokenizer, ["a blue square", "a red circle"], 16)
+    pooled, hidden = aligner.tower_pass(pixels)
+    assert hidden.shape == (2, 16, 32) and torch.allclose(pooled, aligner.pooled_media(pixels), atol=1e-5)
+    assert torch.allclose(hidden, tower.encode_images(pixels), atol=1e-6)
+    region_ce = F.cross_entropy(aligner.region_logits(hidden, regions), regions.target)
+    expected = aligner.loss(pixels, cap_ids, cap_mask) + 2.0 * region_ce
+    assert aligner.loss(pixels, cap_ids, cap_mask, regions).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert {id(aligner.region_projection.weight)} <= {id(p) for p in aligner.trainable_parameters()}
+    with pytest.raises(ValueError, match="not in the stage's vocabulary"):
+        _region_batch(tiny_tokenizer, names, [[((0, 0, 8, 8), "purple circle")]])
+
+
+def test_region_loss_teaches_the_patches_what_is_where(tiny_tokenizer):
+    """Two colours in random quadrants: the region loss alone learns to name each box's colour."""
+    torch.manual_seed(0)
+    tower, text = tiny_parts(vocab=len(tiny_tokenizer))
+    aligner = ImageTextAligner(tower, text, projection_dim=16, region_weight=1.0, region_scale=10.0)
+    text.requires_grad_(False)
+    names = ["red", "blue"]
+    quadrants = [(0, 0, 16, 16), (16, 0, 32, 16), (0, 16, 16, 32), (16, 16, 32, 32)]
+
+    def batch(n: int, seed: int):
+        g = torch.Generator().manual_seed(seed)
+        pixels = torch.zeros(n, 3, 32, 32)
+        media = []
+        for i in range(n):
+            a, b = torch.randperm(4, generator=g)[:2].tolist()
+            for q, colour in ((a, 0), (b, 2)):  # red in channel 0, blue in channel 2
+                x0, y0, x1, y1 = quadrants[q]
+                pixels[i, colour, y0:y1, x0:x1] = 2.0
+            media.append([(quadrants[a], "red"), (quadrants[b], "blue")])
+        return pixels, _region_batch(tiny_tokenizer, names, media)
+
+    def accuracy(pixels, regions):
+        with torch.no_grad():
+            return (
+                (aligner.region_logits(aligner.tower_pass(pixels)[1], regions).argmax(-1) == regions.target)
+                .float()
+                .mean()
+                .item()
+            )
+
+    test = batch(64, seed=99)
+    optimizer = torch.optim.AdamW([p for p in aligner.trainable_parameters() if p.requires_grad], lr=3e-3)
+    ids, mask = tokenize_captions(tiny_tokenizer, ["red and blue"] * 16, 16)
+    for step in range(60):
+        pixels, regions = batch(16, seed=step)
+        loss = aligner.loss(pixels, ids, mask, regions)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert accuracy(*test) > 0.95
+
+
+def test_video_region_head_starts_from_the_image_one():
+    tower, text = tiny_parts()
+    image = ImageTextAligner(tower, text, projection_dim=16, region_weight=1.0)
+    video_tower = init_video_tower_from_image(tower, num_frames=2)
+    video = VideoTextAligner(
+        video_tower,
+        text,
+        16,
+        image.visual_projection,
+        region_weight=1.0,
+        region_projection_init=image.region_projection,
+    )
+    assert torch.equal(video.region_projection.weight, image.region_projection.weight)
+    assert video.region_projection.weight is not image.region_projection.weight
+    trainable = {id(p) for p in video.trainable_parameters()}
+    assert id(video.region_projection.weight) in trainable
+    # a video's region features are its frames' patch features averaged over time
+    pixels = torch.randn(2, 2, 3, 32, 32)
+    pooled, patches = video.tower_pass(pixels)
+    frames = video_tower.hidden_state(pixels.flatten(0, 1), -2, num_frames=2).view(2, 2, 17, 32)
+    assert torch.allclose(patches, frames.mean(dim=1)[:, 1:], atol=1e-6)
+    assert torch.allclose(pooled, video.pooled_media(pixels), atol=1e-5)
 
 
 def test_video_tower_from_image_starts_as_the_image_tower():

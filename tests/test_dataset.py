@@ -19,9 +19,11 @@ from videollava.data.dataset import (
     ConversationDataset,
     MediaCache,
     MediaSpec,
+    Region,
     Sample,
     Skipped,
     StepBatches,
+    collate_captions,
     collate_conversations,
     global_batches,
     grouped_batches,
@@ -31,8 +33,9 @@ from videollava.data.dataset import (
     shard,
     supervised_tokens,
 )
+from videollava.data.media import read_video_frames
 from videollava.data.tokenize import IGNORE_INDEX, IMAGE_SLOT, VIDEO_SLOT
-from videollava.data.transforms import ImageTransformConfig
+from videollava.data.transforms import ImageTransformConfig, box_to_pixels
 
 FRAMES = 2
 SIZE = 16
@@ -267,6 +270,60 @@ def test_caption_dataset_pairs_media_with_the_gpt_turn(world):
     assert sample.pixels.shape == (3, SIZE, SIZE)
     assert sample.caption == images.records[0].raw["conversations"][1]["value"]
     assert videos.load(0).pixels.shape == (FRAMES, 3, SIZE, SIZE)
+
+
+def test_caption_dataset_maps_regions_into_the_crop(world, tmp_path):
+    from PIL import Image
+
+    records = read_records([world / "captions.json"])
+    cache = MediaCache()
+    cached = MediaSpec(**{**spec(world).__dict__, "cache": cache})
+    for modality in ("image", "video"):
+        data = CaptionDataset(records, cached, modality, regions=True)
+        raw = data.records[0].raw
+        path = world / "media" / raw[modality]
+        if modality == "image":
+            width, height = Image.open(path).size
+        else:
+            frames = read_video_frames(path, num_frames=1)
+            width, height = frames.shape[2], frames.shape[1]
+        # crop mode: objects the centre crop cuts away have no region
+        video = modality == "video"
+        mapped = [
+            box_to_pixels(r["box"], width, height, cached.transform, video=video) for r in raw["regions"]
+        ]
+        expected = [Region(box, r["text"]) for box, r in zip(mapped, raw["regions"], strict=True) if box]
+        sample = data.load(0)
+        assert sample.regions == expected and len(expected) >= 1
+        # pixels from the cache (another dataset decoded them): the regions come out the same
+        again = CaptionDataset(records, cached, modality, regions=True)
+        assert again.load(0).regions == expected
+        assert CaptionDataset(records, cached, modality).load(0).regions == []
+        assert set(data.region_texts()) == {r["text"] for rec in data.records for r in rec.raw["regions"]}
+    assert collate_captions([data.load(0), data.load(1)])["regions"][1] == data.load(1).regions
+
+
+@pytest.mark.parametrize(
+    ("regions", "problem"),
+    [
+        ("a box", "must be a list"),
+        ([{"box": [0, 0, 4, 4]}], "'box' and 'text'"),
+        ([{"box": [0, 0, 4], "text": "red circle"}], "four numbers"),
+        ([{"box": [5, 0, 4, 4], "text": "red circle"}], "is empty"),
+        ([{"box": [0, 0, 4, 4], "text": " "}], "non-empty string"),
+    ],
+)
+def test_malformed_regions_are_bad_samples(world, tmp_path, regions, problem):
+    entry = json.loads((world / "captions.json").read_text())[0]
+    entry = {**entry, "regions": regions}
+    path = tmp_path / "custom.json"
+    path.write_text(json.dumps([entry]))
+    data = CaptionDataset(
+        read_records([path]), spec(world), "image" if "image" in entry else "video", regions=True
+    )
+    item = data[0]
+    assert isinstance(item, Skipped) and "malformed regions" in item.reason and problem in item.reason
+    assert data.region_texts() == []
 
 
 # ---------------------------------------------------------------------------------------- samplers

@@ -30,10 +30,12 @@ def recipe(world: Path) -> dict:
     common = {"bf16": False, "log_every": 1, "warmup_ratio": 0.0}
     stages = [
         {"kind": "tokenizer", "vocab_size": 320},
-        # Contrastive: the micro-batches (the negatives) are the same in both layouts.
+        # Contrastive: the micro-batches (the negatives) are the same in both layouts, and so are the
+        # region-name losses beside them.
         {
             "kind": "align_image",
             "text_encoder": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "max_length": 48},
+            "region_loss": {"weight": 1.0},
             "projection_dim": 16,
             "lr": 2e-3,
             "batch_size": 8,

@@ -192,6 +192,34 @@ def test_videos_show_the_motion_metadata_says(dataset: Path) -> None:
 # ------------------------------------------------------------------- scene invariants
 
 
+def test_object_regions_frame_every_object_in_every_frame() -> None:
+    """Each region's box holds all of its object's pixels, in every frame, and its name says what it is."""
+    rng = np.random.default_rng(5)
+    for i in range(40):
+        kind = "video" if i % 2 else "image"
+        scene = sw.sample_scene(rng, kind, min_size=96, max_size=160)
+        regions = sw.object_regions(scene)
+        assert len(regions) == len(scene.objects)
+        for obj, region in zip(scene.objects, regions, strict=True):
+            x0, y0, x1, y1 = region["box"]
+            assert 0 <= x0 < x1 <= scene.width and 0 <= y0 < y1 <= scene.height
+            if kind == "image":
+                assert region["text"] == obj.name
+            else:
+                motion = f"moving {scene.direction}" if obj.moves else "standing still"
+                assert region["text"] == f"{obj.name} {motion}"
+            for frame in sorted({0, scene.n_frames // 2, scene.n_frames - 1}):
+                ys, xs = np.nonzero((sw._render_array(scene, frame) == sw.COLORS[obj.color]).all(axis=-1))
+                assert len(xs) > 0
+                assert x0 - 0.5 <= xs.min() and xs.max() + 1 <= x1 + 0.5
+                assert y0 - 0.5 <= ys.min() and ys.max() + 1 <= y1 + 0.5
+        if kind == "video":  # the mover's box spans its path: wider along the motion than the object
+            mover = regions[scene.objects.index(scene.moving_object)]["box"]
+            horizontal = scene.direction in ("left", "right")
+            span = mover[2] - mover[0] if horizontal else mover[3] - mover[1]
+            assert span > scene.moving_object.size * 1.2
+
+
 def test_sampled_scenes_respect_the_world_rules() -> None:
     rng = np.random.default_rng(0)
     kinds = Counter()
@@ -412,6 +440,7 @@ def test_captions_name_every_object_and_the_motion(text_only: Path) -> None:
             variants.add(human["value"])
             assert gpt["value"] == row["caption"]
             _check_caption(scene, gpt["value"])
+            assert entry["regions"] == sw.object_regions(scene)  # the boxes and names of its objects
     assert len(variants) >= 8
     distinct_openings = {row["caption"].split()[0] for row, _ in rows.values()}
     assert len(distinct_openings) >= 4

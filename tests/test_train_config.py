@@ -138,6 +138,22 @@ def test_7b_model_builds_on_meta_device_without_network(monkeypatch):
             lambda r: r["stages"].insert(1, {"kind": "align_video"}),
             r"align_video starts from the aligned image",
         ),
+        (
+            lambda r: r["stages"].insert(1, {"kind": "align_image", "region_loss": {"weight": 0.0}}),
+            r"stages\[1\] \(align_image\)\.region_loss: weight and scale must be positive",
+        ),
+        (
+            lambda r: r["stages"].insert(1, {"kind": "align_image", "region_loss": {"wieght": 1.0}}),
+            r"region_loss\.wieght: unknown key.*did you mean 'weight'",
+        ),
+        (
+            lambda r: r["stages"].insert(1, {"kind": "align_image", "text_encoder": {"pooling": "max"}}),
+            r"text_encoder\.pooling: expected 'eos' or 'mean'",
+        ),
+        (
+            lambda r: r["stages"].insert(1, {"kind": "align_image", "text_encoder": {"token_init_std": 0}}),
+            r"text_encoder\.token_init_std: must be positive",
+        ),
     ],
 )
 def test_validation_errors_name_the_key(mutate, message):

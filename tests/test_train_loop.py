@@ -6,6 +6,7 @@ import argparse
 import copy
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -266,6 +267,38 @@ def test_text_encoder_lr_sets_the_text_encoders_own_rate(world, tmp_path):
     assert any(not torch.equal(two[n], both[n]) for n in text)
     with pytest.raises(RecipeError, match="text_encoder_lr: must not be negative"):
         train(recipe, tmp_path / "bad", "stage.1.text_encoder_lr=-1")
+
+
+def test_region_loss_trains_a_region_head_in_both_alignment_stages(world, tmp_path):
+    """With region_loss the image stage trains its region head, the video stage starts from it;
+    data without regions is refused by name."""
+    from videollava.train.config import RecipeError
+
+    stages = copy.deepcopy(tiny_recipe(world)["stages"][:3])
+    for stage in stages[1:]:
+        stage.update(max_steps=1, eval=None, region_loss={"weight": 2.0, "scale": 20.0})
+    stages[1]["text_encoder"].update(pooling="mean", token_init_std=1.0)
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(world, stages))
+    image = trained_stage_weights(recipe, tmp_path / "run", "1-align_image")
+    with safe_open(str(tmp_path / "run" / "stages" / "2-align_video" / "weights.safetensors"), "pt") as f:
+        video = {name: f.get_tensor(name) for name in f.keys()}
+    (image_head,) = [n for n in image if "region_projection" in n]
+    (video_head,) = [n for n in video if "region_projection" in n]
+    # one step from the image head: close to it, not equal
+    assert not torch.equal(image[image_head], video[video_head])
+    assert (image[image_head] - video[video_head]).abs().max() < 0.05
+    again = trained_stage_weights(recipe, tmp_path / "plain", "1-align_image", "stage.1.region_loss=null")
+    assert not any("region_projection" in n for n in again)
+    assert any(not torch.equal(image[n], again[n]) for n in again if "image_tower" in n)
+
+    bare = tmp_path / "bare"
+    shutil.copytree(world, bare)
+    entries = json.loads((bare / "captions.json").read_text())
+    (bare / "captions.json").write_text(
+        json.dumps([{k: v for k, v in e.items() if k != "regions"} for e in entries])
+    )
+    with pytest.raises(RecipeError, match="region_loss needs entries with 'regions'"):
+        train(recipe, tmp_path / "no-regions", f"data.root={bare}")
 
 
 def test_tower_lr_trains_both_towers_in_stage_2(world, tmp_path):

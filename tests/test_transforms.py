@@ -22,6 +22,7 @@ from videollava.data.transforms import (
     PAD_COLOR,
     ImageTransformConfig,
     ProcessorConfig,
+    box_to_pixels,
     expand_to_square,
     preprocess_images,
     preprocess_video,
@@ -245,3 +246,44 @@ def test_video_pad_keeps_the_frame_edges():
     assert red(padded).any()
     # the pad colour normalises to about zero, like the images' pad
     assert padded[:, :, 0, 16].abs().max() < 0.05
+
+
+@pytest.mark.parametrize("video", [False, True])
+@pytest.mark.parametrize("pad", [False, True])
+@pytest.mark.parametrize(
+    ("h", "w", "box"), [(90, 160, (12, 20, 40, 60)), (150, 100, (55, 90, 95, 149)), (64, 64, (0, 0, 20, 12))]
+)
+def test_box_follows_pad_resize_and_crop(video: bool, pad: bool, h: int, w: int, box: tuple) -> None:
+    """A box mapped by box_to_pixels frames the same object in the transformed pixels (to 1.5 px)."""
+    arr = np.full((h, w, 3), 128, dtype=np.uint8)
+    x0, y0, x1, y1 = box
+    arr[y0:y1, x0:x1] = (220, 40, 40)
+    cfg = ImageTransformConfig(
+        size=48, crop_size=48, pad_to_square=pad, video_pad_to_square=pad, video_resample="bilinear"
+    )
+    if video:
+        pixels = preprocess_video(np.stack([arr, arr]), cfg)[0]
+    else:
+        pixels = preprocess_images([Image.fromarray(arr)], cfg)[0]
+    red = (pixels[0] > 1.0) & (pixels[1] < -0.5)  # (S, S): clearly red after normalisation
+    mapped = box_to_pixels(box, w, h, cfg, video=video)
+    if not red.any():
+        assert mapped is None  # the crop cut the object away, and the box says so
+        return
+    assert mapped is not None
+    ys, xs = torch.nonzero(red, as_tuple=True)
+    bx0, by0, bx1, by1 = mapped
+    tol = 1.5
+    assert bx0 - tol <= xs.min().item() and xs.max().item() + 1 <= bx1 + tol
+    assert by0 - tol <= ys.min().item() and ys.max().item() + 1 <= by1 + tol
+    # and the box is no larger than the object: its inner part is red
+    inner = red[int(by0 + tol) : int(by1 - tol), int(bx0 + tol) : int(bx1 - tol)]
+    assert inner.numel() == 0 or inner.float().mean() > 0.9
+
+
+def test_box_cut_away_by_the_crop_and_empty_boxes() -> None:
+    cfg = ImageTransformConfig(size=48, crop_size=48)
+    assert box_to_pixels((0, 0, 20, 90), 160, 90, cfg) is None  # left of the centre crop
+    assert box_to_pixels((0, 0, 20, 90), 160, 90, cfg, video=True) is None
+    with pytest.raises(ValueError, match="empty"):
+        box_to_pixels((10, 10, 10, 20), 160, 90, cfg)

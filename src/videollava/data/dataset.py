@@ -33,7 +33,12 @@ from videollava.data.tokenize import (
     VIDEO_SLOT,
     tokenize_multimodal,
 )
-from videollava.data.transforms import ImageTransformConfig, preprocess_images, preprocess_video
+from videollava.data.transforms import (
+    ImageTransformConfig,
+    box_to_pixels,
+    preprocess_images,
+    preprocess_video,
+)
 from videollava.errors import MediaError, PromptError, VideoLlavaError
 
 MODALITIES = ("image", "video", "text", "mixed")
@@ -209,20 +214,28 @@ class MediaSpec:
         return self.cache.get_or_load(key, load)
 
 
-def _load_image(spec: MediaSpec, rel: str) -> torch.Tensor:
-    """(3, S, S)"""
+SizeSink = Callable[[int, int], None]
+
+
+def _load_image(spec: MediaSpec, rel: str, on_size: SizeSink | None = None) -> torch.Tensor:
+    """(3, S, S); ``on_size`` hears the stored (width, height) whenever the file is decoded."""
 
     def load() -> torch.Tensor:
-        return preprocess_images([load_image(spec.root / rel, name=rel)], spec.transform)[0]
+        image = load_image(spec.root / rel, name=rel)
+        if on_size is not None:
+            on_size(*image.size)
+        return preprocess_images([image], spec.transform)[0]
 
     return spec._cached("image", rel, load)
 
 
-def _load_video(spec: MediaSpec, rel: str) -> torch.Tensor:
-    """(T, 3, S, S)"""
+def _load_video(spec: MediaSpec, rel: str, on_size: SizeSink | None = None) -> torch.Tensor:
+    """(T, 3, S, S); ``on_size`` hears the frames' (width, height) whenever the file is decoded."""
 
     def load() -> torch.Tensor:
         frames = read_video_frames(spec.root / rel, num_frames=spec.num_frames, name=rel)
+        if on_size is not None:
+            on_size(frames.shape[2], frames.shape[1])
         return preprocess_video(frames, spec.transform)
 
     return spec._cached("video", rel, load)
@@ -341,12 +354,48 @@ class CaptionSample:
     pixels: torch.Tensor  # (3, S, S) or (T, 3, S, S)
     caption: str
     modality: str
+    # Named boxes in the model's crop pixels, when the dataset reads regions.
+    regions: list[Region] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Region:
+    """A named part of the media: an object and its box, (x0, y0, x1, y1) in pixels."""
+
+    box: tuple[float, float, float, float]
+    text: str
+
+
+def parse_regions(raw: Any) -> list[Region]:
+    """The entry's optional ``regions``: ``[{"box": [x0, y0, x1, y1], "text": "..."}]`` in the
+    media's own pixels (for a video, a box that holds the object throughout)."""
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        raise ValueError("'regions' must be a list of {box, text} objects")
+    regions = []
+    for i, item in enumerate(raw):
+        if not isinstance(item, dict) or not {"box", "text"} <= set(item):
+            raise ValueError(f"region {i} must be an object with 'box' and 'text'")
+        box, text = item["box"], item["text"]
+        if (
+            not isinstance(box, list)
+            or len(box) != 4
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box)
+        ):
+            raise ValueError(f"region {i}: 'box' must be four numbers [x0, y0, x1, y1], got {box!r}")
+        if not (box[0] < box[2] and box[1] < box[3]):
+            raise ValueError(f"region {i}: box {box} is empty (it needs x0 < x1 and y0 < y1)")
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"region {i}: 'text' must be a non-empty string")
+        regions.append(Region((float(box[0]), float(box[1]), float(box[2]), float(box[3])), text.strip()))
+    return regions
 
 
 class CaptionDataset(RecordDataset):
     """Media-caption pairs for contrastive alignment: the caption is the first gpt turn."""
 
-    def __init__(self, records: Sequence[Record], media: MediaSpec, modality: str):
+    def __init__(self, records: Sequence[Record], media: MediaSpec, modality: str, regions: bool = False):
         if modality not in ("image", "video"):
             raise ValueError(f"modality must be 'image' or 'video', got {modality!r}")
         # Entries of the other modality are not this dataset's business; malformed ones are kept
@@ -354,6 +403,56 @@ class CaptionDataset(RecordDataset):
         self.records = [r for r in records if r.modality == modality or r.problem]
         self.media = media
         self.modality = modality
+        self.regions = regions
+        self._sizes: dict[str, tuple[int, int]] = {}  # media path -> stored (width, height)
+        self._sizes_lock = threading.Lock()
+
+    def region_texts(self) -> list[str]:
+        """Every distinct region name of the data, in first-seen order: the names regions are told
+        apart from. Entries whose regions are malformed are left to ``load`` to report."""
+        names: dict[str, None] = {}
+        for record in self.records:
+            try:
+                names.update(dict.fromkeys(r.text for r in parse_regions(record.raw.get("regions"))))
+            except (ValueError, AttributeError):
+                continue
+        return list(names)
+
+    def _remember_size(self, rel: str) -> SizeSink:
+        def sink(width: int, height: int) -> None:
+            with self._sizes_lock:
+                self._sizes[rel] = (width, height)
+
+        return sink
+
+    def _media_size(self, rel: str) -> tuple[int, int]:
+        """Stored size of media whose pixels came from the cache: decoded once more to learn it."""
+        with self._sizes_lock:
+            known = self._sizes.get(rel)
+        if known is not None:
+            return known
+        if self.modality == "image":
+            width, height = load_image(self.media.root / rel, name=rel).size
+        else:
+            frames = read_video_frames(self.media.root / rel, num_frames=1, name=rel)
+            width, height = frames.shape[2], frames.shape[1]
+        self._remember_size(rel)(width, height)
+        return width, height
+
+    def _crop_regions(self, record: Record, rel: str) -> list[Region]:
+        try:
+            regions = parse_regions(record.raw.get("regions"))
+        except ValueError as error:
+            raise BadSample(record.id, f"malformed regions: {error}") from None
+        width, height = self._media_size(rel)
+        cropped = []
+        for region in regions:
+            box = box_to_pixels(
+                region.box, width, height, self.media.transform, video=self.modality == "video"
+            )
+            if box is not None:
+                cropped.append(Region(box, region.text))
+        return cropped
 
     def __len__(self) -> int:
         return len(self.records)
@@ -381,12 +480,13 @@ class CaptionDataset(RecordDataset):
         placeholder = IMAGE_PLACEHOLDER if self.modality == "image" else VIDEO_PLACEHOLDER
         if turns[0]["value"].count(placeholder) != 1:
             raise BadSample(record.id, f"placeholder mismatch: the question needs one {placeholder}")
+        load = _load_image if self.modality == "image" else _load_video
         try:
-            load = _load_image if self.modality == "image" else _load_video
-            pixels = load(self.media, paths[0])
+            pixels = load(self.media, paths[0], self._remember_size(paths[0]) if self.regions else None)
+            regions = self._crop_regions(record, paths[0]) if self.regions else []
         except MediaError as error:
             raise BadSample(record.id, f"bad media: {error}") from None
-        return CaptionSample(record.id, pixels, turns[1]["value"].strip(), self.modality)
+        return CaptionSample(record.id, pixels, turns[1]["value"].strip(), self.modality, regions)
 
     def __getitem__(self, index: int) -> CaptionSample | Skipped:
         try:
@@ -420,6 +520,7 @@ def collate_captions(items: Sequence[CaptionSample | Skipped]) -> dict[str, Any]
     return {
         "pixels": torch.stack([s.pixels for s in good]) if good else None,  # (B, 3, S, S) | (B, T, 3, S, S)
         "captions": [s.caption for s in good],
+        "regions": [s.regions for s in good],
         "ids": [s.id for s in good],
         "skipped": [s for s in items if isinstance(s, Skipped)],
         "num_samples": len(good),

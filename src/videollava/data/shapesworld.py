@@ -797,11 +797,34 @@ def _entry(scene: Scene, media: str) -> dict[str, Any]:
     return {"id": scene.id, scene.kind: media}
 
 
+def object_regions(scene: Scene) -> list[dict[str, Any]]:
+    """Each object's box and name, for alignment that grounds names in the patches they cover.
+
+    A video's box spans the object's whole path and its name says how it moves, so the region
+    can only be named right by a tower that sees the motion.
+    """
+    regions = []
+    for obj in scene.objects:
+        half = obj.size / 2
+        xs, ys = (obj.start[0], obj.end[0]), (obj.start[1], obj.end[1])
+        box = [
+            _r2(max(0.0, min(xs) - half)),
+            _r2(max(0.0, min(ys) - half)),
+            _r2(min(float(scene.width), max(xs) + half)),
+            _r2(min(float(scene.height), max(ys) + half)),
+        ]
+        text = obj.name
+        if scene.kind == "video":
+            text += f" moving {scene.direction}" if obj.moves else " standing still"
+        regions.append({"box": box, "text": text})
+    return regions
+
+
 def _caption_entry(scene: Scene, media: str, caption: str, rng: np.random.Generator) -> dict[str, Any]:
     request = CAPTION_REQUESTS[int(rng.integers(len(CAPTION_REQUESTS)))].format(media=scene.kind)
     token = "<image>" if scene.kind == "image" else "<video>"
     conversations = [{"from": "human", "value": f"{token}\n{request}"}, {"from": "gpt", "value": caption}]
-    return _entry(scene, media) | {"conversations": conversations}
+    return _entry(scene, media) | {"conversations": conversations, "regions": object_regions(scene)}
 
 
 def world_description() -> dict[str, Any]:

@@ -228,6 +228,39 @@ def video_resize_size(height: int, width: int, size: int) -> tuple[int, int]:
     return size, int(math.floor(float(width) / height * size))
 
 
+def box_to_pixels(
+    box: Sequence[float], width: int, height: int, cfg: ImageTransformConfig, video: bool = False
+) -> tuple[float, float, float, float] | None:
+    """A box (x0, y0, x1, y1) in the media's own pixels -> the same region in the model's crop.
+
+    Follows the geometry of ``preprocess_images`` (``video=False``) or ``preprocess_video``: the
+    optional pad to a square, the resize and the centre crop. ``None`` when the crop cuts the box
+    away entirely.
+    """
+    x0, y0, x1, y1 = (float(v) for v in box)
+    if not (x0 < x1 and y0 < y1):
+        raise ValueError(f"box {list(box)} is empty: it needs x0 < x1 and y0 < y1")
+    pad = cfg.video_pad_to_square if video else cfg.pad_to_square
+    if pad and width != height:
+        side = max(width, height)
+        dx, dy = (side - width) // 2, (side - height) // 2
+        x0, x1, y0, y1 = x0 + dx, x1 + dx, y0 + dy, y1 + dy
+        width = height = side
+    resize = video_resize_size if video else shortest_side_size
+    new_h, new_w = resize(height, width, cfg.size)
+    sx, sy = new_w / width, new_h / height
+    if video:
+        top, left = round((new_h - cfg.crop_size) / 2.0), round((new_w - cfg.crop_size) / 2.0)
+    else:
+        top, left = (new_h - cfg.crop_size) // 2, (new_w - cfg.crop_size) // 2
+    crop = float(cfg.crop_size)
+    x0, x1 = min(max(x0 * sx - left, 0.0), crop), min(max(x1 * sx - left, 0.0), crop)
+    y0, y1 = min(max(y0 * sy - top, 0.0), crop), min(max(y1 * sy - top, 0.0), crop)
+    if x0 >= x1 or y0 >= y1:
+        return None
+    return (x0, y0, x1, y1)
+
+
 def _as_frames(frames: np.ndarray | torch.Tensor) -> torch.Tensor:
     x = torch.as_tensor(np.ascontiguousarray(frames)) if isinstance(frames, np.ndarray) else frames
     if x.ndim != 4 or x.shape[-1] != 3:

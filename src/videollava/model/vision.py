@@ -172,22 +172,33 @@ class VisionTower(nn.Module):
         self.encoder = Encoder(config)
         self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
-    def hidden_state(self, pixel_values: torch.Tensor, layer: int = -2, num_frames: int = 1) -> torch.Tensor:
-        """(B*T, C, H, W) -> (B*T, 1+P, D): the hidden state at `layer` (an index into all hidden states)."""
-        total = self.config.num_hidden_layers + 1
-        index = layer % total
-        x = self.pre_layrnorm(self.embeddings(pixel_values))
-        for block in self.encoder.layers[:index]:
+    def _blocks(self, x: torch.Tensor, start: int, stop: int, num_frames: int) -> torch.Tensor:
+        for block in self.encoder.layers[start:stop]:
             if self.encoder.gradient_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(block, x, num_frames, use_reentrant=False)
             else:
                 x = block(x, num_frames)
         return x
 
+    def hidden_state(self, pixel_values: torch.Tensor, layer: int = -2, num_frames: int = 1) -> torch.Tensor:
+        """(B*T, C, H, W) -> (B*T, 1+P, D): the hidden state at `layer` (an index into all hidden states)."""
+        index = layer % (self.config.num_hidden_layers + 1)
+        return self._blocks(self.pre_layrnorm(self.embeddings(pixel_values)), 0, index, num_frames)
+
     def forward(self, pixel_values: torch.Tensor, num_frames: int = 1) -> torch.Tensor:
         """Pooled output (post-LN CLS of the last layer), used by contrastive alignment."""
         x = self.hidden_state(pixel_values, layer=-1, num_frames=num_frames)
         return self.post_layernorm(x[:, 0])
+
+    def pooled_and_hidden(
+        self, pixel_values: torch.Tensor, layer: int = -2, num_frames: int = 1
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One pass for both: the pooled output (B*T, D) and the hidden state at `layer` (B*T, 1+P, D)."""
+        total = self.config.num_hidden_layers + 1
+        index = layer % total
+        hidden = self.hidden_state(pixel_values, layer, num_frames)
+        last = self._blocks(hidden, index, total - 1, num_frames)
+        return self.post_layernorm(last[:, 0]), hidden
 
     def encode_images(self, pixel_values: torch.Tensor, layer: int = -2) -> torch.Tensor:
         """(N, C, H, W) -> (N, P, D): patch features, CLS dropped."""

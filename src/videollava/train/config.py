@@ -161,6 +161,16 @@ class TextEncoderSpec:
     num_layers: int = 2
     num_heads: int = 4
     max_length: int = 64
+    pooling: Literal["eos", "mean"] = "eos"  # see contrastive.TextEncoderConfig
+    token_init_std: float = 0.02
+
+
+@dataclass
+class RegionLossSpec:
+    """Ground the data's region names (entries' ``regions``) in the patches their boxes cover."""
+
+    weight: float = 1.0  # of the region loss beside the caption loss
+    scale: float = 30.0  # fixed logit scale of region-name similarities
 
 
 @dataclass
@@ -243,6 +253,7 @@ class AlignImageStage(TrainStage):
     # The text encoder's own rate (0 freezes it); default: lr. A tenth of lr measured higher
     # retrieval R@1 on ShapesWorld but no better shape features (see reports/).
     text_encoder_lr: float | None = None
+    region_loss: RegionLossSpec | None = None
     eval: EvalConfig | None = field(default_factory=EvalConfig)
 
 
@@ -256,6 +267,9 @@ class AlignVideoStage(TrainStage):
     # Std of the initial temporal embedding. 0 (LanguageBind's no-op start) keeps the fresh tower
     # symmetric in time; a small value breaks that symmetry (see init_video_tower_from_image).
     temporal_embedding_std: float = 0.0
+    # Region names of videos say how each object moves; the region head starts from the image
+    # stage's when that stage had one.
+    region_loss: RegionLossSpec | None = None
     eval: EvalConfig | None = field(default_factory=EvalConfig)
 
 
@@ -416,6 +430,13 @@ def validate(recipe: Recipe) -> None:
                 )
             if any(k in ("projector", "finetune") for k in seen):
                 raise RecipeError(f"{where}: alignment must come before the projector and finetune stages")
+            regions = stage.region_loss
+            if regions is not None and not (regions.weight > 0 and regions.scale > 0):
+                raise RecipeError(
+                    f"{where}.region_loss: weight and scale must be positive, got {regions.weight}, {regions.scale}"
+                )
+        if isinstance(stage, AlignImageStage) and not stage.text_encoder.token_init_std > 0:
+            raise RecipeError(f"{where}.text_encoder.token_init_std: must be positive")
         if stage.kind == "align_video" and "align_image" not in seen:
             raise RecipeError(
                 f"{where}: align_video starts from the aligned image tower; put align_image first"

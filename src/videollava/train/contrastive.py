@@ -34,6 +34,16 @@ class TextEncoderConfig:
     num_heads: int = 4
     max_length: int = 64
     projection_dim: int = 128
+    # "eos": the last real token stands for the caption, as in CLIP. "mean": the average over the
+    # caption's tokens, a bag of its words even before any training.
+    pooling: str = "eos"
+    token_init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.pooling not in ("eos", "mean"):
+            raise ValueError(f"pooling must be 'eos' or 'mean', got {self.pooling!r}")
+        if self.token_init_std <= 0:
+            raise ValueError(f"token_init_std must be positive, got {self.token_init_std}")
 
 
 class _TextBlock(nn.Module):
@@ -63,7 +73,7 @@ class _TextBlock(nn.Module):
 
 
 class TextEncoder(nn.Module):
-    """Small CLIP-style text tower: its output at the last real token (EOS) stands for the caption."""
+    """Small CLIP-style text tower pooled at the EOS token (or over all tokens) into one vector."""
 
     def __init__(self, config: TextEncoderConfig):
         super().__init__()
@@ -74,7 +84,7 @@ class TextEncoder(nn.Module):
         self.layers = nn.ModuleList(_TextBlock(d, config.num_heads) for _ in range(config.num_layers))
         self.final_layer_norm = nn.LayerNorm(d)
         self.text_projection = nn.Linear(d, config.projection_dim, bias=False)
-        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.token_embedding.weight, std=config.token_init_std)
         nn.init.normal_(self.position_embedding.weight, std=0.01)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -87,8 +97,12 @@ class TextEncoder(nn.Module):
         for layer in self.layers:
             x = layer(x)
         x = self.final_layer_norm(x)
-        last = attention_mask.long().sum(dim=1).clamp(min=1) - 1  # (B,) index of the EOS
-        pooled = x[torch.arange(x.shape[0], device=x.device), last]  # (B, D)
+        if self.config.pooling == "mean":
+            weights = attention_mask.to(x.dtype).unsqueeze(-1)  # (B, L, 1)
+            pooled = (x * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)  # (B, D)
+        else:
+            last = attention_mask.long().sum(dim=1).clamp(min=1) - 1  # (B,) index of the EOS
+            pooled = x[torch.arange(x.shape[0], device=x.device), last]  # (B, D)
         return self.text_projection(pooled)
 
 
@@ -100,18 +114,105 @@ def clip_loss(media_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torc
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
 
 
-class _Aligner(nn.Module):
-    """What image and video alignment share: a projection, a learnable temperature, the loss."""
+def box_patch_weights(boxes: torch.Tensor, image_size: int, patch_size: int) -> torch.Tensor:
+    """(R, 4) boxes in crop pixels -> (R, P) weights: each patch's share of the box's area.
 
-    def __init__(self, tower: VisionTower, text_encoder: TextEncoder, projection_dim: int):
+    Overlap area rather than "patch centre inside the box", so a box smaller than one patch still
+    pools from the patches it lies in.
+    """
+    grid = image_size // patch_size
+    cells = torch.arange(grid, dtype=boxes.dtype, device=boxes.device) * patch_size  # (g,) cell starts
+    x0, y0, x1, y1 = (boxes[:, i : i + 1] for i in range(4))  # each (R, 1)
+    overlap_x = (torch.minimum(x1, cells + patch_size) - torch.maximum(x0, cells)).clamp(min=0)  # (R, g)
+    overlap_y = (torch.minimum(y1, cells + patch_size) - torch.maximum(y0, cells)).clamp(min=0)  # (R, g)
+    # (R, g rows, 1) * (R, 1, g cols) -> (R, g, g) -> (R, P), patches in row-major order
+    area = (overlap_y.unsqueeze(2) * overlap_x.unsqueeze(1)).flatten(1)
+    total = area.sum(dim=1, keepdim=True)
+    if bool((total <= 0).any()):
+        raise ValueError("a region box covers no patch of the crop")
+    return area / total
+
+
+@dataclass
+class RegionBatch:
+    """The named regions of a micro-batch, against the vocabulary of names they are told apart from."""
+
+    sample_index: torch.Tensor  # (R,) which media each region belongs to
+    boxes: torch.Tensor  # (R, 4) crop pixels
+    target: torch.Tensor  # (R,) index of the region's name in the vocabulary
+    vocab_ids: torch.Tensor  # (V, L) the vocabulary, tokenised
+    vocab_mask: torch.Tensor  # (V, L)
+
+
+class RegionVocabulary:
+    """The names regions are told apart from, tokenised once for the whole stage."""
+
+    def __init__(self, names: list[str], tokenizer: PreTrainedTokenizerBase, max_length: int):
+        if not names:
+            raise ValueError("the region loss needs named regions in the data, and there are none")
+        self.names = list(names)
+        self.index = {name: i for i, name in enumerate(self.names)}
+        self.ids, self.mask = tokenize_captions(tokenizer, self.names, max_length)
+
+    def batch(self, regions_per_media: list[list], device: torch.device) -> RegionBatch:
+        """Regions of each media of a micro-batch (objects with ``box`` and ``text``) -> one batch."""
+        sample_index, boxes, target = [], [], []
+        for i, regions in enumerate(regions_per_media):
+            for region in regions:
+                if region.text not in self.index:
+                    raise ValueError(f"region name {region.text!r} is not in the stage's vocabulary")
+                sample_index.append(i)
+                boxes.append(region.box)
+                target.append(self.index[region.text])
+        return RegionBatch(
+            torch.tensor(sample_index, dtype=torch.long, device=device),
+            torch.tensor(boxes, dtype=torch.float32, device=device).view(-1, 4),
+            torch.tensor(target, dtype=torch.long, device=device),
+            self.ids.to(device),
+            self.mask.to(device),
+        )
+
+
+class _Aligner(nn.Module):
+    """What image and video alignment share: projections, a learnable temperature, the losses.
+
+    Beside the media-caption loss, an optional region loss grounds names in patches: the features
+    at ``feature_layer`` (the layer the LLM reads) pooled over each named box must pick that box's
+    name out of all the names in the data. A caption loss alone is met by the CLS token; this one
+    puts what each object is into the patches the projector later hands to the LLM.
+    """
+
+    def __init__(
+        self,
+        tower: VisionTower,
+        text_encoder: TextEncoder,
+        projection_dim: int,
+        region_weight: float = 0.0,
+        region_scale: float = 30.0,
+        feature_layer: int = -2,
+    ):
         super().__init__()
         if text_encoder.config.projection_dim != projection_dim:
             raise ValueError(
                 f"text encoder projects to {text_encoder.config.projection_dim}, aligner to {projection_dim}"
             )
+        if region_weight < 0 or region_scale <= 0:
+            raise ValueError(f"region weight must be >= 0 and scale > 0, got {region_weight}, {region_scale}")
         self.text_encoder = text_encoder
         self.visual_projection = nn.Linear(tower.config.hidden_size, projection_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(LOGIT_SCALE_INIT))
+        self.region_weight = region_weight
+        self.region_scale = region_scale
+        self.feature_layer = feature_layer
+        self.image_size = tower.config.image_size
+        self.patch_size = tower.config.patch_size
+        self.region_projection = (
+            nn.Linear(tower.config.hidden_size, projection_dim, bias=False) if region_weight > 0 else None
+        )
+
+    def tower_pass(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, ...) media -> pooled (B, D) and patch features at ``feature_layer`` (B, P, D)."""
+        raise NotImplementedError
 
     def pooled_media(self, pixel_values: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -124,36 +225,83 @@ class _Aligner(nn.Module):
         """(B, P) unit vectors: the caption's place in the shared space."""
         return F.normalize(self.text_encoder(input_ids, attention_mask), dim=-1)
 
+    def region_logits(self, patches: torch.Tensor, regions: RegionBatch) -> torch.Tensor:
+        """(R, V): how well each region's pooled patches match each name of the vocabulary."""
+        assert self.region_projection is not None
+        weights = box_patch_weights(regions.boxes.to(patches), self.image_size, self.patch_size)  # (R, P)
+        # (R, P) x (R, P, D) -> (R, D): each region's patches, weighted by their share of its box
+        pooled = torch.einsum("rp,rpd->rd", weights, patches[regions.sample_index])
+        region_emb = F.normalize(self.region_projection(pooled), dim=-1)  # (R, E)
+        names = self.embed_text(regions.vocab_ids, regions.vocab_mask)  # (V, E)
+        return self.region_scale * region_emb @ names.t()
+
     def loss(
-        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        regions: RegionBatch | None = None,
     ) -> torch.Tensor:
-        return clip_loss(
-            self.embed_media(pixel_values), self.embed_text(input_ids, attention_mask), self.logit_scale
-        )
+        if self.region_projection is None:
+            media = F.normalize(self.visual_projection(self.pooled_media(pixel_values)), dim=-1)
+            return clip_loss(media, self.embed_text(input_ids, attention_mask), self.logit_scale)
+        pooled, patches = self.tower_pass(pixel_values)
+        media = F.normalize(self.visual_projection(pooled), dim=-1)
+        loss = clip_loss(media, self.embed_text(input_ids, attention_mask), self.logit_scale)
+        if regions is None or regions.target.numel() == 0:
+            # Every rank touches the region head each step, so gradient all-reduces stay in step.
+            return loss + 0.0 * self.region_projection.weight.sum()
+        logits = self.region_logits(patches, regions)
+        return loss + self.region_weight * F.cross_entropy(logits, regions.target.to(logits.device))
 
 
 class ImageTextAligner(_Aligner):
     """CLIP on image-caption pairs: everything trains, the text encoder included."""
 
-    def __init__(self, image_tower: VisionTower, text_encoder: TextEncoder, projection_dim: int):
-        super().__init__(image_tower, text_encoder, projection_dim)
+    def __init__(
+        self,
+        image_tower: VisionTower,
+        text_encoder: TextEncoder,
+        projection_dim: int,
+        region_weight: float = 0.0,
+        region_scale: float = 30.0,
+        feature_layer: int = -2,
+    ):
+        super().__init__(
+            image_tower, text_encoder, projection_dim, region_weight, region_scale, feature_layer
+        )
         self.image_tower = image_tower
 
     def pooled_media(self, pixel_values: torch.Tensor) -> torch.Tensor:
         # (B, 3, H, W) -> (B, D)
         return self.image_tower(pixel_values)
 
+    def tower_pass(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pooled, hidden = self.image_tower.pooled_and_hidden(pixel_values, self.feature_layer)
+        return pooled, hidden[:, 1:]  # (B, D), (B, P, D) without the CLS
+
     def trainable_parameters(self) -> list[nn.Parameter]:
+        region = [] if self.region_projection is None else [self.region_projection.weight]
         return [
             *self.image_tower.parameters(),
             *self.text_encoder.parameters(),
             self.visual_projection.weight,
             self.logit_scale,
+            *region,
         ]
 
 
 def _video_trainable_name(name: str) -> bool:
     return ".temporal_" in name or name == "embeddings.class_embedding" or name.startswith("post_layernorm.")
+
+
+def _copy_linear(target: nn.Linear, source: nn.Linear, what: str) -> None:
+    if source.weight.shape != target.weight.shape:
+        raise ValueError(
+            f"{what} of shape {tuple(source.weight.shape)} does not fit {tuple(target.weight.shape)}"
+        )
+    with torch.no_grad():
+        target.weight.copy_(source.weight)
 
 
 class VideoTextAligner(_Aligner):
@@ -165,19 +313,21 @@ class VideoTextAligner(_Aligner):
         text_encoder: TextEncoder,
         projection_dim: int,
         visual_projection_init: nn.Linear | None = None,
+        region_weight: float = 0.0,
+        region_scale: float = 30.0,
+        feature_layer: int = -2,
+        region_projection_init: nn.Linear | None = None,
     ):
-        super().__init__(video_tower, text_encoder, projection_dim)
+        super().__init__(
+            video_tower, text_encoder, projection_dim, region_weight, region_scale, feature_layer
+        )
         if not video_tower.config.has_temporal:
             raise ValueError("the video tower has no temporal modules (num_frames=0)")
         self.video_tower = video_tower
         if visual_projection_init is not None:
-            if visual_projection_init.weight.shape != self.visual_projection.weight.shape:
-                raise ValueError(
-                    f"visual projection of shape {tuple(visual_projection_init.weight.shape)} does not fit "
-                    f"{tuple(self.visual_projection.weight.shape)}"
-                )
-            with torch.no_grad():
-                self.visual_projection.weight.copy_(visual_projection_init.weight)
+            _copy_linear(self.visual_projection, visual_projection_init, "visual projection")
+        if region_projection_init is not None and self.region_projection is not None:
+            _copy_linear(self.region_projection, region_projection_init, "region projection")
         for name, param in video_tower.named_parameters():
             param.requires_grad_(_video_trainable_name(name))
         text_encoder.requires_grad_(False)
@@ -195,13 +345,21 @@ class VideoTextAligner(_Aligner):
         # (B*T, D) -> (B, T, D) -> (B, D)
         return per_frame.view(b, t, -1).mean(dim=1)
 
+    def tower_pass(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b, t = pixel_values.shape[:2]
+        pooled, hidden = self.video_tower.pooled_and_hidden(pixel_values.flatten(0, 1), self.feature_layer, t)
+        # (B*T, D) -> (B, D); (B*T, 1+P, D) -> (B, T, 1+P, D) -> (B, P, D): a region spans all frames
+        patches = hidden.view(b, t, *hidden.shape[1:]).mean(dim=1)[:, 1:]
+        return pooled.view(b, t, -1).mean(dim=1), patches
+
     def embed_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return super().embed_text(input_ids, attention_mask)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         tower = [p for name, p in self.video_tower.named_parameters() if _video_trainable_name(name)]
-        return [*tower, self.visual_projection.weight, self.logit_scale]
+        region = [] if self.region_projection is None else [self.region_projection.weight]
+        return [*tower, self.visual_projection.weight, self.logit_scale, *region]
 
 
 def init_video_tower_from_image(

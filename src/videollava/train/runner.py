@@ -323,12 +323,22 @@ class LMObjective(nn.Module):
 class AlignObjective(nn.Module):
     """Contrastive loss of one micro-batch, weighted by its size (the loop divides by the total)."""
 
-    def __init__(self, aligner: nn.Module, tokenizer: Any, max_length: int, dummy_shape: tuple[int, ...]):
+    def __init__(
+        self,
+        aligner: nn.Module,
+        tokenizer: Any,
+        max_length: int,
+        dummy_shape: tuple[int, ...],
+        region_names: list[str] | None = None,
+    ):
+        from videollava.train.contrastive import RegionVocabulary
+
         super().__init__()
         self.aligner = aligner
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.dummy_shape = dummy_shape
+        self.regions = None if region_names is None else RegionVocabulary(region_names, tokenizer, max_length)
 
     def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
         from videollava.train.contrastive import tokenize_captions
@@ -341,7 +351,8 @@ class AlignObjective(nn.Module):
             loss = self.aligner.loss(pixels, ids, torch.ones_like(ids))
             return loss * 0.0, 0
         ids, mask = tokenize_captions(self.tokenizer, batch["captions"], self.max_length)
-        loss = self.aligner.loss(batch["pixels"].to(device), ids.to(device), mask.to(device))
+        regions = None if self.regions is None else self.regions.batch(batch["regions"], device)
+        loss = self.aligner.loss(batch["pixels"].to(device), ids.to(device), mask.to(device), regions)
         n = len(batch["captions"])
         return loss * n, n
 
@@ -724,6 +735,19 @@ class Run:
         prefix = dataset.modality
         return {f"{prefix}_r1_{k}": v for k, v in recall.items()} | {f"{prefix}_eval_pairs": float(len(good))}
 
+    def region_names(
+        self, stage: AlignImageStage | AlignVideoStage, dataset: CaptionDataset
+    ) -> list[str] | None:
+        if stage.region_loss is None:
+            return None
+        names = dataset.region_texts()
+        if not names:
+            raise RecipeError(
+                f"stage {stage.label}: region_loss needs entries with 'regions' in {', '.join(stage.data)}"
+            )
+        self.log(f"[{stage.label}] region loss over {len(names)} names")
+        return names
+
     def align_image_task(self, stage: AlignImageStage) -> tuple[Task, Any]:
         from videollava.train.contrastive import ImageTextAligner, TextEncoder, TextEncoderConfig
 
@@ -737,16 +761,28 @@ class Run:
                 num_heads=spec.num_heads,
                 max_length=spec.max_length,
                 projection_dim=stage.projection_dim,
+                pooling=spec.pooling,
+                token_init_std=spec.token_init_std,
             )
         )
-        aligner = ImageTextAligner(model.image_tower, self.text_encoder, stage.projection_dim)
+        regions = stage.region_loss
+        aligner = ImageTextAligner(
+            model.image_tower,
+            self.text_encoder,
+            stage.projection_dim,
+            region_weight=regions.weight if regions else 0.0,
+            region_scale=regions.scale if regions else 30.0,
+            feature_layer=model.config.vision_feature_layer,
+        )
         self.image_aligner = aligner
         model.image_tower.encoder.gradient_checkpointing = stage.gradient_checkpointing
         size = model.config.vision.image_size
-        objective = AlignObjective(aligner, self.tokenizer, spec.max_length, (3, size, size))
-        set_trainable(objective, aligner.trainable_parameters())
         records = read_records([self.data_path(n) for n in stage.data], stage.max_samples)
-        dataset = CaptionDataset(records, self.media_spec(stage), "image")
+        dataset = CaptionDataset(records, self.media_spec(stage), "image", regions=regions is not None)
+        objective = AlignObjective(
+            aligner, self.tokenizer, spec.max_length, (3, size, size), self.region_names(stage, dataset)
+        )
+        set_trainable(objective, aligner.trainable_parameters())
         held_out = self.caption_eval(stage, "image")
         batch = stage.eval.batch_size if stage.eval else 32
 
@@ -768,22 +804,31 @@ class Run:
         fresh = init_video_tower_from_image(model.image_tower, frames, stage.temporal_embedding_std)
         model.video_tower.load_state_dict(fresh.state_dict())
         projection = self.image_aligner.visual_projection if stage.init_projection_from_image else None
+        regions = stage.region_loss
         aligner = VideoTextAligner(
             model.video_tower,
             self.text_encoder,
             self.image_aligner.visual_projection.out_features,
             projection,
+            region_weight=regions.weight if regions else 0.0,
+            region_scale=regions.scale if regions else 30.0,
+            feature_layer=model.config.vision_feature_layer,
+            region_projection_init=self.image_aligner.region_projection,
         )
         self.video_aligner = aligner
         model.video_tower.encoder.gradient_checkpointing = stage.gradient_checkpointing
         size = model.config.vision.image_size
         num_frames = stage.num_frames or self.recipe.model.num_frames
+        records = read_records([self.data_path(n) for n in stage.data], stage.max_samples)
+        dataset = CaptionDataset(records, self.media_spec(stage), "video", regions=regions is not None)
         objective = AlignObjective(
-            aligner, self.tokenizer, self.text_encoder.config.max_length, (num_frames, 3, size, size)
+            aligner,
+            self.tokenizer,
+            self.text_encoder.config.max_length,
+            (num_frames, 3, size, size),
+            self.region_names(stage, dataset),
         )
         set_trainable(objective, aligner.trainable_parameters())
-        records = read_records([self.data_path(n) for n in stage.data], stage.max_samples)
-        dataset = CaptionDataset(records, self.media_spec(stage), "video")
         held_images = self.caption_eval(stage, "image")
         held_videos = self.caption_eval(stage, "video")
         batch = stage.eval.batch_size if stage.eval else 32
