@@ -276,7 +276,7 @@ def test_region_loss_trains_a_region_head_in_both_alignment_stages(world, tmp_pa
 
     stages = copy.deepcopy(tiny_recipe(world)["stages"][:3])
     for stage in stages[1:]:
-        stage.update(max_steps=1, eval=None, region_loss={"weight": 2.0, "scale": 20.0})
+        stage.update(max_steps=1, region_loss={"weight": 2.0, "scale": 20.0})
     stages[1]["text_encoder"].update(pooling="mean", token_init_std=1.0)
     recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(world, stages))
     image = trained_stage_weights(recipe, tmp_path / "run", "1-align_image")
@@ -287,6 +287,10 @@ def test_region_loss_trains_a_region_head_in_both_alignment_stages(world, tmp_pa
     # one step from the image head: close to it, not equal
     assert not torch.equal(image[image_head], video[video_head])
     assert (image[image_head] - video[video_head]).abs().max() < 0.05
+    # held-out: how often each region's name is picked, images and videos
+    evals = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["event"] == "eval"]
+    assert 0.0 <= evals[0]["image_region_name_acc"] <= 1.0 and "video_region_name_acc" not in evals[0]
+    assert 0.0 <= evals[1]["video_region_name_acc"] <= 1.0 and "image_region_name_acc" in evals[1]
     again = trained_stage_weights(recipe, tmp_path / "plain", "1-align_image", "stage.1.region_loss=null")
     assert not any("region_projection" in n for n in again)
     assert any(not torch.equal(image[n], again[n]) for n in again if "image_tower" in n)

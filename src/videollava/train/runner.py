@@ -405,6 +405,7 @@ class Run:
         self.text_encoder: nn.Module | None = None
         self.image_aligner: nn.Module | None = None
         self.video_aligner: nn.Module | None = None
+        self.region_vocab: dict[str, Any] = {}  # modality -> the region names of its alignment stage
         self.results: list[dict[str, Any]] = []
         self.data_root: Path | None = None
         self.media_cache = MediaCache() if recipe.run.cache_media else None
@@ -703,7 +704,7 @@ class Run:
 
     # ------------------------------------------------------------ alignment
 
-    def caption_eval(self, stage: TrainStage, modality: str) -> CaptionDataset | None:
+    def caption_eval(self, stage: TrainStage, modality: str, regions: bool = False) -> CaptionDataset | None:
         if stage.eval is None:
             return None
         path = self.data_path(stage.eval.data)
@@ -711,29 +712,43 @@ class Run:
             self.log(f"[{stage.label}] no held-out file {path}: retrieval is not evaluated")
             return None
         records = read_records([path], stage.eval.max_samples)
-        return CaptionDataset(records, self.media_spec(stage), modality)
+        return CaptionDataset(records, self.media_spec(stage), modality, regions=regions)
 
     def retrieval(
         self, aligner: nn.Module, dataset: CaptionDataset | None, batch_size: int
     ) -> dict[str, float]:
+        """Held-out R@1 both ways and, with a region loss, how often each region's name is picked."""
         from videollava.train.contrastive import retrieval_recall_at_1, tokenize_captions
 
         if dataset is None or len(dataset) == 0:
             return {}
         device = aligner.logit_scale.device
+        vocabulary = self.region_vocab.get(dataset.modality) if dataset.regions else None
         media, texts, captions = [], [], []
+        region_hits, region_total = 0, 0
         items = [dataset[i] for i in range(len(dataset))]
         good = [s for s in items if not isinstance(s, Skipped)]
         max_length = aligner.text_encoder.config.max_length
         for start in range(0, len(good), batch_size):
             batch = collate_captions(good[start : start + batch_size])
             ids, mask = tokenize_captions(self.tokenizer, batch["captions"], max_length)
-            media.append(aligner.embed_media(batch["pixels"].to(device)).float())
+            pixels = batch["pixels"].to(device)
+            media.append(aligner.embed_media(pixels).float())
             texts.append(aligner.embed_text(ids.to(device), mask.to(device)).float())
             captions += batch["captions"]
+            if vocabulary is not None:
+                known = [[r for r in regions if r.text in vocabulary.index] for regions in batch["regions"]]
+                regions = vocabulary.batch(known, device)
+                if regions.target.numel():
+                    logits = aligner.region_logits(aligner.tower_pass(pixels)[1], regions)
+                    region_hits += int((logits.argmax(dim=-1) == regions.target).sum())
+                    region_total += regions.target.numel()
         recall = retrieval_recall_at_1(torch.cat(media), torch.cat(texts), captions)
         prefix = dataset.modality
-        return {f"{prefix}_r1_{k}": v for k, v in recall.items()} | {f"{prefix}_eval_pairs": float(len(good))}
+        out = {f"{prefix}_r1_{k}": v for k, v in recall.items()} | {f"{prefix}_eval_pairs": float(len(good))}
+        if region_total:
+            out[f"{prefix}_region_name_acc"] = region_hits / region_total
+        return out
 
     def region_names(
         self, stage: AlignImageStage | AlignVideoStage, dataset: CaptionDataset
@@ -783,7 +798,8 @@ class Run:
             aligner, self.tokenizer, spec.max_length, (3, size, size), self.region_names(stage, dataset)
         )
         set_trainable(objective, aligner.trainable_parameters())
-        held_out = self.caption_eval(stage, "image")
+        self.region_vocab = {"image": objective.regions} if objective.regions else {}
+        held_out = self.caption_eval(stage, "image", regions=regions is not None)
         batch = stage.eval.batch_size if stage.eval else 32
 
         def evaluate(_: nn.Module) -> dict[str, float]:
@@ -829,8 +845,10 @@ class Run:
             self.region_names(stage, dataset),
         )
         set_trainable(objective, aligner.trainable_parameters())
-        held_images = self.caption_eval(stage, "image")
-        held_videos = self.caption_eval(stage, "video")
+        if objective.regions:
+            self.region_vocab["video"] = objective.regions
+        held_images = self.caption_eval(stage, "image", regions="image" in self.region_vocab)
+        held_videos = self.caption_eval(stage, "video", regions=regions is not None)
         batch = stage.eval.batch_size if stage.eval else 32
         image_aligner = self.image_aligner
 
