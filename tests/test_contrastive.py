@@ -13,6 +13,7 @@ from videollava.model.vision import VisionConfig, VisionTower
 from videollava.train.contrastive import (
     LOGIT_SCALE_MAX,
     ImageTextAligner,
+    RegionLoss,
     RegionVocabulary,
     TextEncoder,
     TextEncoderConfig,
@@ -149,7 +150,7 @@ def _region_batch(tokenizer, names, regions_per_media):
 
 def test_region_loss_reads_only_the_patches_of_each_box(tiny_tokenizer):
     tower, text = tiny_parts(vocab=len(tiny_tokenizer))
-    aligner = ImageTextAligner(tower, text, projection_dim=16, region_weight=2.0, region_scale=10.0)
+    aligner = ImageTextAligner(tower, text, projection_dim=16, regions=RegionLoss(weight=2.0, scale=10.0))
     aligner.eval()
     names = ["red circle", "blue square", "green triangle"]
     regions = _region_batch(
@@ -187,7 +188,7 @@ def test_region_loss_teaches_the_patches_what_is_where(tiny_tokenizer):
     """Two colours in random quadrants: the region loss alone learns to name each box's colour."""
     torch.manual_seed(0)
     tower, text = tiny_parts(vocab=len(tiny_tokenizer))
-    aligner = ImageTextAligner(tower, text, projection_dim=16, region_weight=1.0, region_scale=10.0)
+    aligner = ImageTextAligner(tower, text, projection_dim=16, regions=RegionLoss(weight=1.0, scale=10.0))
     text.requires_grad_(False)
     names = ["red", "blue"]
     quadrants = [(0, 0, 16, 16), (16, 0, 32, 16), (0, 16, 16, 32), (16, 16, 32, 32)]
@@ -227,14 +228,14 @@ def test_region_loss_teaches_the_patches_what_is_where(tiny_tokenizer):
 
 def test_video_region_head_starts_from_the_image_one():
     tower, text = tiny_parts()
-    image = ImageTextAligner(tower, text, projection_dim=16, region_weight=1.0)
+    image = ImageTextAligner(tower, text, projection_dim=16, regions=RegionLoss())
     video_tower = init_video_tower_from_image(tower, num_frames=2)
     video = VideoTextAligner(
         video_tower,
         text,
         16,
         image.visual_projection,
-        region_weight=1.0,
+        regions=RegionLoss(),
         region_projection_init=image.region_projection,
     )
     assert torch.equal(video.region_projection.weight, image.region_projection.weight)

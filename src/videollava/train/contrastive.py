@@ -133,6 +133,20 @@ def box_patch_weights(boxes: torch.Tensor, image_size: int, patch_size: int) -> 
     return area / total
 
 
+@dataclass(frozen=True)
+class RegionLoss:
+    """The region objective: its weight beside the caption loss, its fixed logit scale, and the
+    tower layer whose patch features it shapes (the one the LLM reads)."""
+
+    weight: float = 1.0
+    scale: float = 30.0
+    feature_layer: int = -2
+
+    def __post_init__(self) -> None:
+        if not (self.weight > 0 and self.scale > 0):
+            raise ValueError(f"region weight and scale must be positive, got {self.weight}, {self.scale}")
+
+
 @dataclass
 class RegionBatch:
     """The named regions of a micro-batch, against the vocabulary of names they are told apart from."""
@@ -187,27 +201,21 @@ class _Aligner(nn.Module):
         tower: VisionTower,
         text_encoder: TextEncoder,
         projection_dim: int,
-        region_weight: float = 0.0,
-        region_scale: float = 30.0,
-        feature_layer: int = -2,
+        regions: RegionLoss | None = None,
     ):
         super().__init__()
         if text_encoder.config.projection_dim != projection_dim:
             raise ValueError(
                 f"text encoder projects to {text_encoder.config.projection_dim}, aligner to {projection_dim}"
             )
-        if region_weight < 0 or region_scale <= 0:
-            raise ValueError(f"region weight must be >= 0 and scale > 0, got {region_weight}, {region_scale}")
         self.text_encoder = text_encoder
         self.visual_projection = nn.Linear(tower.config.hidden_size, projection_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(LOGIT_SCALE_INIT))
-        self.region_weight = region_weight
-        self.region_scale = region_scale
-        self.feature_layer = feature_layer
+        self.regions = regions or RegionLoss()
         self.image_size = tower.config.image_size
         self.patch_size = tower.config.patch_size
         self.region_projection = (
-            nn.Linear(tower.config.hidden_size, projection_dim, bias=False) if region_weight > 0 else None
+            nn.Linear(tower.config.hidden_size, projection_dim, bias=False) if regions is not None else None
         )
 
     def tower_pass(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -233,7 +241,7 @@ class _Aligner(nn.Module):
         pooled = torch.einsum("rp,rpd->rd", weights, patches[regions.sample_index])
         region_emb = F.normalize(self.region_projection(pooled), dim=-1)  # (R, E)
         names = self.embed_text(regions.vocab_ids, regions.vocab_mask)  # (V, E)
-        return self.region_scale * region_emb @ names.t()
+        return self.regions.scale * region_emb @ names.t()
 
     def loss(
         self,
@@ -252,7 +260,7 @@ class _Aligner(nn.Module):
             # Every rank touches the region head each step, so gradient all-reduces stay in step.
             return loss + 0.0 * self.region_projection.weight.sum()
         logits = self.region_logits(patches, regions)
-        return loss + self.region_weight * F.cross_entropy(logits, regions.target.to(logits.device))
+        return loss + self.regions.weight * F.cross_entropy(logits, regions.target.to(logits.device))
 
 
 class ImageTextAligner(_Aligner):
@@ -263,13 +271,9 @@ class ImageTextAligner(_Aligner):
         image_tower: VisionTower,
         text_encoder: TextEncoder,
         projection_dim: int,
-        region_weight: float = 0.0,
-        region_scale: float = 30.0,
-        feature_layer: int = -2,
+        regions: RegionLoss | None = None,
     ):
-        super().__init__(
-            image_tower, text_encoder, projection_dim, region_weight, region_scale, feature_layer
-        )
+        super().__init__(image_tower, text_encoder, projection_dim, regions)
         self.image_tower = image_tower
 
     def pooled_media(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -277,7 +281,7 @@ class ImageTextAligner(_Aligner):
         return self.image_tower(pixel_values)
 
     def tower_pass(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        pooled, hidden = self.image_tower.pooled_and_hidden(pixel_values, self.feature_layer)
+        pooled, hidden = self.image_tower.pooled_and_hidden(pixel_values, self.regions.feature_layer)
         return pooled, hidden[:, 1:]  # (B, D), (B, P, D) without the CLS
 
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -313,14 +317,10 @@ class VideoTextAligner(_Aligner):
         text_encoder: TextEncoder,
         projection_dim: int,
         visual_projection_init: nn.Linear | None = None,
-        region_weight: float = 0.0,
-        region_scale: float = 30.0,
-        feature_layer: int = -2,
+        regions: RegionLoss | None = None,
         region_projection_init: nn.Linear | None = None,
     ):
-        super().__init__(
-            video_tower, text_encoder, projection_dim, region_weight, region_scale, feature_layer
-        )
+        super().__init__(video_tower, text_encoder, projection_dim, regions)
         if not video_tower.config.has_temporal:
             raise ValueError("the video tower has no temporal modules (num_frames=0)")
         self.video_tower = video_tower
@@ -347,7 +347,9 @@ class VideoTextAligner(_Aligner):
 
     def tower_pass(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         b, t = pixel_values.shape[:2]
-        pooled, hidden = self.video_tower.pooled_and_hidden(pixel_values.flatten(0, 1), self.feature_layer, t)
+        pooled, hidden = self.video_tower.pooled_and_hidden(
+            pixel_values.flatten(0, 1), self.regions.feature_layer, t
+        )
         # (B*T, D) -> (B, D); (B*T, 1+P, D) -> (B, T, 1+P, D) -> (B, P, D): a region spans all frames
         patches = hidden.view(b, t, *hidden.shape[1:]).mean(dim=1)[:, 1:]
         return pooled.view(b, t, -1).mean(dim=1), patches

@@ -750,6 +750,14 @@ class Run:
             out[f"{prefix}_region_name_acc"] = region_hits / region_total
         return out
 
+    def region_loss(self, stage: AlignImageStage | AlignVideoStage) -> Any:
+        from videollava.train.contrastive import RegionLoss
+
+        spec = stage.region_loss
+        if spec is None:
+            return None
+        return RegionLoss(spec.weight, spec.scale, self.require_model().config.vision_feature_layer)
+
     def region_names(
         self, stage: AlignImageStage | AlignVideoStage, dataset: CaptionDataset
     ) -> list[str] | None:
@@ -782,12 +790,7 @@ class Run:
         )
         regions = stage.region_loss
         aligner = ImageTextAligner(
-            model.image_tower,
-            self.text_encoder,
-            stage.projection_dim,
-            region_weight=regions.weight if regions else 0.0,
-            region_scale=regions.scale if regions else 30.0,
-            feature_layer=model.config.vision_feature_layer,
+            model.image_tower, self.text_encoder, stage.projection_dim, self.region_loss(stage)
         )
         self.image_aligner = aligner
         model.image_tower.encoder.gradient_checkpointing = stage.gradient_checkpointing
@@ -826,9 +829,7 @@ class Run:
             self.text_encoder,
             self.image_aligner.visual_projection.out_features,
             projection,
-            region_weight=regions.weight if regions else 0.0,
-            region_scale=regions.scale if regions else 30.0,
-            feature_layer=model.config.vision_feature_layer,
+            self.region_loss(stage),
             region_projection_init=self.image_aligner.region_projection,
         )
         self.video_aligner = aligner
