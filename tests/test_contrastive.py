@@ -184,11 +184,46 @@ def test_region_loss_reads_only_the_patches_of_each_box(tiny_tokenizer):
         _region_batch(tiny_tokenizer, names, [[((0, 0, 8, 8), "purple circle")]])
 
 
-def test_region_loss_teaches_the_patches_what_is_where(tiny_tokenizer):
+def test_per_patch_region_loss_asks_every_patch_of_the_box(tiny_tokenizer):
+    tower, text = tiny_parts(vocab=len(tiny_tokenizer))
+    aligner = ImageTextAligner(
+        tower, text, projection_dim=16, regions=RegionLoss(scale=10.0, pooling="patch")
+    )
+    aligner.eval()
+    names = ["red circle", "blue square", "green triangle"]
+    # media 0: a box over patches 0 and 1 (3/4 and 1/4 of it); media 1: patch 15 alone
+    regions = _region_batch(
+        tiny_tokenizer, names, [[((2, 0, 10, 8), "green triangle")], [((24, 24, 32, 32), "red circle")]]
+    )
+    patches = torch.randn(2, 16, 32)
+    ids, mask = tokenize_captions(tiny_tokenizer, names, 16)
+    words = aligner.embed_text(ids, mask)
+
+    def patch_logits(media: int, patch: int) -> torch.Tensor:
+        return 10.0 * words @ F.normalize(aligner.region_projection(patches[media, patch]), dim=-1)
+
+    def ce(logits: torch.Tensor, target: int) -> torch.Tensor:
+        return -logits.log_softmax(dim=-1)[target]
+
+    expected = (
+        0.75 * ce(patch_logits(0, 0), 2) + 0.25 * ce(patch_logits(0, 1), 2) + ce(patch_logits(1, 15), 0)
+    ) / 2
+    assert aligner.region_loss(patches, regions).item() == pytest.approx(expected.item(), rel=1e-5)
+    # the logits that name a region: its patches' logits, weighted by their share of the box
+    logits = aligner.region_logits(patches, regions)
+    assert torch.allclose(logits[0], 0.75 * patch_logits(0, 0) + 0.25 * patch_logits(0, 1), atol=1e-5)
+    with pytest.raises(ValueError, match="'box' or 'patch'"):
+        RegionLoss(pooling="max")
+
+
+@pytest.mark.parametrize("pooling", ["box", "patch"])
+def test_region_loss_teaches_the_patches_what_is_where(tiny_tokenizer, pooling):
     """Two colours in random quadrants: the region loss alone learns to name each box's colour."""
     torch.manual_seed(0)
     tower, text = tiny_parts(vocab=len(tiny_tokenizer))
-    aligner = ImageTextAligner(tower, text, projection_dim=16, regions=RegionLoss(weight=1.0, scale=10.0))
+    aligner = ImageTextAligner(
+        tower, text, projection_dim=16, regions=RegionLoss(weight=1.0, scale=10.0, pooling=pooling)
+    )
     text.requires_grad_(False)
     names = ["red", "blue"]
     quadrants = [(0, 0, 16, 16), (16, 0, 32, 16), (0, 16, 16, 32), (16, 16, 32, 32)]

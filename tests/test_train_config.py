@@ -147,6 +147,10 @@ def test_7b_model_builds_on_meta_device_without_network(monkeypatch):
             r"region_loss\.wieght: unknown key.*did you mean 'weight'",
         ),
         (
+            lambda r: r["stages"].insert(1, {"kind": "align_image", "region_loss": {"pooling": "cls"}}),
+            r"region_loss\.pooling: expected 'box' or 'patch'",
+        ),
+        (
             lambda r: r["stages"].insert(1, {"kind": "align_image", "text_encoder": {"pooling": "max"}}),
             r"text_encoder\.pooling: expected 'eos' or 'mean'",
         ),

@@ -171,6 +171,9 @@ class RegionLossSpec:
 
     weight: float = 1.0  # of the region loss beside the caption loss
     scale: float = 30.0  # fixed logit scale of region-name similarities
+    # "box": the box's mean patch names the region; "patch": each of its patches does (see
+    # contrastive.RegionLoss)
+    pooling: Literal["box", "patch"] = "box"
 
 
 @dataclass

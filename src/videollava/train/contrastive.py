@@ -135,16 +135,24 @@ def box_patch_weights(boxes: torch.Tensor, image_size: int, patch_size: int) -> 
 
 @dataclass(frozen=True)
 class RegionLoss:
-    """The region objective: its weight beside the caption loss, its fixed logit scale, and the
-    tower layer whose patch features it shapes (the one the LLM reads)."""
+    """The region objective: its weight beside the caption loss, its fixed logit scale, the tower
+    layer whose patch features it shapes (the one the LLM reads), and what names a region.
+
+    ``pooling="box"``: the mean of the box's patches must pick the name, so the object may be
+    spread over its patches. ``"patch"``: every patch of the box must pick it on its own (weighted
+    by its share of the box), so each patch the LLM reads carries the whole object's name.
+    """
 
     weight: float = 1.0
     scale: float = 30.0
     feature_layer: int = -2
+    pooling: str = "box"
 
     def __post_init__(self) -> None:
         if not (self.weight > 0 and self.scale > 0):
             raise ValueError(f"region weight and scale must be positive, got {self.weight}, {self.scale}")
+        if self.pooling not in ("box", "patch"):
+            raise ValueError(f"region pooling must be 'box' or 'patch', got {self.pooling!r}")
 
 
 @dataclass
@@ -233,15 +241,35 @@ class _Aligner(nn.Module):
         """(B, P) unit vectors: the caption's place in the shared space."""
         return F.normalize(self.text_encoder(input_ids, attention_mask), dim=-1)
 
-    def region_logits(self, patches: torch.Tensor, regions: RegionBatch) -> torch.Tensor:
-        """(R, V): how well each region's pooled patches match each name of the vocabulary."""
+    def _name_logits(self, features: torch.Tensor, regions: RegionBatch) -> torch.Tensor:
+        """(..., D) features -> (..., V) scaled cosines with every name of the vocabulary."""
         assert self.region_projection is not None
+        names = self.embed_text(regions.vocab_ids, regions.vocab_mask)  # (V, E)
+        return self.regions.scale * F.normalize(self.region_projection(features), dim=-1) @ names.t()
+
+    def region_logits(self, patches: torch.Tensor, regions: RegionBatch) -> torch.Tensor:
+        """(R, V): how well each region matches each name (per-patch pooling: the patches' mean logits)."""
         weights = box_patch_weights(regions.boxes.to(patches), self.image_size, self.patch_size)  # (R, P)
+        if self.regions.pooling == "patch":
+            # (R, P) x (R, P, V) -> (R, V)
+            return torch.einsum(
+                "rp,rpv->rv", weights, self._name_logits(patches, regions)[regions.sample_index]
+            )
         # (R, P) x (R, P, D) -> (R, D): each region's patches, weighted by their share of its box
         pooled = torch.einsum("rp,rpd->rd", weights, patches[regions.sample_index])
-        region_emb = F.normalize(self.region_projection(pooled), dim=-1)  # (R, E)
-        names = self.embed_text(regions.vocab_ids, regions.vocab_mask)  # (V, E)
-        return self.regions.scale * region_emb @ names.t()
+        return self._name_logits(pooled, regions)
+
+    def region_loss(self, patches: torch.Tensor, regions: RegionBatch) -> torch.Tensor:
+        target = regions.target.to(patches.device)
+        if self.regions.pooling == "box":
+            return F.cross_entropy(self.region_logits(patches, regions), target)
+        weights = box_patch_weights(regions.boxes.to(patches), self.image_size, self.patch_size)  # (R, P)
+        logits = self._name_logits(patches, regions)[regions.sample_index]  # (R, P, V)
+        # (R, P, V) -> (R, P): each patch's cross-entropy against its region's name
+        per_patch = -logits.log_softmax(dim=-1).gather(
+            -1, target[:, None, None].expand(-1, logits.shape[1], 1)
+        )
+        return (weights * per_patch.squeeze(-1)).sum(dim=1).mean()
 
     def loss(
         self,
@@ -259,8 +287,7 @@ class _Aligner(nn.Module):
         if regions is None or regions.target.numel() == 0:
             # Every rank touches the region head each step, so gradient all-reduces stay in step.
             return loss + 0.0 * self.region_projection.weight.sum()
-        logits = self.region_logits(patches, regions)
-        return loss + self.regions.weight * F.cross_entropy(logits, regions.target.to(logits.device))
+        return loss + self.regions.weight * self.region_loss(patches, regions)
 
 
 class ImageTextAligner(_Aligner):

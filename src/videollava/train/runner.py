@@ -756,7 +756,9 @@ class Run:
         spec = stage.region_loss
         if spec is None:
             return None
-        return RegionLoss(spec.weight, spec.scale, self.require_model().config.vision_feature_layer)
+        return RegionLoss(
+            spec.weight, spec.scale, self.require_model().config.vision_feature_layer, spec.pooling
+        )
 
     def region_names(
         self, stage: AlignImageStage | AlignVideoStage, dataset: CaptionDataset
