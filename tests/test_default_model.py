@@ -22,8 +22,10 @@ from videollava.infer.sampling import SamplingParams
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "src" / "videollava" / "assets" / "examples"
 # Accuracy the shipped model reaches on held-out images and videos (measured on the recipe's own
-# test set: colour 54-57%, count 95-96%), as floors well above chance (colour 1/6, count 1/3).
-FLOORS = {"color": 0.45, "count": 0.85}
+# test set: colour 53-58%, shape 84-87%, count 99-100%, yes/no 91-92%, which-object-moves 86%), as
+# floors well above chance (colour 1/6, shape and count 1/3, yes/no 1/2, moving about 1/3).
+FLOORS = {"color": 0.45, "shape": 0.75, "count": 0.9, "exists": 0.8}
+VIDEO_FLOORS = {"moving": 0.75}
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +67,8 @@ def test_bundled_examples_get_answers_in_the_worlds_vocabulary(pipeline):
 def test_held_out_accuracy_floor(report):
     assert len(report.results) >= 1000
     for modality in ("image", "video"):
-        for kind, floor in FLOORS.items():
+        floors = FLOORS | (VIDEO_FLOORS if modality == "video" else {})
+        for kind, floor in floors.items():
             assert report.accuracy[modality][kind]["accuracy"] >= floor, (modality, kind)
 
 

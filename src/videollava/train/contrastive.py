@@ -5,6 +5,10 @@ the video tower starts as a copy of the image tower with temporal modules that a
 the text encoder is frozen, and only the temporal modules, the CLS embedding, the post-LN and the
 projection learn from video-caption pairs. The text side anchors both towers in one space, which is
 why a single projector can later serve images and videos alike.
+
+Where the data names the objects of a media and their boxes, a region loss beside the caption loss
+makes the patches under each box pick that name, so that the patch features the LLM reads say what
+each object is (and, in videos, how it moves), not only the pooled embedding.
 """
 
 from __future__ import annotations
@@ -199,9 +203,9 @@ class _Aligner(nn.Module):
     """What image and video alignment share: projections, a learnable temperature, the losses.
 
     Beside the media-caption loss, an optional region loss grounds names in patches: the features
-    at ``feature_layer`` (the layer the LLM reads) pooled over each named box must pick that box's
-    name out of all the names in the data. A caption loss alone is met by the CLS token; this one
-    puts what each object is into the patches the projector later hands to the LLM.
+    at ``feature_layer`` (the layer the LLM reads) under each named box, pooled or patch by patch,
+    must pick that box's name out of all the names in the data. A caption loss alone is met by the
+    CLS token; this one puts what each object is into the patches the projector hands to the LLM.
     """
 
     def __init__(
@@ -219,7 +223,7 @@ class _Aligner(nn.Module):
         self.text_encoder = text_encoder
         self.visual_projection = nn.Linear(tower.config.hidden_size, projection_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(LOGIT_SCALE_INIT))
-        self.regions = regions or RegionLoss()
+        self.regions = regions
         self.image_size = tower.config.image_size
         self.patch_size = tower.config.patch_size
         self.region_projection = (
@@ -241,14 +245,19 @@ class _Aligner(nn.Module):
         """(B, P) unit vectors: the caption's place in the shared space."""
         return F.normalize(self.text_encoder(input_ids, attention_mask), dim=-1)
 
+    @property
+    def feature_layer(self) -> int:
+        return self.regions.feature_layer if self.regions is not None else -2
+
     def _name_logits(self, features: torch.Tensor, regions: RegionBatch) -> torch.Tensor:
         """(..., D) features -> (..., V) scaled cosines with every name of the vocabulary."""
-        assert self.region_projection is not None
+        assert self.region_projection is not None and self.regions is not None
         names = self.embed_text(regions.vocab_ids, regions.vocab_mask)  # (V, E)
         return self.regions.scale * F.normalize(self.region_projection(features), dim=-1) @ names.t()
 
     def region_logits(self, patches: torch.Tensor, regions: RegionBatch) -> torch.Tensor:
         """(R, V): how well each region matches each name (per-patch pooling: the patches' mean logits)."""
+        assert self.regions is not None
         weights = box_patch_weights(regions.boxes.to(patches), self.image_size, self.patch_size)  # (R, P)
         if self.regions.pooling == "patch":
             # (R, P) x (R, P, V) -> (R, V)
@@ -260,6 +269,7 @@ class _Aligner(nn.Module):
         return self._name_logits(pooled, regions)
 
     def region_loss(self, patches: torch.Tensor, regions: RegionBatch) -> torch.Tensor:
+        assert self.regions is not None
         target = regions.target.to(patches.device)
         if self.regions.pooling == "box":
             return F.cross_entropy(self.region_logits(patches, regions), target)
@@ -278,7 +288,7 @@ class _Aligner(nn.Module):
         attention_mask: torch.Tensor,
         regions: RegionBatch | None = None,
     ) -> torch.Tensor:
-        if self.region_projection is None:
+        if self.region_projection is None or self.regions is None:
             media = F.normalize(self.visual_projection(self.pooled_media(pixel_values)), dim=-1)
             return clip_loss(media, self.embed_text(input_ids, attention_mask), self.logit_scale)
         pooled, patches = self.tower_pass(pixel_values)
@@ -308,7 +318,7 @@ class ImageTextAligner(_Aligner):
         return self.image_tower(pixel_values)
 
     def tower_pass(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        pooled, hidden = self.image_tower.pooled_and_hidden(pixel_values, self.regions.feature_layer)
+        pooled, hidden = self.image_tower.pooled_and_hidden(pixel_values, self.feature_layer)
         return pooled, hidden[:, 1:]  # (B, D), (B, P, D) without the CLS
 
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -374,9 +384,7 @@ class VideoTextAligner(_Aligner):
 
     def tower_pass(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         b, t = pixel_values.shape[:2]
-        pooled, hidden = self.video_tower.pooled_and_hidden(
-            pixel_values.flatten(0, 1), self.regions.feature_layer, t
-        )
+        pooled, hidden = self.video_tower.pooled_and_hidden(pixel_values.flatten(0, 1), self.feature_layer, t)
         # (B*T, D) -> (B, D); (B*T, 1+P, D) -> (B, T, 1+P, D) -> (B, P, D): a region spans all frames
         patches = hidden.view(b, t, *hidden.shape[1:]).mean(dim=1)[:, 1:]
         return pooled.view(b, t, -1).mean(dim=1), patches

@@ -737,12 +737,15 @@ class Run:
             texts.append(aligner.embed_text(ids.to(device), mask.to(device)).float())
             captions += batch["captions"]
             if vocabulary is not None:
-                known = [[r for r in regions if r.text in vocabulary.index] for regions in batch["regions"]]
-                regions = vocabulary.batch(known, device)
-                if regions.target.numel():
-                    logits = aligner.region_logits(aligner.tower_pass(pixels)[1], regions)
-                    region_hits += int((logits.argmax(dim=-1) == regions.target).sum())
-                    region_total += regions.target.numel()
+                # names the training data never had cannot be picked: they are left out
+                known = [
+                    [r for r in per_media if r.text in vocabulary.index] for per_media in batch["regions"]
+                ]
+                named = vocabulary.batch(known, device)
+                if named.target.numel():
+                    logits = aligner.region_logits(aligner.tower_pass(pixels)[1], named)
+                    region_hits += int((logits.argmax(dim=-1) == named.target).sum())
+                    region_total += named.target.numel()
         recall = retrieval_recall_at_1(torch.cat(media), torch.cat(texts), captions)
         prefix = dataset.modality
         out = {f"{prefix}_r1_{k}": v for k, v in recall.items()} | {f"{prefix}_eval_pairs": float(len(good))}
