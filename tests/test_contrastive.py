@@ -1,4 +1,4 @@
-"""Language-anchored alignment: the loss by hand, what trains, the no-op start, and a short training run."""
+"""Language-anchored alignment: the losses by hand (caption and region), what trains, the no-op start, and short training runs."""
 
 from __future__ import annotations
 
