@@ -239,7 +239,11 @@ class _Aligner(nn.Module):
 
     def embed_media(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, P) unit vectors: the media's place in the shared space."""
-        return F.normalize(self.visual_projection(self.pooled_media(pixel_values)), dim=-1)
+        return self.embed_pooled(self.pooled_media(pixel_values))
+
+    def embed_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
+        """(B, D) pooled tower output -> (B, P) unit vectors in the shared space."""
+        return F.normalize(self.visual_projection(pooled), dim=-1)
 
     def embed_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, P) unit vectors: the caption's place in the shared space."""
@@ -289,11 +293,12 @@ class _Aligner(nn.Module):
         regions: RegionBatch | None = None,
     ) -> torch.Tensor:
         if self.region_projection is None or self.regions is None:
-            media = F.normalize(self.visual_projection(self.pooled_media(pixel_values)), dim=-1)
+            media = self.embed_media(pixel_values)
             return clip_loss(media, self.embed_text(input_ids, attention_mask), self.logit_scale)
         pooled, patches = self.tower_pass(pixel_values)
-        media = F.normalize(self.visual_projection(pooled), dim=-1)
-        loss = clip_loss(media, self.embed_text(input_ids, attention_mask), self.logit_scale)
+        loss = clip_loss(
+            self.embed_pooled(pooled), self.embed_text(input_ids, attention_mask), self.logit_scale
+        )
         if regions is None or regions.target.numel() == 0:
             # Every rank touches the region head each step, so gradient all-reduces stay in step.
             return loss + 0.0 * self.region_projection.weight.sum()

@@ -733,7 +733,11 @@ class Run:
             batch = collate_captions(good[start : start + batch_size])
             ids, mask = tokenize_captions(self.tokenizer, batch["captions"], max_length)
             pixels = batch["pixels"].to(device)
-            media.append(aligner.embed_media(pixels).float())
+            if vocabulary is None:
+                media.append(aligner.embed_media(pixels).float())
+            else:  # one tower pass for both the pooled embedding and the patches
+                pooled, patches = aligner.tower_pass(pixels)
+                media.append(aligner.embed_pooled(pooled).float())
             texts.append(aligner.embed_text(ids.to(device), mask.to(device)).float())
             captions += batch["captions"]
             if vocabulary is not None:
@@ -743,7 +747,7 @@ class Run:
                 ]
                 named = vocabulary.batch(known, device)
                 if named.target.numel():
-                    logits = aligner.region_logits(aligner.tower_pass(pixels)[1], named)
+                    logits = aligner.region_logits(patches, named)
                     region_hits += int((logits.argmax(dim=-1) == named.target).sum())
                     region_total += named.target.numel()
         recall = retrieval_recall_at_1(torch.cat(media), torch.cat(texts), captions)
