@@ -285,6 +285,106 @@ def test_video_region_head_starts_from_the_image_one():
     assert torch.allclose(pooled, video.pooled_media(pixels), atol=1e-5)
 
 
+def test_per_frame_region_loss_reads_each_frame_under_the_object_there(tiny_tokenizer):
+    from videollava.data.dataset import Region
+
+    tower, text = tiny_parts(vocab=len(tiny_tokenizer))
+    video = VideoTextAligner(
+        init_video_tower_from_image(tower, num_frames=2),
+        text,
+        16,
+        regions=RegionLoss(scale=10.0, pooling="patch", per_frame=True),
+    )
+    video.eval()
+    names = ["red circle moving right", "blue square standing still"]
+    regions_per_media = [
+        [
+            # tracked: patch 0 in frame 0, patch 1 in frame 1
+            Region((0, 0, 16, 8), names[0], frame_boxes=((0, 0, 8, 8), (8, 0, 16, 8))),
+            # no track: its box in every frame
+            Region((24, 24, 32, 32), names[1]),
+        ],
+        # out of sight in frame 1: frame 0 alone names it
+        [Region((0, 0, 16, 8), names[0], frame_boxes=((0, 8, 8, 16), None))],
+    ]
+    pixels = torch.randn(2, 2, 3, 32, 32)
+    assert video.region_frames(pixels) == 2
+    regions = RegionVocabulary(names, tiny_tokenizer, 16).batch(regions_per_media, torch.device("cpu"), 2)
+    assert regions.boxes.shape == (3, 2, 4) and regions.frame_valid.tolist() == [[1, 1], [1, 1], [1, 0]]
+    _, patches = video.tower_pass(pixels)
+    frames = video.video_tower.hidden_state(pixels.flatten(0, 1), -2, num_frames=2).view(2, 2, 17, 32)
+    assert torch.allclose(patches, frames[:, :, 1:].flatten(1, 2), atol=1e-6)  # (B, T*P, D)
+    ids, mask = tokenize_captions(tiny_tokenizer, names, 16)
+    words = video.embed_text(ids, mask)
+
+    def ce(media: int, frame: int, patch: int, target: int) -> torch.Tensor:
+        own = F.normalize(video.region_projection(frames[media, frame, 1 + patch]), dim=-1)
+        return -(10.0 * words @ own).log_softmax(dim=-1)[target]
+
+    expected = (
+        (ce(0, 0, 0, 0) + ce(0, 1, 1, 0)) / 2 + (ce(0, 0, 15, 1) + ce(0, 1, 15, 1)) / 2 + ce(1, 0, 4, 0)
+    ) / 3
+    assert video.region_loss(patches, regions).item() == pytest.approx(expected.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="1 frame boxes for 2 frames"):
+        RegionVocabulary(names, tiny_tokenizer, 16).batch(
+            [[Region((0, 0, 8, 8), names[0], frame_boxes=((0, 0, 8, 8),))]], torch.device("cpu"), 2
+        )
+    # without per_frame, one box over the frames' mean, as before
+    plain = VideoTextAligner(video.video_tower, text, 16, regions=RegionLoss(pooling="patch"))
+    assert plain.region_frames(pixels) == 1 and plain.tower_pass(pixels)[1].shape == (2, 16, 32)
+
+
+@pytest.mark.parametrize(("temporal_embedding_std", "learns"), [(0.2, True), (0.0, False)])
+def test_per_frame_region_loss_teaches_the_video_tower_which_way_things_move(
+    tiny_tokenizer, temporal_embedding_std, learns
+):
+    """A square crosses a row of patches one way or the other: named frame by frame, the video
+    tower learns the direction into the patches under the square, which no single frame shows.
+    Started symmetric in time (zero temporal embedding), it measured 0.62 after the same steps."""
+    from videollava.data.dataset import Region
+
+    torch.manual_seed(0)
+    tower, text = tiny_parts(vocab=len(tiny_tokenizer))
+    video = VideoTextAligner(
+        init_video_tower_from_image(tower, num_frames=3, temporal_embedding_std=temporal_embedding_std),
+        text,
+        16,
+        regions=RegionLoss(weight=1.0, scale=10.0, pooling="patch", per_frame=True),
+    )
+    names = ["red moving left", "blue moving right"]
+
+    def batch(n: int, seed: int):
+        g = torch.Generator().manual_seed(seed)
+        pixels = torch.zeros(n, 3, 3, 32, 32)
+        media = []
+        for i in range(n):
+            row, start, right = (int(torch.randint(k, (1,), generator=g)) for k in (4, 2, 2))
+            cols = [start + f for f in range(3)] if right else [start + 2 - f for f in range(3)]
+            boxes = tuple((8.0 * c, 8.0 * row, 8.0 * c + 8, 8.0 * row + 8) for c in cols)
+            for f, (x0, y0, x1, y1) in enumerate(boxes):
+                pixels[i, f, :, int(y0) : int(y1), int(x0) : int(x1)] = 2.0
+            span = (8.0 * start, 8.0 * row, 8.0 * start + 24, 8.0 * row + 8)
+            media.append([Region(span, names[right], frame_boxes=boxes)])
+        vocab = RegionVocabulary(names, tiny_tokenizer, 16)
+        return pixels, vocab.batch(media, torch.device("cpu"), frames=3)
+
+    def accuracy(pixels, regions) -> float:
+        with torch.no_grad():
+            logits = video.region_logits(video.tower_pass(pixels)[1], regions)
+        return (logits.argmax(-1) == regions.target).float().mean().item()
+
+    test = batch(64, seed=99)
+    assert accuracy(*test) < 0.75  # every frame alone is a still square
+    optimizer = torch.optim.AdamW([p for p in video.trainable_parameters() if p.requires_grad], lr=3e-3)
+    for step in range(200):
+        pixels, regions = batch(16, seed=step)
+        loss = video.region_loss(video.tower_pass(pixels)[1], regions)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert (accuracy(*test) > 0.95) == learns
+
+
 def test_video_tower_from_image_starts_as_the_image_tower():
     tower, _ = tiny_parts()
     tower.eval()

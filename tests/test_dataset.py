@@ -7,6 +7,8 @@ import shutil
 from collections import Counter
 from pathlib import Path
 
+import av
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
@@ -29,6 +31,7 @@ from videollava.data.dataset import (
     grouped_batches,
     micro_batches,
     mixed_batches,
+    parse_regions,
     read_records,
     shard,
     supervised_tokens,
@@ -282,17 +285,32 @@ def test_caption_dataset_maps_regions_into_the_crop(world, tmp_path):
         data = CaptionDataset(records, cached, modality, regions=True)
         raw = data.records[0].raw
         path = world / "media" / raw[modality]
+        times: list[float] = []
         if modality == "image":
             width, height = Image.open(path).size
         else:
             frames = read_video_frames(path, num_frames=1)
             width, height = frames.shape[2], frames.shape[1]
+            with av.open(str(path)) as container:  # the sampled frames' places in the clip
+                n = sum(1 for _ in container.decode(video=0))
+            times = [int(i) / (n - 1) for i in np.linspace(0, n - 1, FRAMES)]
         # crop mode: objects the centre crop cuts away have no region
         video = modality == "video"
-        mapped = [
-            box_to_pixels(r["box"], width, height, cached.transform, video=video) for r in raw["regions"]
-        ]
-        expected = [Region(box, r["text"]) for box, r in zip(mapped, raw["regions"], strict=True) if box]
+
+        def crop(box, size=(width, height), video=video):
+            return box_to_pixels(box, *size, cached.transform, video=video)
+
+        def along_track(track, t):  # the keyframes of a straight path at constant speed
+            (t0, b0), (t1, b1) = ((k["t"], k["box"]) for k in track)
+            return [a + (b - a) * (t - t0) / (t1 - t0) for a, b in zip(b0, b1, strict=True)]
+
+        expected = []
+        for r in raw["regions"]:
+            frame_boxes = tuple(crop(along_track(r["track"], t)) for t in times) if "track" in r else ()
+            if crop(r["box"]) is not None and (not frame_boxes or any(frame_boxes)):
+                expected.append(Region(crop(r["box"]), r["text"], frame_boxes=frame_boxes))
+        if video:  # the mover is tracked: a box per sampled frame
+            assert any(len(r.frame_boxes) == FRAMES for r in expected)
         sample = data.load(0)
         assert sample.regions == expected and len(expected) >= 1
         # pixels from the cache (another dataset decoded them): the regions come out the same
@@ -311,6 +329,20 @@ def test_caption_dataset_maps_regions_into_the_crop(world, tmp_path):
         ([{"box": [0, 0, 4], "text": "red circle"}], "four numbers"),
         ([{"box": [5, 0, 4, 4], "text": "red circle"}], "is empty"),
         ([{"box": [0, 0, 4, 4], "text": " "}], "non-empty string"),
+        ([{"box": [0, 0, 4, 4], "text": "red circle", "track": []}], "non-empty list"),
+        ([{"box": [0, 0, 4, 4], "text": "red circle", "track": [{"t": 0}]}], "'t' and 'box'"),
+        (
+            [{"box": [0, 0, 4, 4], "text": "red circle", "track": [{"t": 2, "box": [0, 0, 4, 4]}]}],
+            "in [0, 1]",
+        ),
+        (
+            [{"box": [0, 0, 9, 4], "text": "red circle", "track": [{"t": 0.5, "box": [0, 0, 4, 4]}] * 2}],
+            "must increase",
+        ),
+        (
+            [{"box": [0, 0, 9, 4], "text": "red circle", "track": [{"t": 0, "box": [4, 0, 4, 4]}]}],
+            "keyframe 0",
+        ),
     ],
 )
 def test_malformed_regions_are_bad_samples(world, tmp_path, regions, problem):
@@ -324,6 +356,23 @@ def test_malformed_regions_are_bad_samples(world, tmp_path, regions, problem):
     item = data[0]
     assert isinstance(item, Skipped) and "malformed regions" in item.reason and problem in item.reason
     assert data.region_texts() == []
+
+
+def test_region_box_at_follows_the_track_between_keyframes():
+    (region,) = parse_regions(
+        [
+            {
+                "box": [0, 0, 30, 10],
+                "text": "red circle moving right",
+                "track": [{"t": 0.2, "box": [0, 0, 10, 10]}, {"t": 0.6, "box": [20, 0, 30, 10]}],
+            }
+        ]
+    )
+    assert region.box_at(0.0) == region.box_at(0.2) == (0.0, 0.0, 10.0, 10.0)  # held before the first
+    assert region.box_at(0.4) == pytest.approx((10.0, 0.0, 20.0, 10.0))
+    assert region.box_at(1.0) == (20.0, 0.0, 30.0, 10.0)  # and after the last
+    (still,) = parse_regions([{"box": [1, 2, 3, 4], "text": "blue square standing still"}])
+    assert still.box_at(0.7) == still.box == (1.0, 2.0, 3.0, 4.0)
 
 
 # ---------------------------------------------------------------------------------------- samplers

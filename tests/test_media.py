@@ -14,7 +14,15 @@ import pytest
 from PIL import Image
 
 from videollava.data import media
-from videollava.data.media import frame_indices, is_video_file, load_image, load_media, read_video_frames
+from videollava.data.media import (
+    frame_indices,
+    frame_times,
+    is_video_file,
+    load_image,
+    load_media,
+    read_video_clip,
+    read_video_frames,
+)
 from videollava.errors import MediaError
 
 W, H = 64, 48
@@ -176,6 +184,23 @@ def test_animated_images_are_videos(clips: dict[str, Path], kind: str) -> None:
     assert frame_ids(got) == frame_indices(30, 8).tolist()
     with pytest.raises(MediaError, match="animated"):
         load_image(clips[kind])
+
+
+@pytest.mark.parametrize("kind", ["mp4", "ntsc_mkv", "vfr_mp4", "long_mkv", "gif", "three", "one"])
+def test_clip_says_how_many_frames_the_file_has(clips: dict[str, Path], kind: str) -> None:
+    """The count places the sampled frames in time: frame_times is where frame_indices picked them."""
+    path = clips[kind]
+    if kind == "gif":
+        n = 30
+    else:
+        with av.open(str(path)) as container:
+            n = sum(1 for _ in container.decode(video=0))
+    clip = read_video_clip(path, 8)
+    assert clip.n_frames == n
+    assert np.array_equal(clip.frames, read_video_frames(path, 8))
+    times = frame_times(clip.n_frames, 8)
+    assert times[0] == 0.0 and times[-1] == (1.0 if n > 1 else 0.0)
+    assert np.allclose(times * max(1, n - 1), frame_ids(clip.frames))
 
 
 def test_fewer_frames_than_wanted_repeat(clips: dict[str, Path]) -> None:

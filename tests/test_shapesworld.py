@@ -214,10 +214,22 @@ def test_object_regions_frame_every_object_in_every_frame() -> None:
                 assert x0 - 0.5 <= xs.min() and xs.max() + 1 <= x1 + 0.5
                 assert y0 - 0.5 <= ys.min() and ys.max() + 1 <= y1 + 0.5
         if kind == "video":  # the mover's box spans its path: wider along the motion than the object
-            mover = regions[scene.objects.index(scene.moving_object)]["box"]
+            mover = regions[scene.objects.index(scene.moving_object)]
             horizontal = scene.direction in ("left", "right")
-            span = mover[2] - mover[0] if horizontal else mover[3] - mover[1]
+            box = mover["box"]
+            span = box[2] - box[0] if horizontal else box[3] - box[1]
             assert span > scene.moving_object.size * 1.2
+            # its track holds the object at the first and the last frame, tighter than the span
+            assert [k["t"] for k in mover["track"]] == [0.0, 1.0]
+            assert all("track" not in r for r in regions if r is not mover)
+            for key, frame in zip(mover["track"], (0, scene.n_frames - 1), strict=True):
+                color = sw.COLORS[scene.moving_object.color]
+                ys, xs = np.nonzero((sw._render_array(scene, frame) == color).all(axis=-1))
+                kx0, ky0, kx1, ky1 = key["box"]
+                assert kx0 - 0.5 <= xs.min() and xs.max() + 1 <= kx1 + 0.5
+                assert ky0 - 0.5 <= ys.min() and ys.max() + 1 <= ky1 + 0.5
+                along = kx1 - kx0 if horizontal else ky1 - ky0
+                assert along <= scene.moving_object.size + 0.02 < span
 
 
 def test_sampled_scenes_respect_the_world_rules() -> None:

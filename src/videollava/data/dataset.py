@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from videollava.data.conversation import from_llava, get_template
-from videollava.data.media import load_image, read_video_frames
+from videollava.data.media import frame_times, load_image, read_video_clip
 from videollava.data.tokenize import (
     IMAGE_PLACEHOLDER,
     IMAGE_SLOT,
@@ -214,29 +214,30 @@ class MediaSpec:
         return self.cache.get_or_load(key, load)
 
 
-SizeSink = Callable[[int, int], None]
+# Hears the stored (width, height, frame count) whenever a file is decoded; 1 frame for an image.
+SizeSink = Callable[[int, int, int], None]
 
 
 def _load_image(spec: MediaSpec, rel: str, on_size: SizeSink | None = None) -> torch.Tensor:
-    """(3, S, S); ``on_size`` hears the stored (width, height) whenever the file is decoded."""
+    """(3, S, S)."""
 
     def load() -> torch.Tensor:
         image = load_image(spec.root / rel, name=rel)
         if on_size is not None:
-            on_size(*image.size)
+            on_size(*image.size, 1)
         return preprocess_images([image], spec.transform)[0]
 
     return spec._cached("image", rel, load)
 
 
 def _load_video(spec: MediaSpec, rel: str, on_size: SizeSink | None = None) -> torch.Tensor:
-    """(T, 3, S, S); ``on_size`` hears the frames' (width, height) whenever the file is decoded."""
+    """(T, 3, S, S)."""
 
     def load() -> torch.Tensor:
-        frames = read_video_frames(spec.root / rel, num_frames=spec.num_frames, name=rel)
+        clip = read_video_clip(spec.root / rel, num_frames=spec.num_frames, name=rel)
         if on_size is not None:
-            on_size(frames.shape[2], frames.shape[1])
-        return preprocess_video(frames, spec.transform)
+            on_size(clip.frames.shape[2], clip.frames.shape[1], clip.n_frames)
+        return preprocess_video(clip.frames, spec.transform)
 
     return spec._cached("video", rel, load)
 
@@ -358,17 +359,69 @@ class CaptionSample:
     regions: list[Region] = field(default_factory=list)
 
 
+Box = tuple[float, float, float, float]
+
+
 @dataclass(frozen=True)
 class Region:
-    """A named part of the media: an object and its box, (x0, y0, x1, y1) in pixels."""
+    """A named part of the media: an object and its box, (x0, y0, x1, y1) in pixels.
 
-    box: tuple[float, float, float, float]
+    A video region may also say where the object is over time: ``track`` holds keyframes
+    (t, box), t from 0 (first frame) to 1 (last), the box moving linearly between them. Once the
+    region is mapped into the model's crop, ``frame_boxes`` holds its box in each sampled frame
+    (None where the crop cuts it away), so each frame's own patches can be told what they show.
+    """
+
+    box: Box
     text: str
+    track: tuple[tuple[float, Box], ...] = ()
+    frame_boxes: tuple[Box | None, ...] = ()
+
+    def box_at(self, t: float) -> Box:
+        """The tracked box at time ``t`` in [0, 1]; the whole-clip box when there is no track."""
+        if not self.track:
+            return self.box
+        if t <= self.track[0][0]:
+            return self.track[0][1]
+        for (t0, b0), (t1, b1) in zip(self.track, self.track[1:], strict=False):
+            if t <= t1:
+                w = (t - t0) / (t1 - t0)
+                return tuple(a + (b - a) * w for a, b in zip(b0, b1, strict=True))  # type: ignore[return-value]
+        return self.track[-1][1]
+
+
+def _parse_box(box: Any, where: str) -> Box:
+    if (
+        not isinstance(box, list)
+        or len(box) != 4
+        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box)
+    ):
+        raise ValueError(f"{where}: 'box' must be four numbers [x0, y0, x1, y1], got {box!r}")
+    if not (box[0] < box[2] and box[1] < box[3]):
+        raise ValueError(f"{where}: box {box} is empty (it needs x0 < x1 and y0 < y1)")
+    return (float(box[0]), float(box[1]), float(box[2]), float(box[3]))
+
+
+def _parse_track(raw: Any, where: str) -> tuple[tuple[float, Box], ...]:
+    if not isinstance(raw, list) or not raw:
+        raise ValueError(f"{where}: 'track' must be a non-empty list of {{t, box}} keyframes")
+    keys = []
+    for k, item in enumerate(raw):
+        if not isinstance(item, dict) or not {"t", "box"} <= set(item):
+            raise ValueError(f"{where}: track keyframe {k} must be an object with 't' and 'box'")
+        t = item["t"]
+        if not isinstance(t, (int, float)) or isinstance(t, bool) or not 0.0 <= t <= 1.0:
+            raise ValueError(f"{where}: track keyframe {k}: 't' must be a number in [0, 1], got {t!r}")
+        if keys and t <= keys[-1][0]:
+            raise ValueError(f"{where}: track times must increase, got {t} after {keys[-1][0]}")
+        keys.append((float(t), _parse_box(item["box"], f"{where}, track keyframe {k}")))
+    return tuple(keys)
 
 
 def parse_regions(raw: Any) -> list[Region]:
-    """The entry's optional ``regions``: ``[{"box": [x0, y0, x1, y1], "text": "..."}]`` in the
-    media's own pixels (for a video, a box that holds the object throughout)."""
+    """The entry's optional ``regions``: ``[{"box": [x0, y0, x1, y1], "text": "...", "track":
+    [{"t": 0.0, "box": [...]}, ...]}]`` in the media's own pixels (for a video, ``box`` holds the
+    object throughout and the optional ``track`` follows it)."""
     if raw is None:
         return []
     if not isinstance(raw, list):
@@ -377,18 +430,11 @@ def parse_regions(raw: Any) -> list[Region]:
     for i, item in enumerate(raw):
         if not isinstance(item, dict) or not {"box", "text"} <= set(item):
             raise ValueError(f"region {i} must be an object with 'box' and 'text'")
-        box, text = item["box"], item["text"]
-        if (
-            not isinstance(box, list)
-            or len(box) != 4
-            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box)
-        ):
-            raise ValueError(f"region {i}: 'box' must be four numbers [x0, y0, x1, y1], got {box!r}")
-        if not (box[0] < box[2] and box[1] < box[3]):
-            raise ValueError(f"region {i}: box {box} is empty (it needs x0 < x1 and y0 < y1)")
+        box, text = _parse_box(item["box"], f"region {i}"), item["text"]
         if not isinstance(text, str) or not text.strip():
             raise ValueError(f"region {i}: 'text' must be a non-empty string")
-        regions.append(Region((float(box[0]), float(box[1]), float(box[2]), float(box[3])), text.strip()))
+        track = _parse_track(item["track"], f"region {i}") if "track" in item else ()
+        regions.append(Region(box, text.strip(), track))
     return regions
 
 
@@ -404,7 +450,7 @@ class CaptionDataset(RecordDataset):
         self.media = media
         self.modality = modality
         self.regions = regions
-        self._sizes: dict[str, tuple[int, int]] = {}  # media path -> stored (width, height)
+        self._sizes: dict[str, tuple[int, int, int]] = {}  # media path -> (width, height, frames)
         self._sizes_lock = threading.Lock()
 
     def region_texts(self) -> list[str]:
@@ -419,39 +465,44 @@ class CaptionDataset(RecordDataset):
         return list(names)
 
     def _remember_size(self, rel: str) -> SizeSink:
-        def sink(width: int, height: int) -> None:
+        def sink(width: int, height: int, n_frames: int) -> None:
             with self._sizes_lock:
-                self._sizes[rel] = (width, height)
+                self._sizes[rel] = (width, height, n_frames)
 
         return sink
 
-    def _media_size(self, rel: str) -> tuple[int, int]:
-        """Stored size of media whose pixels came from the cache: decoded once more to learn it."""
+    def _media_size(self, rel: str) -> tuple[int, int, int]:
+        """(width, height, frames) of media whose pixels came from the cache: decoded once more."""
         with self._sizes_lock:
             known = self._sizes.get(rel)
         if known is not None:
             return known
         if self.modality == "image":
-            width, height = load_image(self.media.root / rel, name=rel).size
+            size = (*load_image(self.media.root / rel, name=rel).size, 1)
         else:
-            frames = read_video_frames(self.media.root / rel, num_frames=1, name=rel)
-            width, height = frames.shape[2], frames.shape[1]
-        self._remember_size(rel)(width, height)
-        return width, height
+            clip = read_video_clip(self.media.root / rel, num_frames=1, name=rel)
+            size = (clip.frames.shape[2], clip.frames.shape[1], clip.n_frames)
+        self._remember_size(rel)(*size)
+        return size
 
     def _crop_regions(self, record: Record, rel: str) -> list[Region]:
         try:
             regions = parse_regions(record.raw.get("regions"))
         except ValueError as error:
             raise BadSample(record.id, f"malformed regions: {error}") from None
-        width, height = self._media_size(rel)
+        width, height, n_frames = self._media_size(rel)
+        video = self.modality == "video"
+
+        def to_crop(box: Box) -> Box | None:
+            return box_to_pixels(box, width, height, self.media.transform, video=video)
+
+        times = frame_times(n_frames, self.media.num_frames) if video else []
         cropped = []
         for region in regions:
-            box = box_to_pixels(
-                region.box, width, height, self.media.transform, video=self.modality == "video"
-            )
-            if box is not None:
-                cropped.append(Region(box, region.text))
+            box = to_crop(region.box)
+            frame_boxes = tuple(to_crop(region.box_at(float(t))) for t in times) if region.track else ()
+            if box is not None and (not frame_boxes or any(b is not None for b in frame_boxes)):
+                cropped.append(Region(box, region.text, frame_boxes=frame_boxes))
         return cropped
 
     def __len__(self) -> int:

@@ -54,6 +54,14 @@ _KEEP_ALL_BYTES = 256 * 2**20
 _COUNT_SLACK = 0.01
 
 
+@dataclass(frozen=True)
+class VideoClip:
+    """The frames the model sees and the file's frame count, which places them in time."""
+
+    frames: np.ndarray  # (T, H, W, 3) uint8
+    n_frames: int  # frames in the file; the sampled ones are frame_indices(n_frames, T)
+
+
 def frame_indices(n_frames: int, num_frames: int) -> np.ndarray:
     """Indices of the frames the model sees: evenly spread, both ends included, as the reference."""
     if n_frames < 1:
@@ -61,6 +69,11 @@ def frame_indices(n_frames: int, num_frames: int) -> np.ndarray:
     if num_frames < 1:
         raise ValueError(f"num_frames must be >= 1, got {num_frames}")
     return np.linspace(0, n_frames - 1, num_frames).astype(int)
+
+
+def frame_times(n_frames: int, num_frames: int) -> np.ndarray:
+    """(num_frames,) where the sampled frames lie in the clip: 0 = first frame, 1 = last."""
+    return frame_indices(n_frames, num_frames) / max(1, n_frames - 1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -234,7 +247,7 @@ def _sniff_image(src: _Source) -> str | None:
         return None
 
 
-def _read_animated_image(src: _Source, num_frames: int) -> np.ndarray:
+def _read_animated_image(src: _Source, num_frames: int) -> VideoClip:
     """Frames of an animated GIF / WebP / PNG, composited by PIL (disposal, transparency)."""
     try:
         with Image.open(src.open()) as img:
@@ -246,7 +259,7 @@ def _read_animated_image(src: _Source, num_frames: int) -> np.ndarray:
                 picked[i] = np.asarray(to_rgb(img), dtype=np.uint8)
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise MediaError(src.name, f"truncated or corrupt animation ({e})") from None
-    return np.stack([picked[i] for i in indices.tolist()])  # (T, H, W, 3)
+    return VideoClip(np.stack([picked[i] for i in indices.tolist()]), n)  # (T, H, W, 3)
 
 
 # --------------------------------------------------------------------------------------------
@@ -472,7 +485,7 @@ def _read_by_seeking(
     tl: _Timeline,
     num_frames: int,
     count_known: bool,
-) -> np.ndarray | None:
+) -> VideoClip | None:
     seeker = _Seeker(container, stream, tl)
     try:
         n = tl.n_frames if count_known else seeker.find_end()
@@ -484,10 +497,10 @@ def _read_by_seeking(
             raise _SeekFailed("more frames than the container declares")
     except _SeekFailed:
         return None
-    return np.stack([picked[i] for i in indices.tolist()])  # (T, H, W, 3)
+    return VideoClip(np.stack([picked[i] for i in indices.tolist()]), n)  # (T, H, W, 3)
 
 
-def _read_by_decoding(src: _Source, num_frames: int, declared: int, guess: int) -> np.ndarray:
+def _read_by_decoding(src: _Source, num_frames: int, declared: int, guess: int) -> VideoClip:
     """Decode every frame; pick by the count actually decoded."""
     wanted = set(frame_indices(guess, num_frames).tolist()) if guess > 0 else set()
     kept: dict[int, np.ndarray] = {}
@@ -511,9 +524,9 @@ def _read_by_decoding(src: _Source, num_frames: int, declared: int, guess: int) 
         raise MediaError(src.name, f"truncated or corrupt: decoded only {n} of {declared} frames")
     indices = frame_indices(n, num_frames).tolist()
     if n == guess:
-        return np.stack([kept[i] for i in indices])  # (T, H, W, 3)
+        return VideoClip(np.stack([kept[i] for i in indices]), n)  # (T, H, W, 3)
     if every is not None:
-        return np.stack([every[i] for i in indices])
+        return VideoClip(np.stack([every[i] for i in indices]), n)
     # Too long to keep in memory and the count differs from the header: second pass by index.
     wanted = set(indices)
     kept = {}
@@ -525,10 +538,10 @@ def _read_by_decoding(src: _Source, num_frames: int, declared: int, guess: int) 
                 break
     if len(kept) != len(wanted):
         raise MediaError(src.name, "truncated or corrupt: frames changed between two decodes")
-    return np.stack([kept[i] for i in indices])
+    return VideoClip(np.stack([kept[i] for i in indices]), n)
 
 
-def _read_av_video(src: _Source, num_frames: int) -> np.ndarray:
+def _read_av_video(src: _Source, num_frames: int) -> VideoClip:
     with _open_container(src) as container:
         stream = _video_stream(container, src)
         declared = max(0, stream.frames)
@@ -540,8 +553,8 @@ def _read_av_video(src: _Source, num_frames: int) -> np.ndarray:
     return _read_by_decoding(src, num_frames, declared, declared or (tl.n_frames if tl else 0))
 
 
-def read_video_frames(source: MediaSource, num_frames: int = 8, *, name: str | None = None) -> np.ndarray:
-    """Sample ``num_frames`` RGB frames, uint8 array (T, H, W, 3), the way the model was trained.
+def read_video_clip(source: MediaSource, num_frames: int = 8, *, name: str | None = None) -> VideoClip:
+    """Sample ``num_frames`` RGB frames the way the model was trained, and say which they were.
 
     Fewer distinct frames than ``num_frames`` repeat (linspace over n - 1 does that). Animated
     GIF / WebP / PNG count as videos; a still image does not.
@@ -555,6 +568,11 @@ def read_video_frames(source: MediaSource, num_frames: int = 8, *, name: str | N
     if kind == "animated":
         return _read_animated_image(src, num_frames)
     return _read_av_video(src, num_frames)
+
+
+def read_video_frames(source: MediaSource, num_frames: int = 8, *, name: str | None = None) -> np.ndarray:
+    """``read_video_clip``'s frames alone: uint8 array (T, H, W, 3)."""
+    return read_video_clip(source, num_frames, name=name).frames
 
 
 def is_video_file(source: MediaSource, *, name: str | None = None) -> bool:
@@ -583,5 +601,5 @@ def load_media(
     if kind == "still":
         return _load_image(src)
     if kind == "animated":
-        return _read_animated_image(src, num_frames)
-    return _read_av_video(src, num_frames)
+        return _read_animated_image(src, num_frames).frames
+    return _read_av_video(src, num_frames).frames

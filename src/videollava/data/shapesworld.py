@@ -801,22 +801,31 @@ def object_regions(scene: Scene) -> list[dict[str, Any]]:
     """Each object's box and name, for alignment that grounds names in the patches they cover.
 
     A video's box spans the object's whole path and its name says how it moves, so the region
-    can only be named right by a tower that sees the motion.
+    can only be named right by a tower that sees the motion; a moving object's ``track`` gives
+    its box at the first and the last frame (it moves in a straight line at constant speed).
     """
-    regions = []
-    for obj in scene.objects:
-        half = obj.size / 2
-        xs, ys = (obj.start[0], obj.end[0]), (obj.start[1], obj.end[1])
-        box = [
+
+    def box_around(centres: Sequence[tuple[float, float]], half: float) -> list[float]:
+        xs, ys = [c[0] for c in centres], [c[1] for c in centres]
+        return [
             _r2(max(0.0, min(xs) - half)),
             _r2(max(0.0, min(ys) - half)),
             _r2(min(float(scene.width), max(xs) + half)),
             _r2(min(float(scene.height), max(ys) + half)),
         ]
-        text = obj.name
+
+    regions = []
+    for obj in scene.objects:
+        half = obj.size / 2
+        region: dict[str, Any] = {"box": box_around((obj.start, obj.end), half), "text": obj.name}
         if scene.kind == "video":
-            text += f" moving {scene.direction}" if obj.moves else " standing still"
-        regions.append({"box": box, "text": text})
+            region["text"] += f" moving {scene.direction}" if obj.moves else " standing still"
+            if obj.moves:
+                region["track"] = [
+                    {"t": 0.0, "box": box_around((obj.start,), half)},
+                    {"t": 1.0, "box": box_around((obj.end,), half)},
+                ]
+        regions.append(region)
     return regions
 
 

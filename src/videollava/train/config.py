@@ -174,6 +174,9 @@ class RegionLossSpec:
     # "box": the box's mean patch names the region; "patch": each of its patches does (see
     # contrastive.RegionLoss)
     pooling: Literal["box", "patch"] = "box"
+    # videos: each frame's patches under the object in that frame (entries' region ``track``)
+    # name it, instead of the frames' mean under the whole-clip box
+    per_frame: bool = False
 
 
 @dataclass

@@ -145,12 +145,17 @@ class RegionLoss:
     ``pooling="box"``: the mean of the box's patches must pick the name, so the object may be
     spread over its patches. ``"patch"``: every patch of the box must pick it on its own (weighted
     by its share of the box), so each patch the LLM reads carries the whole object's name.
+
+    Videos: by default a region is named by the patches of its whole-clip box, averaged over the
+    frames. ``per_frame``: in every frame, the patches under the object in that frame (its
+    ``frame_boxes``, else the whole-clip box) name it, as the LLM reads every frame's patches.
     """
 
     weight: float = 1.0
     scale: float = 30.0
     feature_layer: int = -2
     pooling: str = "box"
+    per_frame: bool = False
 
     def __post_init__(self) -> None:
         if not (self.weight > 0 and self.scale > 0):
@@ -164,7 +169,8 @@ class RegionBatch:
     """The named regions of a micro-batch, against the vocabulary of names they are told apart from."""
 
     sample_index: torch.Tensor  # (R,) which media each region belongs to
-    boxes: torch.Tensor  # (R, 4) crop pixels
+    boxes: torch.Tensor  # (R, F, 4) crop pixels, in each of F frames (F = 1: one box for the media)
+    frame_valid: torch.Tensor  # (R, F) bool: the region is in sight in that frame
     target: torch.Tensor  # (R,) index of the region's name in the vocabulary
     vocab_ids: torch.Tensor  # (V, L) the vocabulary, tokenised
     vocab_mask: torch.Tensor  # (V, L)
@@ -180,19 +186,29 @@ class RegionVocabulary:
         self.index = {name: i for i, name in enumerate(self.names)}
         self.ids, self.mask = tokenize_captions(tokenizer, self.names, max_length)
 
-    def batch(self, regions_per_media: list[list], device: torch.device) -> RegionBatch:
-        """Regions of each media of a micro-batch (objects with ``box`` and ``text``) -> one batch."""
-        sample_index, boxes, target = [], [], []
+    def batch(self, regions_per_media: list[list], device: torch.device, frames: int = 1) -> RegionBatch:
+        """Regions of each media of a micro-batch (objects with ``box``, ``text`` and, for
+        ``frames`` > 1, optional ``frame_boxes``) -> one batch."""
+        sample_index, boxes, valid, target = [], [], [], []
         for i, regions in enumerate(regions_per_media):
             for region in regions:
                 if region.text not in self.index:
                     raise ValueError(f"region name {region.text!r} is not in the stage's vocabulary")
+                per_frame = list(region.frame_boxes) if frames > 1 and region.frame_boxes else []
+                if per_frame and len(per_frame) != frames:
+                    raise ValueError(
+                        f"region {region.text!r} has {len(per_frame)} frame boxes for {frames} frames"
+                    )
+                per_frame = per_frame or [region.box] * frames
                 sample_index.append(i)
-                boxes.append(region.box)
+                # a frame where the object is out of sight keeps the whole-clip box, unweighted
+                boxes.append([region.box if b is None else b for b in per_frame])
+                valid.append([b is not None for b in per_frame])
                 target.append(self.index[region.text])
         return RegionBatch(
             torch.tensor(sample_index, dtype=torch.long, device=device),
-            torch.tensor(boxes, dtype=torch.float32, device=device).view(-1, 4),
+            torch.tensor(boxes, dtype=torch.float32, device=device).view(-1, frames, 4),
+            torch.tensor(valid, dtype=torch.bool, device=device).view(-1, frames),
             torch.tensor(target, dtype=torch.long, device=device),
             self.ids.to(device),
             self.mask.to(device),
@@ -231,8 +247,13 @@ class _Aligner(nn.Module):
         )
 
     def tower_pass(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, ...) media -> pooled (B, D) and patch features at ``feature_layer`` (B, P, D)."""
+        """(B, ...) media -> pooled (B, D) and patch features at ``feature_layer`` (B, F*P, D),
+        F = ``region_frames``."""
         raise NotImplementedError
+
+    def region_frames(self, pixel_values: torch.Tensor) -> int:
+        """How many frames' patches ``tower_pass`` hands the region loss: 1 unless per frame."""
+        return 1
 
     def pooled_media(self, pixel_values: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -259,10 +280,20 @@ class _Aligner(nn.Module):
         names = self.embed_text(regions.vocab_ids, regions.vocab_mask)  # (V, E)
         return self.regions.scale * F.normalize(self.region_projection(features), dim=-1) @ names.t()
 
+    def _region_weights(self, regions: RegionBatch, like: torch.Tensor) -> torch.Tensor:
+        """(R, F*P): each patch's share of its region, the frames in sight sharing equally."""
+        r, f = regions.boxes.shape[:2]
+        # (R, F, 4) -> (R*F, 4) -> (R*F, P) -> (R, F, P)
+        weights = box_patch_weights(regions.boxes.to(like).view(r * f, 4), self.image_size, self.patch_size)
+        weights = weights.view(r, f, -1)
+        valid = regions.frame_valid.to(like)  # (R, F)
+        share = valid / valid.sum(dim=1, keepdim=True).clamp(min=1)
+        return (weights * share[..., None]).flatten(1)
+
     def region_logits(self, patches: torch.Tensor, regions: RegionBatch) -> torch.Tensor:
         """(R, V): how well each region matches each name (per-patch pooling: the patches' mean logits)."""
         assert self.regions is not None
-        weights = box_patch_weights(regions.boxes.to(patches), self.image_size, self.patch_size)  # (R, P)
+        weights = self._region_weights(regions, patches)  # (R, F*P)
         if self.regions.pooling == "patch":
             # (R, P) x (R, P, V) -> (R, V)
             return torch.einsum(
@@ -277,9 +308,9 @@ class _Aligner(nn.Module):
         target = regions.target.to(patches.device)
         if self.regions.pooling == "box":
             return F.cross_entropy(self.region_logits(patches, regions), target)
-        weights = box_patch_weights(regions.boxes.to(patches), self.image_size, self.patch_size)  # (R, P)
-        logits = self._name_logits(patches, regions)[regions.sample_index]  # (R, P, V)
-        # (R, P, V) -> (R, P): each patch's cross-entropy against its region's name
+        weights = self._region_weights(regions, patches)  # (R, F*P)
+        logits = self._name_logits(patches, regions)[regions.sample_index]  # (R, F*P, V)
+        # (R, F*P, V) -> (R, F*P): each patch's cross-entropy against its region's name
         per_patch = -logits.log_softmax(dim=-1).gather(
             -1, target[:, None, None].expand(-1, logits.shape[1], 1)
         )
@@ -387,11 +418,17 @@ class VideoTextAligner(_Aligner):
         # (B*T, D) -> (B, T, D) -> (B, D)
         return per_frame.view(b, t, -1).mean(dim=1)
 
+    def region_frames(self, pixel_values: torch.Tensor) -> int:
+        return pixel_values.shape[1] if self.regions is not None and self.regions.per_frame else 1
+
     def tower_pass(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         b, t = pixel_values.shape[:2]
         pooled, hidden = self.video_tower.pooled_and_hidden(pixel_values.flatten(0, 1), self.feature_layer, t)
-        # (B*T, D) -> (B, D); (B*T, 1+P, D) -> (B, T, 1+P, D) -> (B, P, D): a region spans all frames
-        patches = hidden.view(b, t, *hidden.shape[1:]).mean(dim=1)[:, 1:]
+        frames = hidden.view(b, t, *hidden.shape[1:])[:, :, 1:]  # (B*T, 1+P, D) -> (B, T, P, D)
+        if self.region_frames(pixel_values) > 1:
+            patches = frames.flatten(1, 2)  # (B, T*P, D): each frame's own patches
+        else:
+            patches = frames.mean(dim=1)  # (B, P, D): a region spans all frames
         return pooled.view(b, t, -1).mean(dim=1), patches
 
     def embed_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

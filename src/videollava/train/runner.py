@@ -351,8 +351,13 @@ class AlignObjective(nn.Module):
             loss = self.aligner.loss(pixels, ids, torch.ones_like(ids))
             return loss * 0.0, 0
         ids, mask = tokenize_captions(self.tokenizer, batch["captions"], self.max_length)
-        regions = None if self.regions is None else self.regions.batch(batch["regions"], device)
-        loss = self.aligner.loss(batch["pixels"].to(device), ids.to(device), mask.to(device), regions)
+        pixels = batch["pixels"].to(device)
+        regions = (
+            None
+            if self.regions is None
+            else self.regions.batch(batch["regions"], device, self.aligner.region_frames(pixels))
+        )
+        loss = self.aligner.loss(pixels, ids.to(device), mask.to(device), regions)
         n = len(batch["captions"])
         return loss * n, n
 
@@ -745,7 +750,7 @@ class Run:
                 known = [
                     [r for r in per_media if r.text in vocabulary.index] for per_media in batch["regions"]
                 ]
-                named = vocabulary.batch(known, device)
+                named = vocabulary.batch(known, device, aligner.region_frames(pixels))
                 if named.target.numel():
                     logits = aligner.region_logits(patches, named)
                     region_hits += int((logits.argmax(dim=-1) == named.target).sum())
@@ -764,7 +769,11 @@ class Run:
         if spec is None:
             return None
         return RegionLoss(
-            spec.weight, spec.scale, self.require_model().config.vision_feature_layer, spec.pooling
+            spec.weight,
+            spec.scale,
+            self.require_model().config.vision_feature_layer,
+            spec.pooling,
+            spec.per_frame,
         )
 
     def region_names(
