@@ -441,6 +441,8 @@ def validate(recipe: Recipe) -> None:
                 raise RecipeError(
                     f"{where}.region_loss: weight and scale must be positive, got {regions.weight}, {regions.scale}"
                 )
+            if regions is not None and regions.per_frame and isinstance(stage, AlignImageStage):
+                raise RecipeError(f"{where}.region_loss.per_frame: only videos have frames (align_video)")
         if isinstance(stage, AlignImageStage) and not stage.text_encoder.token_init_std > 0:
             raise RecipeError(f"{where}.text_encoder.token_init_std: must be positive")
         if stage.kind == "align_video" and "align_image" not in seen:
