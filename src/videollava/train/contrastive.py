@@ -295,11 +295,11 @@ class _Aligner(nn.Module):
         assert self.regions is not None
         weights = self._region_weights(regions, patches)  # (R, F*P)
         if self.regions.pooling == "patch":
-            # (R, P) x (R, P, V) -> (R, V)
+            # (R, F*P) x (R, F*P, V) -> (R, V)
             return torch.einsum(
                 "rp,rpv->rv", weights, self._name_logits(patches, regions)[regions.sample_index]
             )
-        # (R, P) x (R, P, D) -> (R, D): each region's patches, weighted by their share of its box
+        # (R, F*P) x (R, F*P, D) -> (R, D): each region's patches, weighted by their share of its box
         pooled = torch.einsum("rp,rpd->rd", weights, patches[regions.sample_index])
         return self._name_logits(pooled, regions)
 
