@@ -639,8 +639,7 @@ def exists_question(
     else:
         color, shape = absent_object(scene, split, rng, ranking)
     text = QUESTION_TEMPLATES["exists"].format(color=color, shape=shape)
-    turn = {"type": "exists", "split": split, "question": text, "answer": "yes" if answer_yes else "no"}
-    return (turn | {"about": color}) if answer_yes else turn
+    return {"type": "exists", "split": split, "question": text, "answer": "yes" if answer_yes else "no"}
 
 
 def fixed_questions(scene: Scene) -> list[dict[str, Any]]:
@@ -650,14 +649,10 @@ def fixed_questions(scene: Scene) -> list[dict[str, Any]]:
     for obj in scene.objects:
         if shape_counts[obj.shape] == 1:
             out.append(
-                {"type": "color", "split": None, "answer": obj.color, "about": obj.color}
-                | _text("color", shape=obj.shape)
+                {"type": "color", "split": None, "answer": obj.color} | _text("color", shape=obj.shape)
             )
     for obj in scene.objects:
-        out.append(
-            {"type": "shape", "split": None, "answer": obj.shape, "about": obj.color}
-            | _text("shape", color=obj.color)
-        )
+        out.append({"type": "shape", "split": None, "answer": obj.shape} | _text("shape", color=obj.color))
     out.append({"type": "count", "split": None, "answer": COUNT_WORDS[len(scene.objects)]} | _text("count"))
     mover = scene.moving_object
     if scene.kind == "video" and mover is not None and scene.direction is not None:
@@ -727,45 +722,7 @@ def instruct_turns(
         question = request.format(media=scene.kind)
         others.insert(0, {"type": "caption", "split": None, "question": question, "answer": caption})
     turns.extend(others[: max(0, n_turns - len(turns))])
-    turns = [turns[int(i)] for i in rng.permutation(len(turns))]
-    return without_leaked_answers(scene, turns)
-
-
-def without_leaked_answers(scene: Scene, turns: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The turns less every question whose answer the conversation has already given away.
-
-    "What shape is the red object?" -> "circle" answers a later "What color is the circle?" in
-    text; a model that may read answers off the conversation learns less from the media, and the
-    evaluation asks each question alone. Of the two questions that name an object, only the
-    first can stay, so colour questions (the fewer, and the harder: they find an object by its
-    shape) come first; "Which object is moving?" comes before the direction question that names
-    the mover, and the caption, which names everything, comes last. No probe is dropped, so the
-    yes/no balance of the file holds.
-    """
-    rank = {"color": 0, "caption": 2}
-    ordered = sorted(turns, key=lambda t: rank.get(t["type"], 1))
-    kinds = [t["type"] for t in ordered]
-    if "moving" in kinds and "direction" in kinds:
-        moving, direction = kinds.index("moving"), kinds.index("direction")
-        if direction < moving:
-            ordered[moving], ordered[direction] = ordered[direction], ordered[moving]
-    mover = scene.moving_object
-    named: set[str] = set()  # colours of the objects whose shape the text has given
-    mover_named = False
-    kept: list[dict[str, Any]] = []
-    for turn in ordered:
-        about = turn.get("about")  # the colour of the present object the turn names, if any
-        if turn["type"] in ("color", "shape") and about in named:
-            continue
-        if turn["type"] == "moving" and mover_named:
-            continue
-        kept.append(turn)
-        if about is not None:
-            named.add(about)
-        if turn["type"] in ("moving", "direction") and mover is not None:
-            named.add(mover.color)
-            mover_named = True
-    return kept
+    return [turns[int(i)] for i in rng.permutation(len(turns))]
 
 
 def heldout_questions(
