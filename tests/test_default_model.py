@@ -21,11 +21,11 @@ from videollava.infer.pipeline import MediaItem, Pipeline, default_model_path
 from videollava.infer.sampling import SamplingParams
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "src" / "videollava" / "assets" / "examples"
-# Accuracy the shipped model reaches on held-out images and videos (measured on the recipe's own
-# test set: colour 62-65%, shape 84-88%, count 100%, yes/no 94-95%, which-object-moves 87%), as
+# Accuracy the shipped model reaches on held-out images and videos (measured on this test's set,
+# seed 777: colour 89/89%, shape 85/85%, count 100%, yes/no 93/94%, which-object-moves 89%), as
 # floors well above chance (colour 1/6, shape and count 1/3, yes/no 1/2, moving about 1/3).
-FLOORS = {"color": 0.5, "shape": 0.75, "count": 0.9, "exists": 0.85}
-VIDEO_FLOORS = {"moving": 0.75}
+FLOORS = {"color": 0.75, "shape": 0.75, "count": 0.9, "exists": 0.85}
+VIDEO_FLOORS = {"moving": 0.8}
 
 
 @pytest.fixture(scope="module")
