@@ -75,6 +75,24 @@ def test_cancel_frees_the_slot(pipeline, video):
     engine.submit(_prepare(pipeline, "Now?", []), SamplingParams(max_new_tokens=2))
 
 
+def test_free_batch_slots_count_before_the_scheduler_fills_them(pipeline):
+    """A request still waiting for a free batch slot does not use up the queue (a server race once did)."""
+    engine = Engine(pipeline, max_batch_size=1, max_queue=1)
+    params = SamplingParams(max_new_tokens=2)
+    first = engine.submit(_prepare(pipeline, "One?", []), params)
+    second = engine.submit(_prepare(pipeline, "Two?", []), params)  # no step yet: both wait
+    with pytest.raises(QueueFullError, match="holds 2 requests"):
+        engine.submit(_prepare(pipeline, "Three?", []), params)
+    while not (first.done and second.done):
+        engine.step()
+    assert first.result(timeout=1).finish_reason in ("stop", "length")
+    assert second.result(timeout=1).finish_reason in ("stop", "length")
+    third = engine.submit(_prepare(pipeline, "Three?", []), params)  # finished requests free their places
+    fourth = engine.submit(_prepare(pipeline, "Four?", []), params)
+    while not (third.done and fourth.done):
+        engine.step()
+
+
 def test_stop_strings_and_seeded_sampling(pipeline):
     prepared = _prepare(pipeline, "Say something.", [])
     engine = Engine(pipeline)

@@ -151,6 +151,7 @@ class Engine:
         self.stats = EngineStats()
         self._waiting: deque[_Request] = deque()
         self._running: list[_Request] = []
+        self._held = 0  # submitted and not yet finished: waiting, being prefilled or running
         self._batch = RunningBatch()
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -168,12 +169,21 @@ class Engine:
         return len(self._running)
 
     def submit(self, prepared: Prepared, params: SamplingParams | None = None) -> Handle:
+        """Refused only when max_queue requests would wait behind a full batch.
+
+        Counting every request held, not just the waiting ones, keeps the limit the same whether or not
+        the scheduling thread has yet moved earlier requests from the queue into free batch slots.
+        """
         params = params or SamplingParams()
         request = _Request(prepared=prepared, params=params, generator=params.generator())
         request.handle = Handle(request)
         with self._lock:
-            if len(self._waiting) >= self.max_queue:
-                raise QueueFullError(f"the queue holds {self.max_queue} waiting requests; try again later")
+            if self._held >= self.max_queue + self.max_batch_size:
+                raise QueueFullError(
+                    f"the engine holds {self._held} requests ({self.max_batch_size} running, "
+                    f"{self.max_queue} waiting at most); try again later"
+                )
+            self._held += 1
             self._waiting.append(request)
         self._wake.set()
         return request.handle
@@ -399,12 +409,18 @@ class Engine:
         )
         self.stats.requests_total += 1
         self.stats.latency_seconds_sum += completion.seconds
+        self._release()
         assert request.handle is not None
         request.handle._finish(completion)
+
+    def _release(self) -> None:
+        with self._lock:
+            self._held -= 1
 
     def _fail(self, request: _Request, error: Exception) -> None:
         self.stats.requests_failed += 1
         self.stats.requests_total += 1
+        self._release()
         assert request.handle is not None
         request.handle._finish(
             Completion(

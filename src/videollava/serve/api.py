@@ -548,7 +548,7 @@ def create_app(pipeline: Pipeline, settings: ServeSettings, engine: Engine | Non
     def admit() -> None:
         nonlocal in_flight
         with in_flight_lock:
-            if in_flight >= capacity or engine.queue_depth >= engine.max_queue:
+            if in_flight >= capacity:
                 raise api_error_from(
                     QueueFullError(f"the server holds {in_flight} requests; try again later")
                 )
