@@ -180,8 +180,8 @@ class Engine:
         with self._lock:
             if self._held >= self.max_queue + self.max_batch_size:
                 raise QueueFullError(
-                    f"the engine holds {self._held} requests ({self.max_batch_size} running, "
-                    f"{self.max_queue} waiting at most); try again later"
+                    f"the engine holds {self._held} requests (at most {self.max_batch_size} running "
+                    f"and {self.max_queue} waiting); try again later"
                 )
             self._held += 1
             self._waiting.append(request)
