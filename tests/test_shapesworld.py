@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -345,9 +346,10 @@ def _check_answer(scene: sw.Scene, qtype: str, split: str | None, question: str,
 def _check_caption(scene: sw.Scene, caption: str) -> None:
     lowered = caption.lower()
     for obj in scene.objects:
-        assert _article(obj.name) in lowered, (caption, obj.name)
+        said = [w for w in (_article(obj.name), f"{_article(obj.shape)} in {obj.color}") if w in lowered]
+        assert len(said) == 1, (caption, obj.name)
         if not obj.moves:  # still objects are placed in thirds of the frame
-            assert f"{_article(obj.name)} {sw.place_words(scene, obj)}" in lowered, (caption, obj.name)
+            assert f"{said[0]} {sw.place_words(scene, obj)}" in lowered, (caption, obj.name)
     if scene.kind == "video":
         mover = scene.moving_object
         motion = [f"the {mover.name} {phrase}" for phrase in sw.MOTION_PHRASES[scene.direction]]
@@ -456,6 +458,10 @@ def test_captions_name_every_object_and_the_motion(text_only: Path) -> None:
     assert len(variants) >= 8
     distinct_openings = {row["caption"].split()[0] for row, _ in rows.values()}
     assert len(distinct_openings) >= 4
+    # objects are named both ways: "a red circle" and "a circle in red"
+    in_colour = re.compile(r"\b(?:circle|square|triangle) in (?:" + "|".join(sw.COLORS) + r")\b")
+    shape_first = sum(bool(in_colour.search(row["caption"].lower())) for row, _ in rows.values())
+    assert 0.3 * len(rows) < shape_first < 0.9 * len(rows)
 
 
 def test_held_out_media_are_disjoint_from_training(text_only: Path) -> None:

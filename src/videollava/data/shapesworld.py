@@ -107,6 +107,8 @@ MOTION_PHRASES: dict[str, tuple[str, ...]] = {
     "up": ("moves up to the top", "moves upward to the top", "slides up toward the top"),
     "down": ("moves down to the bottom", "moves downward to the bottom", "slides down toward the bottom"),
 }
+# Share of objects that captions name shape first ("a circle in red" rather than "a red circle").
+SHAPE_FIRST_PROBABILITY = 0.5
 MOTION_TEMPLATES: tuple[str, ...] = (
     "{scene}; {motion}.",
     "{scene}, and {motion}.",
@@ -578,10 +580,24 @@ def place_words(scene: Scene, obj: SceneObject) -> str:
     return "in the middle"
 
 
+def object_words(obj: SceneObject, rng: np.random.Generator) -> str:
+    """Colour first ("a red circle") or, as often, shape first ("a circle in red").
+
+    Said shape first, a caption makes its writer find an object by its shape and then name its
+    colour: the lookup that "What color is the circle?" asks for, which colour-first wording
+    never practises.
+    """
+    if rng.random() < SHAPE_FIRST_PROBABILITY:
+        return f"{_article(obj.shape)} in {obj.color}"
+    return _article(obj.name)
+
+
 def make_caption(scene: Scene, rng: np.random.Generator) -> str:
     """A caption naming every object, where still ones sit, and the motion in videos."""
+    names = [object_words(o, rng) for o in scene.objects]
     names = [
-        _article(o.name) if o.moves else f"{_article(o.name)} {place_words(scene, o)}" for o in scene.objects
+        name if o.moves else f"{name} {place_words(scene, o)}"
+        for name, o in zip(names, scene.objects, strict=True)
     ]
     names = [names[int(i)] for i in rng.permutation(len(names))]
     count = len(scene.objects)
@@ -850,6 +866,7 @@ def world_description() -> dict[str, Any]:
         "caption_templates": list(SCENE_TEMPLATES),
         "motion_phrases": {k: list(v) for k, v in MOTION_PHRASES.items()},
         "motion_templates": list(MOTION_TEMPLATES),
+        "shape_first_probability": SHAPE_FIRST_PROBABILITY,
         "priors": {
             "color_weights": dict(COLOR_WEIGHTS),
             "shape_weights": dict(SHAPE_WEIGHTS),
