@@ -459,7 +459,7 @@ def test_captions_name_every_object_and_the_motion(text_only: Path) -> None:
     distinct_openings = {row["caption"].split()[0] for row, _ in rows.values()}
     assert len(distinct_openings) >= 4
     # objects are named both ways: "a red circle" and "a circle in red"
-    in_colour = re.compile(r"\b(?:circle|square|triangle) in (?:" + "|".join(sw.COLORS) + r")\b")
+    in_colour = re.compile(r"\b(?:" + "|".join(sw.SHAPES) + ") in (?:" + "|".join(sw.COLORS) + r")\b")
     shape_first = sum(bool(in_colour.search(row["caption"].lower())) for row, _ in rows.values())
     assert 0.3 * len(rows) < shape_first < 0.9 * len(rows)
 

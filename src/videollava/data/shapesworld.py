@@ -99,6 +99,8 @@ SCENE_TEMPLATES: tuple[str, ...] = (
     "{count} on a {background} background: {objects}",
     "{a_media} of {objects} on a {background} background",
 )
+# Share of objects that captions name shape first ("a circle in red" rather than "a red circle").
+SHAPE_FIRST_PROBABILITY = 0.5
 # Motion is phrased with the same words that place objects in stills ("left", "top", ...), so a
 # text encoder that learned them from images can tell the directions apart.
 MOTION_PHRASES: dict[str, tuple[str, ...]] = {
@@ -107,8 +109,6 @@ MOTION_PHRASES: dict[str, tuple[str, ...]] = {
     "up": ("moves up to the top", "moves upward to the top", "slides up toward the top"),
     "down": ("moves down to the bottom", "moves downward to the bottom", "slides down toward the bottom"),
 }
-# Share of objects that captions name shape first ("a circle in red" rather than "a red circle").
-SHAPE_FIRST_PROBABILITY = 0.5
 MOTION_TEMPLATES: tuple[str, ...] = (
     "{scene}; {motion}.",
     "{scene}, and {motion}.",
