@@ -100,6 +100,7 @@ def test_same_seed_same_files_and_different_seed_differs(tmp_path: Path, dataset
     for name in (
         "captions.json",
         "instruct.json",
+        "instruct_direction.json",
         "test_captions.json",
         "test_questions.jsonl",
         "world.json",
@@ -436,6 +437,23 @@ def test_instructions_are_canonical_multi_turn(text_only: Path) -> None:
     for split in sw.SPLITS:
         yes, no = probes[(split, "yes")], probes[(split, "no")]
         assert yes > 50 and abs(yes - no) <= 1
+
+
+def test_direction_file_asks_each_training_video_its_direction_alone(text_only: Path) -> None:
+    scenes = {row["media"]: scene for row, scene in _scenes(text_only) if row["set"] == "train"}
+    instruct = _read_json(text_only / "instruct.json")
+    entries = _read_json(text_only / "instruct_direction.json")
+    videos = [entry["video"] for entry in instruct if "video" in entry]
+    assert [entry["video"] for entry in entries] == videos  # one each, in the order of instruct.json
+    for entry in entries:
+        scene = scenes[entry["video"]]
+        assert entry["id"] == f"{scene.id}_direction" and "image" not in entry
+        human, gpt = entry["conversations"]
+        assert human["from"] == "human" and gpt["from"] == "gpt"
+        assert human["value"].startswith("<video>\n")
+        assert entry["turn_types"] == [{"type": "direction", "split": None}]
+        _check_answer(scene, "direction", None, human["value"].removeprefix("<video>\n"), gpt["value"])
+    assert {entry["conversations"][1]["value"] for entry in entries} == set(sw.DIRECTIONS)
 
 
 def test_captions_name_every_object_and_the_motion(text_only: Path) -> None:

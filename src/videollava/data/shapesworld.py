@@ -5,7 +5,7 @@ right, up or down. Because the world is tiny and fully described by ``world.json
 on it can be checked question by question, and anyone can re-render a scene from its metadata.
 
 Outputs follow the LLaVA JSON convention (``captions.json`` for stage 1, ``instruct.json`` for
-stage 2) plus held-out ``test_questions.jsonl`` / ``test_captions.json`` rendered from a separate
+stage 2, ``instruct_direction.json`` with the direction question of every training video alone) plus held-out ``test_questions.jsonl`` / ``test_captions.json`` rendered from a separate
 seed stream, and ``scenes.jsonl`` with the ground truth of every media file.
 """
 
@@ -752,6 +752,35 @@ def heldout_questions(
     return out
 
 
+def direction_entries(instruct: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each video's direction turn again, as a conversation of its own, in the order of ``instruct``.
+
+    Of all canonical questions only the direction needs the order of the frames, and in the
+    multi-turn file it is one turn in thirty; a stage that also reads these entries gives it the
+    share it needs to be learned.
+    """
+    out: list[dict[str, Any]] = []
+    for entry in instruct:
+        conversation = entry["conversations"]
+        for k, turn_type in enumerate(entry["turn_types"]):
+            if turn_type["type"] == "direction":
+                question = conversation[2 * k]["value"]
+                if not question.startswith("<video>\n"):
+                    question = f"<video>\n{question}"
+                out.append(
+                    {
+                        "id": f"{entry['id']}_direction",
+                        "video": entry["video"],
+                        "conversations": [
+                            {"from": "human", "value": question},
+                            conversation[2 * k + 1],
+                        ],
+                        "turn_types": [turn_type],
+                    }
+                )
+    return out
+
+
 def _conversation(scene: Scene, turns: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
     token = "<image>" if scene.kind == "image" else "<video>"
     conv: list[dict[str, str]] = []
@@ -985,6 +1014,7 @@ def generate(
     order = [int(i) for i in text_rng.permutation(len(train))]
     captions = [captions[i] for i in order]
     instruct = [instruct[i] for i in order]
+    direction = direction_entries(instruct)
 
     # Held-out text from its own stream
     test_rng = np.random.default_rng([seed, 1, 2])
@@ -1023,6 +1053,7 @@ def generate(
     _write_json(out / "world.json", world_description() | {"generation": params})
     _write_json(out / "captions.json", captions)
     _write_json(out / "instruct.json", instruct)
+    _write_json(out / "instruct_direction.json", direction)
     _write_json(out / "test_captions.json", test_captions)
     _write_jsonl(out / "test_questions.jsonl", questions)
     _write_jsonl(out / "scenes.jsonl", scene_rows)
@@ -1057,6 +1088,7 @@ def generate(
         "captions": len(captions),
         "instruct": len(instruct),
         "instruct_turns": sum(len(e["conversations"]) // 2 for e in instruct),
+        "instruct_direction": len(direction),
         "test_questions": len(questions),
         "test_question_types": dict(sorted(type_counts.items())),
         "test_exists_answers": dict(sorted(answers.items())),
