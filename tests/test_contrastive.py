@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import replace
 
 import pytest
 import torch
@@ -333,39 +332,6 @@ def test_per_frame_region_loss_reads_each_frame_under_the_object_there(tiny_toke
     # without per_frame, one box over the frames' mean, as before
     plain = VideoTextAligner(video.video_tower, text, 16, regions=RegionLoss(pooling="patch"))
     assert plain.region_frames(pixels) == 1 and plain.tower_pass(pixels)[1].shape == (2, 16, 32)
-
-
-def test_clip_naming_asks_the_mean_of_every_frame_and_patch_for_each_region(tiny_tokenizer):
-    from videollava.data.dataset import Region
-
-    tower, text = tiny_parts(vocab=len(tiny_tokenizer))
-    regions_spec = RegionLoss(scale=10.0, pooling="patch", per_frame=True, clip_weight=0.5)
-    video = VideoTextAligner(init_video_tower_from_image(tower, num_frames=2), text, 16, regions=regions_spec)
-    video.eval()
-    names = ["red circle moving right", "blue square standing still"]
-    regions_per_media = [
-        [Region((0, 0, 16, 8), names[0]), Region((24, 24, 32, 32), names[1])],
-        [Region((0, 0, 16, 8), names[1])],
-    ]
-    regions = RegionVocabulary(names, tiny_tokenizer, 16).batch(regions_per_media, torch.device("cpu"), 2)
-    pixels = torch.randn(2, 2, 3, 32, 32)
-    frames = video.video_tower.hidden_state(pixels.flatten(0, 1), -2, num_frames=2).view(2, 2, 17, 32)
-    ids, mask = tokenize_captions(tiny_tokenizer, names, 16)
-    words = video.embed_text(ids, mask)
-    # (B, T, P, D) -> (B, D): every frame's patches, CLS left out
-    whole = F.normalize(video.region_projection(frames[:, :, 1:].mean(dim=(1, 2))), dim=-1)
-    expected = 10.0 * whole[[0, 0, 1]] @ words.t()  # regions 0 and 1 are media 0's, region 2 media 1's
-    _, patches = video.tower_pass(pixels)
-    assert torch.allclose(video.clip_logits(patches, regions), expected, atol=1e-5)
-
-    caption_ids, caption_mask = tokenize_captions(tiny_tokenizer, ["a red circle", "a blue square"], 16)
-    with_clip = video.loss(pixels, caption_ids, caption_mask, regions)
-    video.regions = replace(regions_spec, clip_weight=0.0)
-    without = video.loss(pixels, caption_ids, caption_mask, regions)
-    clip_ce = F.cross_entropy(expected, regions.target)
-    assert (with_clip - without).item() == pytest.approx(0.5 * clip_ce.item(), rel=1e-4)
-    with pytest.raises(ValueError, match="clip_weight must be >= 0"):
-        RegionLoss(clip_weight=-0.1)
 
 
 @pytest.mark.parametrize(("temporal_embedding_std", "learns"), [(0.2, True), (0.0, False)])

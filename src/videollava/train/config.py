@@ -177,9 +177,6 @@ class RegionLossSpec:
     # videos: each frame's patches under the object in that frame (entries' region ``track``)
     # name it, instead of the frames' mean under the whole-clip box
     per_frame: bool = False
-    # beside it, the mean of all the media's patches (every frame's) names each of its regions,
-    # with this weight: what moves where must then show in the visual tokens taken together
-    clip_weight: float = 0.0
 
 
 @dataclass
@@ -444,8 +441,6 @@ def validate(recipe: Recipe) -> None:
                 raise RecipeError(
                     f"{where}.region_loss: weight and scale must be positive, got {regions.weight}, {regions.scale}"
                 )
-            if regions is not None and not regions.clip_weight >= 0:
-                raise RecipeError(f"{where}.region_loss.clip_weight: must be >= 0, got {regions.clip_weight}")
             if regions is not None and regions.per_frame and isinstance(stage, AlignImageStage):
                 raise RecipeError(f"{where}.region_loss.per_frame: only videos have frames (align_video)")
         if isinstance(stage, AlignImageStage) and not stage.text_encoder.token_init_std > 0:

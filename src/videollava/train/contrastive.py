@@ -149,10 +149,6 @@ class RegionLoss:
     Videos: by default a region is named by the patches of its whole-clip box, averaged over the
     frames. ``per_frame``: in every frame, the patches under the object in that frame (its
     ``frame_boxes``, else the whole-clip box) name it, as the LLM reads every frame's patches.
-
-    ``clip_weight``: beside that, the mean of all the media's patches (all frames) must name each
-    of its regions. A patch sees the object only where it is; which way it went shows across
-    patches and frames together, and this term asks for it there.
     """
 
     weight: float = 1.0
@@ -160,13 +156,10 @@ class RegionLoss:
     feature_layer: int = -2
     pooling: str = "box"
     per_frame: bool = False
-    clip_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if not (self.weight > 0 and self.scale > 0):
             raise ValueError(f"region weight and scale must be positive, got {self.weight}, {self.scale}")
-        if not self.clip_weight >= 0:
-            raise ValueError(f"region clip_weight must be >= 0, got {self.clip_weight}")
         if self.pooling not in ("box", "patch"):
             raise ValueError(f"region pooling must be 'box' or 'patch', got {self.pooling!r}")
 
@@ -323,11 +316,6 @@ class _Aligner(nn.Module):
         )
         return (weights * per_patch.squeeze(-1)).sum(dim=1).mean()
 
-    def clip_logits(self, patches: torch.Tensor, regions: RegionBatch) -> torch.Tensor:
-        """(R, V): each region's names matched by the mean of all its media's patches."""
-        # (B, F*P, D) -> (B, D) -> (B, V) -> (R, V)
-        return self._name_logits(patches.mean(dim=1), regions)[regions.sample_index]
-
     def loss(
         self,
         pixel_values: torch.Tensor,
@@ -345,13 +333,7 @@ class _Aligner(nn.Module):
         if regions is None or regions.target.numel() == 0:
             # Every rank touches the region head each step, so gradient all-reduces stay in step.
             return loss + 0.0 * self.region_projection.weight.sum()
-        loss = loss + self.regions.weight * self.region_loss(patches, regions)
-        if self.regions.clip_weight > 0:
-            target = regions.target.to(patches.device)
-            loss = loss + self.regions.clip_weight * F.cross_entropy(
-                self.clip_logits(patches, regions), target
-            )
-        return loss
+        return loss + self.regions.weight * self.region_loss(patches, regions)
 
 
 class ImageTextAligner(_Aligner):

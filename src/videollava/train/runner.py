@@ -774,7 +774,6 @@ class Run:
             self.require_model().config.vision_feature_layer,
             spec.pooling,
             spec.per_frame,
-            spec.clip_weight,
         )
 
     def region_names(
