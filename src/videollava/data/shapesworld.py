@@ -756,8 +756,8 @@ def direction_entries(instruct: Sequence[dict[str, Any]]) -> list[dict[str, Any]
     """Each video's direction turn again, as a conversation of its own, in the order of ``instruct``.
 
     Of all canonical questions only the direction needs the order of the frames, and in the
-    multi-turn file it is one turn in thirty; a stage that also reads these entries gives it the
-    share it needs to be learned.
+    multi-turn file it is one turn in twenty; a stage that also reads these entries gives it a
+    larger share.
     """
     out: list[dict[str, Any]] = []
     for entry in instruct:
