@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from videollava.data.shapesworld import generate
 from videollava.train import distributed as D
 from videollava.train.config import (
     FinetuneStage,
@@ -45,7 +46,7 @@ def test_shipped_recipes_validate(name):
     assert again.to_dict() == recipe.to_dict()
 
 
-def test_shapesworld_recipe_has_every_stage_in_order():
+def test_shapesworld_recipe_has_every_stage_in_order(tmp_path):
     recipe = load_recipe(CONFIGS / "shapesworld.yaml")
     assert [s.kind for s in recipe.stages] == [
         "tokenizer",
@@ -57,6 +58,12 @@ def test_shapesworld_recipe_has_every_stage_in_order():
     projector, finetune = recipe.stages[3], recipe.stages[4]
     assert projector.sampler_mode == "mixed" and projector.template == "plain"
     assert finetune.sampler_mode == "grouped"
+    # every file a stage reads is one the data stage writes
+    generate(tmp_path, n_images=4, n_videos=4, n_test_images=1, n_test_videos=1, dry_run=True)
+    for stage in recipe.stages:
+        evaluation = getattr(stage, "eval", None)
+        for name in [*stage.data, *([evaluation.data] if evaluation is not None else [])]:
+            assert (tmp_path / name).is_file(), (stage.label, name)
 
 
 def test_7b_recipe_is_the_papers(monkeypatch):
