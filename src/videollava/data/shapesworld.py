@@ -5,8 +5,9 @@ right, up or down. Because the world is tiny and fully described by ``world.json
 on it can be checked question by question, and anyone can re-render a scene from its metadata.
 
 Outputs follow the LLaVA JSON convention (``captions.json`` for stage 1, ``instruct.json`` for
-stage 2, ``instruct_direction.json`` with the direction question of every training video alone) plus held-out ``test_questions.jsonl`` / ``test_captions.json`` rendered from a separate
-seed stream, and ``scenes.jsonl`` with the ground truth of every media file.
+stage 2, ``instruct_direction.json`` with every training video's direction question alone) plus
+held-out ``test_questions.jsonl`` / ``test_captions.json`` rendered from a separate seed stream,
+and ``scenes.jsonl`` with the ground truth of every media file.
 """
 
 from __future__ import annotations
