@@ -753,33 +753,30 @@ def heldout_questions(
     return out
 
 
-def direction_entries(instruct: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each video's direction turn again, as a conversation of its own, in the order of ``instruct``.
+def _instruct_entry(
+    scene: Scene, media: str, turns: Sequence[dict[str, Any]], **extra: str
+) -> dict[str, Any]:
+    return (
+        _entry(scene, media)
+        | extra
+        | {
+            "conversations": _conversation(scene, turns),
+            "turn_types": [{"type": t["type"], "split": t["split"]} for t in turns],
+        }
+    )
+
+
+def direction_entry(scene: Scene, media: str, turns: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """The video's direction turn again, as a conversation of its own (None without one).
 
     Of all canonical questions only the direction needs the order of the frames, and in the
     multi-turn file it is one turn in twenty; a stage that also reads these entries gives it a
     larger share.
     """
-    out: list[dict[str, Any]] = []
-    for entry in instruct:
-        conversation = entry["conversations"]
-        for k, turn_type in enumerate(entry["turn_types"]):
-            if turn_type["type"] == "direction":
-                question = conversation[2 * k]["value"]
-                if not question.startswith("<video>\n"):
-                    question = f"<video>\n{question}"
-                out.append(
-                    {
-                        "id": f"{entry['id']}_direction",
-                        "video": entry["video"],
-                        "conversations": [
-                            {"from": "human", "value": question},
-                            conversation[2 * k + 1],
-                        ],
-                        "turn_types": [turn_type],
-                    }
-                )
-    return out
+    asked = [t for t in turns if t["type"] == "direction"]
+    if not asked:
+        return None
+    return _instruct_entry(scene, media, asked) | {"id": f"{scene.id}_direction"}
 
 
 def _conversation(scene: Scene, turns: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
@@ -996,26 +993,21 @@ def generate(
     balancer = ProbeBalancer()
     captions: list[dict[str, Any]] = []
     instruct: list[dict[str, Any]] = []
+    direction: list[dict[str, Any] | None] = []  # per training media, in step with instruct
     scene_rows: list[dict[str, Any]] = []
     for scene, media in train:
         caption = make_caption(scene, text_rng)
         group = {"group": groups[scene.id]} if scene.id in groups else {}
         captions.append(_caption_entry(scene, media, caption, text_rng) | group)
         turns = instruct_turns(scene, caption, text_rng, ranking, balancer)
-        instruct.append(
-            _entry(scene, media)
-            | group
-            | {
-                "conversations": _conversation(scene, turns),
-                "turn_types": [{"type": t["type"], "split": t["split"]} for t in turns],
-            }
-        )
+        instruct.append(_instruct_entry(scene, media, turns, **group))
+        direction.append(direction_entry(scene, media, turns))
         scene_rows.append({"set": "train", "media": media, "caption": caption} | scene.to_dict())
     # Mix images and videos so that a reader going through the file in order sees both.
     order = [int(i) for i in text_rng.permutation(len(train))]
     captions = [captions[i] for i in order]
     instruct = [instruct[i] for i in order]
-    direction = direction_entries(instruct)
+    direction = [direction[i] for i in order if direction[i] is not None]
 
     # Held-out text from its own stream
     test_rng = np.random.default_rng([seed, 1, 2])
