@@ -645,3 +645,108 @@ def test_short_training_run_aligns_shapesworld_images_and_carries_over_to_videos
         assert video_aligner.video_tower.encoder.layers[0].temporal_attn.out_proj.weight.abs().sum() > 0
     finally:
         torch.set_num_threads(threads)
+
+
+def test_motion_loss_pools_each_whole_clip_box_over_every_frame(tiny_tokenizer):
+    from videollava.data.dataset import Region
+
+    tower, text = tiny_parts(vocab=len(tiny_tokenizer))
+    video = VideoTextAligner(
+        init_video_tower_from_image(tower, num_frames=2, temporal_embedding_std=0.2),
+        text,
+        16,
+        regions=RegionLoss(scale=10.0, pooling="patch", per_frame=True, motion_weight=2.0),
+    )
+    video.eval()
+    names = ["red circle moving right", "blue square standing still", "green circle"]
+    motions = ["moving right", "standing still"]
+    regions_per_media = [
+        [
+            # the whole-clip box covers patches 0 and 1, its frame boxes one each
+            Region((0, 0, 16, 8), names[0], frame_boxes=((0, 0, 8, 8), (8, 0, 16, 8)), motion=motions[0]),
+            Region((24, 24, 32, 32), names[1], motion=motions[1]),
+        ],
+        [Region((8, 8, 16, 16), names[2])],  # no motion phrase: no motion term
+    ]
+    pixels = torch.randn(2, 2, 3, 32, 32)
+    vocabulary = RegionVocabulary(names, tiny_tokenizer, 16, motions)
+    regions = vocabulary.batch(regions_per_media, torch.device("cpu"), 2)
+    assert regions.motion_target.tolist() == [0, 1, -1]
+    _, patches = video.tower_pass(pixels)
+    frames = video.video_tower.hidden_state(pixels.flatten(0, 1), -2, num_frames=2).view(2, 2, 17, 32)
+    ids, mask = tokenize_captions(tiny_tokenizer, motions, 16)
+    phrases = video.embed_text(ids, mask)
+
+    def ce(features: torch.Tensor, target: int) -> torch.Tensor:
+        own = F.normalize(video.region_projection(features), dim=-1)
+        return -(10.0 * phrases @ own).log_softmax(dim=-1)[target]
+
+    # patch p of frame f is frames[media, f, 1 + p]; a 32 px crop in 8 px patches is 4 x 4
+    mover = frames[0, :, 1:3].mean(dim=(0, 1))  # both patches of its box, both frames
+    still = frames[0, :, 16].mean(dim=0)  # patch 15, both frames
+    expected = (ce(mover, 0) + ce(still, 1)) / 2
+    assert video.motion_loss(patches, regions).item() == pytest.approx(expected.item(), rel=1e-5)
+    names_only = video.region_loss(patches, regions)
+    assert video.loss(pixels, ids[:2], mask[:2], regions).item() == pytest.approx(
+        (
+            clip_loss(video.embed_media(pixels), video.embed_text(ids[:2], mask[:2]), video.logit_scale)
+            + names_only
+            + 2.0 * expected
+        ).item(),
+        rel=1e-4,
+    )
+    # a motion the stage was not told of is refused, a vocabulary without motions has no term
+    with pytest.raises(ValueError, match="region motion 'moving up' is not in the stage's vocabulary"):
+        vocabulary.batch([[Region((0, 0, 8, 8), names[2], motion="moving up")]], torch.device("cpu"), 2)
+    plain = RegionVocabulary(names, tiny_tokenizer, 16).batch(regions_per_media, torch.device("cpu"), 2)
+    assert plain.motion_ids is None and video.motion_loss(patches, plain).item() == 0.0
+    with pytest.raises(ValueError, match="motion weight must be >= 0"):
+        RegionLoss(motion_weight=-1.0)
+
+
+@pytest.mark.parametrize("motion_weight", [1.0, 0.0])
+def test_motion_loss_teaches_the_mean_of_a_box_which_way_its_object_moves(tiny_tokenizer, motion_weight):
+    """A square crosses a row of patches one way or the other, named the same both ways: only the
+    motion term can teach the mean of its whole-clip box which way it went."""
+    from videollava.data.dataset import Region
+
+    torch.manual_seed(0)
+    tower, text = tiny_parts(vocab=len(tiny_tokenizer))
+    video = VideoTextAligner(
+        init_video_tower_from_image(tower, num_frames=3, temporal_embedding_std=0.2),
+        text,
+        16,
+        regions=RegionLoss(weight=1.0, scale=10.0, pooling="patch"),
+    )
+    motions = ["moving left", "moving right"]
+    vocabulary = RegionVocabulary(["red square"], tiny_tokenizer, 16, motions)
+
+    def batch(n: int, seed: int):
+        g = torch.Generator().manual_seed(seed)
+        pixels = torch.zeros(n, 3, 3, 32, 32)
+        media = []
+        for i in range(n):
+            row, start, right = (int(torch.randint(k, (1,), generator=g)) for k in (4, 2, 2))
+            cols = [start + f for f in range(3)] if right else [start + 2 - f for f in range(3)]
+            for f, c in enumerate(cols):
+                pixels[i, f, :, 8 * row : 8 * row + 8, 8 * c : 8 * c + 8] = 2.0
+            span = (8.0 * start, 8.0 * row, 8.0 * start + 24, 8.0 * row + 8)
+            media.append([Region(span, "red square", motion=motions[right])])
+        return pixels, vocabulary.batch(media, torch.device("cpu"))
+
+    def accuracy(pixels, regions) -> float:
+        with torch.no_grad():
+            logits = video.motion_logits(video.tower_pass(pixels)[1], regions)
+        return (logits.argmax(-1) == regions.motion_target).float().mean().item()
+
+    test = batch(64, seed=99)
+    assert accuracy(*test) < 0.75
+    optimizer = torch.optim.AdamW([p for p in video.trainable_parameters() if p.requires_grad], lr=3e-3)
+    for step in range(150):
+        pixels, regions = batch(16, seed=step)
+        patches = video.tower_pass(pixels)[1]
+        loss = video.region_loss(patches, regions) + motion_weight * video.motion_loss(patches, regions)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert (accuracy(*test) > 0.95) == (motion_weight > 0)

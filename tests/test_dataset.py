@@ -308,7 +308,8 @@ def test_caption_dataset_maps_regions_into_the_crop(world, tmp_path):
         for r in raw["regions"]:
             frame_boxes = tuple(crop(along_track(r["track"], t)) for t in times) if "track" in r else ()
             if crop(r["box"]) is not None and (not frame_boxes or any(frame_boxes)):
-                expected.append(Region(crop(r["box"]), r["text"], frame_boxes=frame_boxes))
+                motion = r.get("motion", "")
+                expected.append(Region(crop(r["box"]), r["text"], frame_boxes=frame_boxes, motion=motion))
         if video:  # the mover is tracked: a box per sampled frame
             assert any(len(r.frame_boxes) == FRAMES for r in expected)
         sample = data.load(0)
@@ -318,6 +319,8 @@ def test_caption_dataset_maps_regions_into_the_crop(world, tmp_path):
         assert again.load(0).regions == expected
         assert CaptionDataset(records, cached, modality).load(0).regions == []
         assert set(data.region_texts()) == {r["text"] for rec in data.records for r in rec.raw["regions"]}
+        motions = {r["motion"] for rec in data.records for r in rec.raw["regions"] if "motion" in r}
+        assert set(data.region_motions()) == motions and bool(motions) == video
     assert collate_captions([data.load(0), data.load(1)])["regions"][1] == data.load(1).regions
 
 
@@ -343,6 +346,8 @@ def test_caption_dataset_maps_regions_into_the_crop(world, tmp_path):
             [{"box": [0, 0, 9, 4], "text": "red circle", "track": [{"t": 0, "box": [4, 0, 4, 4]}]}],
             "keyframe 0",
         ),
+        ([{"box": [0, 0, 4, 4], "text": "red circle", "motion": ""}], "'motion' must be a non-empty string"),
+        ([{"box": [0, 0, 4, 4], "text": "red circle", "motion": 3}], "'motion' must be a non-empty string"),
     ],
 )
 def test_malformed_regions_are_bad_samples(world, tmp_path, regions, problem):
@@ -355,7 +360,7 @@ def test_malformed_regions_are_bad_samples(world, tmp_path, regions, problem):
     )
     item = data[0]
     assert isinstance(item, Skipped) and "malformed regions" in item.reason and problem in item.reason
-    assert data.region_texts() == []
+    assert data.region_texts() == [] and data.region_motions() == []
 
 
 def test_region_box_at_follows_the_track_between_keyframes():

@@ -206,10 +206,10 @@ def test_object_regions_frame_every_object_in_every_frame() -> None:
             x0, y0, x1, y1 = region["box"]
             assert 0 <= x0 < x1 <= scene.width and 0 <= y0 < y1 <= scene.height
             if kind == "image":
-                assert region["text"] == obj.name
+                assert region["text"] == obj.name and "motion" not in region
             else:
                 motion = f"moving {scene.direction}" if obj.moves else "standing still"
-                assert region["text"] == f"{obj.name} {motion}"
+                assert region["text"] == f"{obj.name} {motion}" and region["motion"] == motion
             for frame in sorted({0, scene.n_frames // 2, scene.n_frames - 1}):
                 ys, xs = np.nonzero((sw._render_array(scene, frame) == sw.COLORS[obj.color]).all(axis=-1))
                 assert len(xs) > 0

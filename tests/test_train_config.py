@@ -162,6 +162,14 @@ def test_7b_model_builds_on_meta_device_without_network(monkeypatch):
             r"stages\[1\] \(align_image\)\.region_loss\.per_frame: only videos have frames",
         ),
         (
+            lambda r: r["stages"].insert(1, {"kind": "align_image", "region_loss": {"motion_weight": 1.0}}),
+            r"stages\[1\] \(align_image\)\.region_loss\.motion_weight: only videos move",
+        ),
+        (
+            lambda r: r["stages"].insert(1, {"kind": "align_image", "region_loss": {"motion_weight": -1}}),
+            r"stages\[1\] \(align_image\)\.region_loss\.motion_weight: must be >= 0",
+        ),
+        (
             lambda r: r["stages"].insert(1, {"kind": "align_image", "text_encoder": {"pooling": "max"}}),
             r"text_encoder\.pooling: expected 'eos' or 'mean'",
         ),

@@ -278,6 +278,7 @@ def test_region_loss_trains_a_region_head_in_both_alignment_stages(world, tmp_pa
     for stage in stages[1:]:
         stage.update(max_steps=1, region_loss={"weight": 2.0, "scale": 20.0})
     stages[1]["text_encoder"].update(pooling="mean", token_init_std=1.0)
+    stages[2]["region_loss"]["motion_weight"] = 1.0
     recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(world, stages))
     image = trained_stage_weights(recipe, tmp_path / "run", "1-align_image")
     with safe_open(str(tmp_path / "run" / "stages" / "2-align_video" / "weights.safetensors"), "pt") as f:
@@ -291,6 +292,8 @@ def test_region_loss_trains_a_region_head_in_both_alignment_stages(world, tmp_pa
     evals = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["event"] == "eval"]
     assert 0.0 <= evals[0]["image_region_name_acc"] <= 1.0 and "video_region_name_acc" not in evals[0]
     assert 0.0 <= evals[1]["video_region_name_acc"] <= 1.0 and "image_region_name_acc" in evals[1]
+    # and how often the way each video region moves is picked, by the mean of its box
+    assert 0.0 <= evals[1]["video_region_motion_acc"] <= 1.0 and "image_region_motion_acc" not in evals[1]
     again = trained_stage_weights(recipe, tmp_path / "plain", "1-align_image", "stage.1.region_loss=null")
     assert not any("region_projection" in n for n in again)
     assert any(not torch.equal(image[n], again[n]) for n in again if "image_tower" in n)
@@ -303,6 +306,14 @@ def test_region_loss_trains_a_region_head_in_both_alignment_stages(world, tmp_pa
     )
     with pytest.raises(RecipeError, match="region_loss needs entries with 'regions'"):
         train(recipe, tmp_path / "no-regions", f"data.root={bare}")
+    still = tmp_path / "still"
+    shutil.copytree(world, still)
+    for entry in entries:
+        for region in entry.get("regions", []):
+            region.pop("motion", None)
+    (still / "captions.json").write_text(json.dumps(entries))
+    with pytest.raises(RecipeError, match="motion_weight needs regions with a 'motion'"):
+        train(recipe, tmp_path / "no-motion", f"data.root={still}")
 
 
 def test_tower_lr_trains_both_towers_in_stage_2(world, tmp_path):

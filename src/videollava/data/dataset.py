@@ -370,12 +370,14 @@ class Region:
     (t, box), t from 0 (first frame) to 1 (last), the box moving linearly between them. Once the
     region is mapped into the model's crop, ``frame_boxes`` holds its box in each sampled frame
     (None where the crop cuts it away), so each frame's own patches can be told what they show.
+    ``motion`` says how a video's object moves ("moving left", "standing still"), apart from its name.
     """
 
     box: Box
     text: str
     track: tuple[tuple[float, Box], ...] = ()
     frame_boxes: tuple[Box | None, ...] = ()
+    motion: str = ""
 
     def box_at(self, t: float) -> Box:
         """The tracked box at time ``t`` in [0, 1]; the whole-clip box when there is no track."""
@@ -420,8 +422,8 @@ def _parse_track(raw: Any, where: str) -> tuple[tuple[float, Box], ...]:
 
 def parse_regions(raw: Any) -> list[Region]:
     """The entry's optional ``regions``: ``[{"box": [x0, y0, x1, y1], "text": "...", "track":
-    [{"t": 0.0, "box": [...]}, ...]}]`` in the media's own pixels (for a video, ``box`` holds the
-    object throughout and the optional ``track`` follows it)."""
+    [{"t": 0.0, "box": [...]}, ...], "motion": "..."}]`` in the media's own pixels (for a video,
+    ``box`` holds the object throughout and the optional ``track`` follows it)."""
     if raw is None:
         return []
     if not isinstance(raw, list):
@@ -434,7 +436,10 @@ def parse_regions(raw: Any) -> list[Region]:
         if not isinstance(text, str) or not text.strip():
             raise ValueError(f"region {i}: 'text' must be a non-empty string")
         track = _parse_track(item["track"], f"region {i}") if "track" in item else ()
-        regions.append(Region(box, text.strip(), track))
+        motion = item.get("motion", "")
+        if not isinstance(motion, str) or ("motion" in item and not motion.strip()):
+            raise ValueError(f"region {i}: 'motion' must be a non-empty string")
+        regions.append(Region(box, text.strip(), track, motion=motion.strip()))
     return regions
 
 
@@ -456,13 +461,21 @@ class CaptionDataset(RecordDataset):
     def region_texts(self) -> list[str]:
         """Every distinct region name of the data, in first-seen order: the names regions are told
         apart from. Entries whose regions are malformed are left to ``load`` to report."""
-        names: dict[str, None] = {}
+        return self._distinct_regions("text")
+
+    def region_motions(self) -> list[str]:
+        """Every distinct region ``motion`` phrase of the data, in first-seen order."""
+        return self._distinct_regions("motion")
+
+    def _distinct_regions(self, field: str) -> list[str]:
+        values: dict[str, None] = {}
         for record in self.records:
             try:
-                names.update(dict.fromkeys(r.text for r in parse_regions(record.raw.get("regions"))))
+                regions = parse_regions(record.raw.get("regions"))
             except (ValueError, AttributeError):
                 continue
-        return list(names)
+            values.update(dict.fromkeys(v for r in regions if (v := getattr(r, field))))
+        return list(values)
 
     def _remember_size(self, rel: str) -> SizeSink:
         def sink(width: int, height: int, n_frames: int) -> None:
@@ -502,7 +515,7 @@ class CaptionDataset(RecordDataset):
             box = to_crop(region.box)
             frame_boxes = tuple(to_crop(region.box_at(float(t))) for t in times) if region.track else ()
             if box is not None and (not frame_boxes or any(b is not None for b in frame_boxes)):
-                cropped.append(Region(box, region.text, frame_boxes=frame_boxes))
+                cropped.append(Region(box, region.text, frame_boxes=frame_boxes, motion=region.motion))
         return cropped
 
     def __len__(self) -> int:

@@ -862,7 +862,8 @@ def object_regions(scene: Scene) -> list[dict[str, Any]]:
         half = obj.size / 2
         region: dict[str, Any] = {"box": box_around((obj.start, obj.end), half), "text": obj.name}
         if scene.kind == "video":
-            region["text"] += f" moving {scene.direction}" if obj.moves else " standing still"
+            region["motion"] = f"moving {scene.direction}" if obj.moves else "standing still"
+            region["text"] += " " + region["motion"]
             if obj.moves:
                 region["track"] = [
                     {"t": 0.0, "box": box_around((obj.start,), half)},

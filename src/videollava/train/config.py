@@ -177,6 +177,9 @@ class RegionLossSpec:
     # videos: each frame's patches under the object in that frame (entries' region ``track``)
     # name it, instead of the frames' mean under the whole-clip box
     per_frame: bool = False
+    # videos: the weight of a term where the mean of a region's patches over its whole-clip box and
+    # all frames must pick its ``motion`` phrase ("moving left", "standing still") (0: none)
+    motion_weight: float = 0.0
 
 
 @dataclass
@@ -443,6 +446,12 @@ def validate(recipe: Recipe) -> None:
                 )
             if regions is not None and regions.per_frame and isinstance(stage, AlignImageStage):
                 raise RecipeError(f"{where}.region_loss.per_frame: only videos have frames (align_video)")
+            if regions is not None and regions.motion_weight < 0:
+                raise RecipeError(
+                    f"{where}.region_loss.motion_weight: must be >= 0, got {regions.motion_weight}"
+                )
+            if regions is not None and regions.motion_weight > 0 and isinstance(stage, AlignImageStage):
+                raise RecipeError(f"{where}.region_loss.motion_weight: only videos move (align_video)")
         if isinstance(stage, AlignImageStage) and not stage.text_encoder.token_init_std > 0:
             raise RecipeError(f"{where}.text_encoder.token_init_std: must be positive")
         if stage.kind == "align_video" and "align_image" not in seen:

@@ -14,6 +14,7 @@ each object is (and, in videos, how it moves), not only the pooled embedding.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -25,6 +26,8 @@ from videollava.model.vision import VisionTower
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
+
+    from videollava.data.dataset import Region
 
 LOGIT_SCALE_INIT = math.log(1 / 0.07)
 LOGIT_SCALE_MAX = math.log(100.0)
@@ -149,6 +152,10 @@ class RegionLoss:
     Videos: by default a region is named by the patches of its whole-clip box, averaged over the
     frames. ``per_frame``: in every frame, the patches under the object in that frame (its
     ``frame_boxes``, else the whole-clip box) name it, as the LLM reads every frame's patches.
+    ``motion_weight``: beside the name, the mean of the patches of the whole-clip box over all
+    frames must pick the region's ``motion`` phrase ("moving left") out of all the motion phrases.
+    Which way an object goes shows in where it is at which time, so no single patch need hold it,
+    but their mean can, and the LLM reads the object's patches together.
     """
 
     weight: float = 1.0
@@ -156,10 +163,13 @@ class RegionLoss:
     feature_layer: int = -2
     pooling: str = "box"
     per_frame: bool = False
+    motion_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if not (self.weight > 0 and self.scale > 0):
             raise ValueError(f"region weight and scale must be positive, got {self.weight}, {self.scale}")
+        if self.motion_weight < 0:
+            raise ValueError(f"motion weight must be >= 0, got {self.motion_weight}")
         if self.pooling not in ("box", "patch"):
             raise ValueError(f"region pooling must be 'box' or 'patch', got {self.pooling!r}")
 
@@ -170,30 +180,52 @@ class RegionBatch:
 
     sample_index: torch.Tensor  # (R,) which media each region belongs to
     boxes: torch.Tensor  # (R, F, 4) crop pixels, in each of F frames (F = 1: one box for the media)
+    clip_boxes: torch.Tensor  # (R, 4) crop pixels, the box over the whole media
     frame_valid: torch.Tensor  # (R, F) bool: the region is in sight in that frame
     target: torch.Tensor  # (R,) index of the region's name in the vocabulary
     vocab_ids: torch.Tensor  # (V, L) the vocabulary, tokenised
     vocab_mask: torch.Tensor  # (V, L)
+    motion_target: torch.Tensor  # (R,) index of the region's motion phrase, -1 for none
+    motion_ids: torch.Tensor | None  # (M, L) the motion phrases, tokenised (None: there are none)
+    motion_mask: torch.Tensor | None  # (M, L)
 
 
 class RegionVocabulary:
-    """The names regions are told apart from, tokenised once for the whole stage."""
+    """The names (and motion phrases) regions are told apart from, tokenised once for the stage."""
 
-    def __init__(self, names: list[str], tokenizer: PreTrainedTokenizerBase, max_length: int):
+    def __init__(
+        self,
+        names: list[str],
+        tokenizer: PreTrainedTokenizerBase,
+        max_length: int,
+        motions: Sequence[str] = (),
+    ):
         if not names:
             raise ValueError("the region loss needs named regions in the data, and there are none")
         self.names = list(names)
         self.index = {name: i for i, name in enumerate(self.names)}
         self.ids, self.mask = tokenize_captions(tokenizer, self.names, max_length)
+        self.motions = list(motions)
+        self.motion_index = {motion: i for i, motion in enumerate(self.motions)}
+        self.motion_ids, self.motion_mask = (
+            tokenize_captions(tokenizer, self.motions, max_length) if self.motions else (None, None)
+        )
+
+    def knows(self, region: Region) -> bool:
+        """Whether the region's name (and motion, if it has one and the stage names motions) is here."""
+        motion_known = not (self.motions and region.motion) or region.motion in self.motion_index
+        return region.text in self.index and motion_known
 
     def batch(self, regions_per_media: list[list], device: torch.device, frames: int = 1) -> RegionBatch:
-        """Regions of each media of a micro-batch (objects with ``box``, ``text`` and, for
-        ``frames`` > 1, optional ``frame_boxes``) -> one batch."""
-        sample_index, boxes, valid, target = [], [], [], []
+        """Regions of each media of a micro-batch (objects with ``box``, ``text``, ``motion`` and,
+        for ``frames`` > 1, optional ``frame_boxes``) -> one batch."""
+        sample_index, boxes, clip_boxes, valid, target, motion = [], [], [], [], [], []
         for i, regions in enumerate(regions_per_media):
             for region in regions:
                 if region.text not in self.index:
                     raise ValueError(f"region name {region.text!r} is not in the stage's vocabulary")
+                if self.motions and region.motion and region.motion not in self.motion_index:
+                    raise ValueError(f"region motion {region.motion!r} is not in the stage's vocabulary")
                 per_frame = list(region.frame_boxes) if frames > 1 and region.frame_boxes else []
                 if per_frame and len(per_frame) != frames:
                     raise ValueError(
@@ -203,15 +235,21 @@ class RegionVocabulary:
                 sample_index.append(i)
                 # a frame where the object is out of sight keeps the whole-clip box, unweighted
                 boxes.append([region.box if b is None else b for b in per_frame])
+                clip_boxes.append(region.box)
                 valid.append([b is not None for b in per_frame])
                 target.append(self.index[region.text])
+                motion.append(self.motion_index.get(region.motion, -1))
         return RegionBatch(
             torch.tensor(sample_index, dtype=torch.long, device=device),
             torch.tensor(boxes, dtype=torch.float32, device=device).view(-1, frames, 4),
+            torch.tensor(clip_boxes, dtype=torch.float32, device=device).view(-1, 4),
             torch.tensor(valid, dtype=torch.bool, device=device).view(-1, frames),
             torch.tensor(target, dtype=torch.long, device=device),
             self.ids.to(device),
             self.mask.to(device),
+            torch.tensor(motion, dtype=torch.long, device=device),
+            None if self.motion_ids is None else self.motion_ids.to(device),
+            None if self.motion_mask is None else self.motion_mask.to(device),
         )
 
 
@@ -316,6 +354,27 @@ class _Aligner(nn.Module):
         )
         return (weights * per_patch.squeeze(-1)).sum(dim=1).mean()
 
+    def motion_logits(self, patches: torch.Tensor, regions: RegionBatch) -> torch.Tensor:
+        """(R', M) for the R' regions with a motion phrase: the mean of the patches of the
+        region's whole-clip box, over every frame, against every motion phrase."""
+        assert self.region_projection is not None and regions.motion_ids is not None
+        assert regions.motion_mask is not None
+        keep = regions.motion_target >= 0
+        weights = box_patch_weights(regions.clip_boxes[keep].to(patches), self.image_size, self.patch_size)
+        frames = patches.shape[1] // weights.shape[1]
+        # (R', P) -> (R', F*P): the same box in every frame, the frames sharing equally
+        weights = weights.repeat(1, frames) / frames
+        # (R', F*P) x (R', F*P, D) -> (R', D)
+        pooled = torch.einsum("rp,rpd->rd", weights, patches[regions.sample_index[keep]])
+        phrases = self.embed_text(regions.motion_ids, regions.motion_mask)  # (M, E)
+        return self.regions.scale * F.normalize(self.region_projection(pooled), dim=-1) @ phrases.t()
+
+    def motion_loss(self, patches: torch.Tensor, regions: RegionBatch) -> torch.Tensor:
+        target = regions.motion_target[regions.motion_target >= 0]
+        if regions.motion_ids is None or target.numel() == 0:
+            return patches.new_zeros(())
+        return F.cross_entropy(self.motion_logits(patches, regions), target)
+
     def loss(
         self,
         pixel_values: torch.Tensor,
@@ -333,7 +392,10 @@ class _Aligner(nn.Module):
         if regions is None or regions.target.numel() == 0:
             # Every rank touches the region head each step, so gradient all-reduces stay in step.
             return loss + 0.0 * self.region_projection.weight.sum()
-        return loss + self.regions.weight * self.region_loss(patches, regions)
+        loss = loss + self.regions.weight * self.region_loss(patches, regions)
+        if self.regions.motion_weight > 0:
+            loss = loss + self.regions.motion_weight * self.motion_loss(patches, regions)
+        return loss
 
 
 class ImageTextAligner(_Aligner):

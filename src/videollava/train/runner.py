@@ -329,7 +329,7 @@ class AlignObjective(nn.Module):
         tokenizer: Any,
         max_length: int,
         dummy_shape: tuple[int, ...],
-        region_names: list[str] | None = None,
+        region_vocabulary: tuple[list[str], list[str]] | None = None,
     ):
         from videollava.train.contrastive import RegionVocabulary
 
@@ -338,7 +338,11 @@ class AlignObjective(nn.Module):
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.dummy_shape = dummy_shape
-        self.regions = None if region_names is None else RegionVocabulary(region_names, tokenizer, max_length)
+        self.regions = (
+            None
+            if region_vocabulary is None
+            else RegionVocabulary(region_vocabulary[0], tokenizer, max_length, region_vocabulary[1])
+        )
 
     def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
         from videollava.train.contrastive import tokenize_captions
@@ -730,7 +734,7 @@ class Run:
         device = aligner.logit_scale.device
         vocabulary = self.region_vocab.get(dataset.modality) if dataset.regions else None
         media, texts, captions = [], [], []
-        region_hits, region_total = 0, 0
+        region_hits, region_total, motion_hits, motion_total = 0, 0, 0, 0
         items = [dataset[i] for i in range(len(dataset))]
         good = [s for s in items if not isinstance(s, Skipped)]
         max_length = aligner.text_encoder.config.max_length
@@ -747,19 +751,24 @@ class Run:
             captions += batch["captions"]
             if vocabulary is not None:
                 # names the training data never had cannot be picked: they are left out
-                known = [
-                    [r for r in per_media if r.text in vocabulary.index] for per_media in batch["regions"]
-                ]
+                known = [[r for r in per_media if vocabulary.knows(r)] for per_media in batch["regions"]]
                 named = vocabulary.batch(known, device, aligner.region_frames(pixels))
                 if named.target.numel():
                     logits = aligner.region_logits(patches, named)
                     region_hits += int((logits.argmax(dim=-1) == named.target).sum())
                     region_total += named.target.numel()
+                moving = named.motion_target[named.motion_target >= 0]
+                if named.motion_ids is not None and moving.numel():
+                    logits = aligner.motion_logits(patches, named)
+                    motion_hits += int((logits.argmax(dim=-1) == moving).sum())
+                    motion_total += moving.numel()
         recall = retrieval_recall_at_1(torch.cat(media), torch.cat(texts), captions)
         prefix = dataset.modality
         out = {f"{prefix}_r1_{k}": v for k, v in recall.items()} | {f"{prefix}_eval_pairs": float(len(good))}
         if region_total:
             out[f"{prefix}_region_name_acc"] = region_hits / region_total
+        if motion_total:
+            out[f"{prefix}_region_motion_acc"] = motion_hits / motion_total
         return out
 
     def region_loss(self, stage: AlignImageStage | AlignVideoStage) -> Any:
@@ -774,11 +783,13 @@ class Run:
             self.require_model().config.vision_feature_layer,
             spec.pooling,
             spec.per_frame,
+            spec.motion_weight,
         )
 
-    def region_names(
+    def region_vocabulary(
         self, stage: AlignImageStage | AlignVideoStage, dataset: CaptionDataset
-    ) -> list[str] | None:
+    ) -> tuple[list[str], list[str]] | None:
+        """The names, and the motion phrases when the stage weighs them, its regions pick from."""
         if stage.region_loss is None:
             return None
         names = dataset.region_texts()
@@ -786,8 +797,17 @@ class Run:
             raise RecipeError(
                 f"stage {stage.label}: region_loss needs entries with 'regions' in {', '.join(stage.data)}"
             )
-        self.log(f"[{stage.label}] region loss over {len(names)} names")
-        return names
+        motions = dataset.region_motions() if stage.region_loss.motion_weight > 0 else []
+        if stage.region_loss.motion_weight > 0 and not motions:
+            raise RecipeError(
+                f"stage {stage.label}: region_loss.motion_weight needs regions with a 'motion' in "
+                f"{', '.join(stage.data)}"
+            )
+        self.log(
+            f"[{stage.label}] region loss over {len(names)} names"
+            + (f", {len(motions)} motions" if motions else "")
+        )
+        return names, motions
 
     def align_image_task(self, stage: AlignImageStage) -> tuple[Task, Any]:
         from videollava.train.contrastive import ImageTextAligner, TextEncoder, TextEncoderConfig
@@ -816,7 +836,7 @@ class Run:
         records = read_records([self.data_path(n) for n in stage.data], stage.max_samples)
         dataset = CaptionDataset(records, self.media_spec(stage), "image", regions=regions is not None)
         objective = AlignObjective(
-            aligner, self.tokenizer, spec.max_length, (3, size, size), self.region_names(stage, dataset)
+            aligner, self.tokenizer, spec.max_length, (3, size, size), self.region_vocabulary(stage, dataset)
         )
         set_trainable(objective, aligner.trainable_parameters())
         self.region_vocab = {"image": objective.regions} if objective.regions else {}
@@ -861,7 +881,7 @@ class Run:
             self.tokenizer,
             self.text_encoder.config.max_length,
             (num_frames, 3, size, size),
-            self.region_names(stage, dataset),
+            self.region_vocabulary(stage, dataset),
         )
         set_trainable(objective, aligner.trainable_parameters())
         if objective.regions:
