@@ -205,7 +205,7 @@ class RegionVocabulary:
         self.names = list(names)
         self.index = {name: i for i, name in enumerate(self.names)}
         self.ids, self.mask = tokenize_captions(tokenizer, self.names, max_length)
-        self.motions = list(motions)
+        self.motions = sorted(motions)  # whatever order the data gives them in
         self.motion_index = {motion: i for i, motion in enumerate(self.motions)}
         self.motion_ids, self.motion_mask = (
             tokenize_captions(tokenizer, self.motions, max_length) if self.motions else (None, None)
