@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from videollava.data.dataset import Box
 from videollava.model.vision import VisionConfig, VisionTower
 from videollava.train.contrastive import (
     LOGIT_SCALE_MAX,
@@ -334,6 +335,22 @@ def test_per_frame_region_loss_reads_each_frame_under_the_object_there(tiny_toke
     assert plain.region_frames(pixels) == 1 and plain.tower_pass(pixels)[1].shape == (2, 16, 32)
 
 
+def crossing_squares(n: int, seed: int) -> tuple[torch.Tensor, list[tuple[int, Box, tuple[Box, ...]]]]:
+    """(n, 3 frames, 3, 32, 32) clips of a square crossing three of a row's 8 px patches, left or
+    right; per clip: 1 if it goes right, its whole-path box, its box in each frame."""
+    g = torch.Generator().manual_seed(seed)
+    pixels = torch.zeros(n, 3, 3, 32, 32)
+    clips = []
+    for i in range(n):
+        row, start, right = (int(torch.randint(k, (1,), generator=g)) for k in (4, 2, 2))
+        cols = [start + f for f in range(3)] if right else [start + 2 - f for f in range(3)]
+        boxes = tuple((8.0 * c, 8.0 * row, 8.0 * c + 8, 8.0 * row + 8) for c in cols)
+        for f, (x0, y0, x1, y1) in enumerate(boxes):
+            pixels[i, f, :, int(y0) : int(y1), int(x0) : int(x1)] = 2.0
+        clips.append((right, (8.0 * start, 8.0 * row, 8.0 * start + 24, 8.0 * row + 8), boxes))
+    return pixels, clips
+
+
 @pytest.mark.parametrize(("temporal_embedding_std", "learns"), [(0.2, True), (0.0, False)])
 def test_per_frame_region_loss_teaches_the_video_tower_which_way_things_move(
     tiny_tokenizer, temporal_embedding_std, learns
@@ -354,17 +371,8 @@ def test_per_frame_region_loss_teaches_the_video_tower_which_way_things_move(
     names = ["red moving left", "blue moving right"]
 
     def batch(n: int, seed: int):
-        g = torch.Generator().manual_seed(seed)
-        pixels = torch.zeros(n, 3, 3, 32, 32)
-        media = []
-        for i in range(n):
-            row, start, right = (int(torch.randint(k, (1,), generator=g)) for k in (4, 2, 2))
-            cols = [start + f for f in range(3)] if right else [start + 2 - f for f in range(3)]
-            boxes = tuple((8.0 * c, 8.0 * row, 8.0 * c + 8, 8.0 * row + 8) for c in cols)
-            for f, (x0, y0, x1, y1) in enumerate(boxes):
-                pixels[i, f, :, int(y0) : int(y1), int(x0) : int(x1)] = 2.0
-            span = (8.0 * start, 8.0 * row, 8.0 * start + 24, 8.0 * row + 8)
-            media.append([Region(span, names[right], frame_boxes=boxes)])
+        pixels, clips = crossing_squares(n, seed)
+        media = [[Region(span, names[right], frame_boxes=boxes)] for right, span, boxes in clips]
         vocab = RegionVocabulary(names, tiny_tokenizer, 16)
         return pixels, vocab.batch(media, torch.device("cpu"), frames=3)
 
@@ -722,16 +730,8 @@ def test_motion_loss_teaches_the_mean_of_a_box_which_way_its_object_moves(tiny_t
     vocabulary = RegionVocabulary(["red square"], tiny_tokenizer, 16, motions)
 
     def batch(n: int, seed: int):
-        g = torch.Generator().manual_seed(seed)
-        pixels = torch.zeros(n, 3, 3, 32, 32)
-        media = []
-        for i in range(n):
-            row, start, right = (int(torch.randint(k, (1,), generator=g)) for k in (4, 2, 2))
-            cols = [start + f for f in range(3)] if right else [start + 2 - f for f in range(3)]
-            for f, c in enumerate(cols):
-                pixels[i, f, :, 8 * row : 8 * row + 8, 8 * c : 8 * c + 8] = 2.0
-            span = (8.0 * start, 8.0 * row, 8.0 * start + 24, 8.0 * row + 8)
-            media.append([Region(span, "red square", motion=motions[right])])
+        pixels, clips = crossing_squares(n, seed)
+        media = [[Region(span, "red square", motion=motions[right])] for right, span, _ in clips]
         return pixels, vocabulary.batch(media, torch.device("cpu"))
 
     def accuracy(pixels, regions) -> float:

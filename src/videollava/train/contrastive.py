@@ -314,9 +314,13 @@ class _Aligner(nn.Module):
 
     def _name_logits(self, features: torch.Tensor, regions: RegionBatch) -> torch.Tensor:
         """(..., D) features -> (..., V) scaled cosines with every name of the vocabulary."""
+        return self._phrase_logits(features, regions.vocab_ids, regions.vocab_mask)
+
+    def _phrase_logits(self, features: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(..., D) features -> (..., N) scaled cosines with each of N tokenised phrases."""
         assert self.region_projection is not None and self.regions is not None
-        names = self.embed_text(regions.vocab_ids, regions.vocab_mask)  # (V, E)
-        return self.regions.scale * F.normalize(self.region_projection(features), dim=-1) @ names.t()
+        phrases = self.embed_text(ids, mask)  # (N, E)
+        return self.regions.scale * F.normalize(self.region_projection(features), dim=-1) @ phrases.t()
 
     def _region_weights(self, regions: RegionBatch, like: torch.Tensor) -> torch.Tensor:
         """(R, F*P): each patch's share of its region, the frames in sight sharing equally."""
@@ -357,8 +361,7 @@ class _Aligner(nn.Module):
     def motion_logits(self, patches: torch.Tensor, regions: RegionBatch) -> torch.Tensor:
         """(R', M) for the R' regions with a motion phrase: the mean of the patches of the
         region's whole-clip box, over every frame, against every motion phrase."""
-        assert self.region_projection is not None and regions.motion_ids is not None
-        assert regions.motion_mask is not None
+        assert regions.motion_ids is not None and regions.motion_mask is not None
         keep = regions.motion_target >= 0
         weights = box_patch_weights(regions.clip_boxes[keep].to(patches), self.image_size, self.patch_size)
         frames = patches.shape[1] // weights.shape[1]
@@ -366,8 +369,7 @@ class _Aligner(nn.Module):
         weights = weights.repeat(1, frames) / frames
         # (R', F*P) x (R', F*P, D) -> (R', D)
         pooled = torch.einsum("rp,rpd->rd", weights, patches[regions.sample_index[keep]])
-        phrases = self.embed_text(regions.motion_ids, regions.motion_mask)  # (M, E)
-        return self.regions.scale * F.normalize(self.region_projection(pooled), dim=-1) @ phrases.t()
+        return self._phrase_logits(pooled, regions.motion_ids, regions.motion_mask)
 
     def motion_loss(self, patches: torch.Tensor, regions: RegionBatch) -> torch.Tensor:
         target = regions.motion_target[regions.motion_target >= 0]
