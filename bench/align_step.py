@@ -33,7 +33,9 @@ def recipe_for(data: Path, steps: int, text_encoder_lr: float) -> dict:
     recipe["data"] = {"root": str(data)}
     recipe["run"].update(progress=False, export={"enabled": False}, keep_checkpoints=1)
     tokenizer, align = recipe["stages"][:2]
-    align.update(max_steps=steps, text_encoder_lr=text_encoder_lr, eval=None, checkpoint_every=steps, log_every=1)
+    align.update(
+        max_steps=steps, text_encoder_lr=text_encoder_lr, eval=None, checkpoint_every=steps, log_every=1
+    )
     recipe["stages"] = [tokenizer, align]
     return recipe
 
