@@ -401,7 +401,7 @@ class _Aligner(nn.Module):
 
 
 class ImageTextAligner(_Aligner):
-    """CLIP on image-caption pairs: everything trains, the text encoder too unless it is frozen."""
+    """CLIP on image-caption pairs: everything trains, the text encoder included."""
 
     def __init__(
         self,
@@ -421,12 +421,11 @@ class ImageTextAligner(_Aligner):
         pooled, hidden = self.image_tower.pooled_and_hidden(pixel_values, self.feature_layer)
         return pooled, hidden[:, 1:]  # (B, D), (B, P, D) without the CLS
 
-    def trainable_parameters(self, text_encoder: bool = True) -> list[nn.Parameter]:
-        """Everything, or all but the text encoder: a frozen one costs no backward pass."""
+    def trainable_parameters(self) -> list[nn.Parameter]:
         region = [] if self.region_projection is None else [self.region_projection.weight]
         return [
             *self.image_tower.parameters(),
-            *(self.text_encoder.parameters() if text_encoder else ()),
+            *self.text_encoder.parameters(),
             self.visual_projection.weight,
             self.logit_scale,
             *region,

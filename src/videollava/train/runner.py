@@ -838,9 +838,7 @@ class Run:
         objective = AlignObjective(
             aligner, self.tokenizer, spec.max_length, (3, size, size), self.region_vocabulary(stage, dataset)
         )
-        # text_encoder_lr 0: frozen, so no backward pass through it and no say in gradient clipping.
-        # Its weights are not saved: a replay or resume rebuilds it, seeded as the stage seeds it.
-        set_trainable(objective, aligner.trainable_parameters(text_encoder=stage.text_encoder_lr != 0))
+        set_trainable(objective, aligner.trainable_parameters())
         self.region_vocab = {"image": objective.regions} if objective.regions else {}
         held_out = self.caption_eval(stage, "image", regions=regions is not None)
         batch = stage.eval.batch_size if stage.eval else 32
