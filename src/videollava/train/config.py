@@ -259,8 +259,9 @@ class AlignImageStage(TrainStage):
     data: list[str] = field(default_factory=lambda: ["captions.json"])
     text_encoder: TextEncoderSpec = field(default_factory=TextEncoderSpec)
     projection_dim: int = 128
-    # The text encoder's own rate (0 freezes it); default: lr. A tenth of lr measured higher
-    # retrieval R@1 on ShapesWorld but no better shape features (see reports/).
+    # The text encoder's own rate; default: lr. At 0 its weights stay as they are, but its gradients
+    # still count in the stage's gradient clipping (see configs/shapesworld.yaml). A tenth of lr
+    # measured higher retrieval R@1 on ShapesWorld but no better shape features (see reports/).
     text_encoder_lr: float | None = None
     region_loss: RegionLossSpec | None = None
     eval: EvalConfig | None = field(default_factory=EvalConfig)
