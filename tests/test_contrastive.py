@@ -550,7 +550,7 @@ def _load_pairs(folder, file_name: str, kind: str, size: int, num_frames: int):
     from videollava.data.media import load_image, read_video_frames
     from videollava.data.transforms import ImageTransformConfig, preprocess_images
 
-    cfg = ImageTransformConfig(size=size, crop_size=size, pad_to_square=True)
+    cfg = ImageTransformConfig(size=size, crop_size=size, image_aspect_ratio="pad")
     pixels, captions = [], []
     for entry in json.loads((folder / file_name).read_text()):
         if kind not in entry:

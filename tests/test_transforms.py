@@ -124,9 +124,37 @@ def test_pad_to_square_is_expand2square() -> None:
     assert np.array_equal(np.asarray(tall)[:, 100:200], np.asarray(_image(301, 100)))
 
     processor = CLIPImageProcessor(size={"shortest_edge": 224}, crop_size=224)
-    ours = preprocess_images([img], ImageTransformConfig(pad_to_square=True))
+    ours = preprocess_images([img], ImageTransformConfig(image_aspect_ratio="pad"))
     ref = processor(images=[square], return_tensors="pt")["pixel_values"]
     assert float((ours - ref).abs().max()) <= 1e-6
+
+
+def test_squash_is_the_clip_processors_square_resize(tmp_path: Path) -> None:
+    """Squashed images equal the CLIP processor's own (H, W) resize without a crop, and the
+    preprocessor JSON written for them makes that processor, and reads back to the same config."""
+    cfg = ImageTransformConfig(
+        size=64, crop_size=64, image_aspect_ratio="squash", video_aspect_ratio="squash"
+    )
+    path = cfg.to_preprocessor_json(tmp_path)
+    processor = CLIPImageProcessor.from_pretrained(tmp_path)
+    assert ImageTransformConfig.from_preprocessor_json(path) == cfg
+    for h, w in SIZES:
+        img = _image(h, w, seed=h + w)
+        ours = preprocess_images([img], cfg)
+        ref = processor(images=[img], return_tensors="pt")["pixel_values"]
+        assert ours.shape == ref.shape == (1, 3, 64, 64), (h, w)
+        assert float((ours - ref).abs().max()) <= 1e-6, (h, w)
+    # videos: every pixel row and column of the frame is kept, at the square's size
+    frames = np.full((2, 90, 160, 3), 128, dtype=np.uint8)
+    frames[:, :, :8] = (220, 40, 40)  # a red band down the left edge
+    frames[:, :, -8:] = (40, 80, 220)  # a blue band down the right edge
+    x = preprocess_video(frames, cfg)
+    assert x.shape == (2, 3, 64, 64)
+    assert (x[:, 0, :, 0] > 1.0).all() and (x[:, 2, :, -1] > 1.0).all()
+    with pytest.raises(ValueError, match="squash"):
+        ImageTransformConfig(size=72, crop_size=64, image_aspect_ratio="squash")
+    with pytest.raises(ValueError, match="aspect"):
+        ImageTransformConfig(video_aspect_ratio="stretch")
 
 
 def _reference_video_transform(frames: np.ndarray, size: int = 224) -> torch.Tensor:
@@ -220,7 +248,7 @@ def test_preprocessor_json_errors(tmp_path: Path) -> None:
         ImageTransformConfig.from_preprocessor_json(bad)
     bad.write_text(json.dumps({"size": {"shortest_edge": 224}, "image_aspect_ratio": "pad", "resample": 2}))
     cfg = ImageTransformConfig.from_preprocessor_json(bad)
-    assert cfg.pad_to_square and cfg.resample == "bilinear"
+    assert cfg.image_aspect_ratio == "pad" and cfg.resample == "bilinear"
 
 
 def test_config_validation() -> None:
@@ -240,7 +268,7 @@ def test_video_pad_keeps_the_frame_edges():
     frames = np.full((2, 90, 160, 3), 128, dtype=np.uint8)
     frames[:, 40:50, 0:10] = (220, 40, 40)  # a red patch touching the left edge
     cropped = preprocess_video(frames, ImageTransformConfig(size=32, crop_size=32))
-    padded = preprocess_video(frames, ImageTransformConfig(size=32, crop_size=32, video_pad_to_square=True))
+    padded = preprocess_video(frames, ImageTransformConfig(size=32, crop_size=32, video_aspect_ratio="pad"))
     red = lambda x: (x[:, 0] > 1.0) & (x[:, 1] < 0)  # noqa: E731  (normalised: red high, green low)
     assert not red(cropped).any()
     assert red(padded).any()
@@ -249,17 +277,17 @@ def test_video_pad_keeps_the_frame_edges():
 
 
 @pytest.mark.parametrize("video", [False, True])
-@pytest.mark.parametrize("pad", [False, True])
+@pytest.mark.parametrize("aspect", ["crop", "pad", "squash"])
 @pytest.mark.parametrize(
     ("h", "w", "box"), [(90, 160, (12, 20, 40, 60)), (150, 100, (55, 90, 95, 149)), (64, 64, (0, 0, 20, 12))]
 )
-def test_box_follows_pad_resize_and_crop(video: bool, pad: bool, h: int, w: int, box: tuple) -> None:
+def test_box_follows_pad_resize_and_crop(video: bool, aspect: str, h: int, w: int, box: tuple) -> None:
     """A box mapped by box_to_pixels frames the same object in the transformed pixels (to 1.5 px)."""
     arr = np.full((h, w, 3), 128, dtype=np.uint8)
     x0, y0, x1, y1 = box
     arr[y0:y1, x0:x1] = (220, 40, 40)
     cfg = ImageTransformConfig(
-        size=48, crop_size=48, pad_to_square=pad, video_pad_to_square=pad, video_resample="bilinear"
+        size=48, crop_size=48, image_aspect_ratio=aspect, video_aspect_ratio=aspect, video_resample="bilinear"
     )
     if video:
         pixels = preprocess_video(np.stack([arr, arr]), cfg)[0]

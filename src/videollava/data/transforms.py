@@ -2,7 +2,8 @@
 
 Images follow the CLIP image processor the reference used (PIL bicubic resize of the shortest
 side, centre crop with the offset rounded down, scale, normalise), optionally padding to a square
-with the mean colour first. Videos follow the reference's video transform, whose order differs:
+with the mean colour first, or squashed straight to the square (every pixel kept, aspect lost).
+Videos follow the reference's video transform, whose order differs:
 scale, normalise, then a torch resize of the shortest side (bilinear without antialiasing, as the
 model was trained) and a centre crop with the offset rounded to nearest. The random horizontal flip
 the reference applied at inference is not reproduced.
@@ -39,6 +40,10 @@ _PIL_RESAMPLE = {
 }
 _PIL_RESAMPLE_NAME = {int(v): k for k, v in _PIL_RESAMPLE.items()}
 _TORCH_MODES = ("nearest", "bilinear", "bicubic", "area")
+# How non-square media become the square input: "crop" the centre (the reference's videos),
+# "pad" with the mean colour first (the reference's images), or "squash" (resize both sides to
+# the square: the whole picture at the full input resolution, its aspect ratio lost).
+ASPECT_MODES = ("crop", "pad", "squash")
 
 
 @dataclass(frozen=True)
@@ -49,9 +54,9 @@ class ImageTransformConfig:
     crop_size: int = 224
     mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
     std: tuple[float, float, float] = OPENAI_CLIP_STD
-    pad_to_square: bool = False  # images only: the reference's "pad" aspect mode
-    # Videos too: the reference crops video frames; pad keeps objects at the frame's edges in view.
-    video_pad_to_square: bool = False
+    image_aspect_ratio: str = "crop"  # one of ASPECT_MODES; the reference pads images
+    # The reference crops video frames; pad and squash keep objects at the frame's edges in view.
+    video_aspect_ratio: str = "crop"
     resample: str = "bicubic"  # images, PIL filter
     video_resample: str = "bilinear"  # videos, torch interpolate mode
     video_antialias: bool = False
@@ -67,6 +72,11 @@ class ImageTransformConfig:
             raise ValueError(f"resample must be one of {sorted(_PIL_RESAMPLE)}, got {self.resample!r}")
         if self.video_resample not in _TORCH_MODES:
             raise ValueError(f"video_resample must be one of {_TORCH_MODES}, got {self.video_resample!r}")
+        for name in ("image_aspect_ratio", "video_aspect_ratio"):
+            if getattr(self, name) not in ASPECT_MODES:
+                raise ValueError(f"{name} must be one of {ASPECT_MODES}, got {getattr(self, name)!r}")
+        if "squash" in (self.image_aspect_ratio, self.video_aspect_ratio) and self.size != self.crop_size:
+            raise ValueError(f"squash resizes straight to crop_size; size {self.size} must equal it")
 
     @property
     def pad_color(self) -> tuple[int, int, int]:
@@ -98,13 +108,18 @@ class ImageTransformConfig:
             raise CheckpointError(f"{path}: {e}") from None
 
     def to_preprocessor_dict(self) -> dict[str, object]:
-        """The fields of a ``preprocessor_config.json`` that CLIP-style image processors read."""
+        """The fields of a ``preprocessor_config.json`` that CLIP-style image processors read.
+
+        Squashed images are written as the CLIP processor's own square resize without a crop, so
+        that it too gives the model's input.
+        """
+        squash = self.image_aspect_ratio == "squash"
         return {
             "image_processor_type": "CLIPImageProcessor",
             "do_resize": True,
-            "size": {"shortest_edge": self.size},
+            "size": {"height": self.size, "width": self.size} if squash else {"shortest_edge": self.size},
             "resample": int(_PIL_RESAMPLE[self.resample]),
-            "do_center_crop": True,
+            "do_center_crop": not squash,
             "crop_size": {"height": self.crop_size, "width": self.crop_size},
             "do_rescale": True,
             "rescale_factor": 1 / 255,
@@ -112,8 +127,8 @@ class ImageTransformConfig:
             "image_mean": list(self.mean),
             "image_std": list(self.std),
             "do_convert_rgb": True,
-            "image_aspect_ratio": "pad" if self.pad_to_square else "crop",
-            "video_aspect_ratio": "pad" if self.video_pad_to_square else "crop",
+            "image_aspect_ratio": self.image_aspect_ratio,
+            "video_aspect_ratio": self.video_aspect_ratio,
         }
 
     def to_preprocessor_json(self, path: str | Path) -> Path:
@@ -134,15 +149,18 @@ ProcessorConfig = ImageTransformConfig
 def _fields_from_hf(raw: dict) -> dict[str, object]:
     fields: dict[str, object] = {}
     size = raw.get("size", 224)
-    if isinstance(size, dict):
-        if "shortest_edge" not in size:
-            raise ValueError(f"size {size} does not keep the aspect ratio; only shortest_edge is supported")
+    squash = raw.get("image_aspect_ratio") == "squash"
+    if isinstance(size, dict) and "shortest_edge" in size:
         fields["size"] = int(size["shortest_edge"])
+    elif isinstance(size, dict):
+        if not (squash and size.get("height") is not None and size.get("height") == size.get("width")):
+            raise ValueError(f"size {size} does not keep the aspect ratio; only shortest_edge is supported")
+        fields["size"] = int(size["height"])
     else:
         fields["size"] = int(size)
-    if raw.get("do_center_crop", True) is False:
+    if raw.get("do_center_crop", True) is False and not squash:
         raise ValueError("do_center_crop false gives non-square outputs; not supported")
-    crop = raw.get("crop_size", fields["size"])
+    crop = fields["size"] if squash else raw.get("crop_size", fields["size"])
     if isinstance(crop, dict):
         if crop.get("height") != crop.get("width"):
             raise ValueError(f"non-square crop_size {crop}")
@@ -156,10 +174,9 @@ def _fields_from_hf(raw: dict) -> dict[str, object]:
             )
     if "resample" in raw:
         fields["resample"] = _PIL_RESAMPLE_NAME[int(raw["resample"])]
-    if raw.get("image_aspect_ratio") == "pad":
-        fields["pad_to_square"] = True
-    if raw.get("video_aspect_ratio") == "pad":
-        fields["video_pad_to_square"] = True
+    for key in ("image_aspect_ratio", "video_aspect_ratio"):
+        if key in raw:
+            fields[key] = str(raw[key])
     return fields
 
 
@@ -202,9 +219,12 @@ def preprocess_images(images: Sequence[Image.Image], cfg: ImageTransformConfig |
     crops = []
     for img in images:
         img = to_rgb(img)
-        if cfg.pad_to_square:
+        if cfg.image_aspect_ratio == "pad":
             img = expand_to_square(img, cfg.pad_color)
-        new_h, new_w = shortest_side_size(img.height, img.width, cfg.size)
+        if cfg.image_aspect_ratio == "squash":
+            new_h = new_w = cfg.crop_size
+        else:
+            new_h, new_w = shortest_side_size(img.height, img.width, cfg.size)
         if (new_h, new_w) != (img.height, img.width):
             img = img.resize((new_w, new_h), resample=_PIL_RESAMPLE[cfg.resample])
         top = (new_h - cfg.crop_size) // 2
@@ -234,20 +254,22 @@ def box_to_pixels(
     """A box (x0, y0, x1, y1) in the media's own pixels -> the same region in the model's crop.
 
     Follows the geometry of ``preprocess_images`` (``video=False``) or ``preprocess_video``: the
-    optional pad to a square, the resize and the centre crop. ``None`` when the crop cuts the box
-    away entirely.
+    optional pad to a square (or the squash), the resize and the centre crop. ``None`` when the
+    crop cuts the box away entirely.
     """
     x0, y0, x1, y1 = (float(v) for v in box)
     if not (x0 < x1 and y0 < y1):
         raise ValueError(f"box {list(box)} is empty: it needs x0 < x1 and y0 < y1")
-    pad = cfg.video_pad_to_square if video else cfg.pad_to_square
-    if pad and width != height:
+    aspect = cfg.video_aspect_ratio if video else cfg.image_aspect_ratio
+    if aspect == "pad" and width != height:
         side = max(width, height)
         dx, dy = (side - width) // 2, (side - height) // 2
         x0, x1, y0, y1 = x0 + dx, x1 + dx, y0 + dy, y1 + dy
         width = height = side
-    resize = video_resize_size if video else shortest_side_size
-    new_h, new_w = resize(height, width, cfg.size)
+    if aspect == "squash":
+        new_h = new_w = cfg.crop_size
+    else:
+        new_h, new_w = (video_resize_size if video else shortest_side_size)(height, width, cfg.size)
     sx, sy = new_w / width, new_h / height
     if video:
         top, left = round((new_h - cfg.crop_size) / 2.0), round((new_w - cfg.crop_size) / 2.0)
@@ -272,7 +294,7 @@ def _as_frames(frames: np.ndarray | torch.Tensor) -> torch.Tensor:
 
 def _video_batch(x: torch.Tensor, cfg: ImageTransformConfig) -> torch.Tensor:
     """uint8 (N, H, W, 3) frames of one size -> float32 (N, 3, crop, crop)."""
-    if cfg.video_pad_to_square and x.shape[1] != x.shape[2]:
+    if cfg.video_aspect_ratio == "pad" and x.shape[1] != x.shape[2]:
         n, h, w, _ = x.shape
         side = max(h, w)
         canvas = torch.tensor(cfg.pad_color, dtype=torch.uint8).expand(n, side, side, 3).clone()
@@ -283,7 +305,10 @@ def _video_batch(x: torch.Tensor, cfg: ImageTransformConfig) -> torch.Tensor:
     x = x / 255.0  # float32
     x = _normalise(x, cfg)
     h, w = x.shape[-2:]
-    new_h, new_w = video_resize_size(h, w, cfg.size)
+    if cfg.video_aspect_ratio == "squash":
+        new_h = new_w = cfg.crop_size
+    else:
+        new_h, new_w = video_resize_size(h, w, cfg.size)
     if (new_h, new_w) != (h, w):
         kwargs = {"antialias": cfg.video_antialias} if cfg.video_resample in ("bilinear", "bicubic") else {}
         align = {"align_corners": False} if cfg.video_resample in ("bilinear", "bicubic") else {}

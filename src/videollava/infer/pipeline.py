@@ -64,13 +64,13 @@ def resolve_dtype(name: str | torch.dtype | None) -> torch.dtype:
 def transform_for_checkpoint(folder: Path, model: VideoLlava) -> ImageTransformConfig:
     """The checkpoint's own preprocessing constants, its aspect mode, and its tower's input size."""
     size = model.config.vision.image_size
-    pads = {
-        "pad_to_square": model.config.image_aspect_ratio == "pad",
-        "video_pad_to_square": model.config.video_aspect_ratio == "pad",
+    aspects = {
+        "image_aspect_ratio": model.config.image_aspect_ratio,
+        "video_aspect_ratio": model.config.video_aspect_ratio,
     }
     if (folder / "preprocessor_config.json").exists():
-        return ImageTransformConfig.from_preprocessor_json(folder, **pads)
-    return ImageTransformConfig(size=size, crop_size=size, **pads)
+        return ImageTransformConfig.from_preprocessor_json(folder, **aspects)
+    return ImageTransformConfig(size=size, crop_size=size, **aspects)
 
 
 @dataclass

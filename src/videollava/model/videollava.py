@@ -35,9 +35,10 @@ class VideoLlavaConfig:
     image_token_id: int = 32000
     video_token_id: int = 32001
     pad_token_id: int | None = 32002
-    # "pad" pads images to a square with the mean colour before the crop; "crop" centre-crops.
+    # "pad" pads images to a square with the mean colour before the crop; "crop" centre-crops;
+    # "squash" resizes both sides to the square (data.transforms.ASPECT_MODES).
     image_aspect_ratio: str = "crop"
-    # The reference crops video frames ("crop"); "pad" pads them to a square first.
+    # The reference crops video frames ("crop"); "pad" and "squash" as for images.
     video_aspect_ratio: str = "crop"
     template: str = "vicuna_v1"
 

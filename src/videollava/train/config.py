@@ -106,8 +106,8 @@ class ModelConfig:
     temporal_frames: int = 8
     num_frames: int = 8
     vision_feature_layer: int = -2
-    image_aspect_ratio: Literal["pad", "crop"] = "pad"
-    video_aspect_ratio: Literal["pad", "crop"] = "crop"
+    image_aspect_ratio: Literal["pad", "crop", "squash"] = "pad"
+    video_aspect_ratio: Literal["pad", "crop", "squash"] = "crop"
     template: str = "vicuna_v1"
     model_max_length: int = 2048
     projector_hidden_act: str = "gelu"
@@ -232,7 +232,7 @@ class TrainStage(Stage):
     bf16: bool = True
     gradient_checkpointing: bool = False
     num_frames: int | None = None  # default: model.num_frames
-    image_aspect_ratio: Literal["pad", "crop"] | None = None  # default: model.image_aspect_ratio
+    image_aspect_ratio: Literal["pad", "crop", "squash"] | None = None  # default: model.image_aspect_ratio
     bad_samples: Literal["skip", "fail"] = "skip"
     sampler: Literal["mixed", "grouped"] | None = None  # default depends on the stage kind
     seed: int = 0

@@ -445,8 +445,8 @@ class Run:
         return ImageTransformConfig(
             size=size,
             crop_size=size,
-            pad_to_square=aspect == "pad",
-            video_pad_to_square=self.recipe.model.video_aspect_ratio == "pad",
+            image_aspect_ratio=aspect,
+            video_aspect_ratio=self.recipe.model.video_aspect_ratio,
         )
 
     def media_spec(self, stage: TrainStage) -> MediaSpec:
