@@ -274,6 +274,25 @@ def test_wrong_checkpoints_are_named(tmp_path, hf_checkpoint):
         load_weights(broken)
 
 
+@pytest.mark.parametrize("with_preprocessor", [True, False])
+def test_unknown_aspect_mode_is_named(tmp_path, hf_checkpoint, with_preprocessor):
+    """A checkpoint asking for an aspect mode we do not have fails on load, naming the file."""
+    import shutil
+
+    from videollava.infer.pipeline import Pipeline
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(hf_checkpoint[0], folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.setdefault("videollava", {})["video_aspect_ratio"] = "anyres"
+    (folder / "config.json").write_text(json.dumps(config))
+    if not with_preprocessor:
+        (folder / "preprocessor_config.json").unlink(missing_ok=True)
+    name = "preprocessor_config.json" if with_preprocessor else "config.json"
+    with pytest.raises(CheckpointError, match=rf"{name}: .*video_aspect_ratio must be one of .*'anyres'"):
+        Pipeline.from_pretrained(folder, dtype="float32")
+
+
 def test_hub_id_offline_gives_clear_error(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)}
     code = (

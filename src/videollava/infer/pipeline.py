@@ -70,7 +70,10 @@ def transform_for_checkpoint(folder: Path, model: VideoLlava) -> ImageTransformC
     }
     if (folder / "preprocessor_config.json").exists():
         return ImageTransformConfig.from_preprocessor_json(folder, **aspects)
-    return ImageTransformConfig(size=size, crop_size=size, **aspects)
+    try:
+        return ImageTransformConfig(size=size, crop_size=size, **aspects)
+    except ValueError as e:
+        raise CheckpointError(f"{folder / 'config.json'}: {e}") from None
 
 
 @dataclass
