@@ -205,6 +205,14 @@ def shortest_side_size(height: int, width: int, size: int) -> tuple[int, int]:
     return (new_long, size) if width <= height else (size, new_long)
 
 
+def resized_size(height: int, width: int, cfg: ImageTransformConfig, video: bool = False) -> tuple[int, int]:
+    """(new_h, new_w) before the centre crop: the square itself when squashing, otherwise the
+    shortest-side rule of images (``shortest_side_size``) or of videos (``video_resize_size``)."""
+    if (cfg.video_aspect_ratio if video else cfg.image_aspect_ratio) == "squash":
+        return cfg.crop_size, cfg.crop_size
+    return (video_resize_size if video else shortest_side_size)(height, width, cfg.size)
+
+
 def _normalise(x: torch.Tensor, cfg: ImageTransformConfig) -> torch.Tensor:
     mean = torch.tensor(cfg.mean, dtype=x.dtype).view(1, 3, 1, 1)
     std = torch.tensor(cfg.std, dtype=x.dtype).view(1, 3, 1, 1)
@@ -221,10 +229,7 @@ def preprocess_images(images: Sequence[Image.Image], cfg: ImageTransformConfig |
         img = to_rgb(img)
         if cfg.image_aspect_ratio == "pad":
             img = expand_to_square(img, cfg.pad_color)
-        if cfg.image_aspect_ratio == "squash":
-            new_h = new_w = cfg.crop_size
-        else:
-            new_h, new_w = shortest_side_size(img.height, img.width, cfg.size)
+        new_h, new_w = resized_size(img.height, img.width, cfg)
         if (new_h, new_w) != (img.height, img.width):
             img = img.resize((new_w, new_h), resample=_PIL_RESAMPLE[cfg.resample])
         top = (new_h - cfg.crop_size) // 2
@@ -266,10 +271,7 @@ def box_to_pixels(
         dx, dy = (side - width) // 2, (side - height) // 2
         x0, x1, y0, y1 = x0 + dx, x1 + dx, y0 + dy, y1 + dy
         width = height = side
-    if aspect == "squash":
-        new_h = new_w = cfg.crop_size
-    else:
-        new_h, new_w = (video_resize_size if video else shortest_side_size)(height, width, cfg.size)
+    new_h, new_w = resized_size(height, width, cfg, video)
     sx, sy = new_w / width, new_h / height
     if video:
         top, left = round((new_h - cfg.crop_size) / 2.0), round((new_w - cfg.crop_size) / 2.0)
@@ -305,10 +307,7 @@ def _video_batch(x: torch.Tensor, cfg: ImageTransformConfig) -> torch.Tensor:
     x = x / 255.0  # float32
     x = _normalise(x, cfg)
     h, w = x.shape[-2:]
-    if cfg.video_aspect_ratio == "squash":
-        new_h = new_w = cfg.crop_size
-    else:
-        new_h, new_w = video_resize_size(h, w, cfg.size)
+    new_h, new_w = resized_size(h, w, cfg, video=True)
     if (new_h, new_w) != (h, w):
         kwargs = {"antialias": cfg.video_antialias} if cfg.video_resample in ("bilinear", "bicubic") else {}
         align = {"align_corners": False} if cfg.video_resample in ("bilinear", "bicubic") else {}

@@ -22,6 +22,9 @@ import yaml
 
 from videollava.errors import VideoLlavaError
 
+# How non-square media reach the square tower input (data.transforms.ASPECT_MODES).
+AspectRatio = Literal["pad", "crop", "squash"]
+
 
 class RecipeError(VideoLlavaError):
     """A recipe that cannot be run as written; the message names the key at fault."""
@@ -106,8 +109,8 @@ class ModelConfig:
     temporal_frames: int = 8
     num_frames: int = 8
     vision_feature_layer: int = -2
-    image_aspect_ratio: Literal["pad", "crop", "squash"] = "pad"
-    video_aspect_ratio: Literal["pad", "crop", "squash"] = "crop"
+    image_aspect_ratio: AspectRatio = "pad"
+    video_aspect_ratio: AspectRatio = "crop"
     template: str = "vicuna_v1"
     model_max_length: int = 2048
     projector_hidden_act: str = "gelu"
@@ -232,7 +235,7 @@ class TrainStage(Stage):
     bf16: bool = True
     gradient_checkpointing: bool = False
     num_frames: int | None = None  # default: model.num_frames
-    image_aspect_ratio: Literal["pad", "crop", "squash"] | None = None  # default: model.image_aspect_ratio
+    image_aspect_ratio: AspectRatio | None = None  # default: model.image_aspect_ratio
     bad_samples: Literal["skip", "fail"] = "skip"
     sampler: Literal["mixed", "grouped"] | None = None  # default depends on the stage kind
     seed: int = 0
