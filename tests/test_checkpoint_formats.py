@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -277,8 +278,6 @@ def test_wrong_checkpoints_are_named(tmp_path, hf_checkpoint):
 @pytest.mark.parametrize("with_preprocessor", [True, False])
 def test_unknown_aspect_mode_is_named(tmp_path, hf_checkpoint, with_preprocessor):
     """A checkpoint asking for an aspect mode we do not have fails on load, naming the file."""
-    import shutil
-
     from videollava.infer.pipeline import Pipeline
 
     folder = tmp_path / "ckpt"
