@@ -24,3 +24,7 @@ class PromptError(VideoLlavaError):
 
 class CheckpointError(VideoLlavaError):
     """A checkpoint folder or file that is missing, of an unknown layout, or does not fit the model."""
+
+
+class RequestCancelled(VideoLlavaError):
+    """The caller went away (or gave up) while its request was being prepared; the work was stopped."""
