@@ -163,6 +163,14 @@ def test_ddp_two_processes_equal_one(single, tmp_path):
     compare(one, tmp_path / "ddp")
 
 
+def test_ddp_shares_a_global_batch_smaller_than_its_micro_batches(single, tmp_path):
+    """micro_batch_size 8 = batch_size 8 on two processes: one micro-batch of 4 each, the same steps."""
+    path, one = single
+    overrides = ("stage.projector.micro_batch_size=8", "stage.finetune.micro_batch_size=8")
+    torchrun(path, tmp_path / "ddp", "distributed.strategy=ddp", *overrides)
+    compare(one, tmp_path / "ddp")
+
+
 def test_fsdp_two_processes_equal_one_across_a_kill(single, tmp_path):
     """FSDP2, SIGKILLed in the middle of the last stage and resumed: still the one-process losses."""
     path, one = single
