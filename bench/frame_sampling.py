@@ -1,6 +1,7 @@
 """Time 8-frame sampling of a long H.264 video: seeking reader vs decoding every frame.
 
-Writes ``bench/results/frame_sampling.json`` and prints it. Run: ``python bench/frame_sampling.py``.
+Prints the result and writes it to ``runs/bench/frame_sampling.json`` (``--output`` elsewhere,
+``--record`` to ``bench/results/``). Run: ``python bench/frame_sampling.py``.
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ from pathlib import Path
 
 import av
 import numpy as np
+from _results import add_output_arguments, results_path, write_results
 
 from videollava.data.media import frame_indices, read_video_frames
 
-RESULTS = Path(__file__).resolve().parent / "results" / "frame_sampling.json"
+NAME = "frame_sampling"
 
 
 def write_test_video(path: Path, seconds: int, fps: int, width: int, height: int) -> None:
@@ -69,6 +71,7 @@ def main() -> None:
     parser.add_argument("--fps", type=int, default=30)
     parser.add_argument("--frames", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
+    add_output_arguments(parser, NAME)
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -91,9 +94,8 @@ def main() -> None:
             "speedup": round(full_s / seek_s, 2),
             "identical_frames": True,
         }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
+    write_results(results_path(args, NAME), result)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ Measured in one run:
 - (b) a follow-up question about a video already asked about: its time to first token vs the first
   question's (target: at least 10x sooner).
 
-Writes bench/results/serve.json and bench/results/serve.png. Run: ``python bench/serve.py``.
+Writes runs/bench/serve.json and serve.png beside it (``--output`` elsewhere, ``--record`` to
+bench/results/). Run: ``python bench/serve.py``.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _results import add_output_arguments, results_path, write_results
 
 from videollava.data.media import read_video_frames
 from videollava.data.tokenize import IMAGE_SLOT, VIDEO_SLOT, tokenize_multimodal
@@ -44,7 +46,7 @@ from videollava.infer.engine import Engine
 from videollava.infer.pipeline import FeatureCache, MediaItem, Pipeline
 from videollava.infer.sampling import SamplingParams
 
-RESULTS = Path(__file__).resolve().parent / "results"
+NAME = "serve"
 FRAMES = 8
 VISION = dict(
     hidden_size=128,
@@ -455,7 +457,6 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=16, help="requests per measurement")
     parser.add_argument("--new-tokens", type=int, default=128, help="tokens generated per request")
     parser.add_argument("--levels", type=int, nargs="+", default=[1, 4, 16])
-    parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument(
         "--threads",
         type=int,
@@ -463,13 +464,16 @@ def main() -> None:
         help="torch intra-op threads for both sides (default 1: with other work on the 2 cores, 2 threads"
         " spin-wait on each other and made transformers 10-25x slower in our runs)",
     )
-    parser.add_argument("--plot-only", action="store_true", help="redraw serve.png from serve.json")
+    parser.add_argument(
+        "--plot-only", action="store_true", help="redraw the PNG from the results JSON, measure nothing"
+    )
+    add_output_arguments(parser, NAME)
     args = parser.parse_args()
+    output = results_path(args, NAME)
     if args.plot_only:
-        plot(json.loads((args.out / "serve.json").read_text()), args.out / "serve.png")
+        plot(json.loads(output.read_text()), output.with_suffix(".png"))
         return
     torch.set_num_threads(args.threads)
-    args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
@@ -523,8 +527,8 @@ def main() -> None:
         "follow_up": follow,
         "follow_up_after_long_answer": follow_long,
     }
-    (args.out / "serve.json").write_text(json.dumps(results, indent=2) + "\n")
-    plot(results, args.out / "serve.png")
+    write_results(output, results)
+    plot(results, output.with_suffix(".png"))
     summary = {k: v for k, v in results.items() if k not in ("short_during_long", "model", "machine")}
     summary["short_during_long"] = {k: v for k, v in during.items() if k != "long_token_times"}
     print(json.dumps(summary, indent=2))

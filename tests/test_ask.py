@@ -185,3 +185,51 @@ def test_console_script_runs(model, sample_videos):
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() != "" or result.stdout == "\n"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["", "--model", "no-such-model"], "the prompt is empty"),
+        (["  \n\t", "--model", "no-such-model"], "the prompt is empty"),
+        (["Hi?", "--output", "answers.jsonl"], "--output is for --batch answers"),
+        (["Hi?", "--batch", "requests.jsonl"], "drop a PROMPT"),
+        (["--batch", "requests.jsonl", "--video", "a.mp4"], "drop --video"),
+        (["--batch", "missing.jsonl"], "missing.jsonl: no such file"),
+        (["--batch", "/dev/zero"], "/dev/zero: not a regular file"),
+        (
+            ["--batch", "requests.jsonl", "--output", "no-such-folder/answers.jsonl"],
+            "not a file in an existing",
+        ),
+    ],
+)
+def test_bad_arguments_fail_before_the_model_loads(args, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "requests.jsonl").write_text('{"prompt": "Hi?"}\n')
+    # A model that does not exist: had it been looked for, the error would be about it.
+    code, out, err = ask([*args, "--model", str(tmp_path / "no-such-model")], capsys)
+    assert code == 2 and out == ""
+    assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1
+    assert "no-such-model" not in err
+
+
+@pytest.mark.parametrize("size", ["0", "-2", "two"])
+def test_batch_size_must_be_a_positive_whole_number(size, tmp_path, capsys):
+    (tmp_path / "requests.jsonl").write_text('{"prompt": "Hi?"}\n')
+    with pytest.raises(SystemExit) as stop:
+        main(["ask", "--batch", str(tmp_path / "requests.jsonl"), "--batch-size", size])
+    out, err = capsys.readouterr()
+    assert stop.value.code == 2 and out == ""
+    assert len(err.splitlines()) == 1 and "argument --batch-size:" in err and repr(size)[1:-1] in err
+
+
+def test_batch_line_with_an_empty_prompt_gets_an_error_field(model, tmp_path, capsys):
+    lines = [{"id": "empty", "prompt": "   "}, {"id": "fine", "prompt": "How many objects are there?"}]
+    (tmp_path / "requests.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    code, out, _ = ask(
+        ["--model", model, "--batch", str(tmp_path / "requests.jsonl"), "--max-new-tokens", "2"], capsys
+    )
+    answers = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and [a["id"] for a in answers] == ["empty", "fine"]
+    assert "the prompt is empty" in answers[0]["error"] and "answer" not in answers[0]
+    assert "error" not in answers[1] and len(answers[1]["token_ids"]) >= 1

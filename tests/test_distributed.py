@@ -9,7 +9,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -94,9 +96,17 @@ def command(path: Path, output: Path, *overrides: str, resume: bool = False) -> 
     return line
 
 
-def start(line: list[str]) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen(line, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def start(line: list[str], cwd: Path | None = None, **env: str) -> subprocess.Popen:
+    # This checkout's sources first: the processes run the code under test, whatever is installed.
+    path = os.pathsep.join([str(ROOT / "src"), str(ROOT)])
+    return subprocess.Popen(
+        line,
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": path, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def workers(process: subprocess.Popen) -> list[int]:
@@ -153,6 +163,14 @@ def test_ddp_two_processes_equal_one(single, tmp_path):
     compare(one, tmp_path / "ddp")
 
 
+def test_ddp_shares_a_global_batch_smaller_than_its_micro_batches(single, tmp_path):
+    """micro_batch_size 8 = batch_size 8 on two processes: one micro-batch of 4 each, the same steps."""
+    path, one = single
+    overrides = ("stage.projector.micro_batch_size=8", "stage.finetune.micro_batch_size=8")
+    torchrun(path, tmp_path / "ddp", "distributed.strategy=ddp", *overrides)
+    compare(one, tmp_path / "ddp")
+
+
 def test_fsdp_two_processes_equal_one_across_a_kill(single, tmp_path):
     """FSDP2, SIGKILLed in the middle of the last stage and resumed: still the one-process losses."""
     path, one = single
@@ -179,3 +197,60 @@ def test_world_of_one_needs_no_process_group(monkeypatch):
     wrapped = D.wrap(torch.nn.Linear(2, 2), info, strategy="ddp", find_unused_parameters=False)
     assert wrapped.strategy == "none" and not wrapped.averages_gradients
     assert D.all_gather_objects({"a": 1}, info) == [{"a": 1}]
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_readme_ddp_command_runs_the_full_recipe(tmp_path):
+    """`torchrun --nproc_per_node 2 -m videollava train configs/shapesworld.yaml`, as the README has it.
+
+    The recipe's first stage has batch_size 128 = micro_batch_size 128, which two processes share
+    as one micro-batch of 64 each. `--set` overrides cut the data and every stage to one step.
+    """
+    (tmp_path / "configs").mkdir()
+    shutil.copy(ROOT / "configs" / "shapesworld.yaml", tmp_path / "configs" / "shapesworld.yaml")
+    torchrun_script = Path(sys.executable).with_name("torchrun")
+    launcher = (
+        [str(torchrun_script)]
+        if torchrun_script.exists()
+        else [sys.executable, "-m", "torch.distributed.run"]
+    )
+    line = [*launcher, "--nproc_per_node", "2", "-m", "videollava", "train", "configs/shapesworld.yaml"]
+    overrides = [
+        "data.generate.images=16",
+        "data.generate.videos=8",
+        "data.generate.test_images=4",
+        "data.generate.test_videos=4",
+        "data.generate.workers=1",
+        "run.threads=1",
+        "run.progress=false",
+        *(f"stage.{name}.max_steps=1" for name in ("align_image", "align_video", "projector", "finetune")),
+    ]
+    for item in overrides:
+        line += ["--set", item]
+    # torchrun reads its options from PET_* variables too: a free port keeps the command as written.
+    process = start(line, cwd=tmp_path, PET_MASTER_PORT=str(_free_port()))
+    try:
+        _, stderr = process.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        kill(process)
+        pytest.fail("torchrun did not finish in 120 s")
+    assert process.returncode == 0, stderr[-4000:]
+    run = tmp_path / "runs" / "shapesworld"  # the default run folder, under the working directory
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    assert [s["kind"] for s in summary["stages"]] == [
+        "tokenizer",
+        "align_image",
+        "align_video",
+        "projector",
+        "finetune",
+    ]
+    first = [r for r in steps(run) if r["stage"] == "align_image"]
+    # One step over the whole (small) data set: every sample of the global batch was trained on.
+    assert len(first) == 1 and first[0]["samples"] == 32  # 16 images and their 16 twins
+    assert (run / "model" / "model.safetensors").is_file()

@@ -8,13 +8,15 @@ from pathlib import Path
 import pytest
 import yaml
 
+from videollava.data.dataset import micro_batches, shard
 from videollava.data.shapesworld import generate
 from videollava.train import distributed as D
 from videollava.train.config import (
+    BatchLayout,
     FinetuneStage,
     ProjectorStage,
     RecipeError,
-    accumulation_steps,
+    batch_layout,
     dump_recipe,
     load_recipe,
     recipe_from_dict,
@@ -82,11 +84,12 @@ def test_7b_recipe_is_the_papers(monkeypatch):
     assert recipe.model.from_.image_tower == "LanguageBind/LanguageBind_Image"
     assert recipe.model.from_.video_tower == "LanguageBind/LanguageBind_Video_merge"
     assert recipe.model.from_.llm == "lmsys/vicuna-7b-v1.5"
-    # Batch arithmetic: 256 = 32 x 1 x 8 GPUs, = 32 x 2 x 4 GPUs; 3 GPUs cannot make 256.
-    assert accumulation_steps(stage1, 8) == 1 and accumulation_steps(stage1, 4) == 2
-    assert accumulation_steps(stage2, 8) == 1 and accumulation_steps(stage2, 2) == 4
-    with pytest.raises(RecipeError, match="batch_size 256 is not a multiple"):
-        accumulation_steps(stage1, 3)
+    # Batch arithmetic under DeepSpeed: 256 = 32 x 1 x 8 GPUs, = 32 x 2 x 4 GPUs; 3 GPUs cannot share 256.
+    assert batch_layout(stage1, 8, exact=True) == BatchLayout(accumulation=1, micro_batch_size=32)
+    assert batch_layout(stage1, 4, exact=True) == BatchLayout(accumulation=2, micro_batch_size=32)
+    assert batch_layout(stage2, 2, exact=True) == BatchLayout(accumulation=4, micro_batch_size=16)
+    with pytest.raises(RecipeError, match=r"--set stage\.pretrain\.batch_size=255 or 258"):
+        batch_layout(stage1, 3, exact=True)
     lora = load_recipe(CONFIGS / "videollava-7b-lora.yaml").stages[1]
     assert (lora.lora.r, lora.lora.alpha, lora.lr, lora.projector_lr) == (128, 256, 2e-4, 2e-5)
 
@@ -135,8 +138,8 @@ def test_7b_model_builds_on_meta_device_without_network(monkeypatch):
         (lambda r: r.update(stagez=[]), r"stagez: unknown key"),
         (lambda r: r["stages"][1].update(lora={"r": 8}), r"stages\[1\]\.lora: unknown key 'lora'"),
         (
-            lambda r: r["stages"][1].update(batch_size=10),
-            r"batch_size 10 is not a multiple of micro_batch_size 4",
+            lambda r: r["stages"][1].update(micro_batch_size=0),
+            r"stages\[1\] \(projector\)\.micro_batch_size: must be positive",
         ),
         (lambda r: r["model"].pop("init"), r"exactly one of 'init'.*or 'from'"),
         (lambda r: r["stages"].reverse(), r"tokenizer stage must come before"),
@@ -269,3 +272,41 @@ def test_deepspeed_missing_is_a_clear_error():
     optimizer = torch.optim.AdamW(module.parameters())
     with pytest.raises(Exception, match="needs the deepspeed package"):
         D.deepspeed_initialize(module, optimizer, None, {})
+
+
+@pytest.mark.parametrize(
+    "batch, micro, world, layout",
+    [
+        (128, 128, 1, (1, 128)),
+        (128, 128, 2, (1, 64)),  # the README's DDP command on the ShapesWorld recipe
+        (8, 2, 1, (4, 2)),
+        (8, 2, 2, (2, 2)),
+        (10, 4, 1, (3, 4)),  # 4 + 3 + 3: equal cuts, none above the micro-batch size
+        (16, 16, 3, (1, 6)),  # shares of 6, 5 and 5
+        (2, 8, 4, (1, 1)),  # more processes than samples: two ranks sit the step out
+    ],
+)
+def test_batch_layout_keeps_the_global_batch(batch, micro, world, layout):
+    stage = ProjectorStage(kind="projector", batch_size=batch, micro_batch_size=micro)
+    found = batch_layout(stage, world)
+    assert (found.accumulation, found.micro_batch_size) == layout
+    # Cut as the sampler cuts it, every rank's share fits, and together they are the global batch.
+    samples = list(range(batch))
+    pieces = [
+        micro_batches(shard(samples, rank, world), found.micro_batch_size, found.accumulation)
+        for rank in range(world)
+    ]
+    assert sorted(i for rank in pieces for piece in rank for i in piece) == samples
+    assert max(len(piece) for rank in pieces for piece in rank) <= micro
+
+
+def test_batch_layout_under_deepspeed_cuts_equal_shares():
+    stage = FinetuneStage(kind="finetune", batch_size=96, micro_batch_size=20)
+    # 48 per rank in micro-batches of at most 20: 3 of 16 (2 x 24 would exceed 20, 4 of 12 is more steps).
+    assert batch_layout(stage, 2, exact=True) == BatchLayout(accumulation=3, micro_batch_size=16)
+    # 96 over 5 processes: no equal shares; the message says which override fixes it.
+    with pytest.raises(
+        RecipeError,
+        match=r"cannot be split evenly over 5 processes.*--set stage\.finetune\.batch_size=95 or 100",
+    ):
+        batch_layout(stage, 5, exact=True)

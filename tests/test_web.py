@@ -140,3 +140,48 @@ def test_web_page_answers_about_an_uploaded_video(hf_checkpoint, sample_videos: 
         log.close()
     assert (tmp_path / "web.png").stat().st_size > 10_000
     assert external == [], f"the page tried to reach other hosts: {external}"
+
+
+def _listening_socket() -> socket.socket:
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    return holder
+
+
+def test_busy_port_is_one_line_before_the_model_loads(tmp_path, capsys) -> None:
+    pytest.importorskip("gradio", reason="gradio is not installed")
+    from videollava.cli import main
+
+    with _listening_socket() as holder:
+        port = holder.getsockname()[1]
+        code = main(["web", "--port", str(port), "--model", str(tmp_path / "no-such-model")])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == ""  # nothing that claims the page is served
+    assert (
+        err == f"error: cannot listen on 127.0.0.1:{port}: Address already in use (choose another --port)\n"
+    )
+
+
+def test_port_taken_while_the_model_loads_is_one_line(hf_checkpoint, monkeypatch, capsys) -> None:
+    """Another server takes the port after the check: Gradio's failure becomes the same one line."""
+    pytest.importorskip("gradio", reason="gradio is not installed")
+    from videollava.cli import main
+    from videollava.serve import web
+
+    stopped = []
+    monkeypatch.setattr(web, "check_port_free", lambda host, port: None)
+    stop = Engine.stop
+
+    def recorded_stop(self):
+        stopped.append(self)
+        return stop(self)
+
+    monkeypatch.setattr(Engine, "stop", recorded_stop)
+    with _listening_socket() as holder:
+        port = holder.getsockname()[1]
+        code = main(["web", "--port", str(port), "--model", str(hf_checkpoint[0]), "--dtype", "float32"])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == ""
+    assert err.startswith(f"error: cannot listen on 127.0.0.1:{port}: ") and len(err.splitlines()) == 1
+    assert "Traceback" not in err and len(stopped) == 1  # the engine's thread was stopped

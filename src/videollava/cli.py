@@ -3,40 +3,81 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import sys
+from dataclasses import dataclass
 
 from videollava.errors import VideoLlavaError
+from videollava.extras import missing_dependency
 
-# subcommand name -> module that defines `register(subparsers)`; imported lazily so `--help` stays fast.
+
+@dataclass(frozen=True)
+class Subcommand:
+    module: str  # defines `register(subparsers)`
+    summary: str  # the line `videollava --help` shows
+    extra: str | None = None  # the pip extra that holds its optional dependencies
+
+
 SUBCOMMANDS = {
-    "ask": "videollava.infer.ask",
-    "convert": "videollava.model.convert",
-    "shapesworld": "videollava.data.shapesworld",
-    "train": "videollava.train.runner",
-    "eval": "videollava.eval.cli",
-    "serve": "videollava.serve.api",
-    "chat": "videollava.serve.chat",
-    "web": "videollava.serve.web",
+    "ask": Subcommand("videollava.infer.ask", "answer a question about images and videos"),
+    "convert": Subcommand("videollava.model.convert", "convert a checkpoint to the Hugging Face -hf layout"),
+    "shapesworld": Subcommand(
+        "videollava.data.shapesworld", "synthetic shapes images and videos with exact answers"
+    ),
+    "train": Subcommand(
+        "videollava.train.runner",
+        "train a model from a recipe (tokenizer, alignment, projector, finetune stages)",
+        extra="train",
+    ),
+    "eval": Subcommand("videollava.eval.cli", "evaluate a checkpoint"),
+    "serve": Subcommand("videollava.serve.api", "serve an OpenAI-compatible chat completions API"),
+    "chat": Subcommand("videollava.serve.chat", "chat about images and videos in the terminal"),
+    "web": Subcommand(
+        "videollava.serve.web", "a web page to chat about images and videos (Gradio)", extra="web"
+    ),
 }
 
 
+class Parser(argparse.ArgumentParser):
+    """Usage errors in one line (what is wrong, where help is), exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def port_number(text: str) -> int:
+    """An argparse type: a TCP port (0 lets the system pick one)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 0-65535, got {value}")
+    return value
+
+
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="videollava", description="Ask, train, evaluate and serve Video-LLaVA."
-    )
+    """The whole command line; only the module of subcommand `only` is imported (none if None)."""
+    parser = Parser(prog="videollava", description="Ask, train, evaluate and serve Video-LLaVA.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, module_name in SUBCOMMANDS.items():
-        if only is not None and name != only:
-            subparsers.add_parser(name, add_help=False)
-            continue
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as error:
-            if error.name and error.name.startswith("videollava"):
-                continue  # subcommand not part of this build
-            raise
-        module.register(subparsers)
+    for name, subcommand in SUBCOMMANDS.items():
+        if name == only:
+            importlib.import_module(subcommand.module).register(subparsers)
+        else:
+            # Listed in `videollava --help` without importing anything heavy.
+            subparsers.add_parser(name, help=subcommand.summary, add_help=False)
     return parser
 
 
@@ -44,7 +85,23 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     # Import only the module of the chosen subcommand: heavy dependencies load on demand.
     chosen = next((a for a in argv if not a.startswith("-")), None)
-    parser = build_parser(only=chosen if chosen in SUBCOMMANDS else None)
+    if chosen is not None and chosen not in SUBCOMMANDS:
+        close = difflib.get_close_matches(chosen, SUBCOMMANDS, n=1)
+        hint = f"did you mean {close[0]!r}?" if close else f"the commands are {', '.join(SUBCOMMANDS)}"
+        print(f"videollava: error: unknown command {chosen!r}; {hint}", file=sys.stderr)
+        return 2
+    try:
+        parser = build_parser(only=chosen)
+    except ModuleNotFoundError as error:
+        if chosen is None or (error.name or "").startswith("videollava"):
+            raise
+        # A dependency of the chosen subcommand is missing: say what to install, even for --help.
+        missing = missing_dependency(chosen, error.name or "a required", SUBCOMMANDS[chosen].extra)
+        print(f"error: {missing}", file=sys.stderr)
+        return 2
+    if not argv:
+        parser.print_help(sys.stderr)
+        return 2
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)

@@ -1096,6 +1096,11 @@ def generate(
 # Command line
 
 
+def default_data_folder(seed: int) -> Path:
+    """Under runs/, beside training runs: a data set generated in a checkout stays out of git."""
+    return Path("runs") / "shapesworld-data" / f"seed-{seed}"
+
+
 def _run_generate(args: argparse.Namespace) -> int:
     min_size, max_size = args.min_size, args.max_size
     if args.size:
@@ -1103,7 +1108,7 @@ def _run_generate(args: argparse.Namespace) -> int:
             raise VideoLlavaError("--size takes one value (fixed short side) or two (MIN MAX)")
         min_size, max_size = args.size[0], args.size[-1]
     summary = generate(
-        args.out,
+        args.out if args.out is not None else default_data_folder(args.seed),
         seed=args.seed,
         n_images=args.images,
         n_videos=args.videos,
@@ -1136,7 +1141,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="render media and write captions, instructions and held-out questions",
         description="Render ShapesWorld media and write LLaVA-style JSON files; same seed, same output.",
     )
-    gen.add_argument("--out", required=True, type=Path, help="output folder (media/ and JSON files)")
+    gen.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="output folder for media/ and the JSON files (default: runs/shapesworld-data/seed-SEED)",
+    )
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--images", type=int, default=2000, help="training images (default 2000)")
     gen.add_argument("--videos", type=int, default=1000, help="training videos (default 1000)")

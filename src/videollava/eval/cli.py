@@ -6,6 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from videollava.cli import positive_int
+from videollava.errors import VideoLlavaError
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``eval shapesworld`` to the ``videollava`` command."""
@@ -21,10 +24,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     sw.add_argument("--model", default=None, help="checkpoint folder (default: the packaged model)")
     sw.add_argument("--data", required=True, type=Path, help="dataset folder with test_questions.jsonl")
-    sw.add_argument("--limit", type=int, default=None, help="only the first N questions")
-    sw.add_argument("--batch-size", type=int, default=16, help="requests decoded together (default 16)")
-    sw.add_argument("--num-frames", type=int, default=None, help="frames per video (default: the model's)")
-    sw.add_argument("--max-new-tokens", type=int, default=10, help="answer length limit (default 10)")
+    sw.add_argument("--limit", type=positive_int, default=None, help="only the first N questions")
+    sw.add_argument(
+        "--batch-size", type=positive_int, default=16, help="requests decoded together (default 16)"
+    )
+    sw.add_argument(
+        "--num-frames", type=positive_int, default=None, help="frames per video (default: the model's)"
+    )
+    sw.add_argument(
+        "--max-new-tokens", type=positive_int, default=10, help="answer length limit (default 10)"
+    )
     sw.add_argument("--dtype", default="auto", help="bfloat16, float32 or auto (default)")
     sw.add_argument("--output", type=Path, default=None, help="write the JSON report here")
     sw.add_argument("--markdown", type=Path, default=None, help="write the Markdown report here")
@@ -35,14 +44,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from videollava.errors import VideoLlavaError
-
     if args.benchmark != "shapesworld":
         raise VideoLlavaError(f"unknown benchmark {args.benchmark!r}")
-    if args.limit is not None and args.limit < 1:
-        raise VideoLlavaError(f"--limit must be at least 1, got {args.limit}")
-    if args.batch_size < 1:
-        raise VideoLlavaError(f"--batch-size must be at least 1, got {args.batch_size}")
 
     from videollava.eval.shapesworld import check_targets, evaluate, print_progress
     from videollava.infer.pipeline import Pipeline, default_model_path

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from videollava.cli import positive_int
 from videollava.errors import VideoLlavaError
 from videollava.infer.engine import Completion, Engine
 from videollava.infer.pipeline import MediaItem, Pipeline, Prepared
@@ -39,7 +40,14 @@ class Question:
                 raise VideoLlavaError(f'"{one}" / "{many}" must be file paths')
             return found
 
+        check_prompt(data["prompt"])
         return cls(data["prompt"], paths("image", "images"), paths("video", "videos"), raw_prompt)
+
+
+def check_prompt(prompt: str) -> None:
+    """An empty question has no answer: refuse it rather than let the model make one up."""
+    if not prompt.strip():
+        raise VideoLlavaError("the prompt is empty: ask a question")
 
 
 def prepare_question(pipeline: Pipeline, question: Question, num_frames: int | None = None) -> Prepared:
@@ -75,9 +83,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--image", action="append", default=[], metavar="FILE")
     parser.add_argument("--video", action="append", default=[], metavar="FILE")
     parser.add_argument(
-        "--frames", type=int, default=None, help="frames sampled per video (default: the model's)"
+        "--frames", type=positive_int, default=None, help="frames sampled per video (default: the model's)"
     )
-    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--max-new-tokens", type=positive_int, default=256)
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=None)
@@ -90,21 +98,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--output", metavar="ANSWERS.jsonl", help="with --batch: write answers here (default stdout)"
     )
-    parser.add_argument("--batch-size", type=int, default=8, help="with --batch: requests decoded together")
+    parser.add_argument(
+        "--batch-size", type=positive_int, default=8, help="with --batch: requests decoded together"
+    )
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.frames is not None and args.frames < 1:
-        raise VideoLlavaError("--frames must be at least 1")
-    if args.batch is None and args.prompt is None:
-        raise VideoLlavaError("give a PROMPT, or --batch REQUESTS.jsonl")
+    check_arguments(args)
+    lines = read_batch_file(Path(args.batch)) if args.batch else []
     params = SamplingParams(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed
     )
     pipeline = Pipeline.from_pretrained(args.model, dtype=args.dtype)
     if args.batch:
-        return run_batch(pipeline, args, params)
+        return run_batch(pipeline, args, params, lines)
     started = time.perf_counter()
     question = Question(args.prompt, args.image, args.video, args.raw_prompt)
     prepared = prepare_question(pipeline, question, args.frames)
@@ -120,14 +128,46 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_batch(pipeline: Pipeline, args: argparse.Namespace, params: SamplingParams) -> int:
+def check_arguments(args: argparse.Namespace) -> None:
+    """Combinations that argparse cannot see, refused before the model loads."""
+    if args.batch is None:
+        if args.prompt is None:
+            raise VideoLlavaError("give a PROMPT, or --batch REQUESTS.jsonl")
+        check_prompt(args.prompt)
+        if args.output is not None:
+            raise VideoLlavaError("--output is for --batch answers; a single answer goes to stdout")
+        return
+    given = [
+        name
+        for name, value in (("a PROMPT", args.prompt), ("--image", args.image), ("--video", args.video))
+        if value
+    ]
+    if given:
+        raise VideoLlavaError(
+            f"--batch takes its prompts and media from {args.batch}; drop {' and '.join(given)}"
+        )
+    if args.output is not None:
+        output = Path(args.output)
+        if output.is_dir() or not output.parent.is_dir():
+            raise VideoLlavaError(f"--output {output}: not a file in an existing folder")
+
+
+def read_batch_file(path: Path) -> list[str]:
+    if not path.is_file():  # a FIFO or a device would block or never end
+        problem = "no such file" if not path.exists() else "not a regular file"
+        raise VideoLlavaError(f"{path}: {problem}")
+    try:
+        return path.read_text().splitlines()
+    except UnicodeDecodeError:
+        raise VideoLlavaError(f"{path}: not a text file of JSON lines") from None
+    except OSError as error:
+        raise VideoLlavaError(f"{path}: cannot read ({error.strerror})") from None
+
+
+def run_batch(pipeline: Pipeline, args: argparse.Namespace, params: SamplingParams, lines: list[str]) -> int:
     from tqdm import tqdm
 
     path = Path(args.batch)
-    try:
-        lines = path.read_text().splitlines()
-    except OSError as error:
-        raise VideoLlavaError(f"{path}: cannot read ({error.strerror})") from None
     results: list[dict[str, Any] | None] = []
     work: list[tuple[int, Prepared]] = []
     for number, line in enumerate(lines, 1):
@@ -144,7 +184,7 @@ def run_batch(pipeline: Pipeline, args: argparse.Namespace, params: SamplingPara
             results.append({"id": number, "error": f"{path}:{number}: not valid JSON ({error.msg})"})
         except VideoLlavaError as error:
             results.append({**record, "error": f"{path}:{number}: {error}"})
-    engine = Engine(pipeline, max_batch_size=max(1, args.batch_size), max_queue=max(1, args.batch_size) * 4)
+    engine = Engine(pipeline, max_batch_size=args.batch_size, max_queue=args.batch_size * 4)
     progress = tqdm(total=len(work), desc="answering", unit="req", file=sys.stderr, disable=not work)
     for start in range(0, len(work), args.batch_size * 4):
         chunk = work[start : start + args.batch_size * 4]

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
+from videollava.cli import port_number, positive_int
 from videollava.data.tokenize import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, count_placeholders
 from videollava.errors import VideoLlavaError
+from videollava.extras import require
 from videollava.infer.engine import Engine
 from videollava.infer.pipeline import MediaItem, Pipeline, content_hash
 from videollava.infer.sampling import SamplingParams
@@ -155,34 +158,65 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)"
     )
-    parser.add_argument("--port", type=int, default=7860)
-    parser.add_argument("--max-new-tokens", type=int, default=128, help="initial value of the slider")
-    parser.add_argument("--max-batch-size", type=int, default=8, help="answers decoded together")
+    parser.add_argument("--port", type=port_number, default=7860)
+    parser.add_argument(
+        "--max-new-tokens", type=positive_int, default=128, help="initial value of the slider"
+    )
+    parser.add_argument("--max-batch-size", type=positive_int, default=8, help="answers decoded together")
     parser.add_argument("--max-upload-mb", type=float, default=64.0)
     parser.set_defaults(func=run)
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Fail before the model loads when nothing could listen on host:port (another server holds it)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except (socket.gaierror, UnicodeError) as error:
+        raise VideoLlavaError(f"--host {host!r}: not an address of this machine ({error})") from None
+    with socket.socket(family, kind, proto) as probe:
+        # As uvicorn binds: a port left in TIME_WAIT by an earlier server is free, a listening one is not.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as error:
+            raise VideoLlavaError(
+                f"cannot listen on {host}:{port}: {error.strerror or error} (choose another --port)"
+            ) from None
+
+
 def run(args: argparse.Namespace) -> int:
+    require("web", "web", "gradio")  # before the model loads: a missing extra fails at once
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    if args.max_new_tokens < 1:
-        raise VideoLlavaError("--max-new-tokens must be at least 1")
+    if not args.max_upload_mb > 0:
+        raise VideoLlavaError(f"--max-upload-mb must be positive, got {args.max_upload_mb}")
+    check_port_free(args.host, args.port)
     pipeline = Pipeline.from_pretrained(args.model, dtype=args.dtype)
     engine = Engine(pipeline, max_batch_size=args.max_batch_size, max_queue=64).start()
-    demo = build_demo(pipeline, engine, max_new_tokens=args.max_new_tokens)
-    demo.queue(default_concurrency_limit=args.max_batch_size, max_size=64)
-    print(f"serving the chat page on http://{args.host}:{args.port}/", flush=True)
     try:
-        demo.launch(
-            server_name=args.host,
-            server_port=args.port,
-            share=False,
-            theme=theme(),
-            max_file_size=f"{args.max_upload_mb:g}mb",
-            ssr_mode=False,
-            show_error=True,
-            quiet=True,
-            allowed_paths=[str(examples_folder())] if examples_folder().is_dir() else None,
-        )
+        demo = build_demo(pipeline, engine, max_new_tokens=args.max_new_tokens)
+        demo.queue(default_concurrency_limit=args.max_batch_size, max_size=64)
+        try:
+            demo.launch(
+                server_name=args.host,
+                server_port=args.port,
+                share=False,
+                theme=theme(),
+                max_file_size=f"{args.max_upload_mb:g}mb",
+                ssr_mode=False,
+                show_error=True,
+                quiet=True,
+                allowed_paths=[str(examples_folder())] if examples_folder().is_dir() else None,
+                prevent_thread_lock=True,
+            )
+        except OSError as error:  # the port was taken while the model loaded
+            problem = error.strerror or "the port is in use"
+            raise VideoLlavaError(
+                f"cannot listen on {args.host}:{args.port}: {problem} (choose another --port)"
+            ) from None
+        print(f"serving the chat page on http://{args.host}:{args.port}/", flush=True)
+        demo.block_thread()
     finally:
         engine.stop()
     return 0

@@ -222,8 +222,8 @@ class TrainStage(Stage):
     media_root: str | None = None
     max_samples: int | None = None
     lr: float = 1e-3
-    batch_size: int = 32  # global: micro_batch_size * accumulation * world_size
-    micro_batch_size: int = 8
+    batch_size: int = 32  # global: the samples of one optimiser step, over all processes
+    micro_batch_size: int = 8  # the most samples a rank runs in one forward (see batch_layout)
     epochs: int = 1
     max_steps: int | None = None
     warmup_ratio: float = 0.03
@@ -385,15 +385,44 @@ class Recipe:
 # ---------------------------------------------------------------------------------------- checks
 
 
-def accumulation_steps(stage: TrainStage, world_size: int) -> int:
-    """Micro-batches per rank per optimiser step, from batch_size = micro * accumulation * world."""
-    per_step = stage.micro_batch_size * world_size
-    if stage.batch_size % per_step:
-        raise RecipeError(
-            f"stages[{stage.label}]: batch_size {stage.batch_size} is not a multiple of "
-            f"micro_batch_size {stage.micro_batch_size} x world size {world_size}"
-        )
-    return stage.batch_size // per_step
+@dataclass(frozen=True)
+class BatchLayout:
+    """How a stage cuts each global batch: on every rank, `accumulation` micro-batches of at most
+    `micro_batch_size` samples (trailing ones may hold fewer, or none)."""
+
+    accumulation: int
+    micro_batch_size: int
+
+
+def batch_layout(stage: TrainStage, world_size: int, exact: bool = False) -> BatchLayout:
+    """The fewest micro-batches per rank that keep each within the stage's `micro_batch_size`.
+
+    Every optimiser step trains on the same global batch of `batch_size` samples, in the same
+    order, whatever the number of processes: each rank takes a contiguous share (shares differ by
+    one at most) and cuts it into equal micro-batches. So `batch_size` 128 with `micro_batch_size`
+    128 is one micro-batch of 128 in one process and one of 64 on each of two. Language-model
+    losses are sums normalised over the whole global batch, so the update does not depend on the
+    cut; a contrastive loss compares the samples of one micro-batch, so its negatives do.
+
+    `exact` (DeepSpeed, whose `train_batch_size` must equal micro x accumulation x world size):
+    every rank gets the same number of samples, which fails only when `world_size` does not
+    divide `batch_size`.
+    """
+    share = -(-stage.batch_size // world_size)  # the largest rank's share
+    fewest = -(-share // stage.micro_batch_size)
+    if exact:
+        if stage.batch_size % world_size:
+            below = stage.batch_size // world_size * world_size
+            sizes = " or ".join(str(n) for n in (below, below + world_size) if n > 0)
+            raise RecipeError(
+                f"stages[{stage.label}]: batch_size {stage.batch_size} cannot be split evenly over "
+                f"{world_size} processes, which DeepSpeed needs; run a number of processes that divides "
+                f"it, or set a batch size they divide: --set stage.{stage.label}.batch_size={sizes}"
+            )
+        accumulation = next(a for a in range(fewest, share + 1) if share % a == 0)
+    else:
+        accumulation = fewest
+    return BatchLayout(accumulation, -(-share // accumulation))
 
 
 def validate(recipe: Recipe) -> None:
@@ -485,10 +514,6 @@ def _validate_train_stage(stage: TrainStage, where: str, model: ModelConfig) -> 
             raise RecipeError(f"{where}.{key}: must be positive, got {getattr(stage, key)}")
     if stage.max_steps is not None and stage.max_steps < 1:
         raise RecipeError(f"{where}.max_steps: must be positive, got {stage.max_steps}")
-    if stage.batch_size % stage.micro_batch_size:
-        raise RecipeError(
-            f"{where}: batch_size {stage.batch_size} is not a multiple of micro_batch_size {stage.micro_batch_size}"
-        )
     if not 0 <= stage.warmup_ratio < 1:
         raise RecipeError(f"{where}.warmup_ratio: must be in [0, 1), got {stage.warmup_ratio}")
     for key in ("projector_lr", "text_encoder_lr", "tower_lr"):

@@ -51,9 +51,14 @@ class DistInfo:
         return self.rank == 0
 
 
+def launched_world_size() -> int:
+    """The number of processes torchrun started (1 without torchrun), known before any setup."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def setup(strategy: str = "ddp", backend: str = "auto") -> DistInfo:
     """Join the process group torchrun describes in the environment; a world of one otherwise."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = launched_world_size()
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     cuda = torch.cuda.is_available()

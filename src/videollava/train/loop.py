@@ -32,7 +32,7 @@ from videollava.data.dataset import BadSampleLog, StepBatches
 from videollava.errors import CheckpointError, VideoLlavaError
 from videollava.train import checkpointing as ckpt
 from videollava.train import distributed as D
-from videollava.train.config import TrainStage, accumulation_steps
+from videollava.train.config import TrainStage, batch_layout
 
 METRICS_FILE = "metrics.jsonl"
 BAD_SAMPLES_FILE = "bad_samples.jsonl"
@@ -250,10 +250,11 @@ def train_stage(
     """Train one stage to its end (or on from a checkpoint of it), checkpointing along the way."""
     info = ctx.dist
     world = info.world_size
-    accumulation = accumulation_steps(cfg, world)
     strategy = ctx.strategy if info.enabled else "none"
     if strategy == "fsdp" and not task.fsdp_capable:
         strategy = "ddp"
+    layout = batch_layout(cfg, world, exact=strategy == "deepspeed")
+    accumulation = layout.accumulation
     module = task.module
     module.to(info.device)
 
@@ -263,7 +264,7 @@ def train_stage(
             lengths=task.lengths,
             modalities=task.modalities,
             batch_size=cfg.batch_size,
-            micro_batch_size=cfg.micro_batch_size,
+            micro_batch_size=layout.micro_batch_size,
             accumulation=accumulation,
             seed=cfg.seed,
             epoch=epoch,
@@ -301,7 +302,7 @@ def train_stage(
             raise VideoLlavaError(f"stage {ctx.name}: strategy deepspeed needs a deepspeed_config")
         ds_config = D.resolve_deepspeed_config(
             ctx.deepspeed_config,
-            micro_batch_size=cfg.micro_batch_size,
+            micro_batch_size=layout.micro_batch_size,
             accumulation=accumulation,
             world_size=world,
             max_grad_norm=cfg.max_grad_norm,

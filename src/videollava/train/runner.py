@@ -42,6 +42,7 @@ from videollava.data.dataset import (
 from videollava.data.tokenize import IGNORE_INDEX, IMAGE_SLOT, VIDEO_SLOT
 from videollava.data.transforms import ImageTransformConfig
 from videollava.errors import CheckpointError, VideoLlavaError
+from videollava.extras import require
 from videollava.model.videollava import Projector, VideoLlava, VideoLlavaConfig
 from videollava.model.vision import VisionConfig, VisionTower
 from videollava.train import checkpointing as ckpt
@@ -58,6 +59,7 @@ from videollava.train.config import (
     TokenizerStage,
     TrainStage,
     VisionSpec,
+    batch_layout,
     dump_recipe,
     load_recipe,
 )
@@ -1090,8 +1092,24 @@ def default_output(recipe_path: Path) -> Path:
     return Path("runs") / recipe_path.stem
 
 
+def required_modules(recipe: Recipe) -> list[str]:
+    """The optional packages (the `train` extra) this recipe uses: loss plots always, peft for LoRA."""
+    lora = any(isinstance(stage, FinetuneStage) and stage.lora is not None for stage in recipe.stages)
+    return ["matplotlib", *(["peft"] if lora else [])]
+
+
+def check_batch_layouts(recipe: Recipe, world_size: int) -> None:
+    """Every stage's batch can be cut over this many processes; checked before any work."""
+    exact = recipe.distributed.strategy == "deepspeed" and world_size > 1
+    for stage in recipe.stages:
+        if isinstance(stage, TrainStage):
+            batch_layout(stage, world_size, exact=exact)
+
+
 def run(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
+    require("train", "train", *required_modules(recipe))
+    check_batch_layouts(recipe, D.launched_world_size())
     if recipe.run.threads:
         torch.set_num_threads(recipe.run.threads)
     output = args.output or (

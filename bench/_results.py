@@ -1,0 +1,44 @@
+"""Where a benchmark writes its results: `runs/bench/<name>.json` (ignored by git) by default.
+
+`bench/results/` holds the results the README quotes; a benchmark writes there only when asked
+with `--record`, so trying a benchmark never changes a tracked file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RECORDED = ROOT / "bench" / "results"
+SCRATCH = ROOT / "runs" / "bench"
+
+
+def add_output_arguments(parser: argparse.ArgumentParser, name: str) -> None:
+    """`--output FILE` and `--record`, for a benchmark whose results are `<name>.json`."""
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument(
+        "--output",
+        type=Path,
+        default=None,
+        help=f"results JSON (default: {SCRATCH.relative_to(ROOT)}/{name}.json)",
+    )
+    where.add_argument(
+        "--record",
+        action="store_true",
+        help=f"write {RECORDED.relative_to(ROOT)}/{name}.json, the committed results the README quotes",
+    )
+
+
+def results_path(args: argparse.Namespace, name: str) -> Path:
+    if args.record:
+        return RECORDED / f"{name}.json"
+    return args.output if args.output is not None else SCRATCH / f"{name}.json"
+
+
+def write_results(path: Path, results: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {path}", flush=True)
