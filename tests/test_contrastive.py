@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from videollava.data.dataset import Box
+from videollava.data.regions import Box
 from videollava.model.vision import VisionConfig, VisionTower
 from videollava.train.contrastive import (
     LOGIT_SCALE_MAX,
@@ -141,7 +141,7 @@ def test_box_patch_weights_share_each_box_among_the_patches_it_covers():
 
 
 def _region_batch(tokenizer, names, regions_per_media):
-    from videollava.data.dataset import Region
+    from videollava.data.regions import Region
 
     vocab = RegionVocabulary(names, tokenizer, max_length=16)
     return vocab.batch(
@@ -287,7 +287,7 @@ def test_video_region_head_starts_from_the_image_one():
 
 
 def test_per_frame_region_loss_reads_each_frame_under_the_object_there(tiny_tokenizer):
-    from videollava.data.dataset import Region
+    from videollava.data.regions import Region
 
     tower, text = tiny_parts(vocab=len(tiny_tokenizer))
     video = VideoTextAligner(
@@ -358,7 +358,7 @@ def test_per_frame_region_loss_teaches_the_video_tower_which_way_things_move(
     """A square crosses a row of patches one way or the other: named frame by frame, the video
     tower learns the direction into the patches under the square, which no single frame shows.
     Started symmetric in time (zero temporal embedding), it measured 0.62 after the same steps."""
-    from videollava.data.dataset import Region
+    from videollava.data.regions import Region
 
     torch.manual_seed(0)
     tower, text = tiny_parts(vocab=len(tiny_tokenizer))
@@ -656,7 +656,7 @@ def test_short_training_run_aligns_shapesworld_images_and_carries_over_to_videos
 
 
 def test_motion_loss_pools_each_whole_clip_box_over_every_frame(tiny_tokenizer):
-    from videollava.data.dataset import Region
+    from videollava.data.regions import Region
 
     tower, text = tiny_parts(vocab=len(tiny_tokenizer))
     video = VideoTextAligner(
@@ -716,7 +716,7 @@ def test_motion_loss_pools_each_whole_clip_box_over_every_frame(tiny_tokenizer):
 def test_motion_loss_teaches_the_mean_of_a_box_which_way_its_object_moves(tiny_tokenizer, motion_weight):
     """A square crosses a row of patches one way or the other, named the same both ways: only the
     motion term can teach the mean of its whole-clip box which way it went."""
-    from videollava.data.dataset import Region
+    from videollava.data.regions import Region
 
     torch.manual_seed(0)
     tower, text = tiny_parts(vocab=len(tiny_tokenizer))

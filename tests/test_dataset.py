@@ -13,32 +13,32 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from videollava.data.dataset import (
+from videollava.data.datasets import (
     BadSample,
-    BadSampleLog,
     CaptionDataset,
     CaptionSample,
     ConversationDataset,
-    MediaCache,
-    MediaSpec,
-    Region,
     Sample,
     Skipped,
-    StepBatches,
     collate_captions,
     collate_conversations,
+    supervised_tokens,
+)
+from videollava.data.media import read_video_frames
+from videollava.data.records import read_records
+from videollava.data.regions import Region, parse_regions
+from videollava.data.sample_media import MediaCache, MediaSpec
+from videollava.data.samplers import (
+    StepBatches,
     global_batches,
     grouped_batches,
     micro_batches,
     mixed_batches,
-    parse_regions,
-    read_records,
     shard,
-    supervised_tokens,
 )
-from videollava.data.media import read_video_frames
 from videollava.data.tokenize import IGNORE_INDEX, IMAGE_SLOT, VIDEO_SLOT
 from videollava.data.transforms import ImageTransformConfig, box_to_pixels
+from videollava.train.bad_samples import BadSampleLog
 
 FRAMES = 2
 SIZE = 16

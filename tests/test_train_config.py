@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from videollava.data.dataset import micro_batches, shard
+from videollava.data.samplers import micro_batches, shard
 from videollava.data.shapesworld import generate
 from videollava.train import distributed as D
 from videollava.train.config import (

@@ -400,7 +400,7 @@ def test_bad_samples_in_training_are_logged_and_skipped(world, tmp_path):
     assert step["samples"] == 4 and step["skipped"] == 2  # the batch is just smaller
     assert json.loads((tmp_path / "skip" / "summary.json").read_text())["bad_samples"] == 2
 
-    from videollava.data.dataset import BadSample
+    from videollava.data.datasets import BadSample
 
     with pytest.raises(BadSample, match="sample (gone|swapped)"):
         train(path, tmp_path / "fail", "stage.1.bad_samples=fail")

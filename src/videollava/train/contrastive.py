@@ -27,7 +27,7 @@ from videollava.model.vision import VisionTower
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from videollava.data.dataset import Region
+    from videollava.data.regions import Region
 
 LOGIT_SCALE_INIT = math.log(1 / 0.07)
 LOGIT_SCALE_MAX = math.log(100.0)

@@ -28,10 +28,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from videollava.data.dataset import BadSampleLog, StepBatches
+from videollava.data.samplers import StepBatches
 from videollava.errors import CheckpointError, VideoLlavaError
 from videollava.train import checkpointing as ckpt
 from videollava.train import distributed as D
+from videollava.train.bad_samples import BadSampleLog
 from videollava.train.config import TrainStage, batch_layout
 
 METRICS_FILE = "metrics.jsonl"

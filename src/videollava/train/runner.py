@@ -28,17 +28,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from videollava.data.dataset import (
+from videollava.data.datasets import (
     CaptionDataset,
     ConversationDataset,
-    MediaCache,
-    MediaSpec,
     Skipped,
     collate_captions,
     collate_conversations,
-    read_records,
-    training_texts,
 )
+from videollava.data.records import read_records, training_texts
+from videollava.data.sample_media import MediaCache, MediaSpec
 from videollava.data.tokenize import IGNORE_INDEX, IMAGE_SLOT, VIDEO_SLOT
 from videollava.data.transforms import ImageTransformConfig
 from videollava.errors import CheckpointError, VideoLlavaError
