@@ -579,7 +579,7 @@ def _recall(aligner, tokenizer, pixels, captions, max_length):
 @pytest.mark.slow
 def test_short_training_run_aligns_shapesworld_images_and_carries_over_to_videos(tmp_path):
     """Measured here: held-out image R@1 0.025 -> about 0.4 both ways (chance 0.025); videos start near 0.3."""
-    from videollava.data.shapesworld import generate
+    from videollava.shapesworld.generate import generate
     from videollava.train.tokenizer import train_tokenizer
 
     torch.manual_seed(0)

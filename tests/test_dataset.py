@@ -46,7 +46,7 @@ SIZE = 16
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
-    from videollava.data.shapesworld import generate
+    from videollava.shapesworld.generate import generate
 
     root = tmp_path_factory.mktemp("shapesworld")
     generate(root, seed=3, n_images=6, n_videos=4, n_test_images=2, n_test_videos=2)

@@ -12,12 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from videollava.data.shapesworld import COLORS, COUNT_WORDS, DIRECTIONS, SHAPES, generate
 from videollava.eval.metrics import normalize_answer
-from videollava.eval.shapesworld import check_targets, evaluate
 from videollava.infer.engine import Engine
 from videollava.infer.pipeline import MediaItem, Pipeline, default_model_path
 from videollava.infer.sampling import SamplingParams
+from videollava.shapesworld.evaluate import check_targets, evaluate
+from videollava.shapesworld.generate import generate
+from videollava.shapesworld.world import COLORS, COUNT_WORDS, DIRECTIONS, SHAPES
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "src" / "videollava" / "assets" / "examples"
 # Accuracy the shipped model reaches on held-out images and videos (measured on this test's set,

@@ -18,7 +18,7 @@ from videollava.eval.metrics import (
     pope_metrics,
     yes_no,
 )
-from videollava.eval.shapesworld import Question, check_targets, evaluate, load_questions, score
+from videollava.shapesworld.evaluate import Question, check_targets, evaluate, load_questions, score
 
 # ------------------------------------------------------------------------------------------ metrics
 
@@ -137,7 +137,7 @@ def test_judge_summary_records_the_judge():
 
 @pytest.fixture(scope="module")
 def shapesworld_dir(tmp_path_factory):
-    from videollava.data.shapesworld import generate
+    from videollava.shapesworld.generate import generate
 
     out = tmp_path_factory.mktemp("shapesworld")
     generate(out, seed=3, n_images=0, n_videos=0, n_test_images=3, n_test_videos=3, workers=1)

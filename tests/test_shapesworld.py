@@ -15,8 +15,21 @@ import pytest
 from PIL import Image
 
 from videollava.cli import main as cli_main
-from videollava.data import shapesworld as sw
 from videollava.errors import VideoLlavaError
+from videollava.shapesworld.generate import generate, object_regions
+from videollava.shapesworld.render import render_array, render_scene
+from videollava.shapesworld.text import MOTION_PHRASES, POPE_SPLITS, POPULAR_TOP_K, place_words
+from videollava.shapesworld.world import (
+    COLORS,
+    DIRECTIONS,
+    GREY_RANGE,
+    MIN_TRAVEL,
+    SHAPES,
+    Scene,
+    SceneObject,
+    paths_apart,
+    sample_scene,
+)
 
 TOLERANCE = 30  # per channel, for JPEG and H.264
 SMALL = dict(n_images=10, n_videos=8, n_test_images=4, n_test_videos=4)
@@ -30,8 +43,8 @@ def _read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def _scenes(root: Path) -> list[tuple[dict, sw.Scene]]:
-    return [(row, sw.Scene.from_dict(row)) for row in _read_jsonl(root / "scenes.jsonl")]
+def _scenes(root: Path) -> list[tuple[dict, Scene]]:
+    return [(row, Scene.from_dict(row)) for row in _read_jsonl(root / "scenes.jsonl")]
 
 
 def _decode(path: Path) -> tuple[list[np.ndarray], float]:
@@ -46,7 +59,7 @@ def _pixel(array: np.ndarray, centre: tuple[float, float]) -> np.ndarray:
     return array[int(centre[1]), int(centre[0])].astype(int)
 
 
-def _centroid(array: np.ndarray, scene: sw.Scene, obj: sw.SceneObject) -> tuple[float, float]:
+def _centroid(array: np.ndarray, scene: Scene, obj: SceneObject) -> tuple[float, float]:
     """Centre of the object measured as the mean of its colour's pixels near its path.
 
     A mean over the whole area shrugs off the chroma blur of lossy edges; a triangle's area
@@ -54,14 +67,14 @@ def _centroid(array: np.ndarray, scene: sw.Scene, obj: sw.SceneObject) -> tuple[
     """
     x0, y0, x1, y1 = _window(scene, obj)
     patch = array[y0:y1, x0:x1].astype(int)
-    mask = np.all(np.abs(patch - np.array(sw.COLORS[obj.color])) <= TOLERANCE, axis=2)
+    mask = np.all(np.abs(patch - np.array(COLORS[obj.color])) <= TOLERANCE, axis=2)
     ys, xs = np.nonzero(mask)
     assert len(xs) > 0, f"{obj.name} not found"
     offset = obj.size / 6 if obj.shape == "triangle" else 0.0
     return (x0 + xs.mean() + 0.5, y0 + ys.mean() + 0.5 - offset)
 
 
-def _window(scene: sw.Scene, obj: sw.SceneObject) -> tuple[int, int, int, int]:
+def _window(scene: Scene, obj: SceneObject) -> tuple[int, int, int, int]:
     half = obj.size / 2 + 3
     xs = (obj.start[0], obj.end[0])
     ys = (obj.start[1], obj.end[1])
@@ -80,7 +93,7 @@ def _article(name: str) -> str:
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("sw")
-    sw.generate(root, seed=7, **SMALL)
+    generate(root, seed=7, **SMALL)
     return root
 
 
@@ -88,7 +101,7 @@ def dataset(tmp_path_factory) -> Path:
 def text_only(tmp_path_factory) -> Path:
     """A bigger dry run: enough questions for statistics without encoding any media."""
     root = tmp_path_factory.mktemp("sw_dry")
-    sw.generate(root, seed=11, n_images=400, n_videos=300, n_test_images=60, n_test_videos=60, dry_run=True)
+    generate(root, seed=11, n_images=400, n_videos=300, n_test_images=60, n_test_videos=60, dry_run=True)
     return root
 
 
@@ -115,7 +128,7 @@ def _digest(root: Path, media: bool) -> str:
 
 
 def test_generated_files_are_byte_for_byte_those_of_the_golden_run(tmp_path: Path) -> None:
-    summary = sw.generate(tmp_path, **GOLDEN_RUN)
+    summary = generate(tmp_path, **GOLDEN_RUN)
     assert (summary["train_twins"], summary["train_mirrors"], summary["media_written"]) == (4, 3, 16)
     assert _digest(tmp_path, media=False) == GOLDEN_TEXT_SHA256
     assert _digest(tmp_path, media=True) == GOLDEN_MEDIA_SHA256
@@ -123,7 +136,7 @@ def test_generated_files_are_byte_for_byte_those_of_the_golden_run(tmp_path: Pat
 
 def test_same_seed_same_files_and_different_seed_differs(tmp_path: Path, dataset: Path) -> None:
     again = tmp_path / "again"
-    sw.generate(again, seed=7, workers=2, **SMALL)
+    generate(again, seed=7, workers=2, **SMALL)
     for name in (
         "captions.json",
         "instruct.json",
@@ -145,7 +158,7 @@ def test_same_seed_same_files_and_different_seed_differs(tmp_path: Path, dataset
             assert all(np.array_equal(x, y) for x, y in zip(frames_a, frames_b, strict=True))
 
     other = tmp_path / "other"
-    sw.generate(other, seed=8, dry_run=True, **SMALL)
+    generate(other, seed=8, dry_run=True, **SMALL)
     for name in ("captions.json", "instruct.json", "test_questions.jsonl", "scenes.jsonl"):
         assert (other / name).read_bytes() != (dataset / name).read_bytes(), name
 
@@ -154,7 +167,7 @@ def test_png_matches_render_scene_exactly(dataset: Path) -> None:
     for row, scene in _scenes(dataset):
         if row["kind"] == "image" and scene.image_format == "png":
             stored = np.asarray(Image.open(dataset / "media" / row["media"]).convert("RGB"))
-            assert np.array_equal(stored, np.asarray(sw.render_scene(scene)))
+            assert np.array_equal(stored, np.asarray(render_scene(scene)))
 
 
 # ------------------------------------------------------------------- pixels agree with metadata
@@ -171,7 +184,7 @@ def test_images_show_objects_where_metadata_says(dataset: Path) -> None:
             assert image.size == (scene.width, scene.height)
             array = np.asarray(image.convert("RGB"))
         for obj in scene.objects:
-            diff = np.abs(_pixel(array, obj.start) - np.array(sw.COLORS[obj.color]))
+            diff = np.abs(_pixel(array, obj.start) - np.array(COLORS[obj.color]))
             assert diff.max() <= TOLERANCE, (row["media"], obj)
             cx, cy = _centroid(array, scene, obj)
             assert abs(cx - obj.start[0]) <= 1.5 and abs(cy - obj.start[1]) <= 1.5
@@ -196,7 +209,7 @@ def test_videos_show_the_motion_metadata_says(dataset: Path) -> None:
         assert mover is not None and sum(o.moves for o in scene.objects) == 1
         for index, frame in enumerate(frames):
             for obj in scene.objects:
-                diff = np.abs(_pixel(frame, obj.center(scene.time(index))) - np.array(sw.COLORS[obj.color]))
+                diff = np.abs(_pixel(frame, obj.center(scene.time(index))) - np.array(COLORS[obj.color]))
                 assert diff.max() <= TOLERANCE, (row["media"], index, obj)
 
         axis = 0 if scene.direction in ("left", "right") else 1
@@ -205,7 +218,7 @@ def test_videos_show_the_motion_metadata_says(dataset: Path) -> None:
         track = [_centroid(frame, scene, mover) for frame in frames]
         along = [sign * c[axis] for c in track]
         assert all(b >= a - 0.5 for a, b in zip(along, along[1:], strict=False)), along
-        assert along[-1] - along[0] >= sw.MIN_TRAVEL * extent
+        assert along[-1] - along[0] >= MIN_TRAVEL * extent
         for index, c in enumerate(track):  # on the path the metadata gives, with no drift across it
             expected = mover.center(scene.time(index))
             assert math.hypot(c[0] - expected[0], c[1] - expected[1]) <= 2.0, (row["media"], index)
@@ -226,8 +239,8 @@ def test_object_regions_frame_every_object_in_every_frame() -> None:
     rng = np.random.default_rng(5)
     for i in range(40):
         kind = "video" if i % 2 else "image"
-        scene = sw.sample_scene(rng, kind, min_size=96, max_size=160)
-        regions = sw.object_regions(scene)
+        scene = sample_scene(rng, kind, min_size=96, max_size=160)
+        regions = object_regions(scene)
         assert len(regions) == len(scene.objects)
         for obj, region in zip(scene.objects, regions, strict=True):
             x0, y0, x1, y1 = region["box"]
@@ -238,7 +251,7 @@ def test_object_regions_frame_every_object_in_every_frame() -> None:
                 motion = f"moving {scene.direction}" if obj.moves else "standing still"
                 assert region["text"] == f"{obj.name} {motion}" and region["motion"] == motion
             for frame in sorted({0, scene.n_frames // 2, scene.n_frames - 1}):
-                ys, xs = np.nonzero((sw._render_array(scene, frame) == sw.COLORS[obj.color]).all(axis=-1))
+                ys, xs = np.nonzero((render_array(scene, frame) == COLORS[obj.color]).all(axis=-1))
                 assert len(xs) > 0
                 assert x0 - 0.5 <= xs.min() and xs.max() + 1 <= x1 + 0.5
                 assert y0 - 0.5 <= ys.min() and ys.max() + 1 <= y1 + 0.5
@@ -252,8 +265,8 @@ def test_object_regions_frame_every_object_in_every_frame() -> None:
             assert [k["t"] for k in mover["track"]] == [0.0, 1.0]
             assert all("track" not in r for r in regions if r is not mover)
             for key, frame in zip(mover["track"], (0, scene.n_frames - 1), strict=True):
-                color = sw.COLORS[scene.moving_object.color]
-                ys, xs = np.nonzero((sw._render_array(scene, frame) == color).all(axis=-1))
+                color = COLORS[scene.moving_object.color]
+                ys, xs = np.nonzero((render_array(scene, frame) == color).all(axis=-1))
                 kx0, ky0, kx1, ky1 = key["box"]
                 assert kx0 - 0.5 <= xs.min() and xs.max() + 1 <= kx1 + 0.5
                 assert ky0 - 0.5 <= ys.min() and ys.max() + 1 <= ky1 + 0.5
@@ -266,13 +279,13 @@ def test_sampled_scenes_respect_the_world_rules() -> None:
     kinds = Counter()
     for i in range(600):
         kind = "video" if i % 2 else "image"
-        scene = sw.sample_scene(rng, kind, min_size=96, max_size=200)
+        scene = sample_scene(rng, kind, min_size=96, max_size=200)
         kinds[(kind, len(scene.objects))] += 1
         short, long = sorted((scene.width, scene.height))
         assert short >= 96 and long / short <= 16 / 9 + 1e-9
         assert 1 <= len(scene.objects) <= 3
         assert len({o.color for o in scene.objects}) == len(scene.objects)
-        assert all(o.color in sw.COLORS and o.shape in sw.SHAPES for o in scene.objects)
+        assert all(o.color in COLORS and o.shape in SHAPES for o in scene.objects)
         for obj in scene.objects:
             assert 0.15 * short - 0.01 <= obj.size <= 0.35 * short + 0.01
             for point in (obj.start, obj.end):  # whole shape inside the frame along the path
@@ -284,7 +297,7 @@ def test_sampled_scenes_respect_the_world_rules() -> None:
                 for t in np.linspace(0, 1, 50):
                     ca, cb = a.center(t), b.center(t)
                     assert math.hypot(ca[0] - cb[0], ca[1] - cb[1]) >= a.radius + b.radius
-        assert sw.GREY_RANGE[0] <= scene.background <= sw.GREY_RANGE[1] and scene.noise <= 12
+        assert GREY_RANGE[0] <= scene.background <= GREY_RANGE[1] and scene.noise <= 12
         if kind == "image":
             assert scene.n_frames == 1 and all(not o.moves for o in scene.objects)
             assert scene.image_format in ("png", "jpeg")
@@ -305,55 +318,55 @@ def test_sampled_scenes_respect_the_world_rules() -> None:
 
 def test_render_scene_draws_each_shape_at_its_centre() -> None:
     objects = (
-        sw.SceneObject("red", "circle", 30.0, (30.0, 40.0), (30.0, 40.0)),
-        sw.SceneObject("orange", "triangle", 30.0, (80.0, 40.0), (80.0, 40.0)),
-        sw.SceneObject("blue", "square", 30.0, (130.0, 40.0), (130.0, 40.0)),
+        SceneObject("red", "circle", 30.0, (30.0, 40.0), (30.0, 40.0)),
+        SceneObject("orange", "triangle", 30.0, (80.0, 40.0), (80.0, 40.0)),
+        SceneObject("blue", "square", 30.0, (130.0, 40.0), (130.0, 40.0)),
     )
-    scene = sw.Scene("t", "image", 170, 96, 128, 0, 0, objects)
-    array = np.asarray(sw.render_scene(scene))
+    scene = Scene("t", "image", 170, 96, 128, 0, 0, objects)
+    array = np.asarray(render_scene(scene))
     for obj in objects:
-        assert tuple(_pixel(array, obj.start)) == sw.COLORS[obj.color]
+        assert tuple(_pixel(array, obj.start)) == COLORS[obj.color]
     # square fills its corners, circle and triangle do not
-    assert tuple(array[26, 116]) == sw.COLORS["blue"]
+    assert tuple(array[26, 116]) == COLORS["blue"]
     assert tuple(array[26, 16]) == (128, 128, 128)
     assert tuple(array[27, 67]) == (128, 128, 128)  # triangle apex is narrow
-    assert tuple(array[53, 67]) == sw.COLORS["orange"]  # triangle base is wide
+    assert tuple(array[53, 67]) == COLORS["orange"]  # triangle base is wide
     with pytest.raises(VideoLlavaError):
-        sw.render_scene(scene, 1)
+        render_scene(scene, 1)
 
 
 def test_bad_sizes_are_refused(tmp_path: Path) -> None:
     with pytest.raises(VideoLlavaError):
-        sw.generate(tmp_path, min_size=64, dry_run=True)
+        generate(tmp_path, min_size=64, dry_run=True)
     with pytest.raises(VideoLlavaError):
-        sw.generate(tmp_path, min_size=128, max_size=100, dry_run=True)
+        generate(tmp_path, min_size=128, max_size=100, dry_run=True)
     with pytest.raises(VideoLlavaError, match="even"):  # no even short side for yuv420p video
-        sw.generate(tmp_path, min_size=97, max_size=97, n_images=0, n_videos=1, dry_run=True)
-    summary = sw.generate(tmp_path, min_size=97, max_size=97, n_videos=0, n_test_videos=0, dry_run=True)
+        generate(tmp_path, min_size=97, max_size=97, n_images=0, n_videos=1, dry_run=True)
+    summary = generate(tmp_path, min_size=97, max_size=97, n_videos=0, n_test_videos=0, dry_run=True)
     assert summary["train_images"] > 0
 
 
 # ------------------------------------------------------------------- questions and answers
 
 
-def _check_answer(scene: sw.Scene, qtype: str, split: str | None, question: str, answer: str) -> None:
+def _check_answer(scene: Scene, qtype: str, split: str | None, question: str, answer: str) -> None:
     objects = scene.objects
     names = {(o.color, o.shape) for o in objects}
     shapes = Counter(o.shape for o in objects)
     assert answer == answer.lower()
     if qtype == "color":
-        (shape,) = [s for s in sw.SHAPES if question == f"What color is the {s}?"]
+        (shape,) = [s for s in SHAPES if question == f"What color is the {s}?"]
         assert shapes[shape] == 1, "asked about a shape that is not unique"
         assert answer == next(o.color for o in objects if o.shape == shape)
     elif qtype == "shape":
-        (color,) = [c for c in sw.COLORS if question == f"What shape is the {c} object?"]
+        (color,) = [c for c in COLORS if question == f"What shape is the {c} object?"]
         assert answer == next(o.shape for o in objects if o.color == color)
     elif qtype == "count":
         assert question == "How many objects are there?"
         assert answer == {1: "one", 2: "two", 3: "three"}[len(objects)]
     elif qtype == "exists":
-        assert split in sw.SPLITS
-        (combo,) = [(c, s) for c in sw.COLORS for s in sw.SHAPES if question == f"Is there a {c} {s}?"]
+        assert split in POPE_SPLITS
+        (combo,) = [(c, s) for c in COLORS for s in SHAPES if question == f"Is there a {c} {s}?"]
         assert answer == ("yes" if combo in names else "no")
         if answer == "no" and split == "adversarial":
             assert any(combo[0] == o.color or combo[1] == o.shape for o in objects)
@@ -371,27 +384,27 @@ def _check_answer(scene: sw.Scene, qtype: str, split: str | None, question: str,
         assert split is None
 
 
-def _check_caption(scene: sw.Scene, caption: str) -> None:
+def _check_caption(scene: Scene, caption: str) -> None:
     lowered = caption.lower()
     for obj in scene.objects:
         said = [w for w in (_article(obj.name), f"{_article(obj.shape)} in {obj.color}") if w in lowered]
         assert len(said) == 1, (caption, obj.name)
         if not obj.moves:  # still objects are placed in thirds of the frame
-            assert f"{said[0]} {sw.place_words(scene, obj)}" in lowered, (caption, obj.name)
+            assert f"{said[0]} {place_words(scene, obj)}" in lowered, (caption, obj.name)
     if scene.kind == "video":
         mover = scene.moving_object
-        motion = [f"the {mover.name} {phrase}" for phrase in sw.MOTION_PHRASES[scene.direction]]
+        motion = [f"the {mover.name} {phrase}" for phrase in MOTION_PHRASES[scene.direction]]
         assert any(m in lowered for m in motion), caption
-        for direction, phrases in sw.MOTION_PHRASES.items():
+        for direction, phrases in MOTION_PHRASES.items():
             if direction != scene.direction:
                 assert not any(f"the {mover.name} {phrase}" in lowered for phrase in phrases)
 
 
 def test_place_words_name_the_third_of_the_frame() -> None:
     def at(x: float, y: float) -> str:
-        obj = sw.SceneObject("red", "circle", 10.0, (x, y), (x, y))
-        scene = sw.Scene("s", "image", 300, 150, 128, 0, 0, (obj,))
-        return sw.place_words(scene, obj)
+        obj = SceneObject("red", "circle", 10.0, (x, y), (x, y))
+        scene = Scene("s", "image", 300, 150, 128, 0, 0, (obj,))
+        return place_words(scene, obj)
 
     assert at(20, 20) == "at the top left"
     assert at(150, 20) == "at the top"
@@ -410,7 +423,7 @@ def test_test_questions_are_answered_from_metadata(text_only: Path) -> None:
         _check_answer(scene, q["type"], q["split"], q["question"], q["answer"])
     assert {q["type"] for q in questions} == {"color", "shape", "count", "exists", "direction", "moving"}
     probes = [q for q in questions if q["type"] == "exists"]
-    for split in sw.SPLITS:
+    for split in POPE_SPLITS:
         answers = Counter(q["answer"] for q in probes if q["split"] == split)
         assert answers["yes"] == answers["no"] > 0
 
@@ -424,7 +437,7 @@ def test_popular_negatives_come_from_the_most_frequent_combinations(text_only: P
     for q in _read_jsonl(text_only / "test_questions.jsonl"):
         if q["type"] == "exists" and q["split"] == "popular" and q["answer"] == "no":
             present = {(o.color, o.shape) for o in scenes[q["media"]].objects}
-            top = [c for c in ranking if c not in present][: sw.POPULAR_TOP_K]
+            top = [c for c in ranking if c not in present][:POPULAR_TOP_K]
             assert q["question"] in {f"Is there a {c} {s}?" for c, s in top}
 
 
@@ -461,7 +474,7 @@ def test_instructions_are_canonical_multi_turn(text_only: Path) -> None:
                 probes[(meta["split"], answer["value"])] += 1
     assert kinds["image"] == 400 and kinds["video"] == 300
     assert captions > 0
-    for split in sw.SPLITS:
+    for split in POPE_SPLITS:
         yes, no = probes[(split, "yes")], probes[(split, "no")]
         assert yes > 50 and abs(yes - no) <= 1
 
@@ -480,7 +493,7 @@ def test_direction_file_asks_each_training_video_its_direction_alone(text_only: 
         assert human["value"].startswith("<video>\n")
         assert entry["turn_types"] == [{"type": "direction", "split": None}]
         _check_answer(scene, "direction", None, human["value"].removeprefix("<video>\n"), gpt["value"])
-    assert {entry["conversations"][1]["value"] for entry in entries} == set(sw.DIRECTIONS)
+    assert {entry["conversations"][1]["value"] for entry in entries} == set(DIRECTIONS)
 
 
 def test_captions_name_every_object_and_the_motion(text_only: Path) -> None:
@@ -499,12 +512,12 @@ def test_captions_name_every_object_and_the_motion(text_only: Path) -> None:
             variants.add(human["value"])
             assert gpt["value"] == row["caption"]
             _check_caption(scene, gpt["value"])
-            assert entry["regions"] == sw.object_regions(scene)  # the boxes and names of its objects
+            assert entry["regions"] == object_regions(scene)  # the boxes and names of its objects
     assert len(variants) >= 8
     distinct_openings = {row["caption"].split()[0] for row, _ in rows.values()}
     assert len(distinct_openings) >= 4
     # objects are named both ways: "a red circle" and "a circle in red"
-    in_colour = re.compile(r"\b(?:" + "|".join(sw.SHAPES) + ") in (?:" + "|".join(sw.COLORS) + r")\b")
+    in_colour = re.compile(r"\b(?:" + "|".join(SHAPES) + ") in (?:" + "|".join(COLORS) + r")\b")
     shape_first = sum(bool(in_colour.search(row["caption"].lower())) for row, _ in rows.values())
     assert 0.3 * len(rows) < shape_first < 0.9 * len(rows)
 
@@ -516,15 +529,15 @@ def test_held_out_media_are_disjoint_from_training(text_only: Path) -> None:
     assert len(train) == 700 and len(test) == 120
     assert not {r["media"] for r in train} & {r["media"] for r in test}
     assert not {r["id"] for r in train} & {r["id"] for r in test}
-    signature = {sw.Scene.from_dict(r).signature() for r in train}
-    assert not any(sw.Scene.from_dict(r).signature() in signature for r in test)
+    signature = {Scene.from_dict(r).signature() for r in train}
+    assert not any(Scene.from_dict(r).signature() in signature for r in test)
     caption_media = {e.get("image") or e.get("video") for e in _read_json(text_only / "captions.json")}
     test_media = {q["media"] for q in _read_jsonl(text_only / "test_questions.jsonl")}
     assert caption_media == {r["media"] for r in train} and not caption_media & test_media
 
 
 def test_default_test_set_has_over_a_thousand_questions(tmp_path: Path) -> None:
-    summary = sw.generate(tmp_path, n_images=0, n_videos=0, dry_run=True)
+    summary = generate(tmp_path, n_images=0, n_videos=0, dry_run=True)
     assert summary["test_questions"] >= 1000
     assert len(_read_jsonl(tmp_path / "test_questions.jsonl")) == summary["test_questions"]
     assert summary["media_written"] == 0 and not any((tmp_path / "media").rglob("*.*"))
@@ -573,7 +586,7 @@ def test_cli_refuses_bad_sizes(tmp_path: Path, capsys) -> None:
 
 
 def test_contrast_twins_differ_in_exactly_one_fact(tmp_path: Path) -> None:
-    summary = sw.generate(
+    summary = generate(
         tmp_path, seed=5, n_images=60, n_videos=30, n_test_images=4, n_test_videos=4, twins=1.0
     )
     rows = {row["id"]: scene for row, scene in _scenes(tmp_path) if row["set"] == "train"}
@@ -595,7 +608,7 @@ def test_contrast_twins_differ_in_exactly_one_fact(tmp_path: Path) -> None:
         else:
             assert (a.start, a.end) == (b.end, b.start)
             assert {base.direction, twin.direction} in ({"left", "right"}, {"up", "down"})
-        assert all(sw._paths_apart(x, y) for i, x in enumerate(twin.objects) for y in twin.objects[i + 1 :])
+        assert all(paths_apart(x, y) for i, x in enumerate(twin.objects) for y in twin.objects[i + 1 :])
         # Rendered like any scene: the changed object shows in the twin's media.
         media = next(r["media"] for r, s in _scenes(tmp_path) if s.id == twin_id)
         assert (tmp_path / "media" / media).exists()
@@ -606,7 +619,7 @@ def test_contrast_twins_differ_in_exactly_one_fact(tmp_path: Path) -> None:
 
 
 def test_mirror_twins_move_every_object_to_the_other_side(tmp_path: Path) -> None:
-    summary = sw.generate(
+    summary = generate(
         tmp_path, seed=6, n_images=60, n_videos=10, n_test_images=4, n_test_videos=4, twins=1.0, mirrors=1.0
     )
     rows = {row["id"]: (row, scene) for row, scene in _scenes(tmp_path) if row["set"] == "train"}
@@ -620,7 +633,7 @@ def test_mirror_twins_move_every_object_to_the_other_side(tmp_path: Path) -> Non
         flipped_y = all(b.start == (a.start[0], round(base.height - a.start[1], 2)) for a, b in pairs)
         assert flipped_x != flipped_y  # one axis, and it moved something
         assert all((a.color, a.shape, a.size) == (b.color, b.shape, b.size) for a, b in pairs)
-        places = lambda scene: [sw.place_words(scene, o) for o in scene.objects]  # noqa: E731
+        places = lambda scene: [place_words(scene, o) for o in scene.objects]  # noqa: E731
         assert places(base) != places(mirror) and row["caption"] != base_row["caption"]
         assert (tmp_path / "media" / row["media"]).exists()
     # Original, shape twin and mirror share one group, so one contrastive batch.
@@ -632,6 +645,6 @@ def test_mirror_twins_move_every_object_to_the_other_side(tmp_path: Path) -> Non
 
 def test_twins_must_be_a_fraction(tmp_path: Path) -> None:
     with pytest.raises(VideoLlavaError, match="twins"):
-        sw.generate(tmp_path, n_images=1, n_videos=0, dry_run=True, twins=1.5)
+        generate(tmp_path, n_images=1, n_videos=0, dry_run=True, twins=1.5)
     with pytest.raises(VideoLlavaError, match="mirrors"):
-        sw.generate(tmp_path, n_images=1, n_videos=0, dry_run=True, mirrors=-0.1)
+        generate(tmp_path, n_images=1, n_videos=0, dry_run=True, mirrors=-0.1)

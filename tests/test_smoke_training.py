@@ -8,8 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from videollava.eval.shapesworld import evaluate
 from videollava.infer.pipeline import Pipeline
+from videollava.shapesworld.evaluate import evaluate
 
 RECIPE = Path(__file__).resolve().parent.parent / "configs" / "shapesworld-smoke.yaml"
 

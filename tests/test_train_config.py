@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from videollava.data.samplers import micro_batches, shard
-from videollava.data.shapesworld import generate
+from videollava.shapesworld.generate import generate
 from videollava.train import distributed as D
 from videollava.train.config import (
     BatchLayout,

@@ -23,7 +23,7 @@ SUBCOMMANDS = {
     "ask": Subcommand("videollava.infer.ask", "answer a question about images and videos"),
     "convert": Subcommand("videollava.model.convert", "convert a checkpoint to the Hugging Face -hf layout"),
     "shapesworld": Subcommand(
-        "videollava.data.shapesworld", "synthetic shapes images and videos with exact answers"
+        "videollava.shapesworld.generate", "synthetic shapes images and videos with exact answers"
     ),
     "train": Subcommand(
         "videollava.train.runner",

@@ -47,8 +47,8 @@ def run(args: argparse.Namespace) -> int:
     if args.benchmark != "shapesworld":
         raise VideoLlavaError(f"unknown benchmark {args.benchmark!r}")
 
-    from videollava.eval.shapesworld import check_targets, evaluate, print_progress
     from videollava.infer.pipeline import Pipeline, default_model_path
+    from videollava.shapesworld.evaluate import check_targets, evaluate, print_progress
 
     model = args.model if args.model is not None else str(default_model_path())
     print(f"loading {model}", file=sys.stderr, flush=True)

@@ -498,7 +498,7 @@ class Run:
                     "delete it or choose another data.root"
                 )
             if not marker.exists():
-                from videollava.data.shapesworld import generate
+                from videollava.shapesworld.generate import generate
 
                 g = data.generate
                 self.log(f"generating ShapesWorld data into {self.data_root}")

@@ -16,13 +16,12 @@ from typing import TYPE_CHECKING, Any
 
 from videollava.errors import VideoLlavaError
 from videollava.eval.metrics import accuracy_by, exact_match, pope_metrics, yes_no
+from videollava.shapesworld.text import POPE_SPLITS, QUESTION_TYPES
+from videollava.shapesworld.world import MEDIA_KINDS
 
 if TYPE_CHECKING:
     from videollava.infer.pipeline import Pipeline
 
-QUESTION_TYPES: tuple[str, ...] = ("color", "shape", "count", "exists", "direction", "moving")
-SPLITS: tuple[str, ...] = ("random", "popular", "adversarial")
-MODALITIES: tuple[str, ...] = ("image", "video")
 MAX_NEW_TOKENS = 10
 
 # Targets a trained ShapesWorld model must reach (fractions).
@@ -115,11 +114,11 @@ class Report:
         lines.append(f"- questions: {int(o['n'])}, correct: {int(o['correct'])} ({_pct(o['accuracy'])})")
         if self.errors:
             lines.append(f"- failed requests (scored wrong): {self.errors}")
-        lines += ["", "## Accuracy by question type", "", "| type | " + " | ".join(MODALITIES) + " |"]
-        lines.append("| --- |" + " --- |" * len(MODALITIES))
+        lines += ["", "## Accuracy by question type", "", "| type | " + " | ".join(MEDIA_KINDS) + " |"]
+        lines.append("| --- |" + " --- |" * len(MEDIA_KINDS))
         for qtype in _types_present(self.accuracy):
             cells = []
-            for modality in MODALITIES:
+            for modality in MEDIA_KINDS:
                 entry = self.accuracy.get(modality, {}).get(qtype)
                 cells.append(f"{_pct(entry['accuracy'])} ({entry['correct']}/{entry['n']})" if entry else "-")
             lines.append(f"| {qtype} | " + " | ".join(cells) + " |")
@@ -130,8 +129,8 @@ class Report:
             "| split | media | n | accuracy | precision | recall | F1 | yes ratio |",
             "| --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
-        rows = [(split, "all", self.pope[split]) for split in SPLITS if split in self.pope]
-        for modality in MODALITIES:
+        rows = [(split, "all", self.pope[split]) for split in POPE_SPLITS if split in self.pope]
+        for modality in MEDIA_KINDS:
             rows += [
                 (split, modality, metrics)
                 for split, metrics in self.pope_by_modality.get(modality, {}).items()
@@ -230,7 +229,7 @@ def score(
     for split in _splits_present(probes):
         in_split = [r for r in probes if r.split == split]
         pope[split] = _pope(in_split)
-        for modality in MODALITIES:
+        for modality in MEDIA_KINDS:
             chosen = [r for r in in_split if r.modality == modality]
             if chosen:
                 pope_by_modality.setdefault(modality, {})[split] = _pope(chosen)
@@ -241,7 +240,7 @@ def score(
 
 def _splits_present(probes: Sequence[Result]) -> list[str]:
     present = {r.split or "none" for r in probes}
-    return [s for s in SPLITS if s in present] + sorted(present - set(SPLITS))
+    return [s for s in POPE_SPLITS if s in present] + sorted(present - set(POPE_SPLITS))
 
 
 def _pope(results: Sequence[Result]) -> dict[str, float]:
@@ -303,7 +302,7 @@ def evaluate(
     for start in range(0, len(questions), chunk):
         ready: list[tuple[int, Prepared]] = []
         for q in questions[start : start + chunk]:
-            if q.modality not in MODALITIES:
+            if q.modality not in MEDIA_KINDS:
                 raise VideoLlavaError(f"question {q.question_id}: unknown modality {q.modality!r}")
             images, videos = (1, 0) if q.modality == "image" else (0, 1)
             prompt = pipeline.build_prompt(q.question, images, videos)

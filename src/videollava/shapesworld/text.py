@@ -1,0 +1,265 @@
+"""ShapesWorld language: captions, questions and their answers, all read off a scene's description."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+
+from videollava.errors import VideoLlavaError
+from videollava.shapesworld.world import COLORS, COUNT_WORDS, SHAPES, Scene, SceneObject
+
+# The POPE object-probing splits: which absent objects a "no" question asks about.
+POPE_SPLITS: tuple[str, ...] = ("random", "popular", "adversarial")
+# A "popular" probe asks about one of this many most frequent combinations absent from the scene.
+POPULAR_TOP_K = 3
+
+QUESTION_TEMPLATES: dict[str, str] = {
+    "color": "What color is the {shape}?",
+    "shape": "What shape is the {color} object?",
+    "count": "How many objects are there?",
+    "exists": "Is there a {color} {shape}?",
+    "direction": "Which direction does the {color} {shape} move?",
+    "moving": "Which object is moving?",
+}
+QUESTION_TYPES: tuple[str, ...] = tuple(QUESTION_TEMPLATES)  # in the order reports list them
+CAPTION_REQUESTS: tuple[str, ...] = (
+    "Describe the {media} briefly.",
+    "Write a short caption for this {media}.",
+    "What does this {media} show?",
+    "Give a brief description of the {media}.",
+    "Summarize the content of the {media} in one sentence.",
+    "Describe the {media}.",
+)
+INSTRUCT_CAPTION_REQUESTS: tuple[str, ...] = ("Describe the {media}.", "What is shown in this {media}?")
+SCENE_TEMPLATES: tuple[str, ...] = (
+    "{objects} on a {background} background",
+    "a {background} background with {objects}",
+    "{objects} against a {background} background",
+    "{count} on a {background} background: {objects}",
+    "{a_media} of {objects} on a {background} background",
+)
+# Share of objects that captions name shape first ("a circle in red" rather than "a red circle").
+SHAPE_FIRST_PROBABILITY = 0.5
+# Motion is phrased with the same words that place objects in stills ("left", "top", ...), so a
+# text encoder that learned them from images can tell the directions apart.
+MOTION_PHRASES: dict[str, tuple[str, ...]] = {
+    "left": ("moves to the left", "moves left", "slides to the left"),
+    "right": ("moves to the right", "moves right", "slides to the right"),
+    "up": ("moves up to the top", "moves upward to the top", "slides up toward the top"),
+    "down": ("moves down to the bottom", "moves downward to the bottom", "slides down toward the bottom"),
+}
+MOTION_TEMPLATES: tuple[str, ...] = (
+    "{scene}; {motion}.",
+    "{scene}, and {motion}.",
+    "{scene}. {Motion}.",
+    "{scene}. {Motion} while {rest} still.",
+)
+
+
+def _article(words: str) -> str:
+    return ("an " if words[0] in "aeiou" else "a ") + words
+
+
+def _join(items: Sequence[str]) -> str:
+    if len(items) == 1:
+        return items[0]
+    return ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def _capitalise(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
+def background_words(scene: Scene) -> str:
+    """How captions name the background: its lightness and whether it is noisy."""
+    tone = "dark grey" if scene.background < 100 else ("light grey" if scene.background > 160 else "grey")
+    return f"noisy {tone}" if scene.noise else tone
+
+
+def place_words(scene: Scene, obj: SceneObject) -> str:
+    """Where an object sits, in thirds of the frame: "at the top left", "on the right", "in the middle"."""
+    x, y = obj.start
+    column = ("left", None, "right")[min(2, int(3 * x / scene.width))]
+    row = ("top", None, "bottom")[min(2, int(3 * y / scene.height))]
+    if row and column:
+        return f"at the {row} {column}"
+    if row:
+        return f"at the {row}"
+    if column:
+        return f"on the {column}"
+    return "in the middle"
+
+
+def object_words(obj: SceneObject, rng: np.random.Generator) -> str:
+    """Colour first ("a red circle") or, as often, shape first ("a circle in red").
+
+    Said shape first, a caption makes its writer find an object by its shape and then name its
+    colour: the lookup that "What color is the circle?" asks for, which colour-first wording
+    never practises.
+    """
+    if rng.random() < SHAPE_FIRST_PROBABILITY:
+        return f"{_article(obj.shape)} in {obj.color}"
+    return _article(obj.name)
+
+
+def make_caption(scene: Scene, rng: np.random.Generator) -> str:
+    """A caption naming every object, where still ones sit, and the motion in videos."""
+    names = [object_words(o, rng) for o in scene.objects]
+    names = [
+        name if o.moves else f"{name} {place_words(scene, o)}"
+        for name, o in zip(names, scene.objects, strict=True)
+    ]
+    names = [names[int(i)] for i in rng.permutation(len(names))]
+    count = len(scene.objects)
+    template = SCENE_TEMPLATES[int(rng.integers(len(SCENE_TEMPLATES)))]
+    text = template.format(
+        objects=_join(names),
+        background=background_words(scene),
+        count=f"{COUNT_WORDS[count]} shape{'s' if count > 1 else ''}",
+        a_media="an image" if scene.kind == "image" else "a video",
+    )
+    mover = scene.moving_object
+    if mover is None or scene.direction is None:
+        return _capitalise(text) + "."
+    phrases = MOTION_PHRASES[scene.direction]
+    motion = f"the {mover.name} {phrases[int(rng.integers(len(phrases)))]}"
+    templates = MOTION_TEMPLATES if count > 1 else MOTION_TEMPLATES[:3]
+    template = templates[int(rng.integers(len(templates)))]
+    rest = "the other shape stays" if count == 2 else "the others stay"
+    return _capitalise(template.format(scene=text, motion=motion, Motion=_capitalise(motion), rest=rest))
+
+
+def popularity_ranking(scenes: Iterable[Scene]) -> list[tuple[str, str]]:
+    """Colour-shape combinations from most to least frequent over a set of scenes (POPE 'popular')."""
+    counts = Counter((o.color, o.shape) for s in scenes for o in s.objects)
+    colors, shapes = list(COLORS), list(SHAPES)
+    combos = [(c, s) for c in colors for s in shapes]
+    return sorted(combos, key=lambda cs: (-counts[cs], colors.index(cs[0]), shapes.index(cs[1])))
+
+
+def absent_object(
+    scene: Scene, split: str, rng: np.random.Generator, ranking: Sequence[tuple[str, str]]
+) -> tuple[str, str]:
+    """A colour-shape combination not in the scene, drawn the way the POPE split asks."""
+    present = {(o.color, o.shape) for o in scene.objects}
+    absent = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in present]
+    if split == "popular":
+        pool = [cs for cs in ranking if cs not in present][:POPULAR_TOP_K]
+    elif split == "adversarial":
+        colours = {c for c, _ in present}
+        shapes = {s for _, s in present}
+        pool = [(c, s) for c, s in absent if c in colours or s in shapes]
+    elif split == "random":
+        pool = absent
+    else:
+        raise VideoLlavaError(f"unknown POPE split {split!r}")
+    return pool[int(rng.integers(len(pool)))]
+
+
+def exists_question(
+    scene: Scene, split: str, answer_yes: bool, rng: np.random.Generator, ranking: Sequence[tuple[str, str]]
+) -> dict[str, Any]:
+    if answer_yes:
+        obj = scene.objects[int(rng.integers(len(scene.objects)))]
+        color, shape = obj.color, obj.shape
+    else:
+        color, shape = absent_object(scene, split, rng, ranking)
+    text = QUESTION_TEMPLATES["exists"].format(color=color, shape=shape)
+    return {"type": "exists", "split": split, "question": text, "answer": "yes" if answer_yes else "no"}
+
+
+def fixed_questions(scene: Scene) -> list[dict[str, Any]]:
+    """Every non-probing canonical question that applies to the scene, with its answer."""
+    out: list[dict[str, Any]] = []
+    shape_counts = Counter(o.shape for o in scene.objects)
+    for obj in scene.objects:
+        if shape_counts[obj.shape] == 1:
+            out.append(
+                {"type": "color", "split": None, "answer": obj.color} | _text("color", shape=obj.shape)
+            )
+    for obj in scene.objects:
+        out.append({"type": "shape", "split": None, "answer": obj.shape} | _text("shape", color=obj.color))
+    out.append({"type": "count", "split": None, "answer": COUNT_WORDS[len(scene.objects)]} | _text("count"))
+    mover = scene.moving_object
+    if scene.kind == "video" and mover is not None and scene.direction is not None:
+        out.append(
+            {"type": "direction", "split": None, "answer": scene.direction}
+            | _text("direction", color=mover.color, shape=mover.shape)
+        )
+        out.append({"type": "moving", "split": None, "answer": f"the {mover.name}"} | _text("moving"))
+    return out
+
+
+def _text(qtype: str, **slots: str) -> dict[str, str]:
+    return {"question": QUESTION_TEMPLATES[qtype].format(**slots)}
+
+
+class ProbeBalancer:
+    """Hands out POPE splits round-robin and alternates yes/no within each split, so both stay balanced."""
+
+    def __init__(self) -> None:
+        self.n_probes = 0
+        self.per_split: Counter[str] = Counter()
+
+    def peek(self) -> tuple[str, bool]:
+        split = POPE_SPLITS[self.n_probes % len(POPE_SPLITS)]
+        return split, self.per_split[split] % 2 == 0
+
+    def commit(self) -> None:
+        split, _ = self.peek()
+        self.n_probes += 1
+        self.per_split[split] += 1
+
+
+def instruct_turns(
+    scene: Scene,
+    caption: str,
+    rng: np.random.Generator,
+    ranking: Sequence[tuple[str, str]],
+    balancer: ProbeBalancer,
+    caption_probability: float = 0.15,
+) -> list[dict[str, Any]]:
+    """Four to eight question-answer turns for one media.
+
+    Many turns per media make each (costly) pass over its visual tokens teach more answers. Yes/no
+    probes come from ``balancer`` so that splits and answers stay balanced over the file, and every
+    video asks both motion questions, the ones a single frame cannot answer.
+    """
+    n_turns = int(rng.integers(4, 9))
+    n_probes = int(rng.choice(4, p=[0.1, 0.3, 0.4, 0.2]))
+    turns: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for _ in range(n_probes):
+        split, yes = balancer.peek()
+        for _attempt in range(10):
+            probe = exists_question(scene, split, yes, rng, ranking)
+            if probe["question"] not in seen:
+                seen.add(probe["question"])
+                turns.append(probe)
+                balancer.commit()
+                break
+    others = fixed_questions(scene)
+    others = [others[int(i)] for i in rng.permutation(len(others))]
+    motion = [q for q in others if q["type"] in ("direction", "moving")]
+    turns.extend(motion)
+    others = [q for q in others if q not in motion]
+    if rng.random() < caption_probability:
+        request = INSTRUCT_CAPTION_REQUESTS[int(rng.integers(len(INSTRUCT_CAPTION_REQUESTS)))]
+        question = request.format(media=scene.kind)
+        others.insert(0, {"type": "caption", "split": None, "question": question, "answer": caption})
+    turns.extend(others[: max(0, n_turns - len(turns))])
+    return [turns[int(i)] for i in rng.permutation(len(turns))]
+
+
+def heldout_questions(
+    scene: Scene, rng: np.random.Generator, ranking: Sequence[tuple[str, str]]
+) -> list[dict[str, Any]]:
+    """All canonical questions of a held-out scene, with one yes and one no probe per POPE split."""
+    out = fixed_questions(scene)
+    for split in POPE_SPLITS:
+        out.append(exists_question(scene, split, True, rng, ranking))
+        out.append(exists_question(scene, split, False, rng, ranking))
+    return out
