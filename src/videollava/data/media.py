@@ -167,11 +167,11 @@ def _check_pixels(name: str, width: int, height: int, limit: int, what: str) -> 
         )
 
 
-def _bomb(name: str, error: Exception, limit: int) -> MediaError:
+def _bomb(name: str, error: Exception, limit: int, what: str = "image") -> MediaError:
     """PIL's own decompression-bomb refusal (far over our limit), restated with the pixel count."""
     found = re.search(r"\((\d+) pixels\)", str(error))
     count = f"{int(found.group(1)):,} pixels" if found else "more pixels than PIL decodes safely"
-    return MediaError(name, f"image too large: {count}, over the limit of {limit:,}")
+    return MediaError(name, f"{what} too large: {count}, over the limit of {limit:,}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -426,7 +426,9 @@ def _n_frames(img: Image.Image) -> int:
 def _why_not_image(src: _Source) -> str:
     try:
         with av.open(src.open(), mode="r") as container:
-            if _video_streams(container):
+            fmt = container.format.name
+            # FFmpeg reads a damaged picture as a one-frame "video" of an image format.
+            if _video_streams(container) and fmt != "image2" and not fmt.endswith("_pipe"):
                 return "not an image: it is a video"
     except (av.error.FFmpegError, OSError, ValueError):
         pass
@@ -445,6 +447,37 @@ def _sniff_image(src: _Source) -> str | None:
         return "still"
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError):
         return None
+
+
+class _ClipArray:
+    """A clip's (T, H, W, 3) frames, written as each wanted frame is decoded, so none is held twice.
+
+    An index wanted more than once (a clip shorter than T) fills several slots.
+    """
+
+    def __init__(self, indices: list[int]):
+        self.count = len(indices)
+        self.slots: dict[int, list[int]] = {}
+        for slot, index in enumerate(indices):
+            self.slots.setdefault(index, []).append(slot)
+        self.filled: set[int] = set()
+        self.array: np.ndarray | None = None
+
+    def wanted(self) -> list[int]:
+        return sorted(self.slots)
+
+    def __contains__(self, index: int) -> bool:
+        return index in self.slots
+
+    def put(self, index: int, rgb: np.ndarray) -> None:
+        if self.array is None:
+            self.array = np.empty((self.count, *rgb.shape), np.uint8)  # (T, H, W, 3)
+        for slot in self.slots[index]:
+            self.array[slot] = rgb
+        self.filled.add(index)
+
+    def complete(self) -> bool:
+        return self.array is not None and len(self.filled) == len(self.slots)
 
 
 class _Shaper:
@@ -494,22 +527,21 @@ def _read_animated_image(src: _Source, num_frames: int, shrink: Shrink | None, b
     try:
         with Image.open(src.open()) as img:
             n = _n_frames(img)
-            indices = frame_indices(n, num_frames).tolist()
-            wanted = set(indices)
+            clip = _ClipArray(frame_indices(n, num_frames).tolist())
             shaper = _Shaper(src.name, shrink, limit)
-            picked: dict[int, np.ndarray] = {}
-            for i in range(max(wanted) + 1):
+            for i in range(clip.wanted()[-1] + 1):
                 if i:
                     img.seek(i)
                 budget.tick()
                 _check_pixels(src.name, img.width, img.height, limit, f"animation frame {i}")
-                if i in wanted:
-                    picked[i] = shaper.picture(img)
+                if i in clip:
+                    clip.put(i, shaper.picture(img))
     except Image.DecompressionBombError as e:
-        raise _bomb(src.name, e, limit) from None
+        raise _bomb(src.name, e, limit, "animation frame") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise MediaError(src.name, f"truncated or corrupt animation ({e})") from None
-    return VideoClip(np.stack([picked[i] for i in indices]), n)  # (T, H, W, 3)
+    assert clip.array is not None
+    return VideoClip(clip.array, n)
 
 
 # --------------------------------------------------------------------------------------------
@@ -758,32 +790,31 @@ def _read_by_seeking(
     seeker = _Seeker(container, stream, tl, budget)
     try:
         n = tl.n_frames if count_known else seeker.find_end()
-        indices = frame_indices(n, num_frames)
-        picked: dict[int, np.ndarray] = {}
-        for i in sorted(set(indices.tolist())):
-            picked[i] = shaper.av_frame(seeker.get(i))
-        if n - 1 in picked and not seeker.is_last():
+        clip = _ClipArray(frame_indices(n, num_frames).tolist())
+        for i in clip.wanted():
+            clip.put(i, shaper.av_frame(seeker.get(i)))
+        if n - 1 in clip and not seeker.is_last():
             raise _SeekFailed("more frames than the container declares")
     except _SeekFailed:
         return None
-    return VideoClip(np.stack([picked[i] for i in indices.tolist()]), n)  # (T, H, W, 3)
+    assert clip.array is not None
+    return VideoClip(clip.array, n)
 
 
 def _read_by_decoding(
     src: _Source, num_frames: int, declared: int, guess: int, shrink: Shrink | None, budget: _Budget
 ) -> VideoClip:
     """Decode every frame; pick by the count actually decoded."""
-    wanted = set(frame_indices(guess, num_frames).tolist()) if guess > 0 else set()
-    kept: dict[int, np.ndarray] = {}
+    kept = _ClipArray(frame_indices(guess, num_frames).tolist() if guess > 0 else [])
     every: list[np.ndarray] | None = []
     n = 0
     shaper = _Shaper(src.name, shrink, budget.limits.max_pixels)
     with _open_container(src) as container:
         decoder = _Decoder(container, _video_stream(container, src, budget.limits), budget)
         for frame in decoder.frames():
-            rgb = shaper.av_frame(frame) if (n in wanted or every is not None) else None
-            if n in wanted:
-                kept[n] = rgb
+            rgb = shaper.av_frame(frame) if (n in kept or every is not None) else None
+            if n in kept:
+                kept.put(n, rgb)
             if every is not None:
                 every.append(rgb)
                 if len(every) * rgb.nbytes > _KEEP_ALL_BYTES:
@@ -795,23 +826,22 @@ def _read_by_decoding(
     if declared > 0 and n < declared - max(1, int(declared * _COUNT_SLACK)):
         raise MediaError(src.name, f"truncated or corrupt: decoded only {n} of {declared} frames")
     indices = frame_indices(n, num_frames).tolist()
-    if n == guess:
-        return VideoClip(np.stack([kept[i] for i in indices]), n)  # (T, H, W, 3)
+    if n == guess and kept.complete():
+        return VideoClip(kept.array, n)  # type: ignore[arg-type]
     if every is not None:
-        return VideoClip(np.stack([every[i] for i in indices]), n)
+        return VideoClip(np.stack([every[i] for i in indices]), n)  # (T, H, W, 3)
     # Too long to keep in memory and the count differs from the header: second pass by index.
-    wanted = set(indices)
-    kept = {}
+    kept = _ClipArray(indices)
     with _open_container(src) as container:
         stream = _video_stream(container, src, budget.limits)
         for i, frame in enumerate(_Decoder(container, stream, budget).frames()):
-            if i in wanted:
-                kept[i] = shaper.av_frame(frame)
+            if i in kept:
+                kept.put(i, shaper.av_frame(frame))
             if i >= indices[-1]:
                 break
-    if len(kept) != len(wanted):
+    if not kept.complete():
         raise MediaError(src.name, "truncated or corrupt: frames changed between two decodes")
-    return VideoClip(np.stack([kept[i] for i in indices]), n)
+    return VideoClip(kept.array, n)  # type: ignore[arg-type]
 
 
 def _read_av_video(src: _Source, num_frames: int, shrink: Shrink | None, budget: _Budget) -> VideoClip:
