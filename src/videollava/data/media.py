@@ -83,11 +83,11 @@ _DEEP_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I", "F"})
 class DecodeLimits:
     """How much one image or video may cost to decode, whatever its file claims.
 
-    The defaults lie beyond what ordinary media reach on a 2-core CPU, where H.264 at 1080p decodes
-    at 250-750 frames a second: a video sampled by seeking scans a few hundred frames whatever its
-    length, and decoding every frame (the fallback for a variable frame rate) fits several minutes
-    of 1080p in the time limit. A 3000 x 3000 animated GIF costs PIL about 65 ms a frame, so one of
-    a thousand frames is stopped by the time limit.
+    The defaults lie beyond what ordinary media reach on a 2-core CPU. Sampling by seeking decodes
+    at most one keyframe interval per sampled frame (a few thousand frames at worst); decoding
+    every frame, the fallback for a variable frame rate, ran at about 750 frames a second for a
+    synthetic 1080p H.264 clip here, so the time limit covers minutes of such video. PIL needs
+    40-65 ms per frame of a 3000 x 3000 animated GIF, so one of a thousand such frames is stopped.
     """
 
     max_pixels: int = 8192 * 8192  # per still image or video frame, as decoded
