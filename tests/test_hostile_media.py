@@ -425,7 +425,7 @@ def test_decoding_stops_after_the_time_limit() -> None:
     """The issue's GIF in small: one-pixel frames on a large canvas, costly for PIL to composite."""
     data = one_pixel_gif(1000, 2000)
     assert len(data) < 60_000
-    with pytest.raises(MediaError, match=r"decoding stopped after \d+ frames / 0\.\d s") as error:
+    with pytest.raises(MediaError, match=r"decoding stopped after \d+ frames / [\d.]+ s") as error:
         finishes(lambda: read_video_clip(data, 8, limits=DecodeLimits(max_seconds=0.2)), seconds=10)
     scanned = int(str(error.value).split("after ")[1].split(" frames")[0])
     assert 1 <= scanned < 2001
