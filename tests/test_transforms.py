@@ -15,6 +15,7 @@ from PIL import Image
 from transformers import CLIPImageProcessor, VideoLlavaImageProcessor
 from transformers.image_transforms import get_resize_output_image_size
 
+from videollava.data import transforms
 from videollava.data.media import read_video_frames
 from videollava.data.transforms import (
     OPENAI_CLIP_MEAN,
@@ -28,6 +29,7 @@ from videollava.data.transforms import (
     preprocess_video,
     preprocess_videos,
     shortest_side_size,
+    shrink_factor,
     video_resize_size,
 )
 from videollava.errors import CheckpointError
@@ -315,3 +317,48 @@ def test_box_cut_away_by_the_crop_and_empty_boxes() -> None:
     assert box_to_pixels((0, 0, 20, 90), 160, 90, cfg, video=True) is None
     with pytest.raises(ValueError, match="empty"):
         box_to_pixels((10, 10, 10, 20), 160, 90, cfg)
+
+
+@pytest.mark.parametrize("video", [False, True])
+@pytest.mark.parametrize("aspect", ["crop", "pad", "squash"])
+def test_shrink_factor_keeps_ordinary_media_and_bounds_large_ones(video: bool, aspect: str) -> None:
+    cfg = ImageTransformConfig(image_aspect_ratio=aspect, video_aspect_ratio=aspect)
+    for h, w in [*SIZES, (1080, 1920), (1792, 1792), (2160, 3840), (8192, 8192), (13000, 13000), (300, 9000)]:
+        factor = shrink_factor(h, w, cfg, video)
+        assert factor == shrink_factor(w, h, cfg, video)  # EXIF may turn the picture after decoding
+        # The side that decides the scale: the padded square's, or the one nearest its resized size.
+        if aspect == "pad":
+            ratio = max(h, w) / cfg.size
+        else:
+            new_h, new_w = (
+                (cfg.crop_size, cfg.crop_size)
+                if aspect == "squash"
+                else (video_resize_size if video else shortest_side_size)(h, w, cfg.size)
+            )
+            ratio = min(h / new_h, w / new_w)
+        if ratio < 8 and h * w <= 4096 * 4096:
+            assert factor == 1, (h, w)  # ordinary media keep every pixel
+        else:
+            assert factor > 1, (h, w)
+            assert ratio / factor < 8 and (ratio / factor >= 4 or h * w / factor**2 <= 4096 * 4096), (h, w)
+        assert (h * w) / factor**2 <= 4096 * 4096
+    assert shrink_factor(1080, 1920, cfg, video) == 1 or aspect == "pad"
+
+
+def test_video_frames_become_float_a_few_at_a_time_with_the_same_numbers(monkeypatch) -> None:
+    frames = np.stack([np.asarray(_image(90, 160, seed=s)) for s in range(7)])
+    cfgs = [
+        ImageTransformConfig(size=48, crop_size=48, video_aspect_ratio=a) for a in ("crop", "pad", "squash")
+    ]
+    whole = [preprocess_video(frames, cfg) for cfg in cfgs]
+    monkeypatch.setattr(transforms, "_FLOAT_CHUNK_BYTES", 2 * 160 * 160 * 3 * 4)  # two frames per chunk
+    for cfg, expected in zip(cfgs, whole, strict=True):
+        chunked = preprocess_video(frames, cfg)
+        assert chunked.shape == expected.shape and torch.equal(chunked, expected)
+    # and the in-place normalisation is the reference's arithmetic
+    assert (
+        float(
+            (preprocess_video(frames[:, :, :90]) - _reference_video_transform(frames[:, :, :90])).abs().max()
+        )
+        <= 1e-5
+    )

@@ -7,6 +7,11 @@ Videos follow the reference's video transform, whose order differs:
 scale, normalise, then a torch resize of the shortest side (bilinear without antialiasing, as the
 model was trained) and a centre crop with the offset rounded to nearest. The random horizontal flip
 the reference applied at inference is not reproduced.
+
+Media far larger than the model's input are first made smaller while still 8-bit (`shrink_factor`,
+used by the decoders), and video frames become float a few at a time, so the memory a picture costs
+does not grow with its resolution or its frame count; media up to 8 times the resized size on each
+side keep every pixel and give the reference's numbers to the bit.
 """
 
 from __future__ import annotations
@@ -44,6 +49,14 @@ _TORCH_MODES = ("nearest", "bilinear", "bicubic", "area")
 # "pad" with the mean colour first (the reference's images), or "squash" (resize both sides to
 # the square: the whole picture at the full input resolution, its aspect ratio lost).
 ASPECT_MODES = ("crop", "pad", "squash")
+# Media up to twice this many times the size they are resized to keep every pixel until the exact
+# resize; larger ones are divided by the integer that leaves them 4 to 8 times that size.
+_KEEP_SCALE = 4
+# Nor does a picture keep more pixels than this (a 16:1 panorama at full width is still reduced):
+# one such video frame in float32 is 200 MB.
+_EXACT_MAX_PIXELS = 4096 * 4096
+# Video frames are made float this many bytes at a time.
+_FLOAT_CHUNK_BYTES = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -213,6 +226,28 @@ def resized_size(height: int, width: int, cfg: ImageTransformConfig, video: bool
     return (video_resize_size if video else shortest_side_size)(height, width, cfg.size)
 
 
+def shrink_factor(height: int, width: int, cfg: ImageTransformConfig, video: bool = False) -> int:
+    """The integer a picture's sides may be divided by (box filter, 8-bit) before the exact resize.
+
+    1 for ordinary media: a picture up to 8 times the size it is resized to (a 1792-pixel short
+    side for the 224-pixel reference input) keeps every pixel. Larger ones land 4 to 8 times that
+    size, which the exact resize then brings down as before. The same for a picture and its
+    transpose, as decoders ask before an EXIF turn.
+    """
+    if height < 1 or width < 1:
+        return 1
+    aspect = cfg.video_aspect_ratio if video else cfg.image_aspect_ratio
+    if aspect == "pad":
+        ratio = max(height, width) / cfg.size  # the padded square is resized to size x size
+    else:
+        new_h, new_w = resized_size(height, width, cfg, video)
+        ratio = min(height / new_h, width / new_w)
+    factor = int(ratio // _KEEP_SCALE) if ratio >= 2 * _KEEP_SCALE else 1
+    while height * width > _EXACT_MAX_PIXELS * factor * factor:
+        factor += 1
+    return factor
+
+
 def _normalise(x: torch.Tensor, cfg: ImageTransformConfig) -> torch.Tensor:
     mean = torch.tensor(cfg.mean, dtype=x.dtype).view(1, 3, 1, 1)
     std = torch.tensor(cfg.std, dtype=x.dtype).view(1, 3, 1, 1)
@@ -295,7 +330,24 @@ def _as_frames(frames: np.ndarray | torch.Tensor) -> torch.Tensor:
 
 
 def _video_batch(x: torch.Tensor, cfg: ImageTransformConfig) -> torch.Tensor:
-    """uint8 (N, H, W, 3) frames of one size -> float32 (N, 3, crop, crop)."""
+    """uint8 (N, H, W, 3) frames of one size -> float32 (N, 3, crop, crop), a few frames at a time.
+
+    Each frame is resized on its own, so chunks give exactly what one call would.
+    """
+    n, h, w, _ = x.shape
+    if cfg.video_aspect_ratio == "pad":
+        h = w = max(h, w)
+    step = max(1, _FLOAT_CHUNK_BYTES // (h * w * 3 * 4))
+    if n <= step:
+        return _video_chunk(x, cfg)
+    out = torch.empty(n, 3, cfg.crop_size, cfg.crop_size)
+    for start in range(0, n, step):
+        out[start : start + step] = _video_chunk(x[start : start + step], cfg)
+    return out
+
+
+def _video_chunk(x: torch.Tensor, cfg: ImageTransformConfig) -> torch.Tensor:
+    """uint8 (N, H, W, 3) frames of one size -> float32 (N, 3, crop, crop), all in one interpolate."""
     if cfg.video_aspect_ratio == "pad" and x.shape[1] != x.shape[2]:
         n, h, w, _ = x.shape
         side = max(h, w)
@@ -305,7 +357,9 @@ def _video_batch(x: torch.Tensor, cfg: ImageTransformConfig) -> torch.Tensor:
         x = canvas
     x = x.permute(0, 3, 1, 2)  # (N, H, W, 3) -> (N, 3, H, W)
     x = x / 255.0  # float32
-    x = _normalise(x, cfg)
+    mean = torch.tensor(cfg.mean, dtype=x.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.std, dtype=x.dtype).view(1, 3, 1, 1)
+    x = x.sub_(mean).div_(std)  # in place: the same numbers as _normalise, one float copy fewer
     h, w = x.shape[-2:]
     new_h, new_w = resized_size(h, w, cfg, video=True)
     if (new_h, new_w) != (h, w):
@@ -321,7 +375,7 @@ def _video_batch(x: torch.Tensor, cfg: ImageTransformConfig) -> torch.Tensor:
 def preprocess_video(
     frames: np.ndarray | torch.Tensor, cfg: ImageTransformConfig | None = None
 ) -> torch.Tensor:
-    """uint8 frames (T, H, W, 3) -> float32 (T, 3, crop, crop), all frames in one interpolate call."""
+    """uint8 frames (T, H, W, 3) -> float32 (T, 3, crop, crop)."""
     cfg = cfg or ImageTransformConfig()
     return _video_batch(_as_frames(frames), cfg)
 
@@ -331,7 +385,7 @@ def preprocess_videos(
 ) -> torch.Tensor:
     """Several videos with the same frame count -> float32 (B, T, 3, crop, crop).
 
-    Videos of the same resolution go through one interpolate call together.
+    Videos of the same resolution are resized together, a few frames at a time.
     """
     cfg = cfg or ImageTransformConfig()
     clips = [_as_frames(v) for v in videos]

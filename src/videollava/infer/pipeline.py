@@ -1,32 +1,49 @@
 """From a question and media files to LLM-ready inputs: the model with its tokenizer, transforms and template.
 
 Every entry point (CLI, server, chat, web, evaluation) goes through `Pipeline.prepare`, so a
-question is tokenized and its media preprocessed the same way everywhere.
+question is tokenized and its media preprocessed the same way everywhere, and what a request may
+cost is checked in one place: the prompt's length in characters before it is tokenized, and the
+visual tokens its frames will take before any frame is decoded.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from videollava.data.conversation import build_prompt, get_template
-from videollava.data.media import load_image, read_video_frames
+from videollava.data.media import (
+    Cancelled,
+    DecodeLimits,
+    load_image,
+    open_media_file,
+    raise_if_cancelled,
+    read_video_frames,
+)
 from videollava.data.tokenize import IMAGE_SLOT, VIDEO_SLOT, check_placeholders, tokenize_multimodal
-from videollava.data.transforms import ImageTransformConfig, preprocess_images, preprocess_video
-from videollava.errors import CheckpointError, MediaError, PromptError
+from videollava.data.transforms import (
+    ImageTransformConfig,
+    preprocess_images,
+    preprocess_video,
+    shrink_factor,
+)
+from videollava.errors import CheckpointError, PromptError
 from videollava.infer.engine import Prepared
 from videollava.model.checkpoint import load_weights, save_weights
 from videollava.model.videollava import VideoLlava
 
 MediaSource = str | os.PathLike | bytes
+# A prompt longer than the context times this many characters cannot fit, whatever it says; the
+# tokenizer's longest token raises the bound when longer.
+_CHARS_PER_TOKEN = 32
 
 
 def default_model_path() -> Path:
@@ -123,22 +140,17 @@ class FeatureCache:
                 self._bytes -= old.numel() * old.element_size()
 
 
-def content_hash(source: MediaSource, name: str = "") -> str:
+def content_hash(source: MediaSource, name: str = "", cancelled: Cancelled | None = None) -> str:
+    """Digest of the media's bytes; a path must be a regular file (a device or a pipe never ends)."""
     digest = hashlib.blake2b(digest_size=16)
     if isinstance(source, bytes):
         digest.update(source)
-    else:
-        path = Path(source)
-        try:
-            with open(path, "rb") as handle:
-                for chunk in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(chunk)
-        except FileNotFoundError:
-            raise MediaError(name or path, "no such file") from None
-        except IsADirectoryError:
-            raise MediaError(name or path, "is a directory, not a media file") from None
-        except OSError as error:
-            raise MediaError(name or path, f"cannot be read ({error.strerror})") from None
+        return digest.hexdigest()
+    label = name or os.fspath(source)
+    with open_media_file(source, label) as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+            raise_if_cancelled(cancelled, f"reading {label}")
     return digest.hexdigest()
 
 
@@ -153,6 +165,7 @@ class Pipeline:
         template: str | None = None,
         num_frames: int | None = None,
         feature_cache: FeatureCache | None = None,
+        decode_limits: DecodeLimits | None = None,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -160,6 +173,7 @@ class Pipeline:
         self.template = get_template(template or model.config.template)
         self.num_frames = num_frames or model.config.num_frames
         self.feature_cache = feature_cache or FeatureCache()
+        self.decode_limits = decode_limits or DecodeLimits()
         self.eos_token_id = tokenizer.eos_token_id
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self._model_lock = threading.Lock()
@@ -192,42 +206,100 @@ class Pipeline:
     # ------------------------------------------------------------ media
 
     def encode_media(
-        self, item: MediaItem, num_frames: int | None = None, digest: str | None = None
+        self,
+        item: MediaItem,
+        num_frames: int | None = None,
+        digest: str | None = None,
+        cancelled: Cancelled | None = None,
     ) -> torch.Tensor:
-        """Projected features (rows, H) of one image or video; cached by content and frame count."""
+        """Projected features (rows, H) of one image or video; cached by content and frame count.
+
+        Decoding stays within `decode_limits`; ``cancelled`` is asked between decoded frames and
+        before the tower runs, and stops the work with RequestCancelled.
+        """
         frames = num_frames or self.num_frames
-        digest = digest or content_hash(item.source, item.name)
+        digest = digest or content_hash(item.source, item.name, cancelled)
         key = f"{item.kind}:{frames}:{digest}"
         cached = self.feature_cache.get(key)
         if cached is not None:
             return cached
-        source: str | os.PathLike | BinaryIO | bytes = item.source
         name = item.display_name()
+        video = item.kind == "video"
+        if not video and item.kind != "image":
+            raise ValueError(f"unknown media kind {item.kind!r}")
+        shrink = functools.partial(shrink_factor, cfg=self.transform, video=video)
+        read = {"name": name, "shrink": shrink, "limits": self.decode_limits, "cancelled": cancelled}
         with torch.inference_mode():
-            if item.kind == "image":
-                pixels = preprocess_images([load_image(source, name=name)], self.transform)
-                with self._model_lock:
-                    features = self.model.encode_images(pixels)[0]
-            elif item.kind == "video":
-                video = read_video_frames(source, num_frames=frames, name=name)
-                pixels = preprocess_video(video, self.transform)
-                with self._model_lock:
-                    features = self.model.encode_videos(pixels[None])[0]
+            if video:
+                pixels = preprocess_video(read_video_frames(item.source, frames, **read), self.transform)
             else:
-                raise ValueError(f"unknown media kind {item.kind!r}")
+                pixels = preprocess_images([load_image(item.source, **read)], self.transform)
+            raise_if_cancelled(cancelled, f"encoding {name}")
+            with self._model_lock:
+                # The lock may have been held by another request's tower for a while.
+                raise_if_cancelled(cancelled, f"encoding {name}")
+                if video:
+                    features = self.model.encode_videos(pixels[None])[0]  # (T*(P+1), H)
+                else:
+                    features = self.model.encode_images(pixels)[0]  # (P, H)
         self.feature_cache.put(key, features)
         return features
 
     # ------------------------------------------------------------ requests
 
+    @functools.cached_property
+    def max_prompt_chars(self) -> int:
+        """Characters beyond which a prompt cannot fit the context, checked before tokenizing.
+
+        Every token covers at most as many characters as its longest vocabulary entry (at least
+        `_CHARS_PER_TOKEN` is assumed), so a longer text cannot be fewer tokens than the context.
+        """
+        try:
+            longest = max((len(piece) for piece in self.tokenizer.get_vocab()), default=0)
+        except (AttributeError, NotImplementedError, TypeError):
+            longest = 0
+        return self.model.max_context * max(_CHARS_PER_TOKEN, longest)
+
     def prepare(
-        self, prompt: str, media: list[MediaItem], num_frames: int | None = None, add_bos: bool = True
+        self,
+        prompt: str,
+        media: list[MediaItem],
+        num_frames: int | None = None,
+        add_bos: bool = True,
+        cancelled: Cancelled | None = None,
     ) -> Prepared:
-        """Tokenize a full prompt (with placeholders) and encode its media, in placeholder order."""
+        """Tokenize a full prompt (with placeholders) and encode its media, in placeholder order.
+
+        The visual tokens the media will take are counted before anything is decoded, so media
+        that cannot fit the context cost nothing. ``cancelled`` is asked between media items and
+        passed down (see `encode_media`).
+        """
+        if len(prompt) > self.max_prompt_chars:
+            raise PromptError(
+                f"prompt is {len(prompt):,} characters long but the model's context of "
+                f"{self.model.max_context} tokens holds at most {self.max_prompt_chars:,}; shorten it"
+            )
+        frames = num_frames or self.num_frames
+        if frames < 1:
+            raise PromptError(f"frames per video must be at least 1, got {frames}")
         n_images = sum(m.kind == "image" for m in media)
         n_videos = sum(m.kind == "video" for m in media)
         check_placeholders(prompt, n_images, n_videos)
         tokenized = tokenize_multimodal(self.tokenizer, prompt, add_bos=add_bos)
+        config = self.model.config
+        per_video = config.video_tokens(frames)
+        visual = n_images * config.image_tokens + n_videos * per_video
+        text = len(tokenized.input_ids) - n_images - n_videos
+        if text + visual >= self.model.max_context:
+            parts = [f"{text} of text"]
+            if n_images:
+                parts.append(f"{n_images} image(s) x {config.image_tokens}")
+            if n_videos:
+                parts.append(f"{n_videos} video(s) x {frames} frames x {config.video_tokens(1)}")
+            raise PromptError(
+                f"prompt would be {text + visual} tokens long ({' + '.join(parts)}) but the model's context "
+                f"holds {self.model.max_context}; shorten it or use fewer frames"
+            )
         images = iter([m for m in media if m.kind == "image"])
         videos = iter([m for m in media if m.kind == "video"])
         features: list[torch.Tensor] = []
@@ -235,8 +307,10 @@ class Pipeline:
         for token in tokenized.input_ids:
             if token in (IMAGE_SLOT, VIDEO_SLOT):
                 item = next(images) if token == IMAGE_SLOT else next(videos)
-                digest = content_hash(item.source, item.name)  # read once: cache key and prefix key
-                feature = self.encode_media(item, num_frames, digest)
+                raise_if_cancelled(cancelled, f"preparing {item.display_name()}")
+                # Read once: the cache key and the prefix key.
+                digest = content_hash(item.source, item.name, cancelled)
+                feature = self.encode_media(item, num_frames, digest, cancelled)
                 features.append(feature)
                 prefix_key.append(f"{item.kind}:{digest}:{feature.shape[0]}")
             else:

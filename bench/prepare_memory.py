@@ -1,0 +1,328 @@
+"""Peak memory and time of preparing one hostile request, each in a fresh process.
+
+Builds media whose files are small but whose claims are not (an 8192 x 8192 video, a 13000 x 13000
+16-bit PNG, 1080p and 4K videos at 64 frames, a 3000 x 3000 GIF of one-pixel frames, a 40 MB
+prompt), then prepares each with the bundled model (`Pipeline.from_pretrained()`) in its own
+process: peak resident memory above the loaded model's, and seconds, whether the request was
+prepared or refused. An ordinary request (the bundled example video) is the baseline of the run.
+The bundled model's context holds 25 frames, so 64 frames of 4K are also decoded and transformed
+for the released model's 224-pixel input on their own, to show that frame count is bounded too.
+
+Target: every item costs at most ~1 GB above the model's resident memory, and the 8192 x 8192
+video is prepared in under 3 s.
+
+Run: ``python bench/prepare_memory.py`` (writes runs/bench/prepare_memory.json); ``--record`` also
+writes bench/results/prepare_memory.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import platform
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import psutil
+import torch
+from PIL import Image
+
+from videollava.data.media import DecodeLimits, read_video_frames
+from videollava.data.transforms import ImageTransformConfig, preprocess_video, shrink_factor
+from videollava.errors import VideoLlavaError
+from videollava.infer.pipeline import MediaItem, Pipeline, default_model_path
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_OUTPUT = ROOT / "runs" / "bench" / "prepare_memory.json"
+RECORDED = ROOT / "bench" / "results" / "prepare_memory.json"
+TARGET_PEAK_MB = 1024
+TARGET_8192_SECONDS = 3.0
+MB = 2**20
+
+
+# --------------------------------------------------------------------------------------------
+# hostile media
+
+
+def write_video(path: Path, width: int, height: int, frames: int) -> Path:
+    """Grey frames with a drifting bright square: real motion, a few hundred KB at any size."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=Fraction(25))
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.options = {"preset": "ultrafast", "crf": "35", "threads": "2"}
+        planes = np.full((height * 3 // 2, width), 128, np.uint8)  # Y rows, then U and V rows
+        side = max(16, min(width, height) // 8)
+        for i in range(frames):
+            planes[:height] = 60
+            x = (i * side // 2) % (width - side)
+            planes[height // 3 : height // 3 + side, x : x + side] = 220
+            frame = av.VideoFrame.from_ndarray(planes, format="yuv420p")
+            frame.pts = i
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def write_grey16_png(path: Path, width: int, height: int) -> Path:
+    """A valid 16-bit grey PNG of zeros, written by rows: deflate makes it ~1000x smaller than its pixels."""
+    compressor = zlib.compressobj(9)
+    row = bytes(1 + 2 * width)  # filter byte, then the samples
+    rows_per_block = max(1, (1 << 22) // len(row))
+    parts = [
+        compressor.compress(row * min(rows_per_block, height - y)) for y in range(0, height, rows_per_block)
+    ]
+    parts.append(compressor.flush())
+    header = struct.pack(">IIBBBBB", width, height, 16, 0, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", header)
+        + _png_chunk(b"IDAT", b"".join(parts))
+        + _png_chunk(b"IEND", b"")
+    )
+    return path
+
+
+def _gif_image_descriptors(data: bytes) -> list[int]:
+    pos = 13 + ((3 << ((data[10] & 7) + 1)) if data[10] & 0x80 else 0)
+    found = []
+    while data[pos] != 0x3B:
+        if data[pos] == 0x21:
+            pos += 2
+        else:
+            found.append(pos)
+            flags = data[pos + 9]
+            pos += 10 + ((3 << ((flags & 7) + 1)) if flags & 0x80 else 0) + 1
+        while data[pos]:
+            pos += data[pos] + 1
+        pos += 1
+    return found
+
+
+def write_growing_gif(path: Path, right: int, bottom: int) -> Path:
+    """A 3-frame 64 x 48 GIF whose second frame is placed to end at (right, bottom): the canvas grows."""
+    frames = [Image.new("P", (64, 48), 10 + 100 * i) for i in range(3)]
+    for frame in frames:
+        frame.putpalette([v for i in range(256) for v in (i, 255 - i, 128)])
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=40, optimize=False)
+    data = bytearray(path.read_bytes())
+    second = _gif_image_descriptors(bytes(data))[1]
+    data[second + 1 : second + 5] = struct.pack("<HH", right - 64, bottom - 48)
+    path.write_bytes(bytes(data))
+    return path
+
+
+def write_one_pixel_gif(path: Path, side: int, frames: int) -> Path:
+    """A side x side GIF followed by frames of one pixel each: tiny on disk, costly to composite."""
+    palette = [0, 0, 0, 255, 255, 255] + [0] * 762
+    base, dot = Image.new("P", (side, side), 0), Image.new("P", (1, 1), 1)
+    base.putpalette(palette)
+    dot.putpalette(palette)
+    base_path, dot_path = path.with_suffix(".base.gif"), path.with_suffix(".dot.gif")
+    base.save(base_path)
+    dot.save(dot_path)
+    dot_bytes = dot_path.read_bytes()
+    block = dot_bytes[_gif_image_descriptors(dot_bytes)[0] : -1]
+    out = bytearray(base_path.read_bytes()[:-1])
+    for i in range(frames):
+        moved = bytearray(block)
+        moved[1:5] = struct.pack("<HH", (7 * i) % side, (13 * i) % side)
+        out += moved
+    path.write_bytes(bytes(out + b";"))
+    base_path.unlink()
+    dot_path.unlink()
+    return path
+
+
+def build_items(folder: Path) -> dict[str, dict[str, object]]:
+    """name -> what to prepare: kind (video / image / text), file, frames ("fit": as many as fit)."""
+    example = default_model_path().parent / "examples" / "shapes-video.mp4"
+    hd = write_video(folder / "1080p_64.mp4", 1920, 1080, 64)
+    uhd = write_video(folder / "4k_64.mp4", 3840, 2160, 64)
+    return {
+        "ordinary_video (baseline)": {"kind": "video", "file": str(example)},
+        "video_8192x8192_8f": {"kind": "video", "file": str(write_video(folder / "8192.mp4", 8192, 8192, 8))},
+        "png16_13000x13000": {
+            "kind": "image",
+            "file": str(write_grey16_png(folder / "13000.png", 13000, 13000)),
+        },
+        "png16_8192x8192": {"kind": "image", "file": str(write_grey16_png(folder / "8192.png", 8192, 8192))},
+        "video_1080p_64f": {"kind": "video", "file": str(hd), "frames": 64},
+        "video_1080p_as_many_frames_as_fit": {"kind": "video", "file": str(hd), "frames": "fit"},
+        "video_4k_64f": {"kind": "video", "file": str(uhd), "frames": 64},
+        "video_4k_as_many_frames_as_fit": {"kind": "video", "file": str(uhd), "frames": "fit"},
+        "video_4k_64f_decoded_for_224px_input": {"kind": "frames", "file": str(uhd), "frames": 64},
+        "gif_frame_grows_to_60000x60000": {
+            "kind": "video",
+            "file": str(write_growing_gif(folder / "grows.gif", 60000, 60000)),
+        },
+        "gif_3000x3000_10000_one_pixel_frames": {
+            "kind": "video",
+            "file": str(write_one_pixel_gif(folder / "dots.gif", 3000, 10_000)),
+        },
+        "text_40MB": {"kind": "text", "chars": 40 * MB},
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# one item, in a fresh process
+
+
+def _resident_peak_reset() -> bool:
+    """Reset the kernel's peak-RSS mark of this process (Linux); False where that is not allowed."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _resident_peak() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def decode_for_224px(path: str, frames: int) -> torch.Tensor:
+    """What encode_media does before the tower, for the released model's 224-pixel input."""
+    cfg = ImageTransformConfig()
+    shrink = functools.partial(shrink_factor, cfg=cfg, video=True)
+    return preprocess_video(read_video_frames(path, frames, shrink=shrink, limits=DecodeLimits()), cfg)
+
+
+def run_child(spec: dict[str, object]) -> dict[str, object]:
+    pipeline = Pipeline.from_pretrained()
+    config = pipeline.model.config
+    frames = spec.get("frames")
+    if frames == "fit":  # leave room for the question and the template
+        frames = (pipeline.model.max_context - 64) // config.video_tokens(1)
+    kind = spec["kind"]
+    if kind == "text":
+        prompt, media = "many words " * (int(spec["chars"]) // 11), []  # type: ignore[call-overload]
+    elif kind == "frames":
+        prompt, media = "", []
+    else:
+        media = [MediaItem(str(kind), str(spec["file"]))]
+        prompt = pipeline.build_prompt("What happens?", int(kind == "image"), int(kind == "video"))
+    process = psutil.Process()
+    model_rss = process.memory_info().rss
+    if not _resident_peak_reset():
+        raise SystemExit(
+            "cannot reset the peak-RSS mark (/proc/self/clear_refs): peaks would include loading"
+        )
+    start = time.perf_counter()
+    try:
+        if kind == "frames":
+            pixels = decode_for_224px(str(spec["file"]), int(frames))  # type: ignore[call-overload]
+            outcome = {"outcome": "decoded", "pixel_values": list(pixels.shape)}
+        else:
+            prepared = pipeline.prepare(prompt, media, num_frames=frames)  # type: ignore[arg-type]
+            outcome = {"outcome": "prepared", "prompt_tokens": prepared.prompt_tokens}
+    except VideoLlavaError as error:
+        outcome = {"outcome": "refused", "message": f"{type(error).__name__}: {str(error)[-300:]}"}
+    seconds = time.perf_counter() - start
+    peak = _resident_peak()
+    return {
+        **outcome,
+        "frames": frames,
+        "seconds": round(seconds, 3),
+        "model_rss_mb": round(model_rss / MB, 1),
+        "peak_above_model_mb": round(max(0, peak - model_rss) / MB, 1),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help=f"default {DEFAULT_OUTPUT}")
+    parser.add_argument("--record", action="store_true", help=f"also write {RECORDED}")
+    parser.add_argument(
+        "--only", action="append", default=[], metavar="NAME", help="items whose name has NAME"
+    )
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds one item may take")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(run_child(json.loads(args.child))))
+        return
+
+    results: dict[str, object] = {}
+    with tempfile.TemporaryDirectory(prefix="prepare-memory-") as tmp:
+        started = time.perf_counter()
+        items = build_items(Path(tmp))
+        print(f"built the media in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+        for name, spec in items.items():
+            if args.only and not any(part in name for part in args.only):
+                continue
+            if "file" in spec:
+                spec_out = {**spec, "file_bytes": os.path.getsize(str(spec["file"]))}
+            else:
+                spec_out = dict(spec)
+            command = [sys.executable, __file__, "--child", json.dumps(spec)]
+            try:
+                done = subprocess.run(
+                    command, capture_output=True, text=True, timeout=args.timeout, check=False
+                )
+            except subprocess.TimeoutExpired:
+                results[name] = {**spec_out, "outcome": f"did not finish in {args.timeout:g} s"}
+                continue
+            if done.returncode != 0:
+                results[name] = {**spec_out, "outcome": "crashed", "stderr": done.stderr[-2000:]}
+            else:
+                results[name] = {**spec_out, **json.loads(done.stdout.strip().splitlines()[-1])}
+            results[name].pop("file", None)  # type: ignore[union-attr]
+            print(f"{name}: {json.dumps(results[name])}", file=sys.stderr)
+
+    measured = [r for r in results.values() if isinstance(r, dict) and "peak_above_model_mb" in r]
+    baseline = results.get("ordinary_video (baseline)")
+    base_peak = baseline.get("peak_above_model_mb") if isinstance(baseline, dict) else None
+    for r in measured:
+        if base_peak:
+            r["peak_vs_baseline"] = round(r["peak_above_model_mb"] / base_peak, 2)
+    big = results.get("video_8192x8192_8f", {})
+    report = {
+        "what": "peak RSS above the loaded model while preparing one request, fresh process per item",
+        "target": {"peak_above_model_mb": TARGET_PEAK_MB, "video_8192x8192_8f_seconds": TARGET_8192_SECONDS},
+        "meets_target": bool(measured)
+        and len(measured) == len(results)
+        and all(r["peak_above_model_mb"] <= TARGET_PEAK_MB for r in measured)
+        and (not big or (big.get("outcome") == "prepared" and big.get("seconds", 1e9) < TARGET_8192_SECONDS)),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "av": av.__version__,
+            "pillow": Image.__version__,
+        },
+        "items": results,
+    }
+    text = json.dumps(report, indent=2) + "\n"
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(text)
+    if args.record:
+        RECORDED.write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
