@@ -441,9 +441,10 @@ class Engine:
             text = self.pipeline.decode([t for t in request.generated if t != self.pipeline.eos_token_id])
         answer = text.lstrip()
         settled = answer if final else answer.rstrip("\ufffd")
-        ready = len(settled.rstrip())
         if not final and request.params.stop:
-            ready = min(ready, max(0, len(answer) - max(len(s) for s in request.params.stop) + 1))
+            settled = settled[: max(0, len(answer) - max(len(s) for s in request.params.stop) + 1)]
+        # Whitespace last, after the stop-string cut: what precedes a stop string may end the answer.
+        ready = len(settled.rstrip())
         if ready > request.sent_chars:
             assert request.handle is not None
             request.handle._emit(StreamDelta(answer[request.sent_chars : ready], request.generated[-1]))
