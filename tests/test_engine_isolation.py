@@ -162,3 +162,26 @@ def test_a_step_that_fails_only_as_a_batch_fails_the_batch_and_spares_the_queue(
     broken = False
     _run(engine, [waiting])
     assert waiting.result().token_ids == alone[2]
+
+
+def test_an_engine_fault_fails_the_running_batch_but_not_the_queue(pipeline, normal, monkeypatch):
+    requests, alone = normal
+    engine = Engine(pipeline, max_batch_size=1)
+    decode = engine._decode
+    faults = []
+
+    def fails_once() -> None:
+        if not faults:
+            faults.append(1)
+            raise RuntimeError("engine bug")
+        decode()
+
+    monkeypatch.setattr(engine, "_decode", fails_once)
+    engine.start()
+    try:
+        running, waiting = (engine.submit(*r) for r in requests[:2])
+        failed = running.result(timeout=60)
+        assert failed.finish_reason == "error" and "engine bug" in failed.error
+        assert waiting.result(timeout=60).token_ids == alone[1]
+    finally:
+        engine.stop()

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from videollava.errors import VideoLlavaError
@@ -71,6 +71,9 @@ def test_tiny_temperatures_are_greedy_and_params_are_frozen():
 
 @settings(max_examples=60, deadline=None)
 @given(seed=st.integers(min_value=-(2**63), max_value=2**64 - 1))
+@example(seed=-(2**63))
+@example(seed=2**64 - 1)
+@example(seed=2**63)
 def test_every_accepted_seed_seeds_a_generator_reproducibly(seed):
     params = SamplingParams(temperature=1.0, seed=seed)
     draws = [torch.rand(4, generator=params.generator()) for _ in range(2)]

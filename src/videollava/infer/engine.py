@@ -245,14 +245,15 @@ class Engine:
             try:
                 self.step()
             except Exception as error:
-                # A request's own faults are settled inside step(); only a fault of the engine itself
-                # lands here, and then no client may be left waiting on a broken batch.
-                self._fail_everything(error)
+                self._fail_running(error)
 
-    def _fail_everything(self, error: Exception) -> None:
-        with self._lock:
-            waiting, self._waiting = list(self._waiting), deque()
-        for request in self._running + waiting:
+    def _fail_running(self, error: Exception) -> None:
+        """Last resort for a fault of the engine's own code while stepping; a request's never get here.
+
+        The running batch's state is then unknown, so its requests fail; waiting ones have not been
+        touched and join a fresh batch at the next step, so no client is left waiting on a broken one.
+        """
+        for request in self._running:
             self._fail(request, error)
         self._running = []
         self._batch = RunningBatch()
