@@ -134,8 +134,11 @@ def test_a_row_that_cannot_be_sampled_is_reported_alone():
 def test_any_exception_while_sampling_one_row_becomes_that_rows_fault():
     logits = torch.randn(2, VOCAB, generator=torch.Generator().manual_seed(3))
     params = SamplingParams(temperature=1.0, seed=1)
-    wrong_device_generator = object()  # multinomial raises a TypeError on it
-    picked = pick_tokens(logits, [params, params], [wrong_device_generator, params.generator()])
-    assert isinstance(picked[0], SamplingFault) and "TypeError" in str(picked[0])
+
+    class NotAGenerator:
+        device = torch.device("cpu")
+
+    picked = pick_tokens(logits, [params, params], [NotAGenerator(), params.generator()])
+    assert isinstance(picked[0], SamplingFault) and "TypeError" in str(picked[0])  # from multinomial
     assert picked[0].client_message == "sampling failed"
     assert isinstance(picked[1], int)

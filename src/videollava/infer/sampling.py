@@ -120,6 +120,9 @@ def pick_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Ge
             f"{params.temperature:g}, top_p {params.top_p:g}"
         )
         raise SamplingFault(message, message)
+    if generator is not None:
+        # Drawn where the generator lives (the CPU): a seed gives the same tokens on every device.
+        probs = probs.to(generator.device)
     return int(torch.multinomial(probs[0], 1, generator=generator))
 
 
