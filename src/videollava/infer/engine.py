@@ -3,6 +3,8 @@
 Between decoding steps, finished and cancelled requests leave the batch and waiting ones join it,
 so a request never waits for others to finish. Each joining request is prefilled alone, reusing the
 keys/values of the longest prompt prefix seen before (system prompt, visual tokens, earlier turns).
+A request's own fault (its prefill, its sampling, its row of a batched step) fails that request
+alone; a cancelled request stops counting against the engine's limit at once.
 The CLI, the HTTP server, the chat and the web demo all submit here.
 """
 
