@@ -100,7 +100,7 @@ def test_stop_strings_and_seeded_sampling(pipeline):
     if len(base.text) > 3:
         cut = base.text[2:4]
         stopped = engine.generate([prepared], SamplingParams(max_new_tokens=10, stop=[cut]))[0]
-        assert stopped.text == base.text[: base.text.index(cut)]
+        assert stopped.text == base.text[: base.text.index(cut)].rstrip()  # answers are stripped
     a = engine.generate([prepared], SamplingParams(max_new_tokens=8, temperature=1.0, seed=7))[0]
     b = engine.generate([prepared], SamplingParams(max_new_tokens=8, temperature=1.0, seed=7))[0]
     assert a.token_ids == b.token_ids

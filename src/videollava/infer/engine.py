@@ -3,6 +3,8 @@
 Between decoding steps, finished and cancelled requests leave the batch and waiting ones join it,
 so a request never waits for others to finish. Each joining request is prefilled alone, reusing the
 keys/values of the longest prompt prefix seen before (system prompt, visual tokens, earlier turns).
+A request's own fault (its prefill, its sampling, its row of a batched step) fails that request
+alone; a cancelled request stops counting against the engine's limit at once.
 The CLI, the HTTP server, the chat and the web demo all submit here.
 """
 
@@ -12,10 +14,12 @@ import queue
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
+from transformers import DynamicCache
 
 from videollava.errors import VideoLlavaError
 from videollava.infer.kv import (
@@ -24,9 +28,10 @@ from videollava.infer.kv import (
     RunningBatch,
     cache_from_layers,
     cache_layers,
+    cache_length,
     forward_with_cache,
 )
-from videollava.infer.sampling import SamplingParams, pick_tokens
+from videollava.infer.sampling import SamplingFault, SamplingParams, pick_tokens
 
 if TYPE_CHECKING:
     from videollava.infer.pipeline import Pipeline
@@ -53,15 +58,16 @@ class Prepared:
 
 @dataclass
 class Completion:
-    text: str
-    token_ids: list[int]
+    text: str  # the answer, stripped of surrounding whitespace as the reference strips it
+    token_ids: list[int]  # exactly as generated, end-of-sequence token included
     prompt_tokens: int
     visual_tokens: int
     finish_reason: str  # "stop" | "length" | "cancelled" | "error"
     seconds: float
     first_token_seconds: float | None
     reused_prefix_tokens: int
-    error: str | None = None
+    error: str | None = None  # what went wrong, in detail: for logs, not for the request's caller
+    client_error: str | None = None  # a short message that is safe to send to the request's caller
 
 
 @dataclass
@@ -73,8 +79,9 @@ class StreamDelta:
 class Handle:
     """A submitted request: iterate it for streamed deltas, or wait for the whole completion."""
 
-    def __init__(self, request: _Request):
+    def __init__(self, request: _Request, on_cancel: Callable[[_Request], None]):
         self._request = request
+        self._on_cancel = on_cancel
         self._events: queue.Queue[StreamDelta | Completion] = queue.Queue()
         self._done = threading.Event()
         self._completion: Completion | None = None
@@ -93,7 +100,8 @@ class Handle:
         return self._completion
 
     def cancel(self) -> None:
-        self._request.cancelled = True
+        """Stop the request from any thread; its place in the engine's limit is free on return."""
+        self._on_cancel(self._request)
 
     @property
     def done(self) -> bool:
@@ -108,21 +116,25 @@ class Handle:
         self._done.set()
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: the queue removes this very request
 class _Request:
     prepared: Prepared
     params: SamplingParams
+    cache_salt: str | None = None
     submitted: float = field(default_factory=time.perf_counter)
     cancelled: bool = False
     handle: Handle | None = None
     generator: torch.Generator | None = None
     generated: list[int] = field(default_factory=list)
-    sent_chars: int = 0
+    sent_chars: int = 0  # characters of the stripped answer already streamed
     next_position: int = 0
     first_token_at: float | None = None
     reused: int = 0
     finish_reason: str | None = None
+    fault: Exception | None = None  # why a request marked finish_reason "error" failed
     final_text: str | None = None
+    holds_slot: bool = True  # counted in Engine._held; under Engine._lock
+    completed: bool = False  # its Completion was handed out; under Engine._lock
 
 
 @dataclass
@@ -151,7 +163,7 @@ class Engine:
         self.stats = EngineStats()
         self._waiting: deque[_Request] = deque()
         self._running: list[_Request] = []
-        self._held = 0  # submitted and not yet finished: waiting, being prefilled or running
+        self._held = 0  # submitted, neither finished nor cancelled: waiting, being prefilled or running
         self._batch = RunningBatch()
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -168,15 +180,22 @@ class Engine:
     def running(self) -> int:
         return len(self._running)
 
-    def submit(self, prepared: Prepared, params: SamplingParams | None = None) -> Handle:
+    def submit(
+        self, prepared: Prepared, params: SamplingParams | None = None, *, cache_salt: str | None = None
+    ) -> Handle:
         """Refused only when max_queue requests would wait behind a full batch.
 
         Counting every request held, not just the waiting ones, keeps the limit the same whether or not
         the scheduling thread has yet moved earlier requests from the queue into free batch slots.
+        Requests with different `cache_salt`s never share prefix-cache entries (None shares with None).
         """
+        if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
+            raise VideoLlavaError(f"cache_salt must be a non-empty string, got {cache_salt!r:.80}")
         params = params or SamplingParams()
-        request = _Request(prepared=prepared, params=params, generator=params.generator())
-        request.handle = Handle(request)
+        request = _Request(
+            prepared=prepared, params=params, cache_salt=cache_salt, generator=params.generator()
+        )
+        request.handle = Handle(request, self._cancel)
         with self._lock:
             if self._held >= self.max_queue + self.max_batch_size:
                 raise QueueFullError(
@@ -227,22 +246,40 @@ class Engine:
                 continue
             try:
                 self.step()
-            except Exception as error:  # never leave clients waiting on a dead engine thread
-                self._fail_everything(error)
+            except Exception as error:
+                self._fail_running(error)
 
-    def _fail_everything(self, error: Exception) -> None:
-        with self._lock:
-            waiting, self._waiting = list(self._waiting), deque()
-        for request in self._running + waiting:
+    def _fail_running(self, error: Exception) -> None:
+        """Last resort for a fault of the engine's own code while stepping; a request's never get here.
+
+        The running batch's state is then unknown, so its requests fail; waiting ones have not been
+        touched and join a fresh batch at the next step, so no client is left waiting on a broken one.
+        """
+        for request in self._running:
             self._fail(request, error)
         self._running = []
         self._batch = RunningBatch()
+
+    def _cancel(self, request: _Request) -> None:
+        """Called by Handle.cancel from any thread: the slot is released now, not at the next step."""
+        with self._lock:
+            if request.completed:
+                return
+            request.cancelled = True
+            self._release_slot(request)
+            waiting = request in self._waiting
+            if waiting:
+                self._waiting.remove(request)
+        if waiting:  # no step will see it again: its caller hears at once
+            self._finish(request, "cancelled", layers=None)
+        # A running request leaves the batch at the next step.
+        self._wake.set()
 
     @torch.inference_mode()
     def step(self) -> None:
         """Admit waiting requests, then advance every running request by one token."""
         started = time.perf_counter()
-        self._drop_cancelled()
+        self._retire()  # cancelled requests leave before new ones take their rows
         while len(self._running) < self.max_batch_size:
             with self._lock:
                 if not self._waiting:
@@ -266,7 +303,9 @@ class Engine:
         total = spliced.lengths[0]
         block_rows = [f.shape[0] for f in prepared.features]
         rows_of = _rows_per_key(prepared.input_ids, block_rows)
-        reused, past = self.prefix_cache.longest(prepared.prefix_key, max_rows=total - 1)
+        reused, past = self.prefix_cache.longest(
+            prepared.prefix_key, max_rows=total - 1, salt=request.cache_salt
+        )
         cache = cache_from_layers(past) if past is not None else None
         embeds = spliced.inputs_embeds[:, reused:]
         positions = torch.arange(reused, total, device=embeds.device)[None]
@@ -279,36 +318,90 @@ class Engine:
             logits_to_keep=1,
         )
         layers = cache_layers(new_cache)
-        self.prefix_cache.put(prepared.prefix_key, rows_of, layers)
+        self.prefix_cache.put(prepared.prefix_key, rows_of, layers, salt=request.cache_salt)
         request.reused = reused
         request.next_position = total
         token = pick_tokens(output.logits[:, -1], [request.params], [request.generator])[0]
+        if isinstance(token, SamplingFault):
+            raise token
         self._batch.add(layers)
         self._running.append(request)
         self.stats.prompt_tokens += total
-        self._accept(len(self._running) - 1, token)
+        self._accept_or_mark(len(self._running) - 1, token)
 
     def _decode(self) -> None:
-        embed = self.model.language_model.get_input_embeddings()
-        last = torch.tensor([[r.generated[-1]] for r in self._running], device=self.model.device)
-        positions = torch.tensor([[r.next_position] for r in self._running], device=self.model.device)
+        """One token for every running row; a row at fault fails alone, the others go on."""
+        device = self.model.device
+        last = torch.tensor([[r.generated[-1]] for r in self._running], device=device)  # (B, 1)
+        positions = torch.tensor([[r.next_position] for r in self._running], device=device)  # (B, 1)
+        # (B, L) -> (B, L + 1): the new token's column
         mask = torch.cat([self._batch.mask, torch.ones_like(self._batch.mask[:, :1])], dim=1)
-        output, self._batch.cache = forward_with_cache(
+        try:
+            logits, cache = self._forward_step(self._batch.cache, last, positions, mask)
+        except Exception as error:
+            # The failed forward may have grown some layers by the new position: cut every layer back
+            # to the positions the mask knows. (Holding the old layers instead would double peak memory.)
+            known = self._batch.mask.shape[1]
+            layers = cache_layers(self._batch.cache)
+            self._batch.cache = cache_from_layers([(k[:, :, :known], v[:, :, :known]) for k, v in layers])
+            self._settle_step_fault(error, last, positions)
+            return
+        self._batch.cache, self._batch.mask = cache, mask
+        tokens = pick_tokens(logits, [r.params for r in self._running], [r.generator for r in self._running])
+        for row, (request, token) in enumerate(zip(self._running, tokens, strict=True)):
+            request.next_position += 1
+            if request.finish_reason is not None:
+                continue
+            if isinstance(token, SamplingFault):
+                request.finish_reason, request.fault = "error", token
+            else:
+                self._accept_or_mark(row, token)
+        self._retire()
+
+    def _forward_step(
+        self, cache: DynamicCache, last: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, DynamicCache]:
+        """One decoding step of the rows in `cache`: (B, 1) last tokens -> (B, V) next-token logits."""
+        embed = self.model.language_model.get_input_embeddings()
+        output, cache = forward_with_cache(
             self.model.language_model,
-            self._batch.cache,
+            cache,
             inputs_embeds=embed(last),
             attention_mask=mask,
             position_ids=positions,
         )
-        self._batch.mask = mask
-        tokens = pick_tokens(
-            output.logits[:, -1], [r.params for r in self._running], [r.generator for r in self._running]
-        )
-        for row, (request, token) in enumerate(zip(self._running, tokens, strict=True)):
-            request.next_position += 1
-            if request.finish_reason is None:
-                self._accept(row, token)
+        return output.logits[:, -1], cache
+
+    def _settle_step_fault(self, error: Exception, last: torch.Tensor, positions: torch.Tensor) -> None:
+        """The batched step raised: step each row alone to tell a request's own fault from a shared one.
+
+        Rows that fail alone fail; the others keep their state and take this step again with the next
+        batch. When every row steps alone the fault belongs to the batch (memory, device), and the
+        running requests fail; waiting ones are untouched.
+        """
+        faulty = 0
+        for row, request in enumerate(self._running):
+            layers = self._batch.row_layers(row)
+            alone_mask = torch.ones(1, cache_length(layers) + 1, dtype=torch.long, device=last.device)
+            try:
+                self._forward_step(
+                    cache_from_layers(layers), last[row : row + 1], positions[row : row + 1], alone_mask
+                )
+            except Exception as row_error:
+                request.finish_reason, request.fault = "error", row_error
+                faulty += 1
+        if faulty == 0:
+            for request in self._running:
+                request.finish_reason, request.fault = "error", error
         self._retire()
+
+    def _accept_or_mark(self, row: int, token: int) -> None:
+        """Accept a token; a fault while doing so (decoding its text, say) marks that request failed."""
+        try:
+            self._accept(row, token)
+        except Exception as error:
+            request = self._running[row]
+            request.finish_reason, request.fault = "error", error
 
     def _accept(self, row: int, token: int) -> None:
         """Record one new token of a running request; mark it finished when it should stop."""
@@ -341,45 +434,46 @@ class Engine:
         self._flush_text(request, final=False, text=text)
 
     def _flush_text(self, request: _Request, final: bool, text: str | None = None) -> None:
-        """Send the text decoded so far, holding back what could still turn into a stop string."""
+        """Stream the answer decoded so far, stripped of surrounding whitespace.
+
+        Leading whitespace is never sent. Trailing whitespace, an incomplete multi-byte character and
+        what could still turn into a stop string wait for more text; at the end trailing whitespace is
+        dropped. So the deltas add up to the stripped answer.
+        """
         if text is None:
             text = self.pipeline.decode([t for t in request.generated if t != self.pipeline.eos_token_id])
-        ready = len(text)
-        if not final:
-            if text.endswith("\ufffd"):  # an incomplete multi-byte character
-                ready = len(text.rstrip("\ufffd"))
-            if request.params.stop:
-                ready = min(ready, max(0, len(text) - max(len(s) for s in request.params.stop) + 1))
+        answer = text.lstrip()
+        settled = answer if final else answer.rstrip("\ufffd")
+        if not final and request.params.stop:
+            settled = settled[: max(0, len(answer) - max(len(s) for s in request.params.stop) + 1)]
+        # Whitespace last, after the stop-string cut: what precedes a stop string may end the answer.
+        ready = len(settled.rstrip())
         if ready > request.sent_chars:
             assert request.handle is not None
-            request.handle._emit(StreamDelta(text[request.sent_chars : ready], request.generated[-1]))
+            request.handle._emit(StreamDelta(answer[request.sent_chars : ready], request.generated[-1]))
             request.sent_chars = ready
         if final:
-            request.final_text = text[: max(ready, request.sent_chars)]
+            request.final_text = answer[: max(ready, request.sent_chars)]
 
     def _retire(self) -> None:
+        """Take finished, failed and cancelled requests out of the batch and hand out their completions."""
         keep: list[int] = []
         for row, request in enumerate(self._running):
             if request.finish_reason is None and not request.cancelled:
                 keep.append(row)
                 continue
-            # Finished answers, cut off or not, serve follow-up questions from the prefix cache.
-            layers = self._batch.row_layers(row) if request.finish_reason in ("stop", "length") else None
-            self._finish(request, request.finish_reason or "cancelled", layers)
+            try:
+                if request.finish_reason == "error":
+                    self._fail(request, request.fault or RuntimeError("unknown fault"))
+                    continue
+                # Finished answers, cut off or not, serve follow-up questions from the prefix cache.
+                layers = self._batch.row_layers(row) if request.finish_reason in ("stop", "length") else None
+                self._finish(request, request.finish_reason or "cancelled", layers)
+            except Exception as error:  # finishing one request must not stop the others
+                self._fail(request, error)
         if len(keep) != len(self._running):
             self._running = [self._running[i] for i in keep]
             self._batch.keep(keep)
-
-    def _drop_cancelled(self) -> None:
-        """Cancelled requests leave at once: from the queue too, so they stop holding queue slots."""
-        with self._lock:
-            cancelled = [r for r in self._waiting if r.cancelled]
-            if cancelled:
-                self._waiting = deque(r for r in self._waiting if not r.cancelled)
-        for request in cancelled:
-            self._finish(request, "cancelled", layers=None)
-        if any(r.cancelled for r in self._running):
-            self._retire()
 
     def _finish(self, request: _Request, reason: str, layers: list[LayerKV] | None) -> None:
         prepared = request.prepared
@@ -389,40 +483,37 @@ class Engine:
             rows_of = _rows_per_key(prepared.input_ids, [f.shape[0] for f in prepared.features]) + [1] * len(
                 answer
             )
-            self.prefix_cache.put(prepared.prefix_key + answer, rows_of, layers)
+            self.prefix_cache.put(prepared.prefix_key + answer, rows_of, layers, salt=request.cache_salt)
         now = time.perf_counter()
-        ids = [t for t in request.generated if t != self.pipeline.eos_token_id]
         text = request.final_text
         if text is None:
-            text = self.pipeline.decode(ids)
-        completion = Completion(
-            text=text,
-            token_ids=request.generated,
-            prompt_tokens=prepared.prompt_tokens,
-            visual_tokens=prepared.visual_tokens,
-            finish_reason=reason,
-            seconds=now - request.submitted,
-            first_token_seconds=(request.first_token_at - request.submitted)
-            if request.first_token_at
-            else None,
-            reused_prefix_tokens=request.reused,
+            ids = [t for t in request.generated if t != self.pipeline.eos_token_id]
+            text = self.pipeline.decode(ids).strip() if ids else ""
+        self._complete(
+            request,
+            Completion(
+                text=text,
+                token_ids=request.generated,
+                prompt_tokens=prepared.prompt_tokens,
+                visual_tokens=prepared.visual_tokens,
+                finish_reason=reason,
+                seconds=now - request.submitted,
+                first_token_seconds=(request.first_token_at - request.submitted)
+                if request.first_token_at
+                else None,
+                reused_prefix_tokens=request.reused,
+            ),
         )
-        self.stats.requests_total += 1
-        self.stats.latency_seconds_sum += completion.seconds
-        self._release()
-        assert request.handle is not None
-        request.handle._finish(completion)
-
-    def _release(self) -> None:
-        with self._lock:
-            self._held -= 1
 
     def _fail(self, request: _Request, error: Exception) -> None:
-        self.stats.requests_failed += 1
-        self.stats.requests_total += 1
-        self._release()
-        assert request.handle is not None
-        request.handle._finish(
+        if isinstance(error, SamplingFault):
+            client_error = error.client_message
+        elif isinstance(error, VideoLlavaError):  # written for users: it names their input's problem
+            client_error = str(error)
+        else:
+            client_error = "the server failed while generating this answer"
+        self._complete(
+            request,
             Completion(
                 text="",
                 token_ids=[],
@@ -433,13 +524,33 @@ class Engine:
                 first_token_seconds=None,
                 reused_prefix_tokens=0,
                 error=f"{type(error).__name__}: {error}",
-            )
+                client_error=client_error,
+            ),
         )
 
+    def _complete(self, request: _Request, completion: Completion) -> None:
+        """Hand a request its completion exactly once, however finishing, failing and cancelling race."""
+        with self._lock:
+            if request.completed:
+                return
+            request.completed = True
+            self._release_slot(request)
+            self.stats.requests_total += 1
+            if completion.finish_reason == "error":
+                self.stats.requests_failed += 1
+            else:
+                self.stats.latency_seconds_sum += completion.seconds
+        assert request.handle is not None
+        request.handle._finish(completion)
 
-def _empty_cache():
-    from transformers import DynamicCache
+    def _release_slot(self, request: _Request) -> None:
+        """Caller holds self._lock."""
+        if request.holds_slot:
+            request.holds_slot = False
+            self._held -= 1
 
+
+def _empty_cache() -> DynamicCache:
     return DynamicCache()
 
 

@@ -92,8 +92,9 @@ class RunningBatch:
         ]
         row_mask = torch.zeros(1, length, dtype=torch.long, device=self.mask.device)
         row_mask[:, length - real :] = 1
-        self.mask = torch.cat([F.pad(self.mask, (length - self.mask.shape[1], 0)), row_mask])
-        self.cache = cache_from_layers(merged)
+        mask = torch.cat([F.pad(self.mask, (length - self.mask.shape[1], 0)), row_mask])
+        # Both built before either is replaced: a failure here leaves the batch as it was.
+        self.cache, self.mask = cache_from_layers(merged), mask
 
     def keep(self, rows: list[int]) -> None:
         """Keep only these rows, then drop leading columns that no remaining row uses."""
@@ -104,8 +105,7 @@ class RunningBatch:
         mask = self.mask[index]
         first_used = int(mask.any(0).nonzero()[0])
         layers = [(k[index, :, first_used:], v[index, :, first_used:]) for k, v in cache_layers(self.cache)]
-        self.mask = mask[:, first_used:]
-        self.cache = cache_from_layers(layers)
+        self.cache, self.mask = cache_from_layers(layers), mask[:, first_used:]
 
     def row_layers(self, row: int) -> list[LayerKV]:
         """One row's keys and values without its padding (batch size 1)."""
@@ -120,11 +120,13 @@ class PrefixCache:
 
     Entries are keyed by a list of position keys (token ids, or one media hash per media block
     covering that block's rows), so a follow-up question about the same video skips the video's rows.
+    A salt (vLLM's `cache_salt`) partitions the entries between callers who must not share them.
     """
 
     def __init__(self, max_bytes: int = 1024**3):
         self.max_bytes = max_bytes
-        self._entries: OrderedDict[int, tuple[list, list[int], list[LayerKV]]] = OrderedDict()
+        # entry id -> (salt, key, cache positions per key element, layers)
+        self._entries: OrderedDict[int, tuple[str | None, list, list[int], list[LayerKV]]] = OrderedDict()
         self._bytes = 0
         self._next = 0
         self._lock = threading.Lock()
@@ -135,29 +137,40 @@ class PrefixCache:
     def _nbytes(layers: list[LayerKV]) -> int:
         return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in layers)
 
-    def put(self, key: list, block_rows: list[int], layers: list[LayerKV]) -> None:
-        """Store keys/values; `block_rows[i]` is how many cache positions key element i covers."""
+    def put(self, key: list, block_rows: list[int], layers: list[LayerKV], salt: str | None = None) -> None:
+        """Store keys/values; `block_rows[i]` is how many cache positions key element i covers.
+
+        Entries of different salts never cover, replace or serve each other.
+        """
         size = self._nbytes(layers)
         if size > self.max_bytes or not key:
             return
         with self._lock:
-            for entry_id, (old_key, _, _) in list(self._entries.items()):
+            for entry_id, (old_salt, old_key, _, _) in list(self._entries.items()):
+                if old_salt != salt:
+                    continue
                 if old_key[: len(key)] == key:
                     return  # a longer or equal entry already covers it
                 if key[: len(old_key)] == old_key:
-                    self._bytes -= self._nbytes(self._entries.pop(entry_id)[2])
-            self._entries[self._next] = (list(key), list(block_rows), layers)
+                    self._bytes -= self._nbytes(self._entries.pop(entry_id)[3])
+            self._entries[self._next] = (salt, list(key), list(block_rows), layers)
             self._next += 1
             self._bytes += size
             while self._bytes > self.max_bytes:
-                _, (_, _, old) = self._entries.popitem(last=False)
+                _, (_, _, _, old) = self._entries.popitem(last=False)
                 self._bytes -= self._nbytes(old)
 
-    def longest(self, key: list, max_rows: int) -> tuple[int, list[LayerKV] | None]:
-        """The longest stored prefix of `key`, as (rows, layers cropped to those rows); at most `max_rows`."""
+    def longest(self, key: list, max_rows: int, salt: str | None = None) -> tuple[int, list[LayerKV] | None]:
+        """The longest stored prefix of `key` under the same salt, as (rows, layers cropped to those rows).
+
+        At most `max_rows`. Only entries stored with an equal salt (None with None) are searched, so
+        the count returned never tells one salt's callers what another's asked.
+        """
         best_rows, best = 0, None
         with self._lock:
-            for entry_id, (stored, rows_of, layers) in self._entries.items():
+            for entry_id, (stored_salt, stored, rows_of, layers) in self._entries.items():
+                if stored_salt != salt:
+                    continue
                 rows = 0
                 for a, b, r in zip(stored, key, rows_of, strict=False):
                     if a != b or rows + r > max_rows:
