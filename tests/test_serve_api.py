@@ -21,6 +21,7 @@ import pytest
 import uvicorn
 
 from tests.test_serve_media import media_http_server
+from videollava.errors import RequestCancelled
 from videollava.infer.ask import Question, prepare_question
 from videollava.infer.engine import Engine, QueueFullError
 from videollava.infer.pipeline import MediaItem, Pipeline
@@ -431,32 +432,62 @@ def test_bad_requests_are_400_in_openai_shape(server) -> None:
     assert error["type"] == "not_found_error"
 
 
-def test_queue_full_is_429(pipeline: Pipeline, media_root: Path) -> None:
-    """Two slow requests (their media arrive after 3 s) fill max_queue 1 + batch 1; a third gets 429."""
-    settings = ServeSettings(
-        model_name=MODEL,
-        media=MediaPolicy(allowed_domains=["127.0.0.1"], fetch_timeout=10),
-        default_max_tokens=4,
-    )
-    app = create_app(pipeline, settings, Engine(pipeline, max_batch_size=1, max_queue=1))
-    clip = (media_root / "carphone_pristine.mp4").read_bytes()
-    seen: list[str] = []
-    with running_server(app) as base, media_http_server({"clip.mp4": clip}, seen) as media_base:
+class HeldPipeline:
+    """The real pipeline, except that preparing a prompt that contains HOLD waits until `release` is set
+    or the request is cancelled: slow media, on demand. Counts what it saw."""
+
+    def __init__(self, pipeline: Pipeline):
+        self._pipeline = pipeline
+        self.release = threading.Event()
+        self.entered = 0
+        self.cancelled = 0
+        self._lock = threading.Lock()
+
+    def __getattr__(self, name: str):
+        return getattr(self._pipeline, name)
+
+    def prepare(self, prompt, media, num_frames=None, add_bos=True, *, cancelled=None):
+        if "HOLD" in prompt:
+            with self._lock:
+                self.entered += 1
+            while not self.release.wait(0.01):
+                if cancelled is not None and cancelled():
+                    with self._lock:
+                        self.cancelled += 1
+                    raise RequestCancelled("stopped while preparing")
+        return self._pipeline.prepare(prompt, media, num_frames, add_bos, cancelled=cancelled)
+
+
+def wait_for(condition, timeout: float = 10.0, what: str = "the condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def test_queue_full_is_429(pipeline: Pipeline) -> None:
+    """Two requests held in preparation fill max_queue 1 + batch 1; a third gets 429 until they finish."""
+    held = HeldPipeline(pipeline)
+    settings = ServeSettings(model_name=MODEL, default_max_tokens=4)
+    app = create_app(held, settings, Engine(pipeline, max_batch_size=1, max_queue=1))
+    with running_server(app) as base:
         client = client_for(base)
-        slow = [user("What?", video_part(f"{media_base}/slow-file/clip.mp4"))]
         with ThreadPoolExecutor(max_workers=2) as pool:
             pending = [
-                pool.submit(client.chat.completions.create, model=MODEL, messages=slow) for _ in range(2)
+                pool.submit(client.chat.completions.create, model=MODEL, messages=[user("HOLD on")])
+                for _ in range(2)
             ]
-            deadline = time.monotonic() + 10
-            while len(seen) < 2 and time.monotonic() < deadline:  # both admitted, fetching their media
-                time.sleep(0.01)
+            wait_for(lambda: held.entered == 2, what="both requests to be preparing")
             with pytest.raises(openai.RateLimitError) as caught:
                 client.chat.completions.create(model=MODEL, messages=[user("hi")])
             assert caught.value.response.headers["retry-after"] == "1"
+            health = httpx.get(f"{base}/health").json()
+            assert health["status"] == "degraded" and "admission" in health["saturated"]
+            held.release.set()
             assert all(p.result().choices[0].finish_reason in ("stop", "length") for p in pending)
         # capacity comes back once they are done
         assert client.chat.completions.create(model=MODEL, messages=[user("hi")]).choices
+        assert httpx.get(f"{base}/health").json()["status"] == "ok"
     assert api_error_from(QueueFullError("full")).status == 429
 
 
