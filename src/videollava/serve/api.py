@@ -134,6 +134,11 @@ def internal_error(request_id: str, what: str = "internal server error") -> APIE
     )
 
 
+def generation_failed(completion: Completion) -> str:
+    """The engine's account of a failed generation meant for the caller (its `error` is for the log)."""
+    return f"generation failed: {completion.client_error}" if completion.client_error else "generation failed"
+
+
 def busy_error(message: str, code: str) -> APIError:
     return APIError(429, message, "rate_limit_error", None, code, {"Retry-After": "1"})
 
@@ -476,8 +481,8 @@ class ClientWatch:
 class WorkPool:
     """A thread pool that counts the tasks it holds, so /health can tell when it is saturated.
 
-    Work whose awaiting side is cancelled before it starts never runs; work already running finishes
-    on its own (a worker sees its request's cancellation between stages).
+    Work of a request cancelled before a worker takes it up never runs; work already running stops
+    at its own pace (it sees the same cancellation between stages).
     """
 
     def __init__(self, name: str, workers: int):
@@ -487,10 +492,15 @@ class WorkPool:
         self._held = 0
         self._lock = threading.Lock()
 
-    async def run(self, function: Callable[..., T], *args: Any) -> T:
+    async def run(self, cancelled: Callable[[], bool], function: Callable[..., T], *args: Any) -> T:
+        def work() -> T:
+            if cancelled():
+                raise RequestCancelled("the client closed the connection")
+            return function(*args)
+
         with self._lock:
             self._held += 1
-        future = self._executor.submit(function, *args)
+        future = self._executor.submit(work)
         future.add_done_callback(self._finished)
         return await asyncio.wrap_future(future)
 
@@ -869,11 +879,17 @@ def create_app(pipeline: Pipeline, settings: ServeSettings, engine: Engine | Non
         admit()
         try:
             stage[0] = "read"
-            media = await watch.run(
-                readers.run(read_chat_media, chat, fetched, settings.media, watch.cancelled)
-            )
+            media: list[MediaItem] = []
+            if chat.media:
+                media = await watch.run(
+                    readers.run(
+                        watch.cancelled, read_chat_media, chat, fetched, settings.media, watch.cancelled
+                    )
+                )
             stage[0] = "prepare"
-            prepared = await watch.run(preparers.run(prepare_chat, pipeline, chat, media, watch.cancelled))
+            prepared = await watch.run(
+                preparers.run(watch.cancelled, prepare_chat, pipeline, chat, media, watch.cancelled)
+            )
             if watch.cancelled():
                 raise RequestCancelled("the client closed the connection")
             handle = engine.submit(prepared, chat.params, cache_salt=chat.cache_salt)
@@ -919,7 +935,7 @@ def create_app(pipeline: Pipeline, settings: ServeSettings, engine: Engine | Non
             raise APIError(503, "the server stopped the request; try again", "server_error")
         if completion.finish_reason == "error":
             log.error("request %s: generation failed: %s", request_id, completion.error)
-            raise internal_error(request_id, "generation failed")
+            raise internal_error(request_id, generation_failed(completion))
         return {
             "id": f"chatcmpl-{request_id}",
             "object": "chat.completion",
@@ -967,7 +983,7 @@ async def stream_chunks(
                 continue
             if item.finish_reason == "error":
                 log.error("request %s: generation failed: %s", request_id, item.error)
-                error = internal_error(request_id, "generation failed")
+                error = internal_error(request_id, generation_failed(item))
                 yield f"data: {json.dumps(error_body(error.message, error.type, error.param, error.code))}\n\n"
             elif item.finish_reason in ("stop", "length"):
                 yield chunk({}, item.finish_reason)
