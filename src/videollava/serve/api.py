@@ -229,9 +229,6 @@ class ChatRequest:
         return [part for turn in self.turns for part in turn.media]
 
 
-_SAMPLING_PARAMS = {"temperature": "temperature", "top_p": "top_p", "seed": "seed", "stop": "stop"}
-
-
 def parse_chat_request(body: Any, settings: ServeSettings) -> ChatRequest:
     """Check a request body without touching any media, so refusals are cheap."""
     if not isinstance(body, dict):
@@ -275,12 +272,11 @@ def parse_chat_request(body: Any, settings: ServeSettings) -> ChatRequest:
             seed=request.seed,
             stop=stop,
         )
-    except VideoLlavaError as error:
-        message = str(error)
-        param = next((p for name, p in _SAMPLING_PARAMS.items() if name in message), None)
-        raise APIError(
-            400, message, param=param or ("max_tokens" if "max_new_tokens" in message else None)
-        ) from None
+    except VideoLlavaError as error:  # the message names the parameter; name it as the request did
+        length_field = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
+        message = str(error).replace("max_new_tokens", length_field)
+        fields = ("temperature", "top_p", "seed", "stop", length_field)
+        raise APIError(400, message, param=next((f for f in fields if message.startswith(f)), None)) from None
     system, turns = parse_messages(request.messages)
     return ChatRequest(
         system=system,
