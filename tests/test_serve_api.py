@@ -723,27 +723,20 @@ def test_serve_command_end_to_end(hf_checkpoint, media_root: Path) -> None:
     assert f"http://127.0.0.1:{port}/v1" in output
 
 
-def test_serve_on_a_busy_port_is_a_one_line_error() -> None:
+def test_serve_on_a_busy_port_is_a_one_line_error(capsys) -> None:
     """The port is bound before the model loads: a busy one ends at once with exit 2 and one line, and
     nothing claims the server is up (the model path does not even exist)."""
+    from videollava.cli import main
+
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)
         port = taken.getsockname()[1]
-        command = [
-            sys.executable,
-            "-m",
-            "videollava",
-            "serve",
-            "--port",
-            str(port),
-            "--model",
-            "/no/such/model",
-        ]
-        done = subprocess.run(command, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2
-    assert done.stdout == ""
-    assert done.stderr.strip().splitlines() == [
+        capsys.readouterr()
+        assert main(["serve", "--port", str(port), "--model", "/no/such/model"]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.strip().splitlines() == [
         f"error: cannot listen on 127.0.0.1:{port} (Address already in use); "
         "is another server using it? choose another --port"
     ]

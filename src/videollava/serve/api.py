@@ -432,14 +432,18 @@ class ClientWatch:
     """
 
     def __init__(self, receive: Callable[[], Awaitable[dict[str, Any]]]):
+        self.stage = "parse"  # where the request is: parse, fetch, read, prepare, generate
         self._gone = threading.Event()
         self._gone_async = asyncio.Event()
         self._callbacks: list[Callable[[], None]] = []
         self._task = asyncio.create_task(self._watch(receive))
 
     async def _watch(self, receive: Callable[[], Awaitable[dict[str, Any]]]) -> None:
-        while (await receive())["type"] != "http.disconnect":
-            pass
+        try:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+        except Exception:  # a connection that cannot be read from has no one left at its end
+            log.debug("receive failed while watching for a disconnect", exc_info=True)
         self._gone.set()
         self._gone_async.set()
         for callback in self._callbacks:
@@ -865,16 +869,16 @@ def create_app(pipeline: Pipeline, settings: ServeSettings, engine: Engine | Non
                 fetched[index] = await watch.run(fetch_media(url, kind, settings.media))
         return fetched
 
-    async def start(chat: ChatRequest, watch: ClientWatch, stage: list[str]) -> Handle:
+    async def start(chat: ChatRequest, watch: ClientWatch) -> Handle:
         """Fetch, read, prepare and submit; each stage stops when the client goes, and a request that
         does not reach the engine gives its place back at once."""
         if in_flight >= capacity:  # refuse before fetching anything
             raise full_error()
-        stage[0] = "fetch"
+        watch.stage = "fetch"
         fetched = await fetch_remote(chat, watch)
         admit()
         try:
-            stage[0] = "read"
+            watch.stage = "read"
             media: list[MediaItem] = []
             if chat.media:
                 media = await watch.run(
@@ -882,7 +886,7 @@ def create_app(pipeline: Pipeline, settings: ServeSettings, engine: Engine | Non
                         watch.cancelled, read_chat_media, chat, fetched, settings.media, watch.cancelled
                     )
                 )
-            stage[0] = "prepare"
+            watch.stage = "prepare"
             prepared = await watch.run(
                 preparers.run(watch.cancelled, prepare_chat, pipeline, chat, media, watch.cancelled)
             )
@@ -892,7 +896,7 @@ def create_app(pipeline: Pipeline, settings: ServeSettings, engine: Engine | Non
         except BaseException:
             release()
             raise
-        stage[0] = "generate"
+        watch.stage = "generate"
         watch.on_gone(handle.cancel)
         return handle
 
@@ -901,10 +905,9 @@ def create_app(pipeline: Pipeline, settings: ServeSettings, engine: Engine | Non
         request_id = request.state.request_id
         chat = parse_chat_request(parse_json_body(await request.body()), settings)
         watch = ClientWatch(request.receive)
-        stage = ["parse"]
         streaming = False
         try:
-            handle = await start(chat, watch, stage)
+            handle = await start(chat, watch)
             bridge = EngineBridge(handle, asyncio.get_running_loop(), finished)
             if chat.stream:
                 streaming = True
@@ -919,8 +922,10 @@ def create_app(pipeline: Pipeline, settings: ServeSettings, engine: Engine | Non
                     stream_chunks(bridge, request_id, settings.model_name, chat.include_usage), closed
                 )
             completion = await watch.run(bridge.completion())
+            if completion.finish_reason == "cancelled" and watch.cancelled():
+                raise RequestCancelled("the client closed the connection")
         except RequestCancelled:
-            metrics.observe_cancelled(stage[0])
+            metrics.observe_cancelled(watch.stage)
             return error_response(api_error_from(RequestCancelled()))
         except VideoLlavaError as error:
             raise api_error_from(error) from None

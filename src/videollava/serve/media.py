@@ -104,9 +104,8 @@ async def fetch_media(url: str, kind: str, policy: MediaPolicy) -> MediaItem:
     _check_characters(url)
     shown = _short(url)
     try:
-        async with asyncio.timeout(policy.fetch_timeout):
-            data = await _download(url, policy, shown)
-    except (TimeoutError, httpx.TimeoutException):
+        data = await asyncio.wait_for(_download(url, policy, shown), policy.fetch_timeout)
+    except (asyncio.TimeoutError, httpx.TimeoutException):  # noqa: UP041 (not the builtin before Python 3.11)
         raise MediaError(shown, f"could not be fetched in {policy.fetch_timeout:g} s") from None
     return MediaItem(kind, data, name=shown)
 
