@@ -20,7 +20,8 @@ import openai
 import pytest
 import uvicorn
 
-from tests.test_serve_media import media_http_server
+from tests.test_serve_media import animated_gif, media_http_server
+from videollava.errors import RequestCancelled
 from videollava.infer.ask import Question, prepare_question
 from videollava.infer.engine import Engine, QueueFullError
 from videollava.infer.pipeline import MediaItem, Pipeline
@@ -53,6 +54,8 @@ def media_root(tmp_path_factory, sample_videos: Path) -> Path:
     (root / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + os.urandom(4000))
     (base / "secret.mp4").write_bytes((sample_videos / "bikes.mp4").read_bytes())
     (root / "escape.mp4").symlink_to(base / "secret.mp4")
+    (root / "loop-a.mp4").symlink_to(root / "loop-b.mp4")
+    (root / "loop-b.mp4").symlink_to(root / "loop-a.mp4")
     return root
 
 
@@ -288,7 +291,7 @@ def test_stop_strings_and_lengths(server) -> None:
     cut = client.chat.completions.create(
         model=MODEL, messages=messages, max_tokens=12, temperature=0, stop=stop
     )
-    assert cut.choices[0].message.content == text[: text.find(stop)].rstrip()  # answers are stripped
+    assert cut.choices[0].message.content == text[: text.find(stop)].strip()  # answers are stripped
     assert cut.choices[0].finish_reason == "stop"
     # sampling with a seed is reproducible
     sampled = [
@@ -431,32 +434,155 @@ def test_bad_requests_are_400_in_openai_shape(server) -> None:
     assert error["type"] == "not_found_error"
 
 
-def test_queue_full_is_429(pipeline: Pipeline, media_root: Path) -> None:
-    """Two slow requests (their media arrive after 3 s) fill max_queue 1 + batch 1; a third gets 429."""
-    settings = ServeSettings(
-        model_name=MODEL,
-        media=MediaPolicy(allowed_domains=["127.0.0.1"], fetch_timeout=10),
-        default_max_tokens=4,
+def test_hostile_requests_are_4xx_naming_the_problem(server) -> None:
+    """What once ended in a 500: each is now a 4xx whose message names the problem."""
+    base, _ = server
+    hello = [user("hi")]
+    media_cases = [
+        (video_part("loop-a.mp4"), 400, "cannot be opened"),  # a symlink loop inside the folder
+        (image_part("pattern\x00.png"), 400, "control character"),
+        (image_part("http://[::1"), 400, "not a valid URL"),
+        (image_part("http://127.0.0.1\t.example/x.png"), 400, "control character"),
+    ]
+    for part, status, fragment in media_cases:
+        assert_openai_error(raw_post(base, {"messages": [user("What?", part)]}), status, fragment)
+    # '~' is not expanded: an existing user and a made-up one get the same answer
+    answers = {
+        name: raw_post(base, {"messages": [user("What?", image_part(name))]}).json()["error"]["message"]
+        for name in ("~root/x", "~nosuchuser/x.png")
+    }
+    assert answers == {
+        "~root/x": "~root/x: no such file",
+        "~nosuchuser/x.png": "~nosuchuser/x.png: no such file",
+    }
+    deep = b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    raw_cases = [
+        (deep, "nested too deeply"),
+        (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', "NaN"),
+        (b'{"messages": [{"role": "user", "content": "hi"}], "top_p": Infinity}', "Infinity"),
+        (
+            b'{"messages": [{"role": "user", "content": "hi"}], "seed": 1' + b"0" * 5000 + b"}",
+            "not valid JSON",
+        ),
+    ]
+    for body, fragment in raw_cases:
+        assert_openai_error(raw_post(base, body), 400, fragment)
+    param_cases = [
+        ({"seed": 2**64}, "seed"),
+        ({"seed": -(2**63) - 1}, "seed"),
+        ({"temperature": 3}, "temperature"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"max_tokens": 10**9}, "max_tokens"),
+        ({"stop": ["x" * 1000]}, "stop"),
+        ({"cache_salt": ""}, "cache_salt"),
+        ({"cache_salt": 12}, "cache_salt"),
+        ({"cache_salt": "s" * 1000}, "cache_salt"),
+    ]
+    for extra, param in param_cases:
+        error = assert_openai_error(raw_post(base, {"messages": hello, **extra}), 400, param)
+        assert error["param"] == param, error
+    many = [user("What?", *[image_part("pattern.png")] * 17)]
+    assert_openai_error(raw_post(base, {"messages": many}), 400, "more than 16 images and videos")
+    assert httpx.get(f"{base}/health").json()["status"] == "ok"
+
+
+def test_tiny_sampling_values_answer_like_greedy(server) -> None:
+    """A temperature of 3e-38 counts as greedy; a top_p of 1e-300 keeps only the likeliest token."""
+    base, _ = server
+    client = client_for(base)
+    messages = [user("Name a shape.")]
+    greedy = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0)
+    for extra in ({"temperature": 3e-38}, {"temperature": 0.8, "top_p": 1e-300}):
+        reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, **extra)
+        assert reply.choices[0].message.content == greedy.choices[0].message.content, extra
+
+
+def test_cache_salt_separates_prefix_caches(server) -> None:
+    """Requests with different salts never reuse each other's cached prompt, so cached_tokens tells a
+    client nothing about what another asked; the same salt reuses as before."""
+    base, _ = server
+    client = client_for(base)
+    messages = [user("A question nobody else asks: which shapes are to the left of the blue ones?")]
+
+    def cached(**extra) -> int:
+        reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, extra_body=extra)
+        return reply.usage.prompt_tokens_details.cached_tokens
+
+    assert cached() > 0  # the template's system prompt, shared with earlier unsalted requests
+    assert cached(cache_salt="tenant-a") == 0
+    assert cached(cache_salt="tenant-a") > 0
+    assert cached(cache_salt="tenant-b") == 0
+
+
+def test_animated_gif_data_url_is_a_video(server, media_root: Path) -> None:
+    base, _ = server
+    client = client_for(base)
+    gif = "data:image/gif;base64," + base64.b64encode(animated_gif(frames=6)).decode()
+    as_video = client.chat.completions.create(
+        model=MODEL, messages=[user("What moves?", video_part(gif))], max_tokens=2
     )
-    app = create_app(pipeline, settings, Engine(pipeline, max_batch_size=1, max_queue=1))
-    clip = (media_root / "carphone_pristine.mp4").read_bytes()
-    seen: list[str] = []
-    with running_server(app) as base, media_http_server({"clip.mp4": clip}, seen) as media_base:
+    clip = client.chat.completions.create(
+        model=MODEL, messages=[user("What moves?", video_part("bikes.mp4"))], max_tokens=2
+    )
+    assert as_video.usage.model_extra["visual_tokens"] == clip.usage.model_extra["visual_tokens"] > 0
+
+
+class HeldPipeline:
+    """The real pipeline, except that preparing a prompt that contains HOLD waits until `release` is set
+    or the request is cancelled: slow media, on demand. Counts what it saw."""
+
+    def __init__(self, pipeline: Pipeline):
+        self._pipeline = pipeline
+        self.release = threading.Event()
+        self.entered = 0
+        self.cancelled = 0
+        self._lock = threading.Lock()
+
+    def __getattr__(self, name: str):
+        return getattr(self._pipeline, name)
+
+    def prepare(self, prompt, media, num_frames=None, add_bos=True, *, cancelled=None):
+        if "HOLD" in prompt:
+            with self._lock:
+                self.entered += 1
+            while not self.release.wait(0.01):
+                if cancelled is not None and cancelled():
+                    with self._lock:
+                        self.cancelled += 1
+                    raise RequestCancelled("stopped while preparing")
+        return self._pipeline.prepare(prompt, media, num_frames, add_bos, cancelled=cancelled)
+
+
+def wait_for(condition, timeout: float = 10.0, what: str = "the condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def test_queue_full_is_429(pipeline: Pipeline) -> None:
+    """Two requests held in preparation fill max_queue 1 + batch 1; a third gets 429 until they finish."""
+    held = HeldPipeline(pipeline)
+    settings = ServeSettings(model_name=MODEL, default_max_tokens=4)
+    app = create_app(held, settings, Engine(pipeline, max_batch_size=1, max_queue=1))
+    with running_server(app) as base:
         client = client_for(base)
-        slow = [user("What?", video_part(f"{media_base}/slow-file/clip.mp4"))]
         with ThreadPoolExecutor(max_workers=2) as pool:
             pending = [
-                pool.submit(client.chat.completions.create, model=MODEL, messages=slow) for _ in range(2)
+                pool.submit(client.chat.completions.create, model=MODEL, messages=[user("HOLD on")])
+                for _ in range(2)
             ]
-            deadline = time.monotonic() + 10
-            while len(seen) < 2 and time.monotonic() < deadline:  # both admitted, fetching their media
-                time.sleep(0.01)
+            wait_for(lambda: held.entered == 2, what="both requests to be preparing")
             with pytest.raises(openai.RateLimitError) as caught:
                 client.chat.completions.create(model=MODEL, messages=[user("hi")])
             assert caught.value.response.headers["retry-after"] == "1"
+            health = httpx.get(f"{base}/health").json()
+            assert health["status"] == "degraded" and "admission" in health["saturated"]
+            held.release.set()
             assert all(p.result().choices[0].finish_reason in ("stop", "length") for p in pending)
         # capacity comes back once they are done
         assert client.chat.completions.create(model=MODEL, messages=[user("hi")]).choices
+        assert httpx.get(f"{base}/health").json()["status"] == "ok"
     assert api_error_from(QueueFullError("full")).status == 429
 
 
@@ -595,3 +721,22 @@ def test_serve_command_end_to_end(hf_checkpoint, media_root: Path) -> None:
         process.terminate()
         output, _ = process.communicate(timeout=30)
     assert f"http://127.0.0.1:{port}/v1" in output
+
+
+def test_serve_on_a_busy_port_is_a_one_line_error(capsys) -> None:
+    """The port is bound before the model loads: a busy one ends at once with exit 2 and one line, and
+    nothing claims the server is up (the model path does not even exist)."""
+    from videollava.cli import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        capsys.readouterr()
+        assert main(["serve", "--port", str(port), "--model", "/no/such/model"]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.strip().splitlines() == [
+        f"error: cannot listen on 127.0.0.1:{port} (Address already in use); "
+        "is another server using it? choose another --port"
+    ]

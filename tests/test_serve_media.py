@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import contextlib
 import http.server
+import io
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -84,6 +86,67 @@ def media_http_server(files: dict[str, bytes], seen: list[str] | None = None) ->
         server.server_close()
 
 
+class TricklingServer:
+    """A TCP server that answers every connection with an HTTP status line sent one byte per
+    `interval`, never finishing its headers; it records when each connection was closed by the client."""
+
+    def __init__(self, interval: float):
+        self.interval = interval
+        self.accepted = 0
+        self.closed_by_client: list[float] = []
+        self._stop = threading.Event()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.1)
+        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                connection, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            self.accepted += 1
+            threading.Thread(target=self._trickle, args=(connection,), daemon=True).start()
+
+    def _trickle(self, connection: socket.socket) -> None:
+        status = b"HTTP/1.1 200 OK\r\nContent-Type: video/mp4\r\nX-Padding: " + b"x" * 10_000
+        with connection:
+            for byte in status:
+                if self._stop.wait(self.interval):
+                    return
+                try:
+                    connection.sendall(bytes([byte]))
+                except OSError:
+                    self.closed_by_client.append(time.monotonic())
+                    return
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._listener.close()
+
+
+@contextlib.contextmanager
+def trickling_server(interval: float = 0.1) -> Iterator[TricklingServer]:
+    server = TricklingServer(interval)
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def animated_gif(frames: int = 4, size: tuple[int, int] = (32, 24)) -> bytes:
+    """A small animated GIF: one colour per frame."""
+    from PIL import Image
+
+    images = [Image.new("RGB", size, (60 * i % 256, 90, 200 - 40 * i % 256)) for i in range(frames)]
+    out = io.BytesIO()
+    images[0].save(out, format="GIF", save_all=True, append_images=images[1:], duration=100, loop=0)
+    return out.getvalue()
+
+
 @pytest.fixture
 def media_dir(tmp_path: Path, sample_videos: Path) -> Path:
     root = tmp_path / "allowed"
@@ -115,6 +178,23 @@ def test_data_url_is_decoded_and_typed() -> None:
 def test_bad_data_urls_name_the_problem(url: str, problem: str) -> None:
     with pytest.raises(MediaError, match=problem):
         resolve_media(url, "image", MediaPolicy())
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("http://[::1", "not a valid URL"),
+        ("http://127.0.0.1:99999/a.png", "not a valid URL"),
+        ("http://exa\tmple.org/a.png", "control character"),
+        ("http://example.org/a\x00.png", "control character"),
+        ("file:///a%00b.png", "control character"),
+    ],
+)
+def test_malformed_urls_name_the_problem(url: str, problem: str, tmp_path: Path) -> None:
+    policy = MediaPolicy(allowed_dir=tmp_path, allowed_domains=["example.org", "127.0.0.1"])
+    with pytest.raises(MediaError, match=problem) as caught:
+        resolve_media(url, "image", policy)
+    assert type(caught.value) is MediaError
 
 
 def test_data_url_over_the_limit_is_too_large() -> None:
@@ -193,3 +273,42 @@ def test_remote_media_is_fetched_from_allowed_domains(sample_videos: Path) -> No
         with pytest.raises(MediaError, match="could not be fetched in 1 s"):
             resolve_media(f"{base}/slow", "video", policy)
         assert time.monotonic() - started < 1.9
+
+
+def test_animated_image_data_urls_are_videos() -> None:
+    gif = animated_gif()
+    url = "data:image/gif;base64," + base64.b64encode(gif).decode()
+    assert resolve_media(url, "video", MediaPolicy()).source == gif
+    assert resolve_media(url, "image", MediaPolicy()).source == gif
+
+
+def test_hostile_local_paths_are_plain_errors(media_dir: Path) -> None:
+    """Loops, '~user' names and NUL bytes: each a MediaError naming the problem, never another exception."""
+    policy = MediaPolicy(allowed_dir=media_dir)
+    (media_dir / "loop-a").symlink_to(media_dir / "loop-b")
+    (media_dir / "loop-b").symlink_to(media_dir / "loop-a")
+    with pytest.raises(MediaError, match="cannot be opened") as caught:
+        resolve_media("loop-a", "video", policy)
+    assert type(caught.value) is MediaError
+    # "~" is a character like any other: whether the user exists makes no difference to the answer
+    answers = []
+    for url in ("~nosuchuser/x.png", "~root/x", "~/x.png"):
+        with pytest.raises(MediaError) as caught:
+            resolve_media(url, "image", policy)
+        assert type(caught.value) is MediaError
+        answers.append(caught.value.problem)
+    assert answers == ["no such file"] * 3
+    for url in ("clip\x00.mp4", str(media_dir / "clip.mp4") + "\x00", "sub/\x00/../clip.mp4"):
+        with pytest.raises(MediaError, match="control character"):
+            resolve_media(url, "video", policy)
+
+
+def test_slow_headers_hit_the_fetch_deadline() -> None:
+    """A host sending its headers one byte at a time is cut off at the deadline, not per byte."""
+    policy = MediaPolicy(allowed_domains=["127.0.0.1"], fetch_timeout=1.0)
+    with trickling_server(interval=0.05) as server:
+        started = time.monotonic()
+        with pytest.raises(MediaError, match="could not be fetched in 1 s"):
+            resolve_media(f"{server.url}/clip.mp4", "video", policy)
+        assert time.monotonic() - started < 1.6
+        assert server.accepted == 1

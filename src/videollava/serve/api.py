@@ -1,9 +1,15 @@
 """`videollava serve`: an OpenAI-compatible chat completions server over one continuously batching engine.
 
-Requests are parsed and checked on the event loop, their media read and encoded in worker threads,
-then submitted to the engine, whose thread-side stream is carried back to the loop by a small pump
-thread per request, so the loop never blocks on the model. Every refusal is an OpenAI-style JSON
-error with a meaningful status; bad input never surfaces as a 500.
+Requests are parsed and checked on the event loop; remote media are fetched there too (asynchronously,
+each fetch under one deadline, in a bounded number of slots), local files read and media encoded in
+worker threads, then the request is submitted to the engine, whose thread-side stream is carried back
+to the loop by a small pump thread per request, so the loop never blocks on the model.
+
+One request never hurts another: fetching, reading and encoding each have their own bounded pool, so
+a slow remote host holds up nothing but its own request; a client that goes away stops its fetch, its
+preparation and its generation, and gives back its place at once. Every refusal is an OpenAI-style
+JSON error with a meaningful status; a genuine server error is logged with its traceback under a
+request id, and the client gets that id, never the internals.
 """
 
 from __future__ import annotations
@@ -15,16 +21,18 @@ import hmac
 import json
 import logging
 import os
+import socket
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
@@ -38,11 +46,18 @@ from videollava.data.tokenize import (
     check_placeholders,
     count_placeholders,
 )
-from videollava.errors import PromptError, VideoLlavaError
+from videollava.errors import PromptError, RequestCancelled, VideoLlavaError
 from videollava.infer.engine import Completion, Engine, Handle, QueueFullError, StreamDelta
 from videollava.infer.pipeline import MediaItem, Pipeline, Prepared
 from videollava.infer.sampling import SamplingParams
-from videollava.serve.media import MediaForbiddenError, MediaPolicy, MediaTooLargeError, resolve_media
+from videollava.serve.media import (
+    MediaForbiddenError,
+    MediaPolicy,
+    MediaTooLargeError,
+    fetch_media,
+    is_remote,
+    resolve_media,
+)
 from videollava.serve.metrics import ServerMetrics
 
 log = logging.getLogger("videollava.serve")
@@ -50,6 +65,12 @@ log = logging.getLogger("videollava.serve")
 CHAT_PATH = "/v1/chat/completions"
 _KNOWN_PATHS = (CHAT_PATH, "/v1/models", "/health", "/metrics")
 MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+# More images and videos than any context holds: 16 images of 256 visual tokens fill 4096 positions.
+MAX_MEDIA_PARTS = 16
+MAX_CACHE_SALT_CHARS = 256
+CLIENT_CLOSED = 499  # nginx's status for a request whose client went away before the answer
+T = TypeVar("T")
 
 
 # --------------------------------------------------------------------------------------------
@@ -65,7 +86,9 @@ class ServeSettings:
     media: MediaPolicy = field(default_factory=MediaPolicy)
     max_body_bytes: int = 48 * 2**20
     default_max_tokens: int = 256
-    prepare_workers: int = 2
+    prepare_workers: int = 2  # threads encoding media (CPU)
+    read_workers: int = 4  # threads reading local files and decoding data URLs (disk)
+    max_remote_fetches: int = 16  # requests fetching remote media at once; more get 429
 
 
 class APIError(Exception):
@@ -101,16 +124,37 @@ def error_response(error: APIError) -> JSONResponse:
     )
 
 
+def internal_error(request_id: str, what: str = "internal server error") -> APIError:
+    """What a client learns of a server fault: that it happened, and the id to find it in the log."""
+    return APIError(
+        500,
+        f"{what} (request id {request_id}; the server log has the details)",
+        "server_error",
+        code="internal_error",
+    )
+
+
+def generation_failed(completion: Completion) -> str:
+    """The engine's account of a failed generation meant for the caller (its `error` is for the log)."""
+    return f"generation failed: {completion.client_error}" if completion.client_error else "generation failed"
+
+
+def busy_error(message: str, code: str) -> APIError:
+    return APIError(429, message, "rate_limit_error", None, code, {"Retry-After": "1"})
+
+
 def api_error_from(error: Exception) -> APIError:
     """The status and shape a library error is answered with."""
     if isinstance(error, APIError):
         return error
+    if isinstance(error, RequestCancelled):
+        return APIError(CLIENT_CLOSED, "client closed the request", code="client_closed_request")
     if isinstance(error, MediaForbiddenError):
         return APIError(403, str(error), "permission_error", "messages", "media_forbidden")
     if isinstance(error, MediaTooLargeError):
         return APIError(413, str(error), "invalid_request_error", "messages", "media_too_large")
     if isinstance(error, QueueFullError):
-        return APIError(429, str(error), "rate_limit_error", None, "queue_full", {"Retry-After": "1"})
+        return busy_error(str(error), "queue_full")
     if isinstance(error, VideoLlavaError):
         return APIError(400, str(error), "invalid_request_error", "messages", None)
     return APIError(500, "internal server error", "server_error")
@@ -118,6 +162,20 @@ def api_error_from(error: Exception) -> APIError:
 
 # --------------------------------------------------------------------------------------------
 # request parsing
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def parse_json_body(raw: bytes) -> Any:
+    """The body as JSON, strictly: no NaN or Infinity, and nesting bounded by the parser's recursion limit."""
+    try:
+        return json.loads(raw, parse_constant=_reject_constant)
+    except RecursionError:
+        raise APIError(400, "the request body is not valid JSON (it is nested too deeply)") from None
+    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError, integers of thousands of digits
+        raise APIError(400, f"the request body is not valid JSON ({error})") from None
 
 
 class StreamOptions(BaseModel):
@@ -134,14 +192,16 @@ class ChatCompletionRequest(BaseModel):
     messages: list[dict[str, Any]] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, gt=0, le=1)
-    seed: int | None = None
+    temperature: float | None = Field(default=None, ge=0, le=2, allow_inf_nan=False)
+    top_p: float | None = Field(default=None, gt=0, le=1, allow_inf_nan=False)
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)  # what a 64-bit generator takes
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int | None = Field(default=None, ge=1)
     num_frames: int | None = Field(default=None, ge=1, le=64)
+    # vLLM's field: requests with different salts never share prefix-cache entries (nor learn of each other's)
+    cache_salt: str | None = Field(default=None, min_length=1, max_length=MAX_CACHE_SALT_CHARS)
 
 
 @dataclass
@@ -161,6 +221,12 @@ class ChatRequest:
     stream: bool
     include_usage: bool
     num_frames: int | None
+    cache_salt: str | None = None
+
+    @property
+    def media(self) -> list[tuple[str, str]]:
+        """Every (kind, url) of the conversation, in message order."""
+        return [part for turn in self.turns for part in turn.media]
 
 
 def parse_chat_request(body: Any, settings: ServeSettings) -> ChatRequest:
@@ -191,8 +257,12 @@ def parse_chat_request(body: Any, settings: ServeSettings) -> ChatRequest:
     if isinstance(response_format, dict) and response_format.get("type") not in (None, "text"):
         raise APIError(400, "only text responses are supported", param="response_format")
     stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
-    if len(stop) > MAX_STOP_STRINGS or any(not s for s in stop):
-        raise APIError(400, f"stop takes at most {MAX_STOP_STRINGS} non-empty strings", param="stop")
+    if len(stop) > MAX_STOP_STRINGS or any(not s or len(s) > MAX_STOP_CHARS for s in stop):
+        raise APIError(
+            400,
+            f"stop takes at most {MAX_STOP_STRINGS} non-empty strings of at most {MAX_STOP_CHARS} characters",
+            param="stop",
+        )
     max_tokens = request.max_completion_tokens or request.max_tokens or settings.default_max_tokens
     try:
         params = SamplingParams(
@@ -202,8 +272,11 @@ def parse_chat_request(body: Any, settings: ServeSettings) -> ChatRequest:
             seed=request.seed,
             stop=stop,
         )
-    except VideoLlavaError as error:
-        raise APIError(400, str(error)) from None
+    except VideoLlavaError as error:  # the message names the parameter; name it as the request did
+        length_field = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
+        message = str(error).replace("max_new_tokens", length_field)
+        fields = ("temperature", "top_p", "seed", "stop", length_field)
+        raise APIError(400, message, param=next((f for f in fields if message.startswith(f)), None)) from None
     system, turns = parse_messages(request.messages)
     return ChatRequest(
         system=system,
@@ -212,6 +285,7 @@ def parse_chat_request(body: Any, settings: ServeSettings) -> ChatRequest:
         stream=request.stream,
         include_usage=bool(request.stream_options and request.stream_options.include_usage),
         num_frames=request.num_frames,
+        cache_salt=request.cache_salt,
     )
 
 
@@ -248,6 +322,8 @@ def parse_messages(messages: list[dict[str, Any]]) -> tuple[str | None, list[Tur
             )
     if turns[-1].role != USER:
         raise APIError(400, "the last message must be from the user", param="messages")
+    if sum(len(turn.media) for turn in turns) > MAX_MEDIA_PARTS:
+        raise APIError(400, f"messages hold more than {MAX_MEDIA_PARTS} images and videos", param="messages")
     return ("\n".join(system) if system else None), turns
 
 
@@ -296,13 +372,24 @@ def turn_text(text: str, n_images: int, n_videos: int) -> str:
     return text
 
 
-def resolve_chat_media(chat: ChatRequest, policy: MediaPolicy) -> list[MediaItem]:
-    """Every image and video of the conversation, in message order; may wait on files or the network."""
-    return [resolve_media(url, kind, policy) for turn in chat.turns for kind, url in turn.media]
+def read_chat_media(
+    chat: ChatRequest, fetched: dict[int, MediaItem], policy: MediaPolicy, cancelled: Callable[[], bool]
+) -> list[MediaItem]:
+    """Every image and video of the conversation, in message order: remote ones already fetched, the
+    others read here (a worker thread: files wait on disks)."""
+    items: list[MediaItem] = []
+    for index, (kind, url) in enumerate(chat.media):
+        if cancelled():
+            raise RequestCancelled("the client closed the connection")
+        items.append(fetched[index] if index in fetched else resolve_media(url, kind, policy))
+    return items
 
 
-def prepare_chat(pipeline: Pipeline, chat: ChatRequest, media: list[MediaItem]) -> Prepared:
-    """Build the prompt and encode the media: CPU work, so it runs off the event loop."""
+def prepare_chat(
+    pipeline: Pipeline, chat: ChatRequest, media: list[MediaItem], cancelled: Callable[[], bool]
+) -> Prepared:
+    """Build the prompt and encode the media: CPU work, so it runs off the event loop, and stops
+    (RequestCancelled) between decoding stages once `cancelled()` turns true."""
     history: list[tuple[str, str]] = []
     for turn in chat.turns[:-1]:
         if turn.role == ASSISTANT:
@@ -323,7 +410,147 @@ def prepare_chat(pipeline: Pipeline, chat: ChatRequest, media: list[MediaItem]) 
         if template.style == "two":
             template = dataclasses.replace(template, system=chat.system)
         prompt = build_prompt(last.text, n_images, n_videos, template, history)
-    return pipeline.prepare(prompt, media, num_frames=chat.num_frames)
+    return pipeline.prepare(prompt, media, num_frames=chat.num_frames, cancelled=cancelled)
+
+
+# --------------------------------------------------------------------------------------------
+# one request never hurts another: client watch, bounded pools
+
+
+def _forget(task: asyncio.Future) -> None:
+    """Collect the outcome of work nobody waits for any more, so it is not reported as lost."""
+    if not task.cancelled():
+        task.exception()
+
+
+class ClientWatch:
+    """Notices the client going away: for the event loop (to stop waiting), for worker threads (a flag
+    they poll between stages) and for callbacks (to cancel a generation).
+
+    After the body is read, the only message left for a request is `http.disconnect`: a task waits
+    for it, so a departure is seen at once, even while nothing is being sent.
+    """
+
+    def __init__(self, receive: Callable[[], Awaitable[dict[str, Any]]]):
+        self.stage = "parse"  # where the request is: parse, fetch, read, prepare, generate
+        self._gone = threading.Event()
+        self._gone_async = asyncio.Event()
+        self._callbacks: list[Callable[[], None]] = []
+        self._task = asyncio.create_task(self._watch(receive))
+
+    async def _watch(self, receive: Callable[[], Awaitable[dict[str, Any]]]) -> None:
+        try:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+        except Exception:  # a connection that cannot be read from has no one left at its end
+            log.debug("receive failed while watching for a disconnect", exc_info=True)
+        self._gone.set()
+        self._gone_async.set()
+        for callback in self._callbacks:
+            callback()
+
+    def cancelled(self) -> bool:
+        """True once the client has gone; safe to call from any thread."""
+        return self._gone.is_set()
+
+    def on_gone(self, callback: Callable[[], None]) -> None:
+        self._callbacks.append(callback)
+        if self.cancelled():
+            callback()
+
+    async def run(self, work: Awaitable[T]) -> T:
+        """The result of `work`, or RequestCancelled (with `work` cancelled) if the client goes first."""
+        task = asyncio.ensure_future(work)
+        gone = asyncio.ensure_future(self._gone_async.wait())
+        try:
+            await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            finished = task.done()
+            if not finished:
+                task.cancel()
+                task.add_done_callback(_forget)
+        if not finished:
+            raise RequestCancelled("the client closed the connection")
+        return task.result()
+
+    def close(self) -> None:
+        self._task.cancel()
+
+
+class WorkPool:
+    """A thread pool that counts the tasks it holds, so /health can tell when it is saturated.
+
+    Work of a request cancelled before a worker takes it up never runs; work already running stops
+    at its own pace (it sees the same cancellation between stages).
+    """
+
+    def __init__(self, name: str, workers: int):
+        self.name = name
+        self.workers = max(1, workers)
+        self._executor = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix=f"videollava-{name}")
+        self._held = 0
+        self._lock = threading.Lock()
+
+    async def run(self, cancelled: Callable[[], bool], function: Callable[..., T], *args: Any) -> T:
+        def work() -> T:
+            if cancelled():
+                raise RequestCancelled("the client closed the connection")
+            return function(*args)
+
+        with self._lock:
+            self._held += 1
+        future = self._executor.submit(work)
+        future.add_done_callback(self._finished)
+        return await asyncio.wrap_future(future)
+
+    def _finished(self, _future) -> None:
+        with self._lock:
+            self._held -= 1
+
+    @property
+    def saturated(self) -> bool:
+        """Every worker busy and work waiting for one."""
+        return self._held > self.workers
+
+    def state(self) -> dict[str, int]:
+        held = self._held
+        return {
+            "busy": min(held, self.workers),
+            "waiting": max(0, held - self.workers),
+            "workers": self.workers,
+        }
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+class FetchSlots:
+    """At most `limit` requests fetch remote media at once; a request that finds none free gets 429
+    rather than waiting, so slow hosts cost their own requests only. Used on the event loop alone."""
+
+    def __init__(self, limit: int):
+        self.limit = max(1, limit)
+        self.busy = 0
+
+    @contextmanager
+    def hold(self) -> Iterator[None]:
+        if self.busy >= self.limit:
+            raise busy_error(
+                f"all {self.limit} remote media fetches are in progress; try again later", "remote_fetch_busy"
+            )
+        self.busy += 1
+        try:
+            yield
+        finally:
+            self.busy -= 1
+
+    @property
+    def saturated(self) -> bool:
+        return self.busy >= self.limit
+
+    def state(self) -> dict[str, int]:
+        return {"busy": self.busy, "limit": self.limit}
 
 
 # --------------------------------------------------------------------------------------------
@@ -354,6 +581,12 @@ class EngineBridge:
             self._loop.call_soon_threadsafe(self.queue.put_nowait, item)
         except RuntimeError:  # the loop is gone (server shutting down): nobody will read
             self.handle.cancel()
+
+    async def completion(self) -> Completion:
+        while True:
+            item = await self.queue.get()
+            if isinstance(item, Completion):
+                return item
 
 
 class _EventStream(StreamingResponse):
@@ -390,7 +623,8 @@ def usage_json(completion: Completion) -> dict[str, Any]:
 
 
 class _Guard:
-    """ASGI middleware: API key, body size limit and per-status request counts, before any parsing."""
+    """ASGI middleware, outermost: request id, API key, body size limit, per-status request counts,
+    and the last word on any exception nobody else answered (500 with the id, traceback in the log)."""
 
     def __init__(self, app, settings: ServeSettings, metrics: ServerMetrics):
         self.app = app
@@ -405,17 +639,27 @@ class _Guard:
         endpoint = (
             path if path in _KNOWN_PATHS else ("/v1/models" if path.startswith("/v1/models/") else "other")
         )
+        request_id = uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
         status_seen: list[int] = []
 
         async def counting_send(message) -> None:
             if message["type"] == "http.response.start":
                 status_seen.append(message["status"])
+                headers = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+                message = {**message, "headers": headers}
             await send(message)
 
         try:
             await self._guarded(scope, receive, counting_send, path)
+        except Exception:
+            log.exception("request %s (%s %s) failed", request_id, scope.get("method"), path)
+            if status_seen:  # a stream already under way: it can only be cut short
+                return
+            await _send_error(counting_send, internal_error(request_id))
         finally:
-            self.metrics.observe_request(endpoint, status_seen[0] if status_seen else 499)
+            # no response at all: the client left before one was due
+            self.metrics.observe_request(endpoint, status_seen[0] if status_seen else CLIENT_CLOSED)
 
     async def _guarded(self, scope, receive, send, path: str) -> None:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
@@ -495,14 +739,13 @@ def create_app(pipeline: Pipeline, settings: ServeSettings, engine: Engine | Non
     """The server app; the engine is started when the app starts and stopped when it stops."""
     engine = engine or Engine(pipeline)
     metrics = ServerMetrics()
-    # Reading and fetching media waits on disks and networks; encoding it keeps the CPU busy: separate pools,
-    # so a slow download never holds up the preparation of other requests.
-    fetchers = ThreadPoolExecutor(max_workers=16, thread_name_prefix="videollava-fetch")
-    workers = ThreadPoolExecutor(
-        max_workers=max(1, settings.prepare_workers), thread_name_prefix="videollava-prepare"
-    )
+    # Fetching waits on other hosts, reading on disks, encoding keeps the CPU busy: each has its own
+    # bound, so none of them can hold up requests that do not need it.
+    fetch_slots = FetchSlots(settings.max_remote_fetches)
+    readers = WorkPool("read", settings.read_workers)
+    preparers = WorkPool("prepare", settings.prepare_workers)
     capacity = engine.max_queue + engine.max_batch_size
-    in_flight = 0
+    in_flight = 0  # admitted requests: being read or prepared, or held by the engine
     in_flight_lock = threading.Lock()
     created = int(time.time())
 
@@ -513,8 +756,8 @@ def create_app(pipeline: Pipeline, settings: ServeSettings, engine: Engine | Non
             yield
         finally:
             engine.stop()
-            workers.shutdown(wait=False, cancel_futures=True)
-            fetchers.shutdown(wait=False, cancel_futures=True)
+            readers.shutdown()
+            preparers.shutdown()
 
     app = FastAPI(title="Video-LLaVA", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(_Guard, settings=settings, metrics=metrics)
@@ -540,18 +783,14 @@ def create_app(pipeline: Pipeline, settings: ServeSettings, engine: Engine | Non
         kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
         return error_response(APIError(error.status_code, str(error.detail), kind))
 
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, error: Exception) -> JSONResponse:
-        log.exception("unexpected error")
-        return error_response(APIError(500, "internal server error", "server_error"))
+    def full_error() -> APIError:
+        return busy_error(f"the server holds {in_flight} requests; try again later", "queue_full")
 
     def admit() -> None:
         nonlocal in_flight
         with in_flight_lock:
             if in_flight >= capacity:
-                raise api_error_from(
-                    QueueFullError(f"the server holds {in_flight} requests; try again later")
-                )
+                raise full_error()
             in_flight += 1
 
     def release() -> None:
@@ -563,13 +802,37 @@ def create_app(pipeline: Pipeline, settings: ServeSettings, engine: Engine | Non
         metrics.observe_completion(completion)
         release()
 
+    def pool_states() -> tuple[dict[str, dict[str, int]], list[str]]:
+        pools = {
+            "remote_fetch": fetch_slots.state(),
+            "read": readers.state(),
+            "prepare": preparers.state(),
+            "admission": {"busy": in_flight, "limit": capacity},
+            "engine_queue": {"waiting": engine.queue_depth, "limit": engine.max_queue},
+        }
+        saturated = [
+            name
+            for name, full in (
+                ("remote_fetch", fetch_slots.saturated),
+                ("read", readers.saturated),
+                ("prepare", preparers.saturated),
+                ("admission", in_flight >= capacity),
+                ("engine_queue", engine.queue_depth >= engine.max_queue),
+            )
+            if full
+        ]
+        return pools, saturated
+
     @app.get("/health")
     async def health() -> dict[str, Any]:
+        pools, saturated = pool_states()
         return {
-            "status": "ok",
+            "status": "degraded" if saturated else "ok",
+            "saturated": saturated,
             "model": settings.model_name,
             "queue_depth": engine.queue_depth,
             "running": engine.running,
+            "pools": pools,
         }
 
     @app.get("/metrics")
@@ -594,42 +857,88 @@ def create_app(pipeline: Pipeline, settings: ServeSettings, engine: Engine | Non
             )
         return model_card()
 
-    @app.post(CHAT_PATH)
-    async def chat_completions(request: Request):
-        raw = await request.body()
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise APIError(400, f"the request body is not valid JSON ({error})") from None
-        chat = parse_chat_request(body, settings)
+    async def fetch_remote(chat: ChatRequest, watch: ClientWatch) -> dict[int, MediaItem]:
+        """The request's http(s) media by position, fetched in one slot; before admission, so a slow host
+        holds a fetch slot and nothing else."""
+        wanted = [(i, kind, url) for i, (kind, url) in enumerate(chat.media) if is_remote(url)]
+        if not wanted:
+            return {}
+        fetched: dict[int, MediaItem] = {}
+        with fetch_slots.hold():
+            for index, kind, url in wanted:
+                fetched[index] = await watch.run(fetch_media(url, kind, settings.media))
+        return fetched
+
+    async def start(chat: ChatRequest, watch: ClientWatch) -> Handle:
+        """Fetch, read, prepare and submit; each stage stops when the client goes, and a request that
+        does not reach the engine gives its place back at once."""
+        if in_flight >= capacity:  # refuse before fetching anything
+            raise full_error()
+        watch.stage = "fetch"
+        fetched = await fetch_remote(chat, watch)
         admit()
-        loop = asyncio.get_running_loop()
         try:
-            media = await loop.run_in_executor(fetchers, resolve_chat_media, chat, settings.media)
-            prepared = await loop.run_in_executor(workers, prepare_chat, pipeline, chat, media)
-            handle = engine.submit(prepared, chat.params)
-        except (VideoLlavaError, APIError) as error:
-            release()
-            raise api_error_from(error) from None
-        except BaseException:  # cancelled or broken: the slot must not leak
+            watch.stage = "read"
+            media: list[MediaItem] = []
+            if chat.media:
+                media = await watch.run(
+                    readers.run(
+                        watch.cancelled, read_chat_media, chat, fetched, settings.media, watch.cancelled
+                    )
+                )
+            watch.stage = "prepare"
+            prepared = await watch.run(
+                preparers.run(watch.cancelled, prepare_chat, pipeline, chat, media, watch.cancelled)
+            )
+            if watch.cancelled():
+                raise RequestCancelled("the client closed the connection")
+            handle = engine.submit(prepared, chat.params, cache_salt=chat.cache_salt)
+        except BaseException:
             release()
             raise
-        bridge = EngineBridge(handle, loop, finished)
-        request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        if chat.stream:
-            return _EventStream(
-                stream_chunks(bridge, request_id, settings.model_name, chat.include_usage), handle.cancel
-            )
-        completion = await wait_completion(bridge, request)
-        if completion is None:
-            return JSONResponse(
-                error_body("client closed the request", "invalid_request_error"), status_code=499
-            )
+        watch.stage = "generate"
+        watch.on_gone(handle.cancel)
+        return handle
+
+    @app.post(CHAT_PATH)
+    async def chat_completions(request: Request):
+        request_id = request.state.request_id
+        chat = parse_chat_request(parse_json_body(await request.body()), settings)
+        watch = ClientWatch(request.receive)
+        streaming = False
+        try:
+            handle = await start(chat, watch)
+            bridge = EngineBridge(handle, asyncio.get_running_loop(), finished)
+            if chat.stream:
+                streaming = True
+
+                def closed() -> None:
+                    if not handle.done:  # the client left mid-stream
+                        metrics.observe_cancelled("generate")
+                    handle.cancel()
+                    watch.close()
+
+                return _EventStream(
+                    stream_chunks(bridge, request_id, settings.model_name, chat.include_usage), closed
+                )
+            completion = await watch.run(bridge.completion())
+            if completion.finish_reason == "cancelled" and watch.cancelled():
+                raise RequestCancelled("the client closed the connection")
+        except RequestCancelled:
+            metrics.observe_cancelled(watch.stage)
+            return error_response(api_error_from(RequestCancelled()))
+        except VideoLlavaError as error:
+            raise api_error_from(error) from None
+        finally:
+            if not streaming:
+                watch.close()
+        if completion.finish_reason == "cancelled":  # stopped by the server (shutting down)
+            raise APIError(503, "the server stopped the request; try again", "server_error")
         if completion.finish_reason == "error":
-            log.error("generation failed: %s", completion.error)
-            raise APIError(500, f"generation failed: {completion.error}", "server_error")
+            log.error("request %s: generation failed: %s", request_id, completion.error)
+            raise internal_error(request_id, generation_failed(completion))
         return {
-            "id": request_id,
+            "id": f"chatcmpl-{request_id}",
             "object": "chat.completion",
             "created": int(time.time()),
             "model": settings.model_name,
@@ -647,29 +956,16 @@ def create_app(pipeline: Pipeline, settings: ServeSettings, engine: Engine | Non
     return app
 
 
-async def wait_completion(bridge: EngineBridge, request: Request) -> Completion | None:
-    """The finished completion, or None after cancelling it when the client went away."""
-    while True:
-        try:
-            item = await asyncio.wait_for(bridge.queue.get(), timeout=0.5)
-        except asyncio.TimeoutError:  # noqa: UP041 (not the builtin before Python 3.11)
-            if await request.is_disconnected():
-                bridge.handle.cancel()
-                return None
-            continue
-        if isinstance(item, Completion):
-            return item
-
-
 async def stream_chunks(
     bridge: EngineBridge, request_id: str, model_name: str, include_usage: bool
 ) -> AsyncIterator[str]:
     """`chat.completion.chunk` events: the role, the text as it comes, the finish reason, then [DONE]."""
     created = int(time.time())
+    completion_id = f"chatcmpl-{request_id}"
 
     def chunk(delta: dict[str, Any], finish_reason: str | None = None, **extra: Any) -> str:
         payload = {
-            "id": request_id,
+            "id": completion_id,
             "object": "chat.completion.chunk",
             "created": created,
             "model": model_name,
@@ -687,14 +983,14 @@ async def stream_chunks(
                     yield chunk({"content": item.text})
                 continue
             if item.finish_reason == "error":
-                log.error("generation failed: %s", item.error)
-                error = error_body(f"generation failed: {item.error}", "server_error")
-                yield f"data: {json.dumps(error)}\n\n"
+                log.error("request %s: generation failed: %s", request_id, item.error)
+                error = internal_error(request_id, generation_failed(item))
+                yield f"data: {json.dumps(error_body(error.message, error.type, error.param, error.code))}\n\n"
             elif item.finish_reason in ("stop", "length"):
                 yield chunk({}, item.finish_reason)
                 if include_usage:
                     payload = {
-                        "id": request_id,
+                        "id": completion_id,
                         "object": "chat.completion.chunk",
                         "created": created,
                         "model": model_name,
@@ -748,7 +1044,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="domains (and their subdomains) whose http(s) media URLs are fetched (default: none)",
     )
     parser.add_argument(
-        "--remote-timeout", type=float, default=20.0, help="seconds to fetch one remote media item"
+        "--remote-timeout",
+        type=float,
+        default=20.0,
+        help="seconds to fetch one remote media item, all told: connecting, headers and body",
+    )
+    parser.add_argument(
+        "--max-remote-fetches",
+        type=int,
+        default=16,
+        help="requests fetching remote media at once; more are answered 429 (default: 16)",
     )
     parser.add_argument("--max-queue", type=int, default=64, help="waiting requests before answering 429")
     parser.add_argument("--max-batch-size", type=int, default=16, help="requests decoded together")
@@ -761,37 +1066,69 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    import uvicorn
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port and listening, made before the model loads: a busy port is then an
+    error at once, and nothing is printed that claims the server is up."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except (socket.gaierror, UnicodeError) as error:
+        raise VideoLlavaError(f"--host {host}: not an address of this machine ({error})") from None
+    listener = socket.socket(family, kind, proto)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # reuse only after TIME_WAIT
+    try:
+        listener.bind(address)
+        listener.listen(2048)
+    except OSError as error:
+        listener.close()
+        raise VideoLlavaError(
+            f"cannot listen on {host}:{port} ({error.strerror}); is another server using it? choose another --port"
+        ) from None
+    return listener
 
-    for name in ("max_queue", "max_batch_size", "max_tokens"):
+
+def run(args: argparse.Namespace) -> int:
+    for name in ("max_queue", "max_batch_size", "max_tokens", "max_remote_fetches"):
         if getattr(args, name) < 1:
             raise VideoLlavaError(f"--{name.replace('_', '-')} must be at least 1")
     if args.max_body_mb <= 0 or args.max_media_mb <= 0:
         raise VideoLlavaError("--max-body-mb and --max-media-mb must be positive")
+    if not args.remote_timeout > 0:
+        raise VideoLlavaError("--remote-timeout must be positive")
+    if not 0 <= args.port <= 65535:
+        raise VideoLlavaError(f"--port {args.port}: not a port number (0 to 65535)")
     media_dir = None
     if args.allowed_media_dir:
         media_dir = Path(args.allowed_media_dir).expanduser()
         if not media_dir.is_dir():
             raise VideoLlavaError(f"--allowed-media-dir {media_dir}: not a folder")
-    pipeline = Pipeline.from_pretrained(args.model, dtype=args.dtype, num_frames=args.frames)
-    name = args.served_model_name or (Path(args.model).name if args.model else "videollava-shapesworld")
-    settings = ServeSettings(
-        model_name=name,
-        api_key=args.api_key,
-        media=MediaPolicy(
-            allowed_dir=media_dir,
-            allowed_domains=args.allow_remote_media,
-            max_bytes=int(args.max_media_mb * 2**20),
-            fetch_timeout=args.remote_timeout,
-        ),
-        max_body_bytes=int(args.max_body_mb * 2**20),
-        default_max_tokens=args.max_tokens,
-    )
-    engine = Engine(pipeline, max_batch_size=args.max_batch_size, max_queue=args.max_queue)
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
-        log.warning("serving on %s without --api-key: anyone who can reach it can use it", args.host)
-    app = create_app(pipeline, settings, engine)
-    print(f"serving {name!r} on http://{args.host}:{args.port}/v1", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    listener = listening_socket(args.host, args.port)
+    try:
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        pipeline = Pipeline.from_pretrained(args.model, dtype=args.dtype, num_frames=args.frames)
+        name = args.served_model_name or (Path(args.model).name if args.model else "videollava-shapesworld")
+        settings = ServeSettings(
+            model_name=name,
+            api_key=args.api_key,
+            media=MediaPolicy(
+                allowed_dir=media_dir,
+                allowed_domains=args.allow_remote_media,
+                max_bytes=int(args.max_media_mb * 2**20),
+                fetch_timeout=args.remote_timeout,
+            ),
+            max_body_bytes=int(args.max_body_mb * 2**20),
+            default_max_tokens=args.max_tokens,
+            max_remote_fetches=args.max_remote_fetches,
+        )
+        engine = Engine(pipeline, max_batch_size=args.max_batch_size, max_queue=args.max_queue)
+        if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+            log.warning("serving on %s without --api-key: anyone who can reach it can use it", args.host)
+        app = create_app(pipeline, settings, engine)
+        port = listener.getsockname()[1]
+        shown_host = f"[{args.host}]" if ":" in args.host else args.host
+        print(f"serving {name!r} on http://{shown_host}:{port}/v1", flush=True)
+        uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[listener])
+    finally:
+        listener.close()
     return 0

@@ -52,6 +52,7 @@ class ServerMetrics:
         self._lock = threading.Lock()
         self.requests: Counter[tuple[str, int]] = Counter()
         self.finish_reasons: Counter[str] = Counter()
+        self.cancelled: Counter[str] = Counter()  # by the stage the client left in
         self.latency = Histogram()
         self.first_token = Histogram()
         self.completion_tokens = 0
@@ -65,6 +66,11 @@ class ServerMetrics:
     def observe_request(self, endpoint: str, status: int) -> None:
         with self._lock:
             self.requests[(endpoint, status)] += 1
+
+    def observe_cancelled(self, stage: str) -> None:
+        """A request whose client went away before its answer was complete; its work was stopped."""
+        with self._lock:
+            self.cancelled[stage] += 1
 
     def observe_completion(self, completion: Completion) -> None:
         now = time.monotonic()
@@ -107,6 +113,7 @@ class ServerMetrics:
         with self._lock:
             requests = sorted(self.requests.items())
             reasons = sorted(self.finish_reasons.items())
+            cancelled = sorted(self.cancelled.items())
             latency = self.latency.lines("videollava_request_latency_seconds")
             first = self.first_token.lines("videollava_time_to_first_token_seconds")
             scalars = (
@@ -120,7 +127,7 @@ class ServerMetrics:
         family(
             "videollava_http_requests_total",
             "counter",
-            "HTTP requests answered, by endpoint and status code.",
+            "HTTP requests answered, by endpoint and status code (499: the client left first).",
             [
                 f'videollava_http_requests_total{{endpoint="{_label(e)}",status="{s}"}} {n}'
                 for (e, s), n in requests
@@ -131,6 +138,13 @@ class ServerMetrics:
             "counter",
             "Generations finished, by finish reason.",
             [f'videollava_completions_total{{finish_reason="{_label(r)}"}} {n}' for r, n in reasons],
+        )
+        family(
+            "videollava_requests_cancelled_total",
+            "counter",
+            "Requests stopped because their client went away, by the stage they were in "
+            "(fetch, read, prepare, generate).",
+            [f'videollava_requests_cancelled_total{{stage="{_label(s)}"}} {n}' for s, n in cancelled],
         )
         family(
             "videollava_request_latency_seconds",
