@@ -549,3 +549,34 @@ def test_hub_id_offline_gives_clear_error(tmp_path):
     )
     assert result.returncode != 0
     assert "CheckpointError" in result.stderr and "could not fetch from the Hugging Face hub" in result.stderr
+
+
+@pytest.mark.parametrize("past_the_rows", [0, 5])
+def test_tokenizer_larger_than_the_embedding_fails_at_load(tmp_path, hf_checkpoint, past_the_rows):
+    """Ids past the embedding rows would be an IndexError mid-generation: the load names both sizes."""
+    from transformers import AutoTokenizer
+
+    from videollava.infer.pipeline import Pipeline
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(hf_checkpoint[0], folder)
+    rows = hf_checkpoint[1].get_input_embeddings().num_embeddings
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    extra = rows - len(tokenizer) + past_the_rows
+    tokenizer.add_tokens([f"<extra_{i}>" for i in range(extra)])
+    tokenizer.save_pretrained(str(folder))
+    assert len(tokenizer) == rows + past_the_rows
+    if not past_the_rows:  # exactly as many tokens as rows: every id has its row
+        assert (
+            Pipeline.from_pretrained(folder, dtype="float32").tokenizer.convert_tokens_to_ids(
+                f"<extra_{extra - 1}>"
+            )
+            == rows - 1
+        )
+        return
+    with pytest.raises(
+        CheckpointError,
+        match=rf"{folder}: the tokenizer has {rows + past_the_rows} tokens "
+        rf"but the model's embedding has {rows} rows",
+    ):
+        Pipeline.from_pretrained(folder, dtype="float32")

@@ -23,7 +23,7 @@ from videollava.data.tokenize import IMAGE_SLOT, VIDEO_SLOT, check_placeholders,
 from videollava.data.transforms import ImageTransformConfig, preprocess_images, preprocess_video
 from videollava.errors import CheckpointError, MediaError, PromptError
 from videollava.infer.engine import Prepared
-from videollava.model.checkpoint import load_weights, save_weights
+from videollava.model.checkpoint import check_vocabulary, load_weights, save_weights
 from videollava.model.videollava import VideoLlava
 
 MediaSource = str | os.PathLike | bytes
@@ -175,6 +175,7 @@ class Pipeline:
             raise CheckpointError(
                 f"{folder}: no usable tokenizer ({type(error).__name__}: {error})"
             ) from None
+        check_vocabulary(tokenizer, model, folder)
         return cls(model, tokenizer, transform_for_checkpoint(folder, model), **kwargs)
 
     def save_pretrained(self, out_dir: str | os.PathLike) -> None:
