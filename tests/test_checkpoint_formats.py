@@ -417,6 +417,35 @@ def test_hf_image_size_pair_and_missing_fields(tmp_path, hf_checkpoint):
     assert config_from_hf(data, has_temporal=False).vision.hidden_size == 1024  # Video-LLaVA's default tower
 
 
+def test_hub_tower_ids_resolve_to_folders_inside_the_checkpoint(original, tmp_path, monkeypatch):
+    """Offline: the published config names hub ids; the same relative paths inside the folder are used."""
+    folder = _copy_original(original, tmp_path)
+    for name in ("LanguageBind_Image", "LanguageBind_Video_merge"):
+        (folder / "LanguageBind").mkdir(exist_ok=True)
+        shutil.move(folder.parent / name, folder / "LanguageBind" / name)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(
+        mm_image_tower="LanguageBind/LanguageBind_Image",
+        mm_video_tower="LanguageBind/LanguageBind_Video_merge",
+    )
+    (folder / "config.json").write_text(json.dumps(config))
+    from videollava.model import checkpoint
+
+    def no_hub(reference, allow_bin=True):
+        raise AssertionError(f"asked the hub for {reference}")
+
+    monkeypatch.setattr(checkpoint, "resolve", no_hub)
+    model = checkpoint.load_original(folder, torch.float32)
+    assert model.config.temporal_frames == 8
+    towers = torch.load(
+        folder / "LanguageBind" / "LanguageBind_Video_merge" / "pytorch_model.bin", weights_only=True
+    )
+    torch.testing.assert_close(
+        model.video_tower.encoder.layers[0].temporal_embedding,
+        towers["vision_model.encoder.layers.0.temporal_embedding"],
+    )
+
+
 def test_towers_inside_main_checkpoint(tmp_path, hf_checkpoint):
     from videollava.train.tokenizer import tiny_test_tokenizer
 
