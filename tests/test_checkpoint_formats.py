@@ -357,6 +357,7 @@ def test_non_square_tower_image_size_is_named(original, tmp_path):
         ("num_hidden_layers", 2.5, r"num_hidden_layers 2.5 must be a positive integer"),
         ("add_time_attn", "yes", r"add_time_attn 'yes' must be true or false"),
         ("num_frames", 0, r"num_frames 0 must be a positive integer"),
+        ("layer_norm_eps", "1e-5", r"layer_norm_eps '1e-5' must be a number in \(0, 1\)"),
     ],
 )
 def test_bad_tower_config_fields_are_named(original, tmp_path, field, value, message):

@@ -258,6 +258,9 @@ def vision_config(data: dict[str, Any], source: str) -> VisionConfig:
         value = fields[name]
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise CheckpointError(f"{source}: vision_config.{name} {value!r} must be a positive integer")
+    eps = fields["layer_norm_eps"]
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
+        raise CheckpointError(f"{source}: vision_config.layer_norm_eps {eps!r} must be a number in (0, 1)")
     if fields["hidden_act"] not in _ACTIVATIONS:
         raise CheckpointError(
             f"{source}: vision_config.hidden_act {fields['hidden_act']!r} is not one of {', '.join(_ACTIVATIONS)}"
