@@ -14,7 +14,8 @@ bytes of weights (what memory must hold), and this CPU's bf16 matmul rate and we
 bandwidth measured just before the answer (the floors under prefill and decode).
 
 Writes runs/bench/paper_scale_load.json (or `--output`); bench/results/paper_scale_load.json only
-with `--record`. Run: ``python bench/paper_scale_load.py`` (about 5 minutes and 16 GB of RAM at 7B).
+with `--record`. Run: ``python bench/paper_scale_load.py`` (at 7B: 5-10 minutes, 17 GiB of RAM and
+15 GB of temporary disk).
 """
 
 from __future__ import annotations
