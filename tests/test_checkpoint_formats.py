@@ -19,21 +19,158 @@ from videollava.model.checkpoint import load_weights, normalize_hf_keys
 from .conftest import TEXT, VISION
 
 PATCHES = (VISION["image_size"] // VISION["patch_size"]) ** 2
+TOWER_TEXT_VOCAB = 100
 
 
-def _tower_config(video: bool, frames: int = 8) -> dict:
+# What transformers 4.30 (the version LanguageBind pins) writes for every nested config: its
+# PretrainedConfig attributes with their defaults. LanguageBind's tower configs are compositions, so
+# `save_pretrained` writes `text_config` and `vision_config` whole, these fields included.
+PRETRAINED_CONFIG_FIELDS = {
+    "return_dict": True,
+    "output_hidden_states": False,
+    "output_attentions": False,
+    "torchscript": False,
+    "torch_dtype": None,
+    "use_bfloat16": False,
+    "tf_legacy_loss": False,
+    "pruned_heads": {},
+    "tie_word_embeddings": True,
+    "is_encoder_decoder": False,
+    "is_decoder": False,
+    "cross_attention_hidden_size": None,
+    "add_cross_attention": False,
+    "tie_encoder_decoder": False,
+    "max_length": 20,
+    "min_length": 0,
+    "do_sample": False,
+    "early_stopping": False,
+    "num_beams": 1,
+    "num_beam_groups": 1,
+    "diversity_penalty": 0.0,
+    "temperature": 1.0,
+    "top_k": 50,
+    "top_p": 1.0,
+    "typical_p": 1.0,
+    "repetition_penalty": 1.0,
+    "length_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "encoder_no_repeat_ngram_size": 0,
+    "bad_words_ids": None,
+    "num_return_sequences": 1,
+    "chunk_size_feed_forward": 0,
+    "output_scores": False,
+    "return_dict_in_generate": False,
+    "forced_bos_token_id": None,
+    "forced_eos_token_id": None,
+    "remove_invalid_values": False,
+    "exponential_decay_length_penalty": None,
+    "suppress_tokens": None,
+    "begin_suppress_tokens": None,
+    "architectures": None,
+    "finetuning_task": None,
+    "id2label": {"0": "LABEL_0", "1": "LABEL_1"},
+    "label2id": {"LABEL_0": 0, "LABEL_1": 1},
+    "tokenizer_class": None,
+    "prefix": None,
+    "bos_token_id": None,
+    "pad_token_id": None,
+    "eos_token_id": None,
+    "sep_token_id": None,
+    "decoder_start_token_id": None,
+    "task_specific_params": None,
+    "problem_type": None,
+    "_name_or_path": "",
+    "transformers_version": "4.30.2",
+}
+
+
+def languagebind_config(video: bool, frames: int = 8, add_time_attn: bool | None = None) -> dict:
+    """A tower folder's config.json with the fields LanguageBind's configuration code writes.
+
+    Its vision config class adds `add_time_attn`, `num_frames`, `force_patch_dropout`, the LoRA
+    settings and the audio fields to CLIP's; the image model's constructor rewrites `image_size`
+    into a pair before saving, the video model's does not. The image tower keeps the class
+    defaults `add_time_attn` false and `num_frames` 1.
+    """
+    size = VISION["image_size"]
+    add_time_attn = video if add_time_attn is None else add_time_attn
     vision = {
-        k: VISION[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+        **PRETRAINED_CONFIG_FIELDS,
+        "hidden_size": VISION["hidden_size"],
+        "intermediate_size": VISION["intermediate_size"],
+        "projection_dim": VISION["projection_dim"],
+        "num_hidden_layers": VISION["num_hidden_layers"],
+        "num_attention_heads": VISION["num_attention_heads"],
+        "num_channels": 3,
+        "patch_size": VISION["patch_size"],
+        "image_size": size if video else [size, size],
+        "initializer_range": 0.02,
+        "initializer_factor": 1.0,
+        "attention_dropout": 0.0,
+        "layer_norm_eps": 1e-5,
+        "hidden_act": "gelu",
+        "add_time_attn": add_time_attn,
+        "num_frames": frames if video else 1,
+        "force_patch_dropout": 0.0,
+        "lora_r": 0,  # LoRA merged into the plain weights
+        "lora_alpha": 16,
+        "lora_dropout": 0.0,
+        "num_mel_bins": 0.0,
+        "target_length": 0.0,
+        "video_decode_backend": "decord",
+        "model_type": "clip_vision_model",
     }
-    vision.update(image_size=VISION["image_size"], patch_size=VISION["patch_size"], hidden_act="gelu")
-    vision.update(layer_norm_eps=1e-5, projection_dim=16)
-    if video:
-        vision.update(add_time_attn=True, num_frames=frames, lora_r=0)
+    text = {
+        **PRETRAINED_CONFIG_FIELDS,
+        "vocab_size": TOWER_TEXT_VOCAB,
+        "hidden_size": 16,
+        "intermediate_size": 32,
+        "projection_dim": VISION["projection_dim"],
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "max_position_embeddings": 77,
+        "layer_norm_eps": 1e-5,
+        "hidden_act": "gelu",
+        "initializer_range": 0.02,
+        "initializer_factor": 1.0,
+        "attention_dropout": 0.0,
+        "add_time_attn": False,
+        "bos_token_id": 49406,
+        "eos_token_id": 49407,
+        "pad_token_id": 1,
+        "model_type": "clip_text_model",
+    }
     return {
+        "_name_or_path": "LanguageBind_Video_merge" if video else "LanguageBind_Image",
+        "architectures": ["CLIPModel"],
+        "initializer_factor": 1.0,
+        "logit_scale_init_value": 2.6592,
         "model_type": "LanguageBindVideo" if video else "LanguageBindImage",
-        "projection_dim": 16,
-        "text_config": {"hidden_size": 16, "num_hidden_layers": 1, "vocab_size": 100},
+        "projection_dim": VISION["projection_dim"],
+        "text_config": text,
+        "torch_dtype": "float32",
+        "transformers_version": "4.30.2",
         "vision_config": vision,
+    }
+
+
+def languagebind_extra_weights(generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """The CLIP text side, projections, logit scale and position ids a LanguageBind tower file also holds."""
+    width, rows = 16, PATCHES + 1
+    return {
+        "vision_model.embeddings.position_ids": torch.arange(rows)[None],
+        "text_model.embeddings.token_embedding.weight": torch.randn(
+            TOWER_TEXT_VOCAB, width, generator=generator
+        ),
+        "text_model.embeddings.position_embedding.weight": torch.randn(77, width, generator=generator),
+        "text_model.embeddings.position_ids": torch.arange(77)[None],
+        "text_model.final_layer_norm.weight": torch.ones(width),
+        "text_model.final_layer_norm.bias": torch.zeros(width),
+        "visual_projection.weight": torch.randn(
+            VISION["projection_dim"], VISION["hidden_size"], generator=generator
+        ),
+        "text_projection.weight": torch.randn(VISION["projection_dim"], width, generator=generator),
+        "logit_scale": torch.tensor(4.6052),
     }
 
 
@@ -74,19 +211,14 @@ def write_original_layout(
             towers[tower.split("_")[0]]["vision_model." + rest] = value
     if temporal:
         towers["video"].update(_temporal_weights(VISION["num_hidden_layers"], frames, VISION["hidden_size"]))
+    generator = torch.Generator().manual_seed(5)
     for kind in ("image", "video"):
         folder = root / ("LanguageBind_Image" if kind == "image" else "LanguageBind_Video_merge")
         folder.mkdir(parents=True)
-        config = _tower_config(kind == "video", frames)
-        if kind == "video" and not temporal:
-            config["vision_config"]["add_time_attn"] = False
-        (folder / "config.json").write_text(json.dumps(config))
-        weights = dict(towers[kind])
-        weights["text_model.embeddings.token_embedding.weight"] = torch.randn(100, 16)
-        weights["visual_projection.weight"] = torch.randn(16, VISION["hidden_size"])
-        weights["text_projection.weight"] = torch.randn(16, 16)
-        weights["logit_scale"] = torch.tensor(4.6)
-        torch.save(weights, folder / "pytorch_model.bin")
+        video = kind == "video"
+        config = languagebind_config(video, frames, add_time_attn=temporal if video else False)
+        (folder / "config.json").write_text(json.dumps(config, indent=2))
+        torch.save({**towers[kind], **languagebind_extra_weights(generator)}, folder / "pytorch_model.bin")
         if towers_inside:
             for k, v in towers[kind].items():
                 main[f"model.{kind}_tower.{kind}_tower.{k}"] = v
@@ -137,7 +269,13 @@ def original(tmp_path_factory, hf_checkpoint):
 
 
 def test_original_layout_loads_with_temporal_weights(original):
+    image_config = json.loads((original.parent / "LanguageBind_Image" / "config.json").read_text())
+    # The folder is what LanguageBind writes: a pair for image_size, one frame, no time attention.
+    assert image_config["vision_config"]["image_size"] == [VISION["image_size"]] * 2
+    assert image_config["vision_config"]["num_frames"] == 1
+    assert image_config["vision_config"]["add_time_attn"] is False
     model, _ = load_weights(original, torch.float32)
+    assert model.config.vision.image_size == VISION["image_size"]
     assert model.config.temporal_frames == 8
     assert model.config.image_aspect_ratio == "pad"
     towers = torch.load(original.parent / "LanguageBind_Video_merge" / "pytorch_model.bin", weights_only=True)
@@ -148,7 +286,12 @@ def test_original_layout_loads_with_temporal_weights(original):
     torch.testing.assert_close(
         layer.temporal_attn.q_proj.weight, towers["vision_model.encoder.layers.1.temporal_attn.q_proj.weight"]
     )
-    assert not hasattr(model.image_tower.encoder.layers[0], "temporal_attn")
+    assert not any(hasattr(layer, "temporal_attn") for layer in model.image_tower.encoder.layers)
+    image = torch.load(original.parent / "LanguageBind_Image" / "pytorch_model.bin", weights_only=True)
+    torch.testing.assert_close(
+        model.image_tower.encoder.layers[2].mlp.fc1.weight,
+        image["vision_model.encoder.layers.2.mlp.fc1.weight"],
+    )
 
 
 def test_original_without_temporal_matches_hf_logits(tmp_path, hf_checkpoint):
@@ -159,7 +302,10 @@ def test_original_without_temporal_matches_hf_logits(tmp_path, hf_checkpoint):
     folder = write_original_layout(
         tmp_path, hf, tiny_test_tokenizer(placeholder_tokens=False), temporal=False
     )
+    video_config = json.loads((tmp_path / "LanguageBind_Video_merge" / "config.json").read_text())
+    assert video_config["vision_config"]["num_frames"] == 8  # ignored: add_time_attn is false
     ours, _ = load_weights(folder, torch.float32)
+    assert ours.config.temporal_frames == 0
     reference, _ = load_weights(hf_checkpoint[0], torch.float32)
     ids = [[1, 5, 9, -201, 7, -200, 11, 12]]
     torch.manual_seed(0)
@@ -168,6 +314,137 @@ def test_original_without_temporal_matches_hf_logits(tmp_path, hf_checkpoint):
         a = ours(ids, images=images, videos=videos).logits
         b = reference(ids, images=images, videos=videos).logits
     torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def _copy_original(original: Path, tmp_path: Path) -> Path:
+    """A writable copy of the original-layout fixture (checkpoint and both tower folders)."""
+    root = tmp_path / "copy"
+    shutil.copytree(original.parent, root)
+    return root / original.name
+
+
+def _edit_vision_config(folder: Path, **changes) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    config["vision_config"].update(changes)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+
+
+@pytest.mark.parametrize("image_size", [VISION["image_size"], [VISION["image_size"]] * 2])
+def test_tower_image_size_is_an_int_or_a_pair_in_either_folder(original, tmp_path, image_size):
+    """The published folders carry an int, folders saved by LanguageBind's image model a pair."""
+    folder = _copy_original(original, tmp_path)
+    for tower in ("LanguageBind_Image", "LanguageBind_Video_merge"):
+        _edit_vision_config(folder.parent / tower, image_size=image_size)
+    model, _ = load_weights(folder, torch.float32)
+    assert model.config.vision.image_size == VISION["image_size"]
+    assert model.config.temporal_frames == 8
+
+
+def test_non_square_tower_image_size_is_named(original, tmp_path):
+    folder = _copy_original(original, tmp_path)
+    _edit_vision_config(folder.parent / "LanguageBind_Image", image_size=[56, 84])
+    with pytest.raises(
+        CheckpointError, match=r"LanguageBind_Image/config.json: image_size \[56, 84\] is not square"
+    ):
+        load_weights(folder, torch.float32)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("image_size", "224", r"image_size '224' must be a positive integer or a pair"),
+        ("hidden_act", "swish", r"hidden_act 'swish' is not one of"),
+        ("num_hidden_layers", 2.5, r"num_hidden_layers 2.5 must be a positive integer"),
+        ("add_time_attn", "yes", r"add_time_attn 'yes' must be true or false"),
+        ("num_frames", 0, r"num_frames 0 must be a positive integer"),
+        ("layer_norm_eps", "1e-5", r"layer_norm_eps '1e-5' must be a number in \(0, 1\)"),
+    ],
+)
+def test_bad_tower_config_fields_are_named(original, tmp_path, field, value, message):
+    folder = _copy_original(original, tmp_path)
+    _edit_vision_config(folder.parent / "LanguageBind_Video_merge", **{field: value})
+    with pytest.raises(CheckpointError, match=rf"LanguageBind_Video_merge/config.json: .*{message}"):
+        load_weights(folder, torch.float32)
+
+
+def test_image_folder_with_time_attention_is_refused(original, tmp_path):
+    folder = _copy_original(original, tmp_path)
+    _edit_vision_config(folder.parent / "LanguageBind_Image", add_time_attn=True, num_frames=8)
+    with pytest.raises(CheckpointError, match=r"LanguageBind_Image/config.json: .*add_time_attn is true"):
+        load_weights(folder, torch.float32)
+
+
+def test_tower_shape_mismatch_names_the_fields(original, tmp_path):
+    folder = _copy_original(original, tmp_path)
+    _edit_vision_config(folder.parent / "LanguageBind_Video_merge", hidden_act="quick_gelu")
+    with pytest.raises(
+        CheckpointError, match=r"differs from the image tower's .*hidden_act gelu vs quick_gelu"
+    ):
+        load_weights(folder, torch.float32)
+
+
+def test_unmerged_lora_tower_is_named(original, tmp_path):
+    """A tower saved before merging has PEFT's names; it is refused by name, not as missing weights."""
+    folder = _copy_original(original, tmp_path)
+    tower = folder.parent / "LanguageBind_Video_merge"
+    _edit_vision_config(tower, lora_r=16)
+    weights = torch.load(tower / "pytorch_model.bin", weights_only=True)
+    renamed = {
+        k.replace("vision_model.encoder.layers.", "vision_model.encoder.base_model.model.layers."): v
+        for k, v in weights.items()
+    }
+    renamed["vision_model.encoder.base_model.model.layers.0.temporal_attn.q_proj.lora_A.default.weight"] = (
+        torch.zeros(16, VISION["hidden_size"])
+    )
+    torch.save(renamed, tower / "pytorch_model.bin")
+    with pytest.raises(
+        CheckpointError, match=r"LanguageBind_Video_merge: the weights hold unmerged LoRA adapters"
+    ):
+        load_weights(folder, torch.float32)
+
+
+def test_hf_image_size_pair_and_missing_fields(tmp_path, hf_checkpoint):
+    """-hf configs: a pair is read like an int; fields left out take CLIP's defaults, as transformers does."""
+    from videollava.model.checkpoint import config_from_hf
+
+    data = json.loads((hf_checkpoint[0] / "config.json").read_text())
+    data["vision_config"]["image_size"] = [VISION["image_size"]] * 2
+    del data["vision_config"]["hidden_act"]
+    config = config_from_hf(data, has_temporal=False)
+    assert config.vision.image_size == VISION["image_size"]
+    assert config.vision.hidden_act == "quick_gelu"
+    assert config.vision.num_frames == 0 and config.temporal_frames == 0
+    del data["vision_config"]
+    assert config_from_hf(data, has_temporal=False).vision.hidden_size == 1024  # Video-LLaVA's default tower
+
+
+def test_hub_tower_ids_resolve_to_folders_inside_the_checkpoint(original, tmp_path, monkeypatch):
+    """Offline: the published config names hub ids; the same relative paths inside the folder are used."""
+    folder = _copy_original(original, tmp_path)
+    for name in ("LanguageBind_Image", "LanguageBind_Video_merge"):
+        (folder / "LanguageBind").mkdir(exist_ok=True)
+        shutil.move(folder.parent / name, folder / "LanguageBind" / name)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(
+        mm_image_tower="LanguageBind/LanguageBind_Image",
+        mm_video_tower="LanguageBind/LanguageBind_Video_merge",
+    )
+    (folder / "config.json").write_text(json.dumps(config))
+    from videollava.model import checkpoint
+
+    def no_hub(reference, allow_bin=True):
+        raise AssertionError(f"asked the hub for {reference}")
+
+    monkeypatch.setattr(checkpoint, "resolve", no_hub)
+    model = checkpoint.load_original(folder, torch.float32)
+    assert model.config.temporal_frames == 8
+    towers = torch.load(
+        folder / "LanguageBind" / "LanguageBind_Video_merge" / "pytorch_model.bin", weights_only=True
+    )
+    torch.testing.assert_close(
+        model.video_tower.encoder.layers[0].temporal_embedding,
+        towers["vision_model.encoder.layers.0.temporal_embedding"],
+    )
 
 
 def test_towers_inside_main_checkpoint(tmp_path, hf_checkpoint):
@@ -302,3 +579,34 @@ def test_hub_id_offline_gives_clear_error(tmp_path):
     )
     assert result.returncode != 0
     assert "CheckpointError" in result.stderr and "could not fetch from the Hugging Face hub" in result.stderr
+
+
+@pytest.mark.parametrize("past_the_rows", [0, 5])
+def test_tokenizer_larger_than_the_embedding_fails_at_load(tmp_path, hf_checkpoint, past_the_rows):
+    """Ids past the embedding rows would be an IndexError mid-generation: the load names both sizes."""
+    from transformers import AutoTokenizer
+
+    from videollava.infer.pipeline import Pipeline
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(hf_checkpoint[0], folder)
+    rows = hf_checkpoint[1].get_input_embeddings().num_embeddings
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    extra = rows - len(tokenizer) + past_the_rows
+    tokenizer.add_tokens([f"<extra_{i}>" for i in range(extra)])
+    tokenizer.save_pretrained(str(folder))
+    assert len(tokenizer) == rows + past_the_rows
+    if not past_the_rows:  # exactly as many tokens as rows: every id has its row
+        assert (
+            Pipeline.from_pretrained(folder, dtype="float32").tokenizer.convert_tokens_to_ids(
+                f"<extra_{extra - 1}>"
+            )
+            == rows - 1
+        )
+        return
+    with pytest.raises(
+        CheckpointError,
+        match=rf"{folder}: the tokenizer has {rows + past_the_rows} tokens "
+        rf"but the model's embedding has {rows} rows",
+    ):
+        Pipeline.from_pretrained(folder, dtype="float32")

@@ -37,7 +37,7 @@ from videollava.data.transforms import (
 )
 from videollava.errors import CheckpointError, PromptError
 from videollava.infer.engine import Prepared
-from videollava.model.checkpoint import load_weights, save_weights
+from videollava.model.checkpoint import check_vocabulary, load_weights, save_weights
 from videollava.model.videollava import VideoLlava
 
 MediaSource = str | os.PathLike | bytes
@@ -189,6 +189,7 @@ class Pipeline:
             raise CheckpointError(
                 f"{folder}: no usable tokenizer ({type(error).__name__}: {error})"
             ) from None
+        check_vocabulary(tokenizer, model, folder)
         return cls(model, tokenizer, transform_for_checkpoint(folder, model), **kwargs)
 
     def save_pretrained(self, out_dir: str | os.PathLike) -> None:

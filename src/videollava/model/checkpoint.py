@@ -200,18 +200,94 @@ _VISION_FIELDS = (
 )
 
 
-def config_from_hf(data: dict[str, Any], has_temporal: bool) -> VideoLlavaConfig:
+# Defaults of CLIP's vision config class, for fields a config.json leaves out (transformers 4.x
+# writes only the fields that differ from them). LanguageBind's vision config class has the same
+# defaults for these fields.
+_CLIP_VISION_DEFAULTS: dict[str, Any] = {
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "patch_size": 32,
+    "image_size": 224,
+    "num_channels": 3,
+    "layer_norm_eps": 1e-5,
+    "hidden_act": "quick_gelu",
+}
+# What transformers' VideoLlavaConfig builds when a -hf config.json has no vision_config at all.
+_HF_DEFAULT_VISION: dict[str, Any] = {
+    **_CLIP_VISION_DEFAULTS,
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "patch_size": 14,
+}
+_POSITIVE_INT_FIELDS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "patch_size",
+    "num_channels",
+)
+_ACTIVATIONS = ("quick_gelu", "gelu", "gelu_new", "gelu_pytorch_tanh")
+
+
+def square_image_size(value: Any, source: str) -> int:
+    """The tower's input side from `image_size`: an int, or the [height, width] pair LanguageBind writes."""
+    if isinstance(value, (list, tuple)) and len(value) == 2:
+        height, width = value
+        if height != width:
+            raise CheckpointError(
+                f"{source}: image_size {list(value)} is not square; the towers take square inputs only"
+            )
+        value = height
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise CheckpointError(
+            f"{source}: image_size {value!r} must be a positive integer or a pair of equal ones"
+        )
+    return value
+
+
+def vision_config(data: dict[str, Any], source: str) -> VisionConfig:
+    """The spatial shape of a tower from a vision_config; temporal modules are the caller's to decide."""
+    fields = {**_CLIP_VISION_DEFAULTS, **{k: data[k] for k in _VISION_FIELDS if k in data}}
+    fields["image_size"] = square_image_size(fields["image_size"], source)
+    for name in _POSITIVE_INT_FIELDS:
+        value = fields[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise CheckpointError(f"{source}: vision_config.{name} {value!r} must be a positive integer")
+    eps = fields["layer_norm_eps"]
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
+        raise CheckpointError(f"{source}: vision_config.layer_norm_eps {eps!r} must be a number in (0, 1)")
+    if fields["hidden_act"] not in _ACTIVATIONS:
+        raise CheckpointError(
+            f"{source}: vision_config.hidden_act {fields['hidden_act']!r} is not one of {', '.join(_ACTIVATIONS)}"
+        )
+    if fields["hidden_size"] % fields["num_attention_heads"]:
+        raise CheckpointError(
+            f"{source}: vision_config.hidden_size {fields['hidden_size']} is not a multiple of "
+            f"num_attention_heads {fields['num_attention_heads']}"
+        )
+    return VisionConfig(**fields, num_frames=0)
+
+
+def config_from_hf(data: dict[str, Any], has_temporal: bool, source: str = "config.json") -> VideoLlavaConfig:
     if data.get("model_type") != "video_llava":
-        raise CheckpointError(f"expected model_type 'video_llava', found {data.get('model_type')!r}")
+        raise CheckpointError(
+            f"{source}: expected model_type 'video_llava', found {data.get('model_type')!r}"
+        )
     layer = data.get("vision_feature_layer", -2)
     if not isinstance(layer, int):
         raise CheckpointError(f"vision_feature_layer {layer!r}: only a single layer is supported")
     if data.get("vision_feature_select_strategy", "default") != "default":
         raise CheckpointError("vision_feature_select_strategy 'full' is not supported")
     ours = data.get("videollava", {})
-    vision_data = dict(data.get("vision_config") or {})
-    vision_data.setdefault("hidden_act", "quick_gelu")  # transformers' CLIPVisionConfig default
-    vision = VisionConfig.from_dict(vision_data)
+    vision_data = data.get("vision_config") or _HF_DEFAULT_VISION
+    if not isinstance(vision_data, dict):
+        raise CheckpointError(f"{source}: vision_config must be an object, found {vision_data!r}")
+    vision = vision_config(vision_data, source)
     text_config = dict(data.get("text_config") or {})
     return VideoLlavaConfig(
         vision=vision,
@@ -261,14 +337,46 @@ def config_to_hf(config: VideoLlavaConfig) -> dict[str, Any]:
 
 
 def _vision_from_languagebind(folder: Path) -> tuple[VisionConfig, int]:
-    data = read_json(folder / "config.json")
-    vision = data.get("vision_config")
-    if not vision:
+    """A LanguageBind tower folder's vision shape and its temporal rows (0: no temporal modules).
+
+    As in LanguageBind's modeling code, `add_time_attn` alone decides whether the layers have
+    temporal modules, with `num_frames` rows of temporal embedding; an image tower says
+    `add_time_attn` false and keeps `num_frames` 1.
+    """
+    file = folder / "config.json"
+    vision = read_json(file).get("vision_config")
+    if not isinstance(vision, dict) or not vision:
+        raise CheckpointError(f"{file}: no vision_config (not a LanguageBind tower folder?)")
+    shape = vision_config(vision, str(file))
+    add_time_attn = vision.get("add_time_attn", False)
+    if not isinstance(add_time_attn, bool):
+        raise CheckpointError(f"{file}: vision_config.add_time_attn {add_time_attn!r} must be true or false")
+    if not add_time_attn:
+        return shape, 0
+    frames = vision.get("num_frames", 1)
+    if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
+        raise CheckpointError(f"{file}: vision_config.num_frames {frames!r} must be a positive integer")
+    return shape, frames
+
+
+def _read_tower_weights(folder: Path, tower: str) -> dict[str, torch.Tensor]:
+    """The vision weights of a LanguageBind tower folder, renamed for our `tower`."""
+    state = read_state_dict(folder, keep=lambda k: k.startswith("vision_model."))
+    adapters = [k for k in state if ".lora_" in k or ".base_model.model." in k]
+    if adapters:
         raise CheckpointError(
-            f"{folder / 'config.json'}: no vision_config (not a LanguageBind tower folder?)"
+            f"{folder}: the weights hold unmerged LoRA adapters ({adapters[0]}, ...); "
+            "use a folder with the LoRA merged into the weights, such as LanguageBind/LanguageBind_Video_merge"
         )
-    frames = int(vision.get("num_frames", 8)) if vision.get("add_time_attn") else 0
-    return VisionConfig.from_dict(vision), frames
+    return tower_keys(state, tower)
+
+
+def _shape_differences(image: VisionConfig, video: VisionConfig) -> list[str]:
+    return [
+        f"{name} {getattr(image, name)} vs {getattr(video, name)}"
+        for name in _VISION_FIELDS
+        if getattr(image, name) != getattr(video, name)
+    ]
 
 
 def config_from_original(
@@ -372,7 +480,9 @@ def detect_layout(folder: Path) -> str:
 
 def load_hf(folder: Path, dtype: torch.dtype) -> VideoLlava:
     names = read_key_names(folder)
-    config = config_from_hf(read_json(folder / "config.json"), has_temporal=_has_temporal(names))
+    config = config_from_hf(
+        read_json(folder / "config.json"), _has_temporal(names), str(folder / "config.json")
+    )
     state = normalize_hf_keys(read_state_dict(folder))
     if config.temporal_frames:
         rows = next(v for k, v in state.items() if k.endswith("temporal_embedding")).shape[1]
@@ -399,26 +509,27 @@ def load_original(folder: Path, dtype: torch.dtype) -> VideoLlava:
         raise CheckpointError(f"{folder / 'config.json'}: mm_image_tower and mm_video_tower must both be set")
     image_folder = _tower_folder(image_ref, folder)
     video_folder = _tower_folder(video_ref, folder)
-    image_vision, _ = _vision_from_languagebind(image_folder)
+    image_vision, image_frames = _vision_from_languagebind(image_folder)
     video_vision, frames = _vision_from_languagebind(video_folder)
+    if image_frames:
+        raise CheckpointError(
+            f"{image_folder / 'config.json'}: vision_config.add_time_attn is true, but the image tower "
+            "has no temporal modules (is this a video tower folder?)"
+        )
     if not has_image:
-        state.update(
-            tower_keys(
-                read_state_dict(image_folder, keep=lambda k: k.startswith("vision_model.")), "image_tower"
-            )
-        )
+        state.update(_read_tower_weights(image_folder, "image_tower"))
     if not has_video:
-        state.update(
-            tower_keys(
-                read_state_dict(video_folder, keep=lambda k: k.startswith("vision_model.")), "video_tower"
-            )
+        state.update(_read_tower_weights(video_folder, "video_tower"))
+    differences = _shape_differences(image_vision, video_vision)
+    if differences:
+        raise CheckpointError(
+            f"{video_folder / 'config.json'}: the video tower's shape differs from the image tower's "
+            f"({image_folder / 'config.json'}): {', '.join(differences)}"
         )
-    if {k: v for k, v in video_vision.to_dict().items() if k != "num_frames"} != {
-        k: v for k, v in image_vision.to_dict().items() if k != "num_frames"
-    }:
-        raise CheckpointError(f"{video_folder}: the video tower's shape differs from the image tower's")
     if frames and not _has_temporal(state):
-        raise CheckpointError(f"{video_folder}: config says add_time_attn but no temporal weights were found")
+        raise CheckpointError(
+            f"{video_folder}: config.json says add_time_attn but no temporal weights were found"
+        )
     config = config_from_original(data, image_vision, frames)
     return build_model(config, state, dtype, str(folder))
 
@@ -430,6 +541,18 @@ def load_weights(
     layout = detect_layout(folder)
     model = load_hf(folder, dtype) if layout == "hf" else load_original(folder, dtype)
     return model, folder
+
+
+def check_vocabulary(tokenizer: Any, model: VideoLlava, folder: str | os.PathLike) -> None:
+    """A tokenizer with ids past the LLM's embedding rows would fail mid-generation: refuse it at load."""
+    rows = model.language_model.get_input_embeddings().num_embeddings
+    tokens = max(len(tokenizer), max(tokenizer.get_vocab().values(), default=-1) + 1)
+    if tokens > rows:
+        raise CheckpointError(
+            f"{folder}: the tokenizer has {tokens} tokens but the model's embedding has {rows} rows "
+            f"(vocab_size {rows}); ids {rows} and up would be out of range. "
+            "The tokenizer does not belong to these weights."
+        )
 
 
 # ---------------------------------------------------------------- saving
