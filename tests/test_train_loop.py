@@ -124,6 +124,57 @@ def test_cosine_schedule_with_warmup():
     assert cosine_with_warmup(10, 0, "constant")(7) == 1.0
 
 
+class _Quadratic(torch.nn.Module):
+    """A one-parameter objective: enough for the loop to step, schedule and log."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(2))
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, int]:
+        return ((batch["x"] * self.weight).sum(-1) ** 2).sum(), batch["num_samples"]
+
+
+def _stack(items: list) -> dict:
+    return {"x": torch.stack(items), "num_samples": len(items), "skipped": []}
+
+
+def _warmup_cosine(lr: float, step: int, total: int, warmup: int, schedule: str) -> float:
+    """The HF Trainer's schedules written out: linear warm-up from 0, then cosine to 0 (or constant)."""
+    if step < warmup:
+        return lr * (step / max(1, warmup))
+    if schedule == "constant":
+        return lr * 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    return lr * max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+@pytest.mark.parametrize(
+    "settings, total, warmup",
+    [
+        ({"max_steps": 10, "warmup_ratio": 0.2}, 10, 2),
+        ({"epochs": 3, "warmup_ratio": 0.03}, 12, 1),  # 4 steps an epoch; ceil(0.36) warm-up steps
+        ({"max_steps": 5, "warmup_ratio": 0.0}, 5, 0),
+        ({"max_steps": 6, "warmup_ratio": 0.5, "lr_schedule": "constant"}, 6, 3),
+    ],
+)
+def test_learning_rate_per_step(tmp_path, settings, total, warmup):
+    """Each step logs the rate it trained at: warm-up then cosine (or constant), to the last bit."""
+    from videollava.train.config import ProjectorStage
+    from videollava.train.loop import StageContext, Task, train_stage
+
+    torch.manual_seed(0)
+    data = list(torch.randn(8, 2))
+    task = Task(
+        module=_Quadratic(), dataset=data, collate_fn=_stack, lengths=[1] * 8, modalities=["image"] * 8
+    )
+    stage = ProjectorStage(kind="projector", lr=0.1, batch_size=2, micro_batch_size=2, **settings)
+    train_stage(task, stage, StageContext(index=0, name="s", run_dir=tmp_path, progress=False))
+    logged = [r["lr"] for r in read_metrics(tmp_path / "metrics.jsonl") if r["event"] == "step"]
+    schedule = settings.get("lr_schedule", "cosine")
+    assert logged == [_warmup_cosine(0.1, step, total, warmup, schedule) for step in range(total)]
+
+
 def test_param_groups_split_lr_and_decay():
     model = torch.nn.ModuleDict(
         {
