@@ -95,11 +95,11 @@ def test_7b_recipe_is_the_papers(monkeypatch):
 
 
 def test_7b_model_builds_on_meta_device_without_network(monkeypatch):
-    from videollava.train.runner import build_meta_model
+    from videollava.train.runner import meta_model
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     recipe = load_recipe(CONFIGS / "videollava-7b.yaml")
-    model = build_meta_model(recipe)
+    model = meta_model(recipe)
     assert all(p.is_meta for p in model.parameters())
     count = {
         name: sum(p.numel() for p in getattr(model, name).parameters())
@@ -430,3 +430,11 @@ def test_recipe_errors_give_the_key_path_and_the_problem(mutate, start):
     with pytest.raises(RecipeError) as caught:
         recipe_from_dict(raw)
     assert str(caught.value).startswith(f"<recipe>: {start}"), str(caught.value)
+
+
+def test_every_training_stage_kind_has_a_task_builder():
+    from videollava.train.config import STAGE_KINDS, TrainStage
+    from videollava.train.tasks import TASK_BUILDERS
+
+    training = {kind for kind, cls in STAGE_KINDS.items() if issubclass(cls, TrainStage)}
+    assert training == set(TASK_BUILDERS) == {"align_image", "align_video", "projector", "finetune"}

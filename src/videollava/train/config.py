@@ -21,6 +21,7 @@ from typing import Any, Literal
 import yaml
 
 from videollava.errors import VideoLlavaError
+from videollava.model.build import LLMConfig
 
 # How non-square media reach the square tower input (data.transforms.ASPECT_MODES).
 AspectRatio = Literal["pad", "crop", "squash"]
@@ -48,29 +49,11 @@ class VisionSpec:
 
 
 @dataclass
-class LLMSpec:
-    """LLaMA shape of the language model; `vocab_size` null means "the tokenizer's, padded to 64"."""
-
-    hidden_size: int = 256
-    intermediate_size: int = 688
-    num_hidden_layers: int = 4
-    num_attention_heads: int = 4
-    num_key_value_heads: int | None = None
-    max_position_embeddings: int = 1024
-    rms_norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
-    vocab_size: int | None = None
-    hidden_act: str = "silu"
-    tie_word_embeddings: bool = False
-    initializer_range: float = 0.02
-
-
-@dataclass
 class InitConfig:
     """A fresh model of the given shape, randomly initialised from `seed`."""
 
     vision: VisionSpec = field(default_factory=VisionSpec)
-    llm: LLMSpec = field(default_factory=LLMSpec)
+    llm: LLMConfig = field(default_factory=LLMConfig)
     # "train": the tokenizer a `tokenizer` stage trains on the data; otherwise a folder or hub id.
     tokenizer: str = "train"
     seed: int = 0
@@ -83,7 +66,7 @@ class ArchitectureSpec:
     """The shape the pretrained parts are expected to have: lets the model be built without weights."""
 
     vision: VisionSpec
-    llm: LLMSpec
+    llm: LLMConfig
 
 
 @dataclass
@@ -114,6 +97,14 @@ class ModelConfig:
     template: str = "vicuna_v1"
     model_max_length: int = 2048
     projector_hidden_act: str = "gelu"
+
+    def architecture(self) -> tuple[VisionSpec, LLMConfig]:
+        """The declared shape of the towers and of the LLM."""
+        if self.init is not None:
+            return self.init.vision, self.init.llm
+        if self.from_ is None or self.from_.architecture is None:
+            raise RecipeError("model.from.architecture: needed to build the model without its weights")
+        return self.from_.architecture.vision, self.from_.architecture.llm
 
 
 # ---------------------------------------------------------------------------------------- data
@@ -367,8 +358,12 @@ class Recipe:
     # Where relative paths of the recipe resolve when the working directory does not have them.
     source_dir: str = field(default=".", metadata={"internal": True})
 
-    def stage_dir_name(self, index: int) -> str:
-        return f"{index}-{self.stages[index].label}"
+    def export_template(self) -> str:
+        """The template the finished model answers in: that of its last instruction stage."""
+        for stage in reversed(self.stages):
+            if isinstance(stage, FinetuneStage):
+                return stage.template or self.model.template
+        return self.model.template
 
     def resolve_path(self, value: str) -> Path:
         """A path as written if it exists from the working directory, else relative to the recipe file."""
