@@ -250,6 +250,26 @@ def test_split_path_keeps_the_reference_prefix_space_quirk():
         assert [run.strip() for run in supervised_runs(tokenizer, result)] == ["red</s>", "It is blue.</s>"]
 
 
+def reference_spliced_labels(input_ids, labels, image_rows, video_rows):
+    """The training objective's former layout of labels, written out plainly: each slot becomes its
+    visual rows (ignored), then every row is right padded with ignored labels."""
+    import torch
+
+    rows = []
+    for ids, row_labels in zip(input_ids, labels, strict=True):
+        out = []
+        for token, label in zip(ids, row_labels, strict=True):
+            if token == IMAGE_SLOT:
+                out += [IGNORE_INDEX] * image_rows
+            elif token == VIDEO_SLOT:
+                out += [IGNORE_INDEX] * video_rows
+            else:
+                out.append(label)
+        rows.append(out)
+    width = max(len(r) for r in rows)
+    return torch.tensor([r + [IGNORE_INDEX] * (width - len(r)) for r in rows], dtype=torch.long)
+
+
 def test_spliced_labels_ignore_visual_rows_and_padding(with_tokens):
     """The labels the splice lays out for training: each slot's visual rows and the right padding
     ignored, every text label where its token lands."""
@@ -257,7 +277,6 @@ def test_spliced_labels_ignore_visual_rows_and_padding(with_tokens):
 
     from videollava.model.videollava import VideoLlava, VideoLlavaConfig
     from videollava.model.vision import VisionConfig
-    from videollava.train.objectives import expand_labels
 
     vision = VisionConfig(
         hidden_size=8,
@@ -292,7 +311,7 @@ def test_spliced_labels_ignore_visual_rows_and_padding(with_tokens):
         ]
         features.append([torch.randn(n, 8) for n in rows])
     spliced = model.splice(ids, features, labels=labels, padding_side="right")
-    expected = expand_labels(ids, labels, image_rows, video_rows)  # (B, L)
+    expected = reference_spliced_labels(ids, labels, image_rows, video_rows)  # (B, L)
     assert spliced.labels.shape == expected.shape == spliced.attention_mask.shape
     assert torch.equal(spliced.labels, expected)
     # padding and visual rows are never supervised; every supervised label is one of the answers' tokens
@@ -300,3 +319,5 @@ def test_spliced_labels_ignore_visual_rows_and_padding(with_tokens):
     assert int((spliced.labels != IGNORE_INDEX).sum()) == sum(
         sum(1 for x in row if x != IGNORE_INDEX) for row in labels
     )
+    with pytest.raises(PromptError, match="prompt 0 has .* tokens but .* labels"):
+        model.splice(ids, features, labels=[labels[0][:-1], *labels[1:]], padding_side="right")

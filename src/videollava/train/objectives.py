@@ -10,28 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from videollava.data.tokenize import IGNORE_INDEX, IMAGE_SLOT, VIDEO_SLOT
+from videollava.data.tokenize import IGNORE_INDEX, IMAGE_SLOT
 from videollava.model.videollava import VideoLlava
 from videollava.train.contrastive import RegionVocabulary, tokenize_captions
-
-
-def expand_labels(
-    input_ids: list[list[int]], labels: list[list[int]], image_rows: int, video_rows: int
-) -> torch.Tensor:
-    """Labels laid out like the spliced LLM input: each slot becomes its visual rows (ignored), right padded."""
-    rows = []
-    for ids, row_labels in zip(input_ids, labels, strict=True):
-        out: list[int] = []
-        for token, label in zip(ids, row_labels, strict=True):
-            if token == IMAGE_SLOT:
-                out += [IGNORE_INDEX] * image_rows
-            elif token == VIDEO_SLOT:
-                out += [IGNORE_INDEX] * video_rows
-            else:
-                out.append(label)
-        rows.append(out)
-    width = max(len(r) for r in rows)
-    return torch.tensor([r + [IGNORE_INDEX] * (width - len(r)) for r in rows], dtype=torch.long)  # (B, L)
 
 
 class LMObjective(nn.Module):
@@ -56,16 +37,9 @@ class LMObjective(nn.Module):
             image = torch.zeros(1, 3, size, size, device=self.model.device)
             out = self.model(input_ids=[[self.bos_token_id, IMAGE_SLOT]], images=image)
             return out.logits.sum() * 0.0, 0
-        out = self.model(batch["input_ids"], batch["images"], batch["videos"])
-        frames = batch["videos"].shape[1] if batch["videos"] is not None else self.model.config.num_frames
-        labels = expand_labels(
-            batch["input_ids"],
-            batch["labels"],
-            self.model.config.image_tokens,
-            self.model.config.video_tokens(frames),
-        ).to(out.logits.device)
+        out = self.model(batch["input_ids"], batch["images"], batch["videos"], labels=batch["labels"])
         logits = out.logits[:, :-1]  # (B, L-1, V): position t predicts token t+1
-        targets = labels[:, 1:]
+        targets = out.labels[:, 1:]  # (B, L-1)
         loss = F.cross_entropy(
             logits.reshape(-1, logits.shape[-1]).float(),
             targets.reshape(-1),
