@@ -438,3 +438,27 @@ def test_every_training_stage_kind_has_a_task_builder():
 
     training = {kind for kind, cls in STAGE_KINDS.items() if issubclass(cls, TrainStage)}
     assert training == set(TASK_BUILDERS) == {"align_image", "align_video", "projector", "finetune"}
+
+
+def test_recipe_sections_are_the_models_own_configs():
+    """The towers, LLM, text encoder, region loss and model options are the model's dataclasses,
+    with the model's defaults where the recipe is silent."""
+    from videollava.model.build import LLMConfig
+    from videollava.model.videollava import VideoLlavaConfig
+    from videollava.model.vision import VisionConfig
+    from videollava.train.contrastive import RegionLoss, TextEncoderConfig
+
+    raw = minimal()
+    raw["model"]["init"]["vision"] = {"hidden_size": 64, "image_size": 32, "patch_size": 16}
+    raw["stages"].insert(1, {"kind": "align_image", "region_loss": {"pooling": "patch"}})
+    recipe = recipe_from_dict(raw)
+    assert recipe.model.init.vision == VisionConfig(hidden_size=64, image_size=32, patch_size=16)
+    assert recipe.model.init.llm == LLMConfig()
+    align = recipe.stages[1]
+    assert align.text_encoder == TextEncoderConfig() and align.region_loss == RegionLoss(pooling="patch")
+    defaults = VideoLlavaConfig()
+    assert recipe.model.options() == {name: getattr(defaults, name) for name in recipe.model.options()}
+    with pytest.raises(RecipeError, match=r"model\.init\.vision\.num_frames: unknown key"):
+        recipe_from_dict(
+            minimal(), ["model.init.vision.num_frames=4"]
+        )  # the video tower's are model.temporal_frames

@@ -14,7 +14,7 @@ import torch
 import yaml
 from safetensors import safe_open
 
-from videollava.train.loop import cosine_with_warmup, param_groups, read_metrics
+from videollava.train.loop import lr_schedule, param_groups, read_metrics
 
 VISION = {
     "hidden_size": 32,
@@ -67,6 +67,7 @@ def tiny_recipe(data_root: Path, stages: list[dict] | None = None, bf16: bool = 
             "init": {"seed": 0, "tokenizer": "train", "vision": VISION, "llm": LLM},
             "temporal_frames": 2,
             "num_frames": 2,
+            "image_aspect_ratio": "pad",
             "model_max_length": 1024,
         },
         "data": {"root": str(data_root)},
@@ -117,11 +118,23 @@ def world(tmp_path_factory) -> Path:
 
 
 def test_cosine_schedule_with_warmup():
-    f = cosine_with_warmup(total_steps=10, warmup_steps=2)
-    assert [f(0), f(1), f(2)] == [0.0, 0.5, 1.0]
-    assert f(6) == pytest.approx(0.5)
-    assert f(10) == pytest.approx(0.0)
-    assert cosine_with_warmup(10, 0, "constant")(7) == 1.0
+    from videollava.train.config import ProjectorStage
+
+    def factors(schedule: str, total: int, warmup: int) -> list[float]:
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        scheduler = lr_schedule(optimizer, ProjectorStage(lr_schedule=schedule), total, warmup)
+        out = []
+        for _ in range(total + 1):
+            out.append(scheduler.get_last_lr()[0])
+            optimizer.step()
+            scheduler.step()
+        return out
+
+    f = factors("cosine", total=10, warmup=2)
+    assert [f[0], f[1], f[2]] == [0.0, 0.5, 1.0]
+    assert f[6] == pytest.approx(0.5)
+    assert f[10] == pytest.approx(0.0)
+    assert factors("constant", 10, 0)[7] == 1.0
 
 
 class _Quadratic(torch.nn.Module):
@@ -522,6 +535,7 @@ def test_from_pretrained_parts_and_from_checkpoint(world, tmp_path):
             },
             "temporal_frames": 2,
             "num_frames": 2,
+            "image_aspect_ratio": "pad",
             "model_max_length": 256,
         },
         "data": {"root": str(world)},
@@ -546,7 +560,12 @@ def test_from_pretrained_parts_and_from_checkpoint(world, tmp_path):
     # Continue from the exported checkpoint with a finetune stage.
     raw2 = {
         **raw,
-        "model": {"from": {"checkpoint": str(out / "model")}, "num_frames": 2, "model_max_length": 256},
+        "model": {
+            "from": {"checkpoint": str(out / "model")},
+            "num_frames": 2,
+            "image_aspect_ratio": "pad",
+            "model_max_length": 256,
+        },
         "stages": [{**stage, "kind": "finetune"}],
     }
     out2 = tmp_path / "continued"

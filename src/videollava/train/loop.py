@@ -175,22 +175,6 @@ def plot_losses(metrics_path: Path, stage_index: int, out: Path) -> None:
 # ---------------------------------------------------------------------------------------- optimiser
 
 
-def cosine_with_warmup(
-    total_steps: int, warmup_steps: int, schedule: str = "cosine"
-) -> Callable[[int], float]:
-    """Linear warm-up from 0, then cosine decay to 0 (the HF Trainer's "cosine" schedule)."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return step / max(1, warmup_steps)
-        if schedule == "constant":
-            return 1.0
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
-
-    return factor
-
-
 def param_groups(
     module: nn.Module, lr: float, weight_decay: float, lr_for: Callable[[str], float] | None
 ) -> list[dict[str, Any]]:
@@ -241,10 +225,20 @@ def _autocast(device: torch.device, enabled: bool):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
-def lr_schedule(optimizer: torch.optim.Optimizer, stage: TrainStage, total_steps: int, warmup: int):
-    """The stage's learning-rate schedule over `total_steps` optimiser steps."""
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, cosine_with_warmup(total_steps, warmup, stage.lr_schedule)
+# The recipe's schedule names -> the HF Trainer's: both warm up linearly from 0 first.
+SCHEDULES = {"cosine": "cosine", "constant": "constant_with_warmup"}
+
+
+def lr_schedule(
+    optimizer: torch.optim.Optimizer, stage: TrainStage, total_steps: int, warmup: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """The stage's learning-rate schedule over `total_steps` optimiser steps, as the HF Trainer builds it."""
+    # Heavy: transformers.optimization loads the Trainer's utilities, which probe for every optional
+    # package; only a training stage needs it, not `videollava train --help`.
+    from transformers import get_scheduler
+
+    return get_scheduler(
+        SCHEDULES[stage.lr_schedule], optimizer, num_warmup_steps=warmup, num_training_steps=total_steps
     )
 
 

@@ -57,7 +57,6 @@ from videollava.train.config import (
     RecipeError,
     TokenizerStage,
     TrainStage,
-    VisionSpec,
     batch_layout,
     dump_recipe,
     load_recipe,
@@ -78,23 +77,11 @@ from videollava.train.tokenizer import train_tokenizer
 
 
 def recipe_model_config(
-    recipe: Recipe, vision: VisionSpec, llm: LLMConfig, vocab_size: int, tokenizer: Any = None
+    recipe: Recipe, vision: VisionConfig, llm: LLMConfig, vocab_size: int, tokenizer: Any = None
 ) -> VideoLlavaConfig:
     """The config of the recipe's model: its towers and LLM, the `model:` options, the answer template."""
-    m = recipe.model
-    return model_config(
-        VisionConfig(**dataclasses.asdict(vision)),
-        llm,
-        vocab_size,
-        tokenizer,
-        temporal_frames=m.temporal_frames,
-        num_frames=m.num_frames,
-        vision_feature_layer=m.vision_feature_layer,
-        projector_hidden_act=m.projector_hidden_act,
-        image_aspect_ratio=m.image_aspect_ratio,
-        video_aspect_ratio=m.video_aspect_ratio,
-        template=recipe.export_template(),
-    )
+    options = recipe.model.options() | {"template": recipe.export_template()}
+    return model_config(vision, llm, vocab_size, tokenizer, **options)
 
 
 def meta_model(recipe: Recipe, vocab_size: int | None = None) -> VideoLlava:
@@ -127,13 +114,7 @@ def load_from_parts(recipe: Recipe) -> tuple[VideoLlava, Any]:
             if f.name in llm_data and llm_data[f.name] is not None
         }
     )
-    vision = VisionSpec(
-        **{
-            f.name: getattr(image_vision, f.name)
-            for f in dataclasses.fields(VisionSpec)
-            if hasattr(image_vision, f.name)
-        }
-    )
+    vision = dataclasses.replace(image_vision, num_frames=0)  # the image tower's shape
     if spec.architecture is not None:
         for label, declared, found in (
             ("vision", spec.architecture.vision, vision),
@@ -246,7 +227,7 @@ class Run:
             return
         self.data_root = self.recipe.resolve_path(data.root) if data.root else self.run_dir / "data"
         marker = self.data_root / ".generated.json"
-        wanted = json.dumps(dataclasses.asdict(data.generate), sort_keys=True)
+        wanted = json.dumps(data.generate.model_dump(), sort_keys=True)
         if self.info.is_main:
             if marker.exists() and marker.read_text() != wanted:
                 raise RecipeError(

@@ -39,10 +39,8 @@ from videollava.train.config import (
 )
 from videollava.train.contrastive import (
     ImageTextAligner,
-    RegionLoss,
     RegionVocabulary,
     TextEncoder,
-    TextEncoderConfig,
     VideoTextAligner,
     init_video_tower_from_image,
 )
@@ -168,20 +166,6 @@ def activation_checkpointing(llm: nn.Module, enabled: bool) -> None:
 # ---------------------------------------------------------------------------------------- alignment
 
 
-def region_loss(ctx: TaskContext, stage: AlignImageStage | AlignVideoStage) -> RegionLoss | None:
-    spec = stage.region_loss
-    if spec is None:
-        return None
-    return RegionLoss(
-        spec.weight,
-        spec.scale,
-        ctx.model.config.vision_feature_layer,
-        spec.pooling,
-        spec.per_frame,
-        spec.motion_weight,
-    )
-
-
 def region_vocabulary(
     ctx: TaskContext, stage: AlignImageStage | AlignVideoStage, dataset: CaptionDataset
 ) -> tuple[list[str], list[str]] | None:
@@ -239,22 +223,14 @@ def alignment_task(
 def align_image_task(ctx: TaskContext, stage: AlignImageStage) -> tuple[Task, Finish]:
     """Image tower and a fresh text encoder, CLIP loss on image-caption pairs (plus regions)."""
     model, alignment = ctx.model, ctx.alignment
-    spec = stage.text_encoder
-    alignment.text_encoder = TextEncoder(
-        TextEncoderConfig(
-            vocab_size=len(ctx.tokenizer),
-            hidden_size=spec.hidden_size,
-            num_layers=spec.num_layers,
-            num_heads=spec.num_heads,
-            max_length=spec.max_length,
-            projection_dim=stage.projection_dim,
-            pooling=spec.pooling,
-            token_init_std=spec.token_init_std,
-        )
-    )
+    alignment.text_encoder = TextEncoder(stage.text_encoder, len(ctx.tokenizer), stage.projection_dim)
     regions = stage.region_loss
     aligner = ImageTextAligner(
-        model.image_tower, alignment.text_encoder, stage.projection_dim, region_loss(ctx, stage)
+        model.image_tower,
+        alignment.text_encoder,
+        stage.projection_dim,
+        regions,
+        feature_layer=model.config.vision_feature_layer,
     )
     alignment.image_aligner = aligner
     model.image_tower.encoder.gradient_checkpointing = stage.gradient_checkpointing
@@ -266,7 +242,11 @@ def align_image_task(ctx: TaskContext, stage: AlignImageStage) -> tuple[Task, Fi
         regions=regions is not None,
     )
     objective = AlignObjective(
-        aligner, ctx.tokenizer, spec.max_length, (3, size, size), region_vocabulary(ctx, stage, dataset)
+        aligner,
+        ctx.tokenizer,
+        stage.text_encoder.max_length,
+        (3, size, size),
+        region_vocabulary(ctx, stage, dataset),
     )
     set_trainable(objective, aligner.trainable_parameters())
     alignment.region_vocab = {"image": objective.regions} if objective.regions else {}
@@ -298,8 +278,9 @@ def align_video_task(ctx: TaskContext, stage: AlignVideoStage) -> tuple[Task, Fi
         text_encoder,
         image_aligner.visual_projection.out_features,
         projection,
-        region_loss(ctx, stage),
+        regions,
         region_projection_init=image_aligner.region_projection,
+        feature_layer=model.config.vision_feature_layer,
     )
     alignment.video_aligner = aligner
     model.video_tower.encoder.gradient_checkpointing = stage.gradient_checkpointing
