@@ -182,13 +182,6 @@ class Run:
             self.model = self.build_model()
         return self.model
 
-    def data_path(self, name: str) -> Path:
-        path = Path(name)
-        if path.is_absolute():
-            return path
-        assert self.data_root is not None
-        return self.data_root / path
-
     def stage_context(self, index: int, stage: TrainStage) -> StageContext:
         ds = stage.deepspeed_config or self.recipe.distributed.deepspeed_config
         return StageContext(
@@ -358,7 +351,8 @@ class Run:
     def run_tokenizer(self, index: int, stage: TokenizerStage, replay: bool) -> None:
         out = self.run_dir / "tokenizer"
         if not replay and self.info.is_main:
-            records = read_records([self.data_path(name) for name in stage.data])
+            assert self.data_root is not None
+            records = read_records([self.data_root / name for name in stage.data])
             texts = training_texts(records, self.recipe.model.template)
             tmp = self.run_dir / ".tmp-tokenizer"
             shutil.rmtree(tmp, ignore_errors=True)

@@ -53,12 +53,12 @@ Finish = Callable[[Task], None]
 
 @dataclass
 class Alignment:
-    """What the alignment stages hand on: the text encoder, the aligners, and the region names
-    (a vocabulary per modality) their region losses picked from."""
+    """What the alignment stages hand on: the text encoder, the image aligner (whose projections
+    the video stage starts from), and the region names (a vocabulary per modality) their region
+    losses picked from."""
 
     text_encoder: TextEncoder | None = None
     image_aligner: ImageTextAligner | None = None
-    video_aligner: VideoTextAligner | None = None
     region_vocab: dict[str, RegionVocabulary] = field(default_factory=dict)
 
 
@@ -90,8 +90,7 @@ class TaskContext:
     log: Callable[[str], None] = lambda message: None
 
     def data_path(self, name: str) -> Path:
-        path = Path(name)
-        return path if path.is_absolute() else self.data_root / path
+        return self.data_root / name  # an absolute name stays as it is
 
     def records(self, names: list[str], max_samples: int | None = None) -> list[Record]:
         return read_records([self.data_path(n) for n in names], max_samples)
@@ -282,7 +281,6 @@ def align_video_task(ctx: TaskContext, stage: AlignVideoStage) -> tuple[Task, Fi
         region_projection_init=image_aligner.region_projection,
         feature_layer=model.config.vision_feature_layer,
     )
-    alignment.video_aligner = aligner
     model.video_tower.encoder.gradient_checkpointing = stage.gradient_checkpointing
     size = model.config.vision.image_size
     num_frames = stage.num_frames or ctx.recipe.model.num_frames
