@@ -189,6 +189,24 @@ def region_vocabulary(
     return names, motions
 
 
+def contrastive_objective(
+    ctx: TaskContext,
+    stage: AlignImageStage | AlignVideoStage,
+    aligner: ImageTextAligner | VideoTextAligner,
+    modality: str,
+    max_length: int,
+    media_shape: tuple[int, ...],
+) -> tuple[CaptionDataset, AlignObjective]:
+    """The stage's caption pairs of one modality and the contrastive loss over them, with only the
+    aligner's own trainable parameters learning."""
+    records = ctx.records(stage.data, stage.max_samples)
+    dataset = CaptionDataset(records, ctx.media_spec(stage), modality, regions=stage.region_loss is not None)
+    vocabulary = region_vocabulary(ctx, stage, dataset)
+    objective = AlignObjective(aligner, ctx.tokenizer, max_length, media_shape, vocabulary)
+    set_trainable(objective, aligner.trainable_parameters())
+    return dataset, objective
+
+
 def alignment_task(
     tower: nn.Module,
     aligner: nn.Module,
@@ -234,20 +252,9 @@ def align_image_task(ctx: TaskContext, stage: AlignImageStage) -> tuple[Task, Fi
     alignment.image_aligner = aligner
     model.image_tower.encoder.gradient_checkpointing = stage.gradient_checkpointing
     size = model.config.vision.image_size
-    dataset = CaptionDataset(
-        ctx.records(stage.data, stage.max_samples),
-        ctx.media_spec(stage),
-        "image",
-        regions=regions is not None,
+    dataset, objective = contrastive_objective(
+        ctx, stage, aligner, "image", stage.text_encoder.max_length, (3, size, size)
     )
-    objective = AlignObjective(
-        aligner,
-        ctx.tokenizer,
-        stage.text_encoder.max_length,
-        (3, size, size),
-        region_vocabulary(ctx, stage, dataset),
-    )
-    set_trainable(objective, aligner.trainable_parameters())
     alignment.region_vocab = {"image": objective.regions} if objective.regions else {}
     held_out = ctx.held_out_captions(stage, "image", regions=regions is not None)
     batch = stage.eval.batch_size if stage.eval else 32
@@ -284,20 +291,9 @@ def align_video_task(ctx: TaskContext, stage: AlignVideoStage) -> tuple[Task, Fi
     model.video_tower.encoder.gradient_checkpointing = stage.gradient_checkpointing
     size = model.config.vision.image_size
     num_frames = stage.num_frames or ctx.recipe.model.num_frames
-    dataset = CaptionDataset(
-        ctx.records(stage.data, stage.max_samples),
-        ctx.media_spec(stage),
-        "video",
-        regions=regions is not None,
+    dataset, objective = contrastive_objective(
+        ctx, stage, aligner, "video", text_encoder.config.max_length, (num_frames, 3, size, size)
     )
-    objective = AlignObjective(
-        aligner,
-        ctx.tokenizer,
-        text_encoder.config.max_length,
-        (num_frames, 3, size, size),
-        region_vocabulary(ctx, stage, dataset),
-    )
-    set_trainable(objective, aligner.trainable_parameters())
     if objective.regions:
         alignment.region_vocab["video"] = objective.regions
     held_images = ctx.held_out_captions(stage, "image", regions="image" in alignment.region_vocab)
