@@ -43,7 +43,7 @@ def tiny_parts(seed: int = 0, vocab: int = 50, projection: int = 16):
         for param in tower.parameters():
             param.add_(0.05 * torch.randn_like(param))
     text = TextEncoder(
-        TextEncoderConfig(vocab_size=vocab, hidden_size=32, num_heads=4, projection_dim=projection)
+        TextEncoderConfig(hidden_size=32, num_heads=4), vocab_size=vocab, projection_dim=projection
     )
     return tower, text
 
@@ -101,7 +101,7 @@ def test_text_encoder_pools_at_the_last_real_token():
 
 def test_mean_pooled_text_encoder_averages_the_real_tokens():
     text = TextEncoder(
-        TextEncoderConfig(vocab_size=50, hidden_size=32, num_heads=4, projection_dim=16, pooling="mean")
+        TextEncoderConfig(hidden_size=32, num_heads=4, pooling="mean"), vocab_size=50, projection_dim=16
     )
     text.eval()
     ids = torch.tensor([[5, 6, 7, 2]])
@@ -115,10 +115,10 @@ def test_mean_pooled_text_encoder_averages_the_real_tokens():
         x = layer(x)
     expected = text.text_projection(text.final_layer_norm(x).mean(dim=1))
     assert torch.allclose(full, expected, atol=1e-6)
-    wide = TextEncoder(TextEncoderConfig(vocab_size=50, token_init_std=1.0))
+    wide = TextEncoder(TextEncoderConfig(token_init_std=1.0), vocab_size=50, projection_dim=128)
     assert wide.token_embedding.weight.std().item() == pytest.approx(1.0, rel=0.05)
     with pytest.raises(ValueError, match="pooling"):
-        TextEncoderConfig(vocab_size=50, pooling="max")
+        TextEncoderConfig(pooling="max")
 
 
 def test_box_patch_weights_share_each_box_among_the_patches_it_covers():
@@ -603,7 +603,9 @@ def test_short_training_run_aligns_shapesworld_images_and_carries_over_to_videos
             image_size=size,
         )
         text = TextEncoder(
-            TextEncoderConfig(len(tokenizer), hidden_size=width, max_length=max_length, projection_dim=width)
+            TextEncoderConfig(hidden_size=width, max_length=max_length),
+            vocab_size=len(tokenizer),
+            projection_dim=width,
         )
         image_aligner = ImageTextAligner(_fresh_tower(config), text, width)
         chance = 1 / len(test_image_captions)
@@ -708,7 +710,7 @@ def test_motion_loss_pools_each_whole_clip_box_over_every_frame(tiny_tokenizer):
         vocabulary.batch([[Region((0, 0, 8, 8), names[2], motion="moving up")]], torch.device("cpu"), 2)
     plain = RegionVocabulary(names, tiny_tokenizer, 16).batch(regions_per_media, torch.device("cpu"), 2)
     assert plain.motion_ids is None and video.motion_loss(patches, plain).item() == 0.0
-    with pytest.raises(ValueError, match="motion weight must be >= 0"):
+    with pytest.raises(ValueError, match="motion_weight: must be >= 0"):
         RegionLoss(motion_weight=-1.0)
 
 

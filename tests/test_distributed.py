@@ -194,8 +194,10 @@ def test_world_of_one_needs_no_process_group(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     info = D.setup("ddp")
     assert not info.enabled and info.is_main and info.device.type in ("cpu", "cuda")
-    wrapped = D.wrap(torch.nn.Linear(2, 2), info, strategy="ddp", find_unused_parameters=False)
-    assert wrapped.strategy == "none" and not wrapped.averages_gradients
+    strategy = D.strategy_for("ddp", info)
+    module = torch.nn.Linear(2, 2)
+    strategy.wrap(module, find_unused_parameters=False)
+    assert strategy.name == "none" and not strategy.averages_gradients and strategy.module is module
     assert D.all_gather_objects({"a": 1}, info) == [{"a": 1}]
 
 

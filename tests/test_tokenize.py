@@ -248,3 +248,76 @@ def test_split_path_keeps_the_reference_prefix_space_quirk():
     assert not whole.convert_ids_to_tokens(a.input_ids[a.input_ids.index(VIDEO_SLOT) + 1]).startswith("▁")
     for tokenizer, result in ((split, b), (whole, a)):
         assert [run.strip() for run in supervised_runs(tokenizer, result)] == ["red</s>", "It is blue.</s>"]
+
+
+def reference_spliced_labels(input_ids, labels, image_rows, video_rows):
+    """The training objective's former layout of labels, written out plainly: each slot becomes its
+    visual rows (ignored), then every row is right padded with ignored labels."""
+    import torch
+
+    rows = []
+    for ids, row_labels in zip(input_ids, labels, strict=True):
+        out = []
+        for token, label in zip(ids, row_labels, strict=True):
+            if token == IMAGE_SLOT:
+                out += [IGNORE_INDEX] * image_rows
+            elif token == VIDEO_SLOT:
+                out += [IGNORE_INDEX] * video_rows
+            else:
+                out.append(label)
+        rows.append(out)
+    width = max(len(r) for r in rows)
+    return torch.tensor([r + [IGNORE_INDEX] * (width - len(r)) for r in rows], dtype=torch.long)
+
+
+def test_spliced_labels_ignore_visual_rows_and_padding(with_tokens):
+    """The labels the splice lays out for training: each slot's visual rows and the right padding
+    ignored, every text label where its token lands."""
+    import torch
+
+    from videollava.model.videollava import VideoLlava, VideoLlavaConfig
+    from videollava.model.vision import VisionConfig
+
+    vision = VisionConfig(
+        hidden_size=8,
+        intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        patch_size=8,
+        image_size=16,
+    )
+    llm = {"hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2}
+    model = VideoLlava(
+        VideoLlavaConfig(vision=vision, text_config={**llm, "vocab_size": 640}, temporal_frames=2)
+    )
+    image_rows, video_rows = model.config.image_tokens, model.config.video_tokens(2)
+    conversations = [
+        ("<image>\nWhat color is the circle?", "red"),
+        ("<video>\nWhat happens in the video? <image>", "A red circle moves up."),
+        ("How many shapes are there?", "two"),
+    ]
+    ids, labels, features = [], [], []
+    for question, answer in conversations:
+        text, spans = Conversation(
+            get_template("vicuna_v1"), [("user", question), ("assistant", answer)]
+        ).render_for_training()
+        tokens = tokenize_multimodal(with_tokens, text, spans)
+        ids.append(tokens.input_ids)
+        labels.append(tokens.labels)
+        rows = [
+            image_rows if t == IMAGE_SLOT else video_rows
+            for t in tokens.input_ids
+            if t in (IMAGE_SLOT, VIDEO_SLOT)
+        ]
+        features.append([torch.randn(n, 8) for n in rows])
+    spliced = model.splice(ids, features, labels=labels, padding_side="right")
+    expected = reference_spliced_labels(ids, labels, image_rows, video_rows)  # (B, L)
+    assert spliced.labels.shape == expected.shape == spliced.attention_mask.shape
+    assert torch.equal(spliced.labels, expected)
+    # padding and visual rows are never supervised; every supervised label is one of the answers' tokens
+    assert bool((spliced.labels[spliced.attention_mask == 0] == IGNORE_INDEX).all())
+    assert int((spliced.labels != IGNORE_INDEX).sum()) == sum(
+        sum(1 for x in row if x != IGNORE_INDEX) for row in labels
+    )
+    with pytest.raises(PromptError, match="prompt 0 has .* tokens but .* labels"):
+        model.splice(ids, features, labels=[labels[0][:-1], *labels[1:]], padding_side="right")

@@ -95,11 +95,11 @@ def test_7b_recipe_is_the_papers(monkeypatch):
 
 
 def test_7b_model_builds_on_meta_device_without_network(monkeypatch):
-    from videollava.train.runner import build_meta_model
+    from videollava.train.runner import meta_model
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     recipe = load_recipe(CONFIGS / "videollava-7b.yaml")
-    model = build_meta_model(recipe)
+    model = meta_model(recipe)
     assert all(p.is_meta for p in model.parameters())
     count = {
         name: sum(p.numel() for p in getattr(model, name).parameters())
@@ -310,3 +310,155 @@ def test_batch_layout_under_deepspeed_cuts_equal_shares():
         match=r"cannot be split evenly over 5 processes.*--set stage\.finetune\.batch_size=95 or 100",
     ):
         batch_layout(stage, 5, exact=True)
+
+
+# Each bad recipe and the start of the message it gets: the key's full path, what is wrong, the
+# value found and, for unknown keys, the nearest valid key. Lists of valid keys follow some of these.
+RECIPE_ERRORS = [
+    (
+        lambda r: r["stages"][1].update(lrr=1e-3),
+        "stages[1].lrr: unknown key 'lrr' in stages[1] (did you mean 'lr'?); valid keys: kind, name, data,",
+    ),
+    (
+        lambda r: r["stages"][2].update(warmup=0.1),
+        "stages[2].warmup: unknown key 'warmup' in stages[2] (did you mean 'warmup_ratio'?); valid keys:",
+    ),
+    (
+        lambda r: r.update(stagez=[]),
+        "stagez: unknown key 'stagez' in recipe (did you mean 'stages'?); valid keys: model, stages, data, "
+        "run, distributed",
+    ),
+    (
+        lambda r: r["model"]["init"].update(vision={"hiden_size": 3}),
+        "model.init.vision.hiden_size: unknown key 'hiden_size' in model.init.vision "
+        "(did you mean 'hidden_size'?); valid keys: hidden_size, intermediate_size,",
+    ),
+    (
+        lambda r: r.update(run={"zzzz": 1}),
+        "run.zzzz: unknown key 'zzzz' in run; valid keys: output_dir, keep_checkpoints, progress, threads, "
+        "cache_media, export",
+    ),
+    (
+        lambda r: r["stages"][2].update(lora={"rank": 8}),
+        "stages[2].lora.rank: unknown key 'rank' in stages[2].lora; valid keys: r, alpha, dropout, "
+        "target_modules",
+    ),
+    (
+        lambda r: r["stages"][1].update(lr="fast"),
+        "stages[1].lr: expected a number, got 'fast' [stage 'projector']",
+    ),
+    (lambda r: r["stages"][1].update(lr=float("nan")), "stages[1].lr: expected a number, got nan"),
+    (lambda r: r["stages"][1].update(batch_size=8.5), "stages[1].batch_size: expected an integer, got 8.5"),
+    (lambda r: r["stages"][1].update(batch_size="8"), "stages[1].batch_size: expected an integer, got '8'"),
+    (lambda r: r["stages"][1].update(bf16="yes"), "stages[1].bf16: expected true/false, got 'yes'"),
+    (lambda r: r["stages"][1].update(bf16=1), "stages[1].bf16: expected true/false, got 1"),
+    (
+        lambda r: r["stages"][1].update(sampler="random"),
+        "stages[1].sampler: expected 'mixed' or 'grouped', got 'random' [stage 'projector']",
+    ),
+    (
+        lambda r: r["stages"][2].update(kind="pretrain"),
+        "stages[2].kind: expected one of tokenizer, align_image, align_video, projector, finetune, got 'pretrain'",
+    ),
+    (
+        lambda r: r["stages"][2].pop("kind"),
+        "stages[2].kind: expected one of tokenizer, align_image, align_video, projector, finetune, got None",
+    ),
+    (lambda r: r["stages"].__setitem__(2, "finetune"), "stages[2]: a stage is a mapping with a 'kind'"),
+    (lambda r: r.update(model=[1]), "model: expected a mapping, got list"),
+    (lambda r: r.pop("model"), "model: required key is missing"),
+    (lambda r: r["stages"][1].update(data=["a.json", 3]), "stages[1].data[1]: expected a string, got 3"),
+    (lambda r: r["stages"][1].update(betas=0.9), "stages[1].betas: expected a list of a number, got 0.9"),
+    (
+        lambda r: r["model"].update({"from": {"checkpoint": 3}}),
+        "model.from.checkpoint: expected a string, got 3",
+    ),
+    (
+        lambda r: r["model"]["init"].update(vision={"hidden_size": "big"}),
+        "model.init.vision.hidden_size: expected an integer, got 'big'",
+    ),
+    (lambda r: r["model"]["init"].update(seed="x"), "model.init.seed: expected an integer, got 'x'"),
+    (
+        lambda r: r.update(distributed={"strategy": "horovod"}),
+        "distributed.strategy: expected 'ddp' or 'fsdp' or 'deepspeed', got 'horovod'",
+    ),
+    (
+        lambda r: r["stages"][2].update(micro_batch_size=0),
+        "stages[2] (sft).micro_batch_size: must be positive, got 0",
+    ),
+    (
+        lambda r: r["stages"][2].update(projector_lr=-1),
+        "stages[2] (sft).projector_lr: must not be negative, got -1",
+    ),
+    (
+        lambda r: r["stages"][1].update(warmup_ratio=1.5),
+        "stages[1] (projector).warmup_ratio: must be in [0, 1), got 1.5",
+    ),
+    (
+        lambda r: r["stages"][1].update(betas=[0.9]),
+        "stages[1] (projector).betas: two numbers in [0, 1), got [0.9]",
+    ),
+    (
+        lambda r: r["stages"][1].update(max_steps=0),
+        "stages[1] (projector).max_steps: must be positive, got 0",
+    ),
+    (lambda r: r["stages"][1].update(data=[]), "stages[1] (projector).data: no data files"),
+    (lambda r: r["model"].update(num_frames=0), "model.num_frames: must be positive, got 0"),
+    (lambda r: r["model"].update(template="nope"), "model.template: unknown template 'nope'"),
+    (lambda r: r["stages"][2].update(template="nope"), "stages[2] (sft).template: unknown template 'nope'"),
+    (lambda r: r.update(data={}), "data: give 'root' (a folder with the JSON files) or 'generate'"),
+    (lambda r: r.update(run={"keep_checkpoints": 0}), "run.keep_checkpoints: must be at least 1"),
+    (
+        lambda r: r["stages"].insert(1, {"kind": "align_image", "text_encoder": {"token_init_std": 0}}),
+        "stages[1] (align_image).text_encoder.token_init_std: must be positive",
+    ),
+    (
+        lambda r: r["stages"].insert(1, {"kind": "align_image", "region_loss": {"weight": 0.0}}),
+        "stages[1] (align_image).region_loss: weight and scale must be positive, got 0.0, 30.0",
+    ),
+    (
+        lambda r: r["stages"].insert(1, {"kind": "align_image", "region_loss": {"motion_weight": -1}}),
+        "stages[1] (align_image).region_loss.motion_weight: must be >= 0, got -1",
+    ),
+]
+
+
+@pytest.mark.parametrize("mutate, start", RECIPE_ERRORS)
+def test_recipe_errors_give_the_key_path_and_the_problem(mutate, start):
+    raw = minimal()
+    mutate(raw)
+    with pytest.raises(RecipeError) as caught:
+        recipe_from_dict(raw)
+    assert str(caught.value).startswith(f"<recipe>: {start}"), str(caught.value)
+
+
+def test_every_training_stage_kind_has_a_task_builder():
+    from videollava.train.config import STAGE_KINDS, TrainStage
+    from videollava.train.tasks import TASK_BUILDERS
+
+    training = {kind for kind, cls in STAGE_KINDS.items() if issubclass(cls, TrainStage)}
+    assert training == set(TASK_BUILDERS) == {"align_image", "align_video", "projector", "finetune"}
+
+
+def test_recipe_sections_are_the_models_own_configs():
+    """The towers, LLM, text encoder, region loss and model options are the model's dataclasses,
+    with the model's defaults where the recipe is silent."""
+    from videollava.model.build import LLMConfig
+    from videollava.model.videollava import VideoLlavaConfig
+    from videollava.model.vision import VisionConfig
+    from videollava.train.contrastive import RegionLoss, TextEncoderConfig
+
+    raw = minimal()
+    raw["model"]["init"]["vision"] = {"hidden_size": 64, "image_size": 32, "patch_size": 16}
+    raw["stages"].insert(1, {"kind": "align_image", "region_loss": {"pooling": "patch"}})
+    recipe = recipe_from_dict(raw)
+    assert recipe.model.init.vision == VisionConfig(hidden_size=64, image_size=32, patch_size=16)
+    assert recipe.model.init.llm == LLMConfig()
+    align = recipe.stages[1]
+    assert align.text_encoder == TextEncoderConfig() and align.region_loss == RegionLoss(pooling="patch")
+    defaults = VideoLlavaConfig()
+    assert recipe.model.options() == {name: getattr(defaults, name) for name in recipe.model.options()}
+    with pytest.raises(RecipeError, match=r"model\.init\.vision\.num_frames: unknown key"):
+        recipe_from_dict(
+            minimal(), ["model.init.vision.num_frames=4"]
+        )  # the video tower's are model.temporal_frames

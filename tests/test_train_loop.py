@@ -14,7 +14,7 @@ import torch
 import yaml
 from safetensors import safe_open
 
-from videollava.train.loop import cosine_with_warmup, param_groups, read_metrics
+from videollava.train.loop import lr_schedule, param_groups, read_metrics
 
 VISION = {
     "hidden_size": 32,
@@ -67,6 +67,7 @@ def tiny_recipe(data_root: Path, stages: list[dict] | None = None, bf16: bool = 
             "init": {"seed": 0, "tokenizer": "train", "vision": VISION, "llm": LLM},
             "temporal_frames": 2,
             "num_frames": 2,
+            "image_aspect_ratio": "pad",
             "model_max_length": 1024,
         },
         "data": {"root": str(data_root)},
@@ -117,11 +118,74 @@ def world(tmp_path_factory) -> Path:
 
 
 def test_cosine_schedule_with_warmup():
-    f = cosine_with_warmup(total_steps=10, warmup_steps=2)
-    assert [f(0), f(1), f(2)] == [0.0, 0.5, 1.0]
-    assert f(6) == pytest.approx(0.5)
-    assert f(10) == pytest.approx(0.0)
-    assert cosine_with_warmup(10, 0, "constant")(7) == 1.0
+    from videollava.train.config import ProjectorStage
+
+    def factors(schedule: str, total: int, warmup: int) -> list[float]:
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        scheduler = lr_schedule(optimizer, ProjectorStage(lr_schedule=schedule), total, warmup)
+        out = []
+        for _ in range(total + 1):
+            out.append(scheduler.get_last_lr()[0])
+            optimizer.step()
+            scheduler.step()
+        return out
+
+    f = factors("cosine", total=10, warmup=2)
+    assert [f[0], f[1], f[2]] == [0.0, 0.5, 1.0]
+    assert f[6] == pytest.approx(0.5)
+    assert f[10] == pytest.approx(0.0)
+    assert factors("constant", 10, 0)[7] == 1.0
+
+
+class _Quadratic(torch.nn.Module):
+    """A one-parameter objective: enough for the loop to step, schedule and log."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(2))
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, int]:
+        return ((batch["x"] * self.weight).sum(-1) ** 2).sum(), batch["num_samples"]
+
+
+def _stack(items: list) -> dict:
+    return {"x": torch.stack(items), "num_samples": len(items), "skipped": []}
+
+
+def _warmup_cosine(lr: float, step: int, total: int, warmup: int, schedule: str) -> float:
+    """The HF Trainer's schedules written out: linear warm-up from 0, then cosine to 0 (or constant)."""
+    if step < warmup:
+        return lr * (step / max(1, warmup))
+    if schedule == "constant":
+        return lr * 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    return lr * max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+@pytest.mark.parametrize(
+    "settings, total, warmup",
+    [
+        ({"max_steps": 10, "warmup_ratio": 0.2}, 10, 2),
+        ({"epochs": 3, "warmup_ratio": 0.03}, 12, 1),  # 4 steps an epoch; ceil(0.36) warm-up steps
+        ({"max_steps": 5, "warmup_ratio": 0.0}, 5, 0),
+        ({"max_steps": 6, "warmup_ratio": 0.5, "lr_schedule": "constant"}, 6, 3),
+    ],
+)
+def test_learning_rate_per_step(tmp_path, settings, total, warmup):
+    """Each step logs the rate it trained at: warm-up then cosine (or constant), to the last bit."""
+    from videollava.train.config import ProjectorStage
+    from videollava.train.loop import StageContext, Task, train_stage
+
+    torch.manual_seed(0)
+    data = list(torch.randn(8, 2))
+    task = Task(
+        module=_Quadratic(), dataset=data, collate_fn=_stack, lengths=[1] * 8, modalities=["image"] * 8
+    )
+    stage = ProjectorStage(kind="projector", lr=0.1, batch_size=2, micro_batch_size=2, **settings)
+    train_stage(task, stage, StageContext(index=0, name="s", run_dir=tmp_path, progress=False))
+    logged = [r["lr"] for r in read_metrics(tmp_path / "metrics.jsonl") if r["event"] == "step"]
+    schedule = settings.get("lr_schedule", "cosine")
+    assert logged == [_warmup_cosine(0.1, step, total, warmup, schedule) for step in range(total)]
 
 
 def test_param_groups_split_lr_and_decay():
@@ -471,6 +535,7 @@ def test_from_pretrained_parts_and_from_checkpoint(world, tmp_path):
             },
             "temporal_frames": 2,
             "num_frames": 2,
+            "image_aspect_ratio": "pad",
             "model_max_length": 256,
         },
         "data": {"root": str(world)},
@@ -495,7 +560,12 @@ def test_from_pretrained_parts_and_from_checkpoint(world, tmp_path):
     # Continue from the exported checkpoint with a finetune stage.
     raw2 = {
         **raw,
-        "model": {"from": {"checkpoint": str(out / "model")}, "num_frames": 2, "model_max_length": 256},
+        "model": {
+            "from": {"checkpoint": str(out / "model")},
+            "num_frames": 2,
+            "image_aspect_ratio": "pad",
+            "model_max_length": 256,
+        },
         "stages": [{**stage, "kind": "finetune"}],
     }
     out2 = tmp_path / "continued"

@@ -80,6 +80,14 @@ class Projector(nn.Module):
 
 
 @dataclass
+class VideoLlavaOutput:
+    """The LLM's logits and, when labels were given, the labels laid out like them."""
+
+    logits: torch.Tensor  # (B, L, V)
+    labels: torch.Tensor | None  # (B, L): IGNORE_INDEX on visual rows and padding
+
+
+@dataclass
 class SplicedBatch:
     """LLM inputs after the visual tokens were written in; padded to one length."""
 
@@ -140,7 +148,8 @@ class VideoLlava(nn.Module):
         """Write visual rows where the slots stand and pad the rows to one length.
 
         `sequences[b]` holds token ids with IMAGE_SLOT / VIDEO_SLOT markers; `visual_features[b]`
-        holds one (rows, H) tensor per slot, in the order the slots appear.
+        holds one (rows, H) tensor per slot, in the order the slots appear. `labels[b]`, one per
+        token, come out laid out like the rows: IGNORE_INDEX on every visual row and on padding.
         """
         embed = self.language_model.get_input_embeddings()
         hidden = embed.weight.shape[1]
@@ -160,7 +169,11 @@ class VideoLlava(nn.Module):
             piece_labels: list[torch.Tensor] = []
             start = 0
             visual = 0
-            sample_labels = torch.tensor(labels[b], dtype=torch.long) if labels is not None else None
+            sample_labels = None
+            if labels is not None:
+                if len(labels[b]) != len(ids):
+                    raise PromptError(f"prompt {b} has {len(ids)} tokens but {len(labels[b])} labels")
+                sample_labels = torch.tensor(labels[b], dtype=torch.long)
             for slot, feature in zip(slots, features, strict=True):
                 pieces += [text_embeds[start:slot], feature.to(text_embeds.dtype)]
                 if sample_labels is not None:
@@ -212,21 +225,22 @@ class VideoLlava(nn.Module):
         videos: torch.Tensor | None = None,
         labels: list[list[int]] | None = None,
         padding_side: str = "right",
-    ):
+    ) -> VideoLlavaOutput:
         """Training / scoring forward pass.
 
         `images` (N_img, 3, H, W) and `videos` (N_vid, T, 3, H, W) hold the batch's media in slot
-        order (all images of sample 0, then sample 1, ...; likewise videos).
+        order (all images of sample 0, then sample 1, ...; likewise videos). `labels` (one per
+        token) come back spliced like the logits, for the caller's loss.
         """
         features = self.visual_features_for(input_ids, images, videos)
         batch = self.splice(input_ids, features, labels=labels, padding_side=padding_side)
-        return self.language_model(
+        out = self.language_model(
             inputs_embeds=batch.inputs_embeds,
             attention_mask=batch.attention_mask,
             position_ids=batch.position_ids,
-            labels=batch.labels,
             use_cache=False,
         )
+        return VideoLlavaOutput(logits=out.logits, labels=batch.labels)
 
     def visual_features_for(
         self, input_ids: list[list[int]], images: torch.Tensor | None, videos: torch.Tensor | None

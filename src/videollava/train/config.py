@@ -1,142 +1,251 @@
-"""Training recipes: typed dataclasses read from one YAML file.
+"""Training recipes: one YAML file read into typed sections.
 
 A recipe names the model (a fresh small one under `init:`, or pretrained parts under `from:`), the
-data, and an ordered list of stages. Loading checks every key and type against the dataclasses
-below, so a typo fails before any work starts, with the key's full location in the message.
-Overrides from the command line (`--set stage.2.lr=1e-3`) are applied to the YAML before checking.
+data, and an ordered list of stages. The model's own config dataclasses are embedded as they are,
+with their types, defaults and checks: `VisionConfig` (the towers), `LLMConfig` (the LLM),
+`TextEncoderConfig` and `RegionLoss` (alignment), and the `VideoLlavaConfig` fields a recipe sets
+under `model:`. Loading checks every key and type (pydantic, strict: `"8"` is not a number), so a
+typo fails before any work starts, with the key's full location in the message. Overrides from
+the command line (`--set stage.2.lr=1e-3`) are applied to the YAML before checking.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
-import math
 import os
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    PrivateAttr,
+    ValidationError,
+    create_model,
+    field_validator,
+)
 
+from videollava.data.conversation import TEMPLATES
+from videollava.data.transforms import ASPECT_MODES
 from videollava.errors import VideoLlavaError
-
-# How non-square media reach the square tower input (data.transforms.ASPECT_MODES).
-AspectRatio = Literal["pad", "crop", "squash"]
+from videollava.model.build import LLMConfig
+from videollava.model.videollava import VideoLlavaConfig
+from videollava.model.vision import VisionConfig
+from videollava.train.contrastive import RegionLoss, TextEncoderConfig
 
 
 class RecipeError(VideoLlavaError):
     """A recipe that cannot be run as written; the message names the key at fault."""
 
 
+# ---------------------------------------------------------------------------------------- values
+
+
+def _number(value: Any) -> Any:
+    """YAML 1.1 reads "1e-3" (no dot) as a string: take it as the number it means."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _integral(value: Any) -> Any:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def _one_or_many(value: Any) -> Any:
+    """A single file name stands for a list of one."""
+    return [value] if isinstance(value, str) else value
+
+
+def _known_template(name: str) -> str:
+    if name not in TEMPLATES:
+        raise ValueError(f"unknown template {name!r}; valid: {sorted(TEMPLATES)}")
+    return name
+
+
+Number = Annotated[float, BeforeValidator(_number)]
+Integer = Annotated[int, BeforeValidator(_integral)]
+Positive = Annotated[Integer, Field(gt=0)]
+PositiveNumber = Annotated[Number, Field(gt=0)]
+NonNegative = Annotated[Integer, Field(ge=0)]
+Rate = Annotated[Number, Field(ge=0)]  # a learning rate that may be 0 (weights stay)
+Files = Annotated[list[str], BeforeValidator(_one_or_many)]
+Template = Annotated[str, AfterValidator(_known_template)]
+# How non-square media reach the square tower input.
+Aspect = Literal[ASPECT_MODES]
+
+
+class Section(BaseModel):
+    """A mapping of the recipe: unknown keys and loose types (`"yes"` for true) are refused."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+def _recipe_type(hint: Any) -> Any:
+    """A dataclass field's type as a recipe reads it (numbers as YAML writes them)."""
+    if hint is float:
+        return Number
+    if hint is int:
+        return Integer
+    if typing.get_origin(hint) in (Union, types.UnionType):
+        return Union[tuple(_recipe_type(arg) for arg in typing.get_args(hint))]  # noqa: UP007
+    return hint
+
+
+def _fields_of(
+    cls: type, names: typing.Iterable[str], types_: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """`create_model` field definitions for the named fields of dataclass `cls`: its types (or
+    `types_`) and its defaults."""
+    hints = typing.get_type_hints(cls)
+    found = {f.name: f for f in dataclasses.fields(cls)}
+    out = {}
+    for name in names:
+        f = found[name]
+        default = (
+            Field(default_factory=f.default_factory)
+            if f.default_factory is not dataclasses.MISSING
+            else f.default
+        )
+        out[name] = ((types_ or {}).get(name, _recipe_type(hints[name])), default)
+    return out
+
+
+def embedded(cls: type, exclude: tuple[str, ...] = ()) -> Any:
+    """A config dataclass of the model as a recipe section: its fields, types and defaults, checked
+    strictly, then built into `cls` itself, whose own checks run (`exclude`: fields the recipe sets
+    elsewhere)."""
+    names = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in exclude]
+    section = create_model(cls.__name__, __base__=Section, **_fields_of(cls, names))
+    return Annotated[
+        section,
+        AfterValidator(lambda value: cls(**dict(value))),
+        PlainSerializer(lambda value: {name: getattr(value, name) for name in names}, return_type=dict),
+    ]
+
+
+# The towers' shape; the video tower's frames are model.temporal_frames.
+VisionSection = embedded(VisionConfig, exclude=("num_frames",))
+LLMSection = embedded(LLMConfig)
+TextEncoderSection = embedded(TextEncoderConfig)
+RegionLossSection = embedded(RegionLoss)
+
+
 # ---------------------------------------------------------------------------------------- model
 
 
-@dataclass
-class VisionSpec:
-    """CLIP ViT shape of both towers (the video tower adds temporal modules of `temporal_frames` rows)."""
-
-    hidden_size: int = 128
-    intermediate_size: int = 512
-    num_hidden_layers: int = 4
-    num_attention_heads: int = 4
-    patch_size: int = 8
-    image_size: int = 64
-    layer_norm_eps: float = 1e-5
-    hidden_act: str = "gelu"
-
-
-@dataclass
-class LLMSpec:
-    """LLaMA shape of the language model; `vocab_size` null means "the tokenizer's, padded to 64"."""
-
-    hidden_size: int = 256
-    intermediate_size: int = 688
-    num_hidden_layers: int = 4
-    num_attention_heads: int = 4
-    num_key_value_heads: int | None = None
-    max_position_embeddings: int = 1024
-    rms_norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
-    vocab_size: int | None = None
-    hidden_act: str = "silu"
-    tie_word_embeddings: bool = False
-    initializer_range: float = 0.02
-
-
-@dataclass
-class InitConfig:
+class InitConfig(Section):
     """A fresh model of the given shape, randomly initialised from `seed`."""
 
-    vision: VisionSpec = field(default_factory=VisionSpec)
-    llm: LLMSpec = field(default_factory=LLMSpec)
+    vision: VisionSection = Field(default_factory=VisionConfig)
+    llm: LLMSection = Field(default_factory=LLMConfig)
     # "train": the tokenizer a `tokenizer` stage trains on the data; otherwise a folder or hub id.
     tokenizer: str = "train"
-    seed: int = 0
-    # Std of the normal init of the towers' linear and embedding weights (CLIP-style).
-    vision_init_std: float = 0.02
+    seed: Integer = 0
+    vision_init_std: Number = 0.02  # std of the towers' linear and embedding weights (CLIP-style)
 
 
-@dataclass
-class ArchitectureSpec:
+class ArchitectureSpec(Section):
     """The shape the pretrained parts are expected to have: lets the model be built without weights."""
 
-    vision: VisionSpec
-    llm: LLMSpec
+    vision: VisionSection
+    llm: LLMSection
 
 
-@dataclass
-class FromConfig:
+class FromConfig(Section):
     """Pretrained parts: a whole Video-LLaVA checkpoint, or LanguageBind towers plus a LLaMA LLM."""
 
     checkpoint: str | None = None
     image_tower: str | None = None
     video_tower: str | None = None
     llm: str | None = None
-    # Defaults to the checkpoint's or the LLM's own tokenizer.
-    tokenizer: str | None = None
+    tokenizer: str | None = None  # default: the checkpoint's or the LLM's own
     architecture: ArchitectureSpec | None = None
-    # Seed of the fresh projector when only towers and LLM are given.
-    seed: int = 0
+    seed: Integer = 0  # of the fresh projector when only towers and LLM are given
 
 
-@dataclass
-class ModelConfig:
+class _ModelSection(Section):
     init: InitConfig | None = None
-    from_: FromConfig | None = field(default=None, metadata={"key": "from"})
-    # Rows of the video tower's temporal embedding (frames it is built for).
-    temporal_frames: int = 8
-    num_frames: int = 8
-    vision_feature_layer: int = -2
-    image_aspect_ratio: AspectRatio = "pad"
-    video_aspect_ratio: AspectRatio = "crop"
-    template: str = "vicuna_v1"
-    model_max_length: int = 2048
-    projector_hidden_act: str = "gelu"
+    from_: FromConfig | None = Field(default=None, alias="from")
+    model_max_length: Positive = 2048
+
+    def architecture(self) -> tuple[VisionConfig, LLMConfig]:
+        """The declared shape of the towers and of the LLM."""
+        if self.init is not None:
+            return self.init.vision, self.init.llm
+        if self.from_ is None or self.from_.architecture is None:
+            raise RecipeError("model.from.architecture: needed to build the model without its weights")
+        return self.from_.architecture.vision, self.from_.architecture.llm
+
+    def options(self) -> dict[str, Any]:
+        """The `VideoLlavaConfig` fields this section sets."""
+        return {name: getattr(self, name) for name in MODEL_OPTIONS}
+
+
+# The VideoLlavaConfig fields a recipe sets under `model:`, with the model's defaults.
+MODEL_OPTIONS = (
+    "temporal_frames",
+    "num_frames",
+    "vision_feature_layer",
+    "projector_hidden_act",
+    "image_aspect_ratio",
+    "video_aspect_ratio",
+    "template",
+)
+ModelConfig = create_model(
+    "ModelConfig",
+    __base__=_ModelSection,
+    __doc__="The model: its parts (`init` or `from`) and the VideoLlavaConfig fields of MODEL_OPTIONS.",
+    **_fields_of(
+        VideoLlavaConfig,
+        MODEL_OPTIONS,
+        {
+            "temporal_frames": NonNegative,
+            "num_frames": Positive,
+            "image_aspect_ratio": Aspect,
+            "video_aspect_ratio": Aspect,
+            "template": Template,
+        },
+    ),
+)
 
 
 # ---------------------------------------------------------------------------------------- data
 
 
-@dataclass
-class GenerateConfig:
+class GenerateConfig(Section):
     """ShapesWorld data generated into the run folder (once; reused on resume)."""
 
-    images: int = 2000
-    videos: int = 1000
-    test_images: int = 150
-    test_videos: int = 150
-    seed: int = 0
-    min_size: int = 96
-    max_size: int = 160
-    workers: int = 1
-    twins: float = 0.0  # fraction of training media with a contrast twin (see shapesworld.contrast_twin)
-    mirrors: float = 0.0  # fraction of training images with a mirrored twin (see shapesworld.mirror_twin)
+    images: Integer = 2000
+    videos: Integer = 1000
+    test_images: Integer = 150
+    test_videos: Integer = 150
+    seed: Integer = 0
+    min_size: Integer = 96
+    max_size: Integer = 160
+    workers: Integer = 1
+    twins: Number = (
+        0.0  # fraction of training media with a contrast twin (see shapesworld.twins.contrast_twin)
+    )
+    mirrors: Number = (
+        0.0  # fraction of training images with a mirrored twin (see shapesworld.twins.mirror_twin)
+    )
 
 
-@dataclass
-class DataConfig:
+class DataConfig(Section):
     # Folder with the JSON files; relative stage `data` paths resolve against it. Null with
     # `generate` means "<run dir>/data".
     root: str | None = None
@@ -148,55 +257,25 @@ class DataConfig:
 # ---------------------------------------------------------------------------------------- stages
 
 
-@dataclass
-class LoraConfig:
-    r: int = 128
-    alpha: int = 256
-    dropout: float = 0.05
-    target_modules: list[str] = field(
+class LoraConfig(Section):
+    r: Positive = 128
+    alpha: PositiveNumber = 256
+    dropout: Number = 0.05
+    target_modules: Files = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
 
 
-@dataclass
-class TextEncoderSpec:
-    hidden_size: int = 128
-    num_layers: int = 2
-    num_heads: int = 4
-    max_length: int = 64
-    pooling: Literal["eos", "mean"] = "eos"  # see contrastive.TextEncoderConfig
-    token_init_std: float = 0.02
-
-
-@dataclass
-class RegionLossSpec:
-    """Ground the data's region names (entries' ``regions``) in the patches their boxes cover."""
-
-    weight: float = 1.0  # of the region loss beside the caption loss
-    scale: float = 30.0  # fixed logit scale of region-name similarities
-    # "box": the box's mean patch names the region; "patch": each of its patches does (see
-    # contrastive.RegionLoss)
-    pooling: Literal["box", "patch"] = "box"
-    # videos: each frame's patches under the object in that frame (entries' region ``track``)
-    # name it, instead of the frames' mean under the whole-clip box
-    per_frame: bool = False
-    # videos: the weight of a term where the mean of a region's patches over its whole-clip box and
-    # all frames must pick its ``motion`` phrase ("moving left", "standing still") (0: none)
-    motion_weight: float = 0.0
-
-
-@dataclass
-class EvalConfig:
+class EvalConfig(Section):
     """Held-out evaluation: retrieval R@1 for alignment stages, mean loss for LLM stages."""
 
     data: str = "test_captions.json"
-    every: int = 0  # steps; 0 = only at the end of the stage
-    max_samples: int | None = None
-    batch_size: int = 32
+    every: NonNegative = 0  # steps; 0 = only at the end of the stage
+    max_samples: Positive | None = None
+    batch_size: Positive = 32
 
 
-@dataclass
-class Stage:
+class Stage(Section):
     kind: str
     name: str | None = None
 
@@ -205,46 +284,66 @@ class Stage:
         return self.name or self.kind
 
 
-@dataclass
 class TokenizerStage(Stage):
     """Train a byte-level BPE tokenizer on the data's texts."""
 
-    data: list[str] = field(default_factory=lambda: ["captions.json", "instruct.json"])
-    vocab_size: int = 1000
+    kind: Literal["tokenizer"] = "tokenizer"
+    data: Files = Field(default_factory=lambda: ["captions.json", "instruct.json"])
+    vocab_size: Positive = 1000
     placeholder_tokens: bool = True
 
 
-@dataclass
 class TrainStage(Stage):
     """Everything a training stage shares: data, batch arithmetic, optimiser, schedule, precision."""
 
-    data: list[str] = field(default_factory=list)
+    data: Files = Field(default_factory=list)
     media_root: str | None = None
-    max_samples: int | None = None
-    lr: float = 1e-3
-    batch_size: int = 32  # global: the samples of one optimiser step, over all processes
-    micro_batch_size: int = 8  # the most samples a rank runs in one forward (see batch_layout)
-    epochs: int = 1
-    max_steps: int | None = None
-    warmup_ratio: float = 0.03
-    weight_decay: float = 0.0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
-    max_grad_norm: float = 1.0
-    lr_schedule: Literal["cosine", "constant"] = "cosine"
+    max_samples: Positive | None = None
+    lr: PositiveNumber = 1e-3
+    batch_size: Positive = 32  # global: the samples of one optimiser step, over all processes
+    micro_batch_size: Positive = 8  # the most samples a rank runs in one forward (see batch_layout)
+    epochs: Positive = 1
+    max_steps: Positive | None = None
+    warmup_ratio: Number = 0.03
+    weight_decay: Annotated[Number, Field(ge=0)] = 0.0
+    betas: list[Number] = Field(default_factory=lambda: [0.9, 0.999])
+    eps: Number = 1e-8
+    max_grad_norm: Annotated[Number, Field(ge=0)] = 1.0  # 0: no clipping
+    lr_schedule: Literal["cosine", "constant"] = "cosine"  # after a linear warm-up
     bf16: bool = True
     gradient_checkpointing: bool = False
-    num_frames: int | None = None  # default: model.num_frames
-    image_aspect_ratio: AspectRatio | None = None  # default: model.image_aspect_ratio
+    num_frames: Positive | None = None  # default: model.num_frames
+    image_aspect_ratio: Aspect | None = None  # default: model.image_aspect_ratio
     bad_samples: Literal["skip", "fail"] = "skip"
     sampler: Literal["mixed", "grouped"] | None = None  # default depends on the stage kind
-    seed: int = 0
-    log_every: int = 10
-    checkpoint_every: int = 0  # steps; 0 = only at the end of the stage
-    num_workers: int = 0
+    seed: Integer = 0
+    log_every: Positive = 10
+    checkpoint_every: NonNegative = 0  # steps; 0 = only at the end of the stage
+    num_workers: NonNegative = 0
     eval: EvalConfig | None = None
     # DeepSpeed JSON for this stage (strategy deepspeed); default: distributed.deepspeed_config.
     deepspeed_config: str | None = None
+
+    @field_validator("data")
+    @classmethod
+    def _some_data(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("no data files")
+        return value
+
+    @field_validator("warmup_ratio")
+    @classmethod
+    def _fraction(cls, value: float) -> float:
+        if not 0 <= value < 1:
+            raise ValueError(f"must be in [0, 1), got {value}")
+        return value
+
+    @field_validator("betas")
+    @classmethod
+    def _two_betas(cls, value: list[float]) -> list[float]:
+        if len(value) != 2 or not all(0 <= b < 1 for b in value):
+            raise ValueError(f"two numbers in [0, 1), got {value}")
+        return value
 
     @property
     def default_sampler(self) -> str:
@@ -255,100 +354,90 @@ class TrainStage(Stage):
         return self.sampler or self.default_sampler
 
 
-@dataclass
 class AlignImageStage(TrainStage):
     """Contrastive image-caption training of the image tower with a fresh text encoder."""
 
-    data: list[str] = field(default_factory=lambda: ["captions.json"])
-    text_encoder: TextEncoderSpec = field(default_factory=TextEncoderSpec)
-    projection_dim: int = 128
-    # The text encoder's own rate; default: lr. At 0 its weights stay as they are, but its gradients
-    # still count in the stage's gradient clipping (see configs/shapesworld.yaml). A tenth of lr
-    # measured higher retrieval R@1 on ShapesWorld but no better shape features (see reports/).
-    text_encoder_lr: float | None = None
-    region_loss: RegionLossSpec | None = None
-    eval: EvalConfig | None = field(default_factory=EvalConfig)
+    kind: Literal["align_image"] = "align_image"
+    data: Files = Field(default_factory=lambda: ["captions.json"])
+    text_encoder: TextEncoderSection = Field(default_factory=TextEncoderConfig)
+    projection_dim: Positive = 128
+    # The text encoder's own rate (default: lr); at 0 its weights stay, but its gradients still
+    # count in the stage's gradient clipping.
+    text_encoder_lr: Rate | None = None
+    region_loss: RegionLossSection | None = None
+    eval: EvalConfig | None = Field(default_factory=EvalConfig)
 
 
-@dataclass
 class AlignVideoStage(TrainStage):
     """Contrastive video-caption training of the temporal modules against the frozen text encoder."""
 
-    data: list[str] = field(default_factory=lambda: ["captions.json"])
-    # Start the video projection from the aligned image projection (else fresh).
-    init_projection_from_image: bool = True
-    # Std of the initial temporal embedding. 0 (LanguageBind's no-op start) keeps the fresh tower
-    # symmetric in time; a small value breaks that symmetry (see init_video_tower_from_image).
-    temporal_embedding_std: float = 0.0
-    # Region names of videos say how each object moves; the region head starts from the image
-    # stage's when that stage had one.
-    region_loss: RegionLossSpec | None = None
-    eval: EvalConfig | None = field(default_factory=EvalConfig)
+    kind: Literal["align_video"] = "align_video"
+    data: Files = Field(default_factory=lambda: ["captions.json"])
+    init_projection_from_image: bool = True  # else a fresh video projection
+    # Std of the initial temporal embedding: 0 (LanguageBind's no-op start) leaves the fresh tower
+    # symmetric in time, a small value breaks that symmetry (see init_video_tower_from_image).
+    temporal_embedding_std: Number = 0.0
+    # Videos' region names say how each object moves; the region head starts from the image stage's.
+    region_loss: RegionLossSection | None = None
+    eval: EvalConfig | None = Field(default_factory=EvalConfig)
 
 
-@dataclass
 class ProjectorStage(TrainStage):
     """Stage 1: only the projector learns, on single-turn captions of images and videos."""
 
-    data: list[str] = field(default_factory=lambda: ["captions.json"])
-    template: str = "plain"
-    # The paper freezes its pretrained LLM here. A from-scratch LLM (ShapesWorld) knows no language
-    # yet, so a small recipe may let it learn captions in this stage too.
+    kind: Literal["projector"] = "projector"
+    data: Files = Field(default_factory=lambda: ["captions.json"])
+    template: Template = "plain"
+    # The LLM learns too: the paper freezes its pretrained LLM, but one trained from scratch must
+    # learn the language somewhere.
     train_llm: bool = False
 
 
-@dataclass
 class FinetuneStage(TrainStage):
     """Stage 2: LLM (fully or through LoRA) and projector on multi-turn instructions."""
 
-    data: list[str] = field(default_factory=lambda: ["instruct.json"])
-    lr: float = 2e-5
-    template: str | None = None  # default: model.template
+    kind: Literal["finetune"] = "finetune"
+    data: Files = Field(default_factory=lambda: ["instruct.json"])
+    lr: PositiveNumber = 2e-5
+    template: Template | None = None  # default: model.template
     lora: LoraConfig | None = None
-    projector_lr: float | None = None  # default: lr
+    projector_lr: Rate | None = None  # default: lr
     train_projector: bool = True
-    # The paper keeps both towers frozen here (None). A rate trains the image and video towers
-    # too, so the answers' loss reaches the patch features: a tower aligned at small scale may
-    # lack what the questions ask (ShapesWorld: shape and motion, see reports/).
-    tower_lr: float | None = None
+    tower_lr: Rate | None = None  # both towers' rate; None keeps them frozen, as the paper does
 
     @property
     def default_sampler(self) -> str:
         return "grouped"
 
 
-STAGE_KINDS: dict[str, type[Stage]] = {
-    "tokenizer": TokenizerStage,
-    "align_image": AlignImageStage,
-    "align_video": AlignVideoStage,
-    "projector": ProjectorStage,
-    "finetune": FinetuneStage,
-}
+_KINDS = (TokenizerStage, AlignImageStage, AlignVideoStage, ProjectorStage, FinetuneStage)
+STAGE_KINDS: dict[str, type[Stage]] = {cls.model_fields["kind"].default: cls for cls in _KINDS}
+AnyStage = Annotated[
+    Union[TokenizerStage, AlignImageStage, AlignVideoStage, ProjectorStage, FinetuneStage],  # noqa: UP007
+    Field(discriminator="kind"),
+]
 
 
 # ---------------------------------------------------------------------------------------- run
 
 
-@dataclass
-class ExportConfig:
+class ExportConfig(Section):
     enabled: bool = True
     dtype: Literal["bfloat16", "float32"] = "bfloat16"
 
 
-@dataclass
-class RunConfig:
+class RunConfig(Section):
     output_dir: str | None = None  # default: runs/<recipe file stem>
-    keep_checkpoints: int = 2
+    keep_checkpoints: Annotated[Integer, Field(ge=1)] = 2
     progress: bool = True  # tqdm bar on stderr (rank 0)
-    threads: int | None = None  # torch intra-op threads per process
+    threads: Positive | None = None  # torch intra-op threads per process
     # Keep preprocessed media in memory across epochs and stages (pays off with num_workers: 0 and
     # a dataset that fits in RAM; each loader worker would hold a copy of its own).
     cache_media: bool = False
-    export: ExportConfig = field(default_factory=ExportConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
 
 
-@dataclass
-class DistributedConfig:
+class DistributedConfig(Section):
     strategy: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     deepspeed_config: str | None = None
@@ -357,29 +446,32 @@ class DistributedConfig:
     find_unused_parameters: bool = False
 
 
-@dataclass
-class Recipe:
+class Recipe(Section):
     model: ModelConfig
-    stages: list[Stage]
-    data: DataConfig = field(default_factory=DataConfig)
-    run: RunConfig = field(default_factory=RunConfig)
-    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    stages: list[AnyStage]
+    data: DataConfig = Field(default_factory=DataConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     # Where relative paths of the recipe resolve when the working directory does not have them.
-    source_dir: str = field(default=".", metadata={"internal": True})
+    _source_dir: str = PrivateAttr(default=".")
 
-    def stage_dir_name(self, index: int) -> str:
-        return f"{index}-{self.stages[index].label}"
+    def export_template(self) -> str:
+        """The template the finished model answers in: that of its last instruction stage."""
+        for stage in reversed(self.stages):
+            if isinstance(stage, FinetuneStage):
+                return stage.template or self.model.template
+        return self.model.template
 
     def resolve_path(self, value: str) -> Path:
         """A path as written if it exists from the working directory, else relative to the recipe file."""
         path = Path(os.path.expanduser(value))
         if path.is_absolute() or path.exists():
             return path
-        beside = Path(self.source_dir) / path
+        beside = Path(self._source_dir) / path
         return beside if beside.exists() else path
 
     def to_dict(self) -> dict[str, Any]:
-        return _dump(self)
+        return self.model_dump(by_alias=True)
 
 
 # ---------------------------------------------------------------------------------------- checks
@@ -426,7 +518,7 @@ def batch_layout(stage: TrainStage, world_size: int, exact: bool = False) -> Bat
 
 
 def validate(recipe: Recipe) -> None:
-    """Checks across fields that types alone cannot express."""
+    """Checks across fields and stages, which types and per-field bounds cannot express."""
     model = recipe.model
     if (model.init is None) == (model.from_ is None):
         raise RecipeError("model: give exactly one of 'init' (a fresh model) or 'from' (pretrained parts)")
@@ -436,13 +528,6 @@ def validate(recipe: Recipe) -> None:
             raise RecipeError(
                 "model.from: give 'checkpoint', or all of 'image_tower', 'video_tower' and 'llm'"
             )
-    for key in ("temporal_frames", "num_frames", "model_max_length"):
-        if getattr(model, key) < (0 if key == "temporal_frames" else 1):
-            raise RecipeError(f"model.{key}: must be positive, got {getattr(model, key)}")
-    from videollava.data.conversation import TEMPLATES
-
-    if model.template not in TEMPLATES:
-        raise RecipeError(f"model.template: unknown template {model.template!r}; valid: {sorted(TEMPLATES)}")
     if not recipe.stages:
         raise RecipeError("stages: the recipe has no stages")
 
@@ -455,16 +540,14 @@ def validate(recipe: Recipe) -> None:
     seen: list[str] = []
     for i, stage in enumerate(recipe.stages):
         where = f"stages[{i}] ({stage.label})"
-        if stage.kind == "tokenizer":
+        if isinstance(stage, TokenizerStage):
             if model.init is None or model.init.tokenizer != "train":
                 raise RecipeError(
                     f"{where}: a tokenizer stage needs model.init.tokenizer: train (the model would not use it)"
                 )
             if any(k != "tokenizer" for k in seen):
                 raise RecipeError(f"{where}: the tokenizer stage must come before every training stage")
-        if isinstance(stage, TrainStage):
-            _validate_train_stage(stage, where, model)
-        if stage.kind in ("align_image", "align_video"):
+        if isinstance(stage, AlignImageStage | AlignVideoStage):
             if model.init is None:
                 raise RecipeError(
                     f"{where}: alignment stages train fresh towers; they need model.init "
@@ -472,65 +555,20 @@ def validate(recipe: Recipe) -> None:
                 )
             if any(k in ("projector", "finetune") for k in seen):
                 raise RecipeError(f"{where}: alignment must come before the projector and finetune stages")
-            regions = stage.region_loss
-            if regions is not None and not (regions.weight > 0 and regions.scale > 0):
-                raise RecipeError(
-                    f"{where}.region_loss: weight and scale must be positive, got {regions.weight}, {regions.scale}"
-                )
-            if regions is not None and regions.per_frame and isinstance(stage, AlignImageStage):
+        if isinstance(stage, AlignImageStage) and stage.region_loss is not None:
+            if stage.region_loss.per_frame:
                 raise RecipeError(f"{where}.region_loss.per_frame: only videos have frames (align_video)")
-            if regions is not None and regions.motion_weight < 0:
-                raise RecipeError(
-                    f"{where}.region_loss.motion_weight: must be >= 0, got {regions.motion_weight}"
-                )
-            if regions is not None and regions.motion_weight > 0 and isinstance(stage, AlignImageStage):
+            if stage.region_loss.motion_weight > 0:
                 raise RecipeError(f"{where}.region_loss.motion_weight: only videos move (align_video)")
-        if isinstance(stage, AlignImageStage) and not stage.text_encoder.token_init_std > 0:
-            raise RecipeError(f"{where}.text_encoder.token_init_std: must be positive")
-        if stage.kind == "align_video" and "align_image" not in seen:
+        if isinstance(stage, AlignVideoStage) and "align_image" not in seen:
             raise RecipeError(
                 f"{where}: align_video starts from the aligned image tower; put align_image first"
             )
-        if isinstance(stage, FinetuneStage):
-            if stage.template is not None and stage.template not in TEMPLATES:
-                raise RecipeError(f"{where}.template: unknown template {stage.template!r}")
-            if stage.lora is not None and (stage.lora.r < 1 or stage.lora.alpha <= 0):
-                raise RecipeError(f"{where}.lora: r must be >= 1 and alpha > 0")
-        if isinstance(stage, ProjectorStage) and stage.template not in TEMPLATES:
-            raise RecipeError(f"{where}.template: unknown template {stage.template!r}")
         seen.append(stage.kind)
     if model.init is not None and model.init.tokenizer == "train" and "tokenizer" not in kinds:
         raise RecipeError("model.init.tokenizer is 'train' but the recipe has no tokenizer stage")
     if recipe.data.generate is None and recipe.data.root is None:
         raise RecipeError("data: give 'root' (a folder with the JSON files) or 'generate'")
-    if recipe.run.keep_checkpoints < 1:
-        raise RecipeError("run.keep_checkpoints: must be at least 1")
-
-
-def _validate_train_stage(stage: TrainStage, where: str, model: ModelConfig) -> None:
-    positive = ("lr", "batch_size", "micro_batch_size", "epochs", "log_every")
-    for key in positive:
-        if not getattr(stage, key) > 0:
-            raise RecipeError(f"{where}.{key}: must be positive, got {getattr(stage, key)}")
-    if stage.max_steps is not None and stage.max_steps < 1:
-        raise RecipeError(f"{where}.max_steps: must be positive, got {stage.max_steps}")
-    if not 0 <= stage.warmup_ratio < 1:
-        raise RecipeError(f"{where}.warmup_ratio: must be in [0, 1), got {stage.warmup_ratio}")
-    for key in ("projector_lr", "text_encoder_lr", "tower_lr"):
-        value = getattr(stage, key, None)
-        if value is not None and not value >= 0:
-            raise RecipeError(f"{where}.{key}: must not be negative, got {value}")
-    if stage.weight_decay < 0 or stage.max_grad_norm < 0:
-        raise RecipeError(f"{where}: weight_decay and max_grad_norm must not be negative")
-    if len(stage.betas) != 2 or not all(0 <= b < 1 for b in stage.betas):
-        raise RecipeError(f"{where}.betas: two numbers in [0, 1), got {stage.betas}")
-    if stage.checkpoint_every < 0 or stage.num_workers < 0:
-        raise RecipeError(f"{where}: checkpoint_every and num_workers must not be negative")
-    if not stage.data:
-        raise RecipeError(f"{where}.data: no data files")
-    frames = stage.num_frames or model.num_frames
-    if frames < 1:
-        raise RecipeError(f"{where}.num_frames: must be positive")
 
 
 # ---------------------------------------------------------------------------------------- loading
@@ -553,14 +591,14 @@ def recipe_from_dict(
 ) -> Recipe:
     if not isinstance(raw, dict):
         raise RecipeError(f"{source}: a recipe is a mapping with 'model', 'data' and 'stages'")
-    raw = _deepcopy(raw)
+    raw = copy.deepcopy(raw)
     for item in overrides or []:
         apply_override(raw, item)
     try:
-        recipe = _build(Recipe, raw, "")
-    except RecipeError as error:
-        raise RecipeError(f"{source}: {error}") from None
-    recipe.source_dir = str(Path(source).resolve().parent) if Path(str(source)).exists() else "."
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as error:
+        raise RecipeError(f"{source}: {describe(error.errors()[0], raw)}") from None
+    recipe._source_dir = str(Path(source).resolve().parent) if Path(str(source)).exists() else "."
     try:
         validate(recipe)
     except RecipeError as error:
@@ -614,149 +652,149 @@ def _list_index(items: list[Any], part: str, where: str) -> int:
     raise RecipeError(f"--set {where}: no stage named {part!r}")
 
 
-def _deepcopy(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _deepcopy(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_deepcopy(v) for v in value]
-    return value
+def dump_recipe(recipe: Recipe) -> str:
+    """The fully resolved recipe as YAML (all defaults written out), stored in the run folder."""
+    return yaml.safe_dump(recipe.to_dict(), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------- messages
+
+# Problems with a value's type or a key (message "<path>: <problem> [stage '<label>']"), as opposed
+# to a value out of its bounds ("stages[<i>] (<label>).<key>: <problem>").
+_TYPE_ERRORS = {
+    "int_type": "expected an integer",
+    "int_parsing": "expected an integer",
+    "int_from_float": "expected an integer",
+    "float_type": "expected a number",
+    "float_parsing": "expected a number",
+    "finite_number": "expected a number",
+    "bool_type": "expected true/false",
+    "bool_parsing": "expected true/false",
+    "string_type": "expected a string",
+}
+
+
+def describe(error: Any, raw: dict[str, Any]) -> str:
+    """One pydantic error as the recipe's message: the key's path, what is wrong, the value found."""
+    loc = list(error["loc"])
+    kind, value, context = error["type"], error.get("input"), error.get("ctx") or {}
+    stage = None  # (index, label, kind) when the error lies in a stage
+    if (
+        loc[:1] == ["stages"]
+        and len(loc) > 1
+        and isinstance(loc[1], int)
+        and isinstance(raw.get("stages"), list)
+    ):
+        entry = raw["stages"][loc[1]]
+        if len(loc) > 2 and loc[2] in STAGE_KINDS:
+            del loc[2]  # the discriminator's tag
+        if isinstance(entry, dict):
+            stage = (loc[1], entry.get("name") or entry.get("kind"), entry.get("kind"))
+        if len(loc) == 2:
+            if not isinstance(entry, dict):
+                return f"{_path(loc)}: a stage is a mapping with a 'kind'"
+            if kind.startswith("union_tag"):
+                return (
+                    f"{_path(loc)}.kind: expected one of {', '.join(STAGE_KINDS)}, got {entry.get('kind')!r}"
+                )
+    where = _path(loc)
+    tail = f" [stage {stage[1]!r}]" if stage is not None else ""
+    if kind == "extra_forbidden":
+        parent = _path(loc[:-1])
+        keys = _keys(_section_at(loc[:-1], stage))
+        close = difflib.get_close_matches(str(loc[-1]), keys, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return f"{where}: unknown key {loc[-1]!r} in {parent or 'recipe'}{hint}; valid keys: {', '.join(keys)}{tail}"
+    if kind == "missing":
+        return f"{where}: required key is missing{tail}"
+    if kind in _TYPE_ERRORS:
+        return f"{where}: {_TYPE_ERRORS[kind]}, got {value!r}{tail}"
+    if kind == "literal_error":
+        return f"{where}: expected {context['expected'].replace(', ', ' or ')}, got {value!r}{tail}"
+    if kind == "list_type":
+        return f"{where}: expected {_type_name(_annotation_at(loc, stage))}, got {value!r}{tail}"
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        return f"{where}: expected a mapping, got {type(value).__name__}{tail}"
+    # A value out of bounds, or refused by a check of its own.
+    if stage is not None:
+        where = _path([f"stages[{stage[0]}] ({stage[1]})", *loc[2:]])
+    if kind == "greater_than":
+        bound = "must be positive" if context["gt"] == 0 else f"must be greater than {context['gt']}"
+        return f"{where}: {bound}, got {value}"
+    if kind == "greater_than_equal":
+        bound = "must not be negative" if context["ge"] == 0 else f"must be at least {context['ge']}"
+        return f"{where}: {bound}, got {value}"
+    message = str(context.get("error", error["msg"]))
+    key, sep, rest = message.partition(": ")
+    if sep and key in _keys(_section_at(loc, stage)):  # "<field>: <problem>" from a config's own check
+        return f"{where}.{key}: {rest}"
+    return f"{where}: {message}"
+
+
+def _path(loc: list[Any]) -> str:
+    out = ""
+    for key in loc:
+        if isinstance(key, int):
+            out += f"[{key}]"
+        else:
+            out += f".{key}" if out else str(key)
+    return out
+
+
+def _model_in(annotation: Any) -> Any:
+    """The section class an annotation holds (through Optional, Annotated, list), or None."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _fields(section: Any) -> dict[str, Any]:
+    """A section's fields by the key a recipe writes."""
+    if section is None:
+        return {}
+    return {f.alias or name: f for name, f in section.model_fields.items()}
+
+
+def _keys(section: Any) -> list[str]:
+    return list(_fields(section))
+
+
+def _section_at(loc: list[Any], stage: tuple[int, Any, Any] | None) -> Any:
+    """The section class found at a path of the recipe (a stage's by its kind), or None."""
+    section: Any = Recipe
+    for depth, key in enumerate(loc):
+        if isinstance(key, int):
+            if depth == 1 and stage is not None:
+                section = STAGE_KINDS.get(stage[2], section)
+            continue
+        field = _fields(section).get(key)
+        if field is None:
+            return None
+        section = _model_in(field.annotation)
+    return section
+
+
+def _annotation_at(loc: list[Any], stage: tuple[int, Any, Any] | None) -> Any:
+    field = _fields(_section_at(loc[:-1], stage)).get(loc[-1])
+    return field.annotation if field is not None else Any
 
 
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
+    if origin is Annotated:
+        return _type_name(typing.get_args(tp)[0])
     if origin is Literal:
         return " or ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(dict.fromkeys(_type_name(a) for a in typing.get_args(tp)))
     if origin is list:
         return f"a list of {_type_name(typing.get_args(tp)[0])}"
     if tp is type(None):
         return "null"
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
         return "a mapping"
     return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(tp, str(tp))
-
-
-def _key_of(f: dataclasses.Field) -> str:
-    return f.metadata.get("key", f.name)
-
-
-def _join(where: str, key: str | int) -> str:
-    if isinstance(key, int):
-        return f"{where}[{key}]"
-    return f"{where}.{key}" if where else key
-
-
-def _build(cls: type, data: Any, where: str) -> Any:
-    if cls is Stage:
-        return _build_stage(data, where)
-    if not isinstance(data, dict):
-        raise RecipeError(f"{where or 'recipe'}: expected a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    fields = [f for f in dataclasses.fields(cls) if not f.metadata.get("internal")]
-    by_key = {_key_of(f): f for f in fields}
-    unknown = [k for k in data if k not in by_key]
-    if unknown:
-        key = unknown[0]
-        close = difflib.get_close_matches(str(key), list(by_key), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        label = f"{where}" if where else "recipe"
-        raise RecipeError(
-            f"{_join(where, str(key))}: unknown key {key!r} in {label}{hint}; valid keys: {', '.join(by_key)}"
-        )
-    values: dict[str, Any] = {}
-    for key, f in by_key.items():
-        if key in data:
-            values[f.name] = _convert(hints[f.name], data[key], _join(where, key))
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise RecipeError(f"{_join(where, key)}: required key is missing")
-    return cls(**values)
-
-
-def _build_stage(data: Any, where: str) -> Stage:
-    if not isinstance(data, dict):
-        raise RecipeError(f"{where}: a stage is a mapping with a 'kind'")
-    kind = data.get("kind")
-    if kind not in STAGE_KINDS:
-        raise RecipeError(f"{where}.kind: expected one of {', '.join(STAGE_KINDS)}, got {kind!r}")
-    label = data.get("name") or kind
-    try:
-        return _build(STAGE_KINDS[kind], data, where)
-    except RecipeError as error:
-        raise RecipeError(f"{error} [stage {label!r}]") from None
-
-
-def _convert(tp: Any, value: Any, where: str) -> Any:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(tp)
-        if value is None and type(None) in options:
-            return None
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _convert(option, value, where)
-            except RecipeError as error:
-                errors.append(error)
-        if len(errors) == 1:
-            raise errors[0]
-        raise RecipeError(f"{where}: expected {_type_name(tp)}, got {value!r}")
-    if origin is Literal:
-        if value not in typing.get_args(tp):
-            raise RecipeError(f"{where}: expected {_type_name(tp)}, got {value!r}")
-        return value
-    if origin is list:
-        (item,) = typing.get_args(tp)
-        if isinstance(value, str) and item is str:
-            return [value]  # a single file name stands for a list of one
-        if not isinstance(value, list | tuple):
-            raise RecipeError(f"{where}: expected {_type_name(tp)}, got {value!r}")
-        return [_convert(item, v, _join(where, i)) for i, v in enumerate(value)]
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, where)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise RecipeError(f"{where}: expected true/false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-            raise RecipeError(f"{where}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, str):
-            try:  # YAML 1.1 reads "1e-3" as a string; accept it as the number it means
-                value = float(value)
-            except ValueError:
-                raise RecipeError(f"{where}: expected a number, got {value!r}") from None
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-            raise RecipeError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise RecipeError(f"{where}: expected a string, got {value!r}")
-        return value
-    if tp is Any:
-        return value
-    raise RecipeError(f"{where}: unsupported field type {tp!r}")
-
-
-def _dump(value: Any) -> Any:
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        out = {}
-        for f in dataclasses.fields(value):
-            if f.metadata.get("internal"):
-                continue
-            out[_key_of(f)] = _dump(getattr(value, f.name))
-        return out
-    if isinstance(value, list | tuple):
-        return [_dump(v) for v in value]
-    return value
-
-
-def dump_recipe(recipe: Recipe) -> str:
-    """The fully resolved recipe as YAML (all defaults written out), stored in the run folder."""
-    return yaml.safe_dump(recipe.to_dict(), sort_keys=False)

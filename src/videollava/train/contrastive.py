@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -32,25 +32,32 @@ if TYPE_CHECKING:
 LOGIT_SCALE_INIT = math.log(1 / 0.07)
 LOGIT_SCALE_MAX = math.log(100.0)
 
+TextPooling = Literal["eos", "mean"]
+RegionPooling = Literal["box", "patch"]
+
+
+def _one_of(name: str, value: str, choices: type) -> None:
+    if value not in get_args(choices):
+        raise ValueError(f"{name}: expected {' or '.join(map(repr, get_args(choices)))}, got {value!r}")
+
 
 @dataclass
 class TextEncoderConfig:
-    vocab_size: int
+    """The text tower's shape and start; its vocabulary and projection come with the stage."""
+
     hidden_size: int = 128
     num_layers: int = 2
     num_heads: int = 4
     max_length: int = 64
-    projection_dim: int = 128
     # "eos": the last real token stands for the caption, as in CLIP. "mean": the average over the
     # caption's tokens, a bag of its words even before any training.
-    pooling: str = "eos"
-    token_init_std: float = 0.02
+    pooling: TextPooling = "eos"
+    token_init_std: float = 0.02  # std of the normal init of the token embeddings
 
     def __post_init__(self) -> None:
-        if self.pooling not in ("eos", "mean"):
-            raise ValueError(f"pooling must be 'eos' or 'mean', got {self.pooling!r}")
-        if self.token_init_std <= 0:
-            raise ValueError(f"token_init_std must be positive, got {self.token_init_std}")
+        _one_of("pooling", self.pooling, TextPooling)
+        if not self.token_init_std > 0:
+            raise ValueError(f"token_init_std: must be positive, got {self.token_init_std}")
 
 
 class _TextBlock(nn.Module):
@@ -82,15 +89,16 @@ class _TextBlock(nn.Module):
 class TextEncoder(nn.Module):
     """Small CLIP-style text tower pooled at the EOS token (or over all tokens) into one vector."""
 
-    def __init__(self, config: TextEncoderConfig):
+    def __init__(self, config: TextEncoderConfig, vocab_size: int, projection_dim: int):
         super().__init__()
         self.config = config
+        self.projection_dim = projection_dim
         d = config.hidden_size
-        self.token_embedding = nn.Embedding(config.vocab_size, d)
+        self.token_embedding = nn.Embedding(vocab_size, d)
         self.position_embedding = nn.Embedding(config.max_length, d)
         self.layers = nn.ModuleList(_TextBlock(d, config.num_heads) for _ in range(config.num_layers))
         self.final_layer_norm = nn.LayerNorm(d)
-        self.text_projection = nn.Linear(d, config.projection_dim, bias=False)
+        self.text_projection = nn.Linear(d, projection_dim, bias=False)
         nn.init.normal_(self.token_embedding.weight, std=config.token_init_std)
         nn.init.normal_(self.position_embedding.weight, std=0.01)
 
@@ -142,8 +150,8 @@ def box_patch_weights(boxes: torch.Tensor, image_size: int, patch_size: int) -> 
 
 @dataclass(frozen=True)
 class RegionLoss:
-    """The region objective: its weight beside the caption loss, its fixed logit scale, the tower
-    layer whose patch features it shapes (the one the LLM reads), and what names a region.
+    """The region objective: its weight beside the caption loss, its fixed logit scale, and what
+    names a region (the aligner's `feature_layer` says which patch features it shapes).
 
     ``pooling="box"``: the mean of the box's patches must pick the name, so the object may be
     spread over its patches. ``"patch"``: every patch of the box must pick it on its own (weighted
@@ -158,20 +166,18 @@ class RegionLoss:
     but their mean can, and the LLM reads the object's patches together.
     """
 
-    weight: float = 1.0
-    scale: float = 30.0
-    feature_layer: int = -2
-    pooling: str = "box"
+    weight: float = 1.0  # of the region loss beside the caption loss
+    scale: float = 30.0  # fixed logit scale of the name similarities
+    pooling: RegionPooling = "box"
     per_frame: bool = False
-    motion_weight: float = 0.0
+    motion_weight: float = 0.0  # of the motion term; 0: none
 
     def __post_init__(self) -> None:
         if not (self.weight > 0 and self.scale > 0):
-            raise ValueError(f"region weight and scale must be positive, got {self.weight}, {self.scale}")
+            raise ValueError(f"weight and scale must be positive, got {self.weight}, {self.scale}")
         if self.motion_weight < 0:
-            raise ValueError(f"motion weight must be >= 0, got {self.motion_weight}")
-        if self.pooling not in ("box", "patch"):
-            raise ValueError(f"region pooling must be 'box' or 'patch', got {self.pooling!r}")
+            raise ValueError(f"motion_weight: must be >= 0, got {self.motion_weight}")
+        _one_of("pooling", self.pooling, RegionPooling)
 
 
 @dataclass
@@ -268,13 +274,15 @@ class _Aligner(nn.Module):
         text_encoder: TextEncoder,
         projection_dim: int,
         regions: RegionLoss | None = None,
+        feature_layer: int = -2,
     ):
         super().__init__()
-        if text_encoder.config.projection_dim != projection_dim:
+        if text_encoder.projection_dim != projection_dim:
             raise ValueError(
-                f"text encoder projects to {text_encoder.config.projection_dim}, aligner to {projection_dim}"
+                f"text encoder projects to {text_encoder.projection_dim}, aligner to {projection_dim}"
             )
         self.text_encoder = text_encoder
+        self.feature_layer = feature_layer
         self.visual_projection = nn.Linear(tower.config.hidden_size, projection_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(LOGIT_SCALE_INIT))
         self.regions = regions
@@ -307,10 +315,6 @@ class _Aligner(nn.Module):
     def embed_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, P) unit vectors: the caption's place in the shared space."""
         return F.normalize(self.text_encoder(input_ids, attention_mask), dim=-1)
-
-    @property
-    def feature_layer(self) -> int:
-        return self.regions.feature_layer if self.regions is not None else -2
 
     def _name_logits(self, features: torch.Tensor, regions: RegionBatch) -> torch.Tensor:
         """(..., D) features -> (..., V) scaled cosines with every name of the vocabulary."""
@@ -409,8 +413,9 @@ class ImageTextAligner(_Aligner):
         text_encoder: TextEncoder,
         projection_dim: int,
         regions: RegionLoss | None = None,
+        feature_layer: int = -2,
     ):
-        super().__init__(image_tower, text_encoder, projection_dim, regions)
+        super().__init__(image_tower, text_encoder, projection_dim, regions, feature_layer)
         self.image_tower = image_tower
 
     def pooled_media(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -456,8 +461,9 @@ class VideoTextAligner(_Aligner):
         visual_projection_init: nn.Linear | None = None,
         regions: RegionLoss | None = None,
         region_projection_init: nn.Linear | None = None,
+        feature_layer: int = -2,
     ):
-        super().__init__(video_tower, text_encoder, projection_dim, regions)
+        super().__init__(video_tower, text_encoder, projection_dim, regions, feature_layer)
         if not video_tower.config.has_temporal:
             raise ValueError("the video tower has no temporal modules (num_frames=0)")
         self.video_tower = video_tower

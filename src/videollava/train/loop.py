@@ -93,10 +93,10 @@ class StageResult:
     eval: dict[str, float]
     wall_time: float
     samples: int
-    wrapped: Any = field(default=None, repr=False)
+    strategy: D.Strategy | None = field(default=None, repr=False)  # how it ran; holds the trained module
 
     def summary(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "wrapped"}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "strategy"}
 
 
 # ---------------------------------------------------------------------------------------- metrics
@@ -176,22 +176,6 @@ def plot_losses(metrics_path: Path, stage_index: int, out: Path) -> None:
 # ---------------------------------------------------------------------------------------- optimiser
 
 
-def cosine_with_warmup(
-    total_steps: int, warmup_steps: int, schedule: str = "cosine"
-) -> Callable[[int], float]:
-    """Linear warm-up from 0, then cosine decay to 0 (the HF Trainer's "cosine" schedule)."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return step / max(1, warmup_steps)
-        if schedule == "constant":
-            return 1.0
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
-
-    return factor
-
-
 def param_groups(
     module: nn.Module, lr: float, weight_decay: float, lr_for: Callable[[str], float] | None
 ) -> list[dict[str, Any]]:
@@ -242,6 +226,23 @@ def _autocast(device: torch.device, enabled: bool):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
+# The recipe's schedule names -> the HF Trainer's: both warm up linearly from 0 first.
+SCHEDULES = {"cosine": "cosine", "constant": "constant_with_warmup"}
+
+
+def lr_schedule(
+    optimizer: torch.optim.Optimizer, stage: TrainStage, total_steps: int, warmup: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """The stage's learning-rate schedule over `total_steps` optimiser steps, as the HF Trainer builds it."""
+    # Heavy: transformers.optimization loads the Trainer's utilities, which probe for every optional
+    # package; only a training stage needs it, not `videollava train --help`.
+    from transformers import get_scheduler
+
+    return get_scheduler(
+        SCHEDULES[stage.lr_schedule], optimizer, num_warmup_steps=warmup, num_training_steps=total_steps
+    )
+
+
 def train_stage(
     task: Task,
     cfg: TrainStage,
@@ -250,12 +251,14 @@ def train_stage(
 ) -> StageResult:
     """Train one stage to its end (or on from a checkpoint of it), checkpointing along the way."""
     info = ctx.dist
-    world = info.world_size
-    strategy = ctx.strategy if info.enabled else "none"
-    if strategy == "fsdp" and not task.fsdp_capable:
-        strategy = "ddp"
-    layout = batch_layout(cfg, world, exact=strategy == "deepspeed")
-    accumulation = layout.accumulation
+    strategy = D.strategy_for(
+        ctx.strategy,
+        info,
+        shardable=task.fsdp_capable,
+        deepspeed_config=ctx.deepspeed_config,
+        stage=ctx.name,
+    )
+    layout = batch_layout(cfg, info.world_size, exact=strategy.equal_shares)
     module = task.module
     module.to(info.device)
 
@@ -266,12 +269,12 @@ def train_stage(
             modalities=task.modalities,
             batch_size=cfg.batch_size,
             micro_batch_size=layout.micro_batch_size,
-            accumulation=accumulation,
+            accumulation=layout.accumulation,
             seed=cfg.seed,
             epoch=epoch,
             start=start,
             rank=info.rank,
-            world_size=world,
+            world_size=info.world_size,
             sort_by_length=task.sum_loss,
             groups=task.groups,
         )
@@ -290,51 +293,19 @@ def train_stage(
         bad_before = resume.state.bad_samples
         wall_before = float(resume.state.extra.get("wall_time", 0.0))
 
-    if strategy == "deepspeed":
-        wrapped = None
-    else:
-        wrapped = D.wrap(module, info, strategy=strategy, find_unused_parameters=task.find_unused_parameters)
-    target = module if wrapped is None else D.unwrap(wrapped)
-    groups = param_groups(target, cfg.lr, cfg.weight_decay, task.lr_for)
-    params = [p for g in groups for p in g["params"]]
-    ds_config = None
-    if strategy == "deepspeed":
-        if ctx.deepspeed_config is None:
-            raise VideoLlavaError(f"stage {ctx.name}: strategy deepspeed needs a deepspeed_config")
-        ds_config = D.resolve_deepspeed_config(
-            ctx.deepspeed_config,
-            micro_batch_size=layout.micro_batch_size,
-            accumulation=accumulation,
-            world_size=world,
-            max_grad_norm=cfg.max_grad_norm,
-            bf16=cfg.bf16,
-        )
-    optimizer = D.make_optimizer(
-        [{k: v for k, v in g.items() if k != "names"} for g in groups],
-        lr=cfg.lr,
-        betas=(cfg.betas[0], cfg.betas[1]),
-        eps=cfg.eps,
-        weight_decay=cfg.weight_decay,
-        deepspeed_config=ds_config,
+    strategy.wrap(module, find_unused_parameters=task.find_unused_parameters)
+    groups = param_groups(module, cfg.lr, cfg.weight_decay, task.lr_for)
+    optimizer = strategy.make_optimizer(
+        [{k: v for k, v in g.items() if k != "names"} for g in groups], cfg, layout
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, cosine_with_warmup(total_steps, warmup, cfg.lr_schedule)
-    )
+    scheduler = lr_schedule(optimizer, cfg, total_steps, warmup)
+    strategy.attach(optimizer, scheduler)
+    if resume is not None:
+        strategy.restore(resume)
     # The group whose lr is the stage's own (others, such as projector_lr, are scaled alike).
     base_group = next((i for i, g in enumerate(groups) if g["lr"] == cfg.lr), 0)
-    if ds_config is not None:
-        wrapped = D.deepspeed_initialize(module, optimizer, scheduler, ds_config)
-    assert wrapped is not None
-    if resume is not None:
-        if strategy == "deepspeed":
-            wrapped.engine.load_checkpoint(str(resume.path / "deepspeed"))
-        else:
-            if resume.optimizer is not None:
-                D.load_optimizer_state_dict(wrapped, optimizer, resume.optimizer)
-            if resume.scheduler is not None:
-                scheduler.load_state_dict(resume.scheduler)
 
-    names = set(trainable_names(target))
+    names = set(trainable_names(module))
     metrics = MetricsWriter(ctx.run_dir / METRICS_FILE if ctx.is_main else None)
     bad_log = BadSampleLog(
         ctx.run_dir / BAD_SAMPLES_FILE if ctx.is_main else None,
@@ -351,10 +322,10 @@ def train_stage(
     def run_eval() -> None:
         if task.evaluate is None:
             return
-        target.eval()
+        module.eval()
         with torch.no_grad(), _autocast(info.device, cfg.bf16):
-            results = task.evaluate(target)
-        target.train()
+            results = task.evaluate(module)
+        module.train()
         if not results:
             return
         eval_results.update(results)
@@ -378,20 +349,17 @@ def train_stage(
                 "last_losses": losses[-10:],
                 "samples": samples_seen,
                 "wall_time": wall_before + time.perf_counter() - started,
-                "strategy": strategy,
+                "strategy": strategy.name,
             },
         )
-        weights = (
-            D.full_state_dict(wrapped, names) if strategy != "deepspeed" else _ds_weights(wrapped, names)
-        )
-        optim_state = D.optimizer_state_dict(wrapped, optimizer) if strategy != "deepspeed" else None
+        weights = strategy.full_state(names)
+        optim_state = strategy.optimizer_state()
         tmp = ckpt.staging_dir(ctx.run_dir, state)
         if ctx.is_main:
             ckpt.begin_checkpoint(ctx.run_dir, state)
         D.barrier(info)
         ckpt.write_rng(tmp, info.rank)
-        if strategy == "deepspeed":
-            wrapped.engine.save_checkpoint(str(tmp / "deepspeed"))
+        strategy.save_engine(tmp)
         D.barrier(info)
         if ctx.is_main:
             if complete:
@@ -416,7 +384,7 @@ def train_stage(
         dynamic_ncols=True,
         mininterval=1.0,
     )
-    target.train()
+    module.train()
     loader_rng = torch.Generator()
     while step < total_steps:
         sampler = sampler_for(epoch, consumed)
@@ -433,32 +401,21 @@ def train_stage(
             if step >= total_steps:
                 break
             t0 = time.perf_counter()
-            micro = [next(batches) for _ in range(accumulation)]
+            micro = [next(batches) for _ in range(layout.accumulation)]
             skipped = [s for m in micro for s in m["skipped"]]
             if info.enabled:
                 skipped = [s for part in D.all_gather_objects(skipped, info) for s in part]
             bad_log.record(skipped, step + 1, ctx.index)
 
-            if strategy in ("fsdp", "deepspeed"):
-                # FSDP gathers parameters in every forward and DeepSpeed counts micro-batches to find
-                # the step boundary: all ranks run all micro-batches, an empty one as a zero-weight forward.
-                real = micro
-            else:
-                real = [m for m in micro if m["num_samples"] > 0]
-                if not real and info.enabled:
-                    real = micro[:1]  # nothing here this step: a zero-weight forward keeps the ranks in step
             loss_sum = torch.zeros((), dtype=torch.float64)
             items = 0
             samples = 0
+            real = strategy.runs(micro)
             for j, batch in enumerate(real):
-                with wrapped.accumulate(sync=j == len(real) - 1):
+                with strategy.accumulate(sync=j == len(real) - 1):
                     with _autocast(info.device, cfg.bf16):
-                        loss, n = wrapped.module(batch)
-                    if strategy == "deepspeed":
-                        wrapped.engine.backward(loss.float() / max(int(n), 1))
-                        wrapped.engine.step()
-                    else:
-                        loss.float().backward()
+                        loss, n = strategy.forward(batch)
+                    strategy.backward(loss, n)
                 loss_sum += loss.detach().double().cpu()
                 items += int(n)
                 samples += int(batch["num_samples"])
@@ -468,22 +425,7 @@ def train_stage(
             total_loss, total_items, total_samples = totals.tolist()
 
             lr = scheduler.get_last_lr()[base_group]
-            grad_norm = None
-            if strategy != "deepspeed":
-                if total_items > 0:
-                    scale = (world if wrapped.averages_gradients else 1) / total_items
-                    for p in params:
-                        if p.grad is not None:
-                            p.grad.mul_(scale)
-                    norm = torch.nn.utils.clip_grad_norm_(
-                        params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-                    )
-                    grad_norm = float(D.local_tensor(norm))
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
-            else:
-                grad_norm = wrapped.engine.get_global_grad_norm()
+            grad_norm = strategy.step(total_items, cfg.max_grad_norm)
             step += 1
             consumed += 1
             samples_seen += int(total_samples)
@@ -538,13 +480,8 @@ def train_stage(
         eval=eval_results,
         wall_time=wall_before + time.perf_counter() - started,
         samples=samples_seen,
-        wrapped=wrapped,
+        strategy=strategy,
     )
-
-
-def _ds_weights(wrapped: D.Wrapped, names: set[str]) -> dict[str, torch.Tensor]:
-    """Trainable weights from a DeepSpeed engine (ZeRO-2 keeps full parameters on every rank)."""
-    return {k: v.detach().cpu() for k, v in wrapped.engine.module.state_dict().items() if k in names}
 
 
 def _write_artefact(ctx: StageContext, weights: dict[str, torch.Tensor], state: ckpt.TrainerState) -> None:
