@@ -30,8 +30,7 @@ from videollava.infer.ask import Question, prepare_question
 from videollava.infer.engine import Engine
 from videollava.infer.pipeline import Pipeline
 from videollava.infer.sampling import SamplingParams
-from videollava.model.random_checkpoint import write_random_checkpoint
-from videollava.train.tokenizer import tiny_test_tokenizer
+from videollava.testing import tiny_test_tokenizer, write_random_checkpoint
 
 NAME = "ask_latency"
 

@@ -73,8 +73,7 @@ def parameter_count(name: str) -> int:
     import torch
     from transformers import VideoLlavaForConditionalGeneration
 
-    from videollava.model.random_checkpoint import hf_config, temporal_shapes
-    from videollava.train.tokenizer import tiny_test_tokenizer
+    from videollava.testing import hf_config, temporal_shapes, tiny_test_tokenizer
 
     config = hf_config(tiny_test_tokenizer(), VISION, llm_config(name), vocab_size=VOCAB)
     with torch.device("meta"):
@@ -211,8 +210,7 @@ def read_cold(files: list[Path]) -> float:
 def step_build(folder: Path, llm: str) -> dict:
     import torch
 
-    from videollava.model.random_checkpoint import write_large_random_checkpoint
-    from videollava.train.tokenizer import tiny_test_tokenizer
+    from videollava.testing import tiny_test_tokenizer, write_large_random_checkpoint
 
     start = time.perf_counter()
     total = write_large_random_checkpoint(

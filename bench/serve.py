@@ -92,8 +92,7 @@ QUESTIONS = [
 
 def build_checkpoint(folder: Path) -> None:
     """A random transformers Video-LLaVA with the EOS logit pinned at zero, saved in the -hf layout."""
-    from videollava.model.random_checkpoint import write_random_checkpoint
-    from videollava.train.tokenizer import tiny_test_tokenizer
+    from videollava.testing import tiny_test_tokenizer, write_random_checkpoint
 
     write_random_checkpoint(
         folder, tiny_test_tokenizer(), VISION, TEXT, FRAMES, scale=0.05, eos_never_argmax=True

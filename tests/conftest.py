@@ -7,30 +7,10 @@ from pathlib import Path
 
 import pytest
 
-VISION = dict(
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    image_size=56,
-    patch_size=14,
-    projection_dim=16,
-    hidden_act="gelu",
-)
-TEXT = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=512,
-    rms_norm_eps=1e-5,
-)
-
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
-    from videollava.train.tokenizer import tiny_test_tokenizer
+    from videollava.testing import tiny_test_tokenizer
 
     return tiny_test_tokenizer()
 
@@ -38,10 +18,10 @@ def tiny_tokenizer():
 @pytest.fixture(scope="session")
 def hf_checkpoint(tmp_path_factory, tiny_tokenizer):
     """(folder, model): a tiny random checkpoint saved by transformers' own save_pretrained."""
-    from videollava.model.random_checkpoint import write_random_checkpoint
+    from videollava.testing import TINY_TEXT, TINY_VISION, write_random_checkpoint
 
     folder = tmp_path_factory.mktemp("hf-checkpoint")
-    return folder, write_random_checkpoint(folder, tiny_tokenizer, VISION, TEXT)
+    return folder, write_random_checkpoint(folder, tiny_tokenizer, TINY_VISION, TINY_TEXT)
 
 
 @pytest.fixture(scope="session")

@@ -15,8 +15,8 @@ from safetensors.torch import save_file
 
 from videollava.errors import CheckpointError
 from videollava.model.checkpoint import load_weights, normalize_hf_keys
-
-from .conftest import TEXT, VISION
+from videollava.testing import TINY_TEXT as TEXT
+from videollava.testing import TINY_VISION as VISION
 
 PATCHES = (VISION["image_size"] // VISION["patch_size"]) ** 2
 TOWER_TEXT_VOCAB = 100
@@ -261,7 +261,7 @@ def write_original_layout(
 
 @pytest.fixture(scope="module")
 def original(tmp_path_factory, hf_checkpoint):
-    from videollava.train.tokenizer import tiny_test_tokenizer
+    from videollava.testing import tiny_test_tokenizer
 
     tokenizer = tiny_test_tokenizer(placeholder_tokens=False)
     root = tmp_path_factory.mktemp("original")
@@ -296,7 +296,7 @@ def test_original_layout_loads_with_temporal_weights(original):
 
 def test_original_without_temporal_matches_hf_logits(tmp_path, hf_checkpoint):
     """Same weights in both layouts (no temporal weights): identical logits."""
-    from videollava.train.tokenizer import tiny_test_tokenizer
+    from videollava.testing import tiny_test_tokenizer
 
     _, hf = hf_checkpoint
     folder = write_original_layout(
@@ -448,7 +448,7 @@ def test_hub_tower_ids_resolve_to_folders_inside_the_checkpoint(original, tmp_pa
 
 
 def test_towers_inside_main_checkpoint(tmp_path, hf_checkpoint):
-    from videollava.train.tokenizer import tiny_test_tokenizer
+    from videollava.testing import tiny_test_tokenizer
 
     folder = write_original_layout(
         tmp_path, hf_checkpoint[1], tiny_test_tokenizer(placeholder_tokens=False), towers_inside=True

@@ -9,9 +9,9 @@ import torch
 from safetensors import safe_open
 
 from videollava.model.checkpoint import load_weights
-from videollava.model.random_checkpoint import write_large_random_checkpoint
-
-from .conftest import TEXT, VISION
+from videollava.testing import TINY_TEXT as TEXT
+from videollava.testing import TINY_VISION as VISION
+from videollava.testing import write_large_random_checkpoint
 
 FRAMES = 4
 

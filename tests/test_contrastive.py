@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from videollava.data.regions import Box
 from videollava.model.vision import VisionConfig, VisionTower
+from videollava.testing import TINY_ALIGN_VISION
 from videollava.train.contrastive import (
     LOGIT_SCALE_MAX,
     ImageTextAligner,
@@ -26,19 +27,10 @@ from videollava.train.contrastive import (
     tokenize_captions,
 )
 
-TINY_VISION = dict(
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    patch_size=8,
-    image_size=32,
-)
-
 
 def tiny_parts(seed: int = 0, vocab: int = 50, projection: int = 16):
     torch.manual_seed(seed)
-    tower = VisionTower(VisionConfig(**TINY_VISION))
+    tower = VisionTower(VisionConfig(**TINY_ALIGN_VISION))
     with torch.no_grad():  # non-trivial values everywhere (the class embedding starts at zero)
         for param in tower.parameters():
             param.add_(0.05 * torch.randn_like(param))

@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.test_train_loop import make_world, tiny_recipe, train, write_recipe
+from videollava.testing import TINY_TEXT_ENCODER
 from videollava.train import distributed as D
 from videollava.train.loop import read_metrics
 
@@ -36,7 +37,7 @@ def recipe(world: Path) -> dict:
         # region-name losses beside them.
         {
             "kind": "align_image",
-            "text_encoder": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "max_length": 48},
+            "text_encoder": {**TINY_TEXT_ENCODER},
             "region_loss": {"weight": 1.0},
             "projection_dim": 16,
             "lr": 2e-3,

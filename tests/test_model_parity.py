@@ -13,8 +13,7 @@ from videollava.data.tokenize import IMAGE_SLOT, VIDEO_SLOT, tokenize_multimodal
 from videollava.infer.engine import Engine
 from videollava.infer.sampling import SamplingParams
 from videollava.model.checkpoint import load_weights, save_weights
-
-from .conftest import VISION
+from videollava.testing import TINY_VISION as VISION
 
 ATOL = 1e-4
 SIZE = VISION["image_size"]

@@ -10,7 +10,7 @@ from videollava.data.tokenize import (
     tokenize_multimodal,
 )
 from videollava.errors import PromptError
-from videollava.train.tokenizer import tiny_test_tokenizer
+from videollava.testing import tiny_test_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,8 @@ import time
 import pytest
 from transformers import AutoTokenizer
 
-from videollava.train.tokenizer import tiny_test_tokenizer, train_tokenizer
+from videollava.testing import tiny_test_tokenizer
+from videollava.train.tokenizer import train_tokenizer
 
 PROMPT = "USER: <image>\nWhat color is the circle? ASSISTANT: red</s>"
 ORDINARY = [

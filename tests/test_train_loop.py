@@ -14,24 +14,10 @@ import torch
 import yaml
 from safetensors import safe_open
 
+from videollava.testing import TINY_RECIPE_LLM as LLM
+from videollava.testing import TINY_RECIPE_VISION as VISION
+from videollava.testing import TINY_TEXT_ENCODER
 from videollava.train.loop import lr_schedule, param_groups, read_metrics
-
-VISION = {
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "patch_size": 8,
-    "image_size": 16,
-}
-LLM = {
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 1,
-    "num_attention_heads": 2,
-    # ShapesWorld conversations run to eight turns: about 320 tokens with a 320-token vocabulary.
-    "max_position_embeddings": 1024,
-}
 
 
 def tiny_recipe(data_root: Path, stages: list[dict] | None = None, bf16: bool = False) -> dict:
@@ -42,7 +28,7 @@ def tiny_recipe(data_root: Path, stages: list[dict] | None = None, bf16: bool = 
             {"kind": "tokenizer", "vocab_size": 320},
             {
                 "kind": "align_image",
-                "text_encoder": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "max_length": 48},
+                "text_encoder": {**TINY_TEXT_ENCODER},
                 "projection_dim": 16,
                 "lr": 2e-3,
                 "batch_size": 8,
@@ -518,7 +504,7 @@ def test_from_pretrained_parts_and_from_checkpoint(world, tmp_path):
     from transformers import AutoTokenizer
 
     from videollava.errors import CheckpointError
-    from videollava.train.tokenizer import tiny_test_tokenizer
+    from videollava.testing import tiny_test_tokenizer
 
     # A LLaMA-like tokenizer: no <image>/<video> tokens, prompts are split on the placeholders.
     tokenizer = tiny_test_tokenizer(placeholder_tokens=False)

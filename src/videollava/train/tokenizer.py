@@ -25,57 +25,6 @@ VIDEO_TOKEN = "<video>"
 _BASE_SPECIALS = [UNK_TOKEN, BOS_TOKEN, EOS_TOKEN]  # ids 0, 1, 2 as in LLaMA
 _BYTE_ALPHABET = len(pre_tokenizers.ByteLevel.alphabet())
 
-_SYSTEMS = [
-    "A chat between a curious user and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the user's questions.",
-    "A chat between a curious human and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the human's questions.",
-]
-_COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black", "gray", "pink", "cyan"]
-_SHAPES = ["circle", "square", "triangle", "star", "rectangle", "ellipse", "cross", "diamond"]
-_MOTIONS = [
-    "moves from left to right",
-    "moves from right to left",
-    "moves up",
-    "moves down",
-    "grows bigger",
-    "shrinks",
-    "rotates",
-    "stays still",
-    "bounces",
-    "appears",
-    "disappears",
-]
-_QUESTIONS = [
-    "What color is the {shape}?",
-    "What shape is {colour}?",
-    "How many shapes are there?",
-    "Describe the video.",
-    "Describe the image briefly.",
-    "Where does the {shape} move?",
-    "Is there a {colour} {shape} in the video?",
-    "What happens in the video?",
-    "Answer the question using a single word or phrase.",
-]
-
-
-def _builtin_corpus() -> list[str]:
-    """Chat-formatted sentences about coloured shapes: the vocabulary the tests and tiny models use."""
-    texts: list[str] = []
-    for i, colour in enumerate(_COLOURS):
-        for j, shape in enumerate(_SHAPES):
-            motion = _MOTIONS[(i + j) % len(_MOTIONS)]
-            question = _QUESTIONS[(i * 3 + j) % len(_QUESTIONS)].format(shape=shape, colour=colour)
-            answer = f"A {colour} {shape} {motion}."
-            system = _SYSTEMS[(i + j) % 2]
-            texts.append(f"{system} USER: <video>\n{question} ASSISTANT: {answer}</s>")
-            texts.append(
-                f"USER: <image>\n{question} ASSISTANT: {colour}</s>USER: Yes or no? ASSISTANT: yes</s>"
-            )
-            texts.append(f"<image>The {shape} is {colour}. There are {i + j} shapes, {j} of them {shape}s.\n")
-    texts.append("yes no one two three four five six seven eight nine ten 0 1 2 3 4 5 6 7 8 9 10")
-    return texts
-
 
 def _pieces_between_specials(texts: Iterable[str]) -> Iterator[str]:
     """Text between special tokens: the trainer does not split on them, but encoding does."""
@@ -136,12 +85,3 @@ def train_tokenizer(
     if out_dir is not None:
         tokenizer.save_pretrained(os.fspath(out_dir))
     return tokenizer
-
-
-def tiny_test_tokenizer(
-    vocab_size: int = 600, *, placeholder_tokens: bool = True, out_dir: str | os.PathLike[str] | None = None
-) -> PreTrainedTokenizerFast:
-    """A tokenizer trained in milliseconds on a built-in shapes-and-colours chat corpus."""
-    return train_tokenizer(
-        _builtin_corpus(), vocab_size=vocab_size, out_dir=out_dir, placeholder_tokens=placeholder_tokens
-    )

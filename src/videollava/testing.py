@@ -1,6 +1,6 @@
-"""Random Video-LLaVA checkpoints in the real -hf layout, with transformers' own names and config.
+"""What tests and benchmarks share: tiny model shapes, a tokenizer, random checkpoints.
 
-Tests and benchmarks need checkpoints they can build offline. Small ones come from
+All of it builds offline in seconds. Small checkpoints come from
 `transformers.VideoLlavaForConditionalGeneration` with random weights, saved with its own
 `save_pretrained`; full-size ones (a 7B LLM does not fit in memory in float32) are written
 tensor by tensor under the names of the same transformers model, built on the meta device.
@@ -10,17 +10,143 @@ Both get a tokenizer and a preprocessor config beside them.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+    VideoLlavaConfig,
+    VideoLlavaForConditionalGeneration,
+)
 
 from videollava.data.transforms import ImageTransformConfig
+from videollava.train.tokenizer import train_tokenizer
+
+# --------------------------------------------------------------------------------------------
+# tiny shapes
+
+# The tiny -hf checkpoint, as transformers' CLIPVisionConfig and LlamaConfig arguments: 56 px in
+# 14 px patches (a 4 x 4 grid), the real towers' patch size on a sixteenth of their patches.
+TINY_VISION = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    image_size=56,
+    patch_size=14,
+    projection_dim=16,
+    hidden_act="gelu",
+)
+TINY_TEXT = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,  # grouped-query attention: two query heads per key/value head
+    max_position_embeddings=512,
+    rms_norm_eps=1e-5,
+)
+
+# A training recipe's `model.init.vision` / `model.init.llm`, small enough that every stage runs in
+# seconds.
+TINY_RECIPE_VISION = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "patch_size": 8,
+    "image_size": 16,
+}
+TINY_RECIPE_LLM = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    # ShapesWorld conversations run to eight turns: about 320 tokens with a 320-token vocabulary.
+    "max_position_embeddings": 1024,
+}
+# The `align_image` stage's caption encoder at the same scale.
+TINY_TEXT_ENCODER = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "max_length": 48}
+# The recipe's tower at 32 px with four heads, for the alignment losses: boxes fall on a 4 x 4 grid
+# of 8 px patches.
+TINY_ALIGN_VISION = {**TINY_RECIPE_VISION, "num_attention_heads": 4, "image_size": 32}
+
+# --------------------------------------------------------------------------------------------
+# a tokenizer
+
+_SYSTEMS = [
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions.",
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions.",
+]
+_COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black", "gray", "pink", "cyan"]
+_SHAPES = ["circle", "square", "triangle", "star", "rectangle", "ellipse", "cross", "diamond"]
+_MOTIONS = [
+    "moves from left to right",
+    "moves from right to left",
+    "moves up",
+    "moves down",
+    "grows bigger",
+    "shrinks",
+    "rotates",
+    "stays still",
+    "bounces",
+    "appears",
+    "disappears",
+]
+_QUESTIONS = [
+    "What color is the {shape}?",
+    "What shape is {colour}?",
+    "How many shapes are there?",
+    "Describe the video.",
+    "Describe the image briefly.",
+    "Where does the {shape} move?",
+    "Is there a {colour} {shape} in the video?",
+    "What happens in the video?",
+    "Answer the question using a single word or phrase.",
+]
+
+
+def _shapes_chat_corpus() -> list[str]:
+    """Chat-formatted sentences about coloured shapes: the vocabulary the tests and tiny models use."""
+    texts: list[str] = []
+    for i, colour in enumerate(_COLOURS):
+        for j, shape in enumerate(_SHAPES):
+            motion = _MOTIONS[(i + j) % len(_MOTIONS)]
+            question = _QUESTIONS[(i * 3 + j) % len(_QUESTIONS)].format(shape=shape, colour=colour)
+            answer = f"A {colour} {shape} {motion}."
+            system = _SYSTEMS[(i + j) % 2]
+            texts.append(f"{system} USER: <video>\n{question} ASSISTANT: {answer}</s>")
+            texts.append(
+                f"USER: <image>\n{question} ASSISTANT: {colour}</s>USER: Yes or no? ASSISTANT: yes</s>"
+            )
+            texts.append(f"<image>The {shape} is {colour}. There are {i + j} shapes, {j} of them {shape}s.\n")
+    texts.append("yes no one two three four five six seven eight nine ten 0 1 2 3 4 5 6 7 8 9 10")
+    return texts
+
+
+def tiny_test_tokenizer(
+    vocab_size: int = 600, *, placeholder_tokens: bool = True, out_dir: str | os.PathLike[str] | None = None
+) -> PreTrainedTokenizerFast:
+    """A LLaMA-laid-out tokenizer trained in milliseconds, so that nothing is downloaded."""
+    return train_tokenizer(
+        _shapes_chat_corpus(), vocab_size=vocab_size, out_dir=out_dir, placeholder_tokens=placeholder_tokens
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# random checkpoints
 
 
 def hf_config(
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     vision: dict[str, Any],
     text: dict[str, Any],
     frames: int = 8,
@@ -31,8 +157,6 @@ def hf_config(
     The vocabulary is the tokenizer's, rounded up to a multiple of 64, unless `vocab_size` asks for more
     rows (the real checkpoint has 32064 rows for LLaMA's 32000 tokens and three added ones).
     """
-    from transformers import CLIPVisionConfig, LlamaConfig, VideoLlavaConfig
-
     rows = -(-len(tokenizer) // 64) * 64
     if vocab_size is not None:
         if vocab_size < len(tokenizer):
@@ -59,7 +183,7 @@ def hf_config(
     return config
 
 
-def _write_companions(folder: Path, tokenizer: Any, vision: dict[str, Any]) -> None:
+def _write_companions(folder: Path, tokenizer: PreTrainedTokenizerBase, vision: dict[str, Any]) -> None:
     tokenizer.save_pretrained(folder)
     size = vision["image_size"]
     ImageTransformConfig(size=size, crop_size=size).to_preprocessor_json(folder)
@@ -67,7 +191,7 @@ def _write_companions(folder: Path, tokenizer: Any, vision: dict[str, Any]) -> N
 
 def write_random_checkpoint(
     folder: str | Path,
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     vision: dict[str, Any],
     text: dict[str, Any],
     frames: int = 8,
@@ -80,8 +204,6 @@ def write_random_checkpoint(
     Every weight is drawn anew (norm weights near one), since CLIP's own init leaves many at zero.
     `eos_never_argmax` pins the EOS logit at zero, so random greedy answers run to full length.
     """
-    from transformers import VideoLlavaForConditionalGeneration
-
     folder = Path(folder)
     torch.manual_seed(seed)
     model = VideoLlavaForConditionalGeneration(hf_config(tokenizer, vision, text, frames)).eval()
@@ -120,7 +242,7 @@ def temporal_shapes(vision: dict[str, Any], frames: int) -> dict[str, tuple[int,
 
 def write_large_random_checkpoint(
     folder: str | Path,
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     vision: dict[str, Any],
     text: dict[str, Any],
     frames: int = 8,
@@ -138,8 +260,6 @@ def write_large_random_checkpoint(
     memory stays near `shard_bytes`. With `temporal`, the video tower also gets LanguageBind's
     temporal modules under their own names, as a faithful video tower has them.
     """
-    from transformers import VideoLlavaForConditionalGeneration
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config = hf_config(tokenizer, vision, text, frames, vocab_size)
