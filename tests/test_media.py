@@ -13,16 +13,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from videollava.data import media
-from videollava.data.media import (
-    frame_indices,
-    frame_times,
-    is_video_file,
-    load_image,
-    load_media,
-    read_video_clip,
-    read_video_frames,
-)
+from videollava.data import video
+from videollava.data.frame_sampling import frame_indices, frame_times
+from videollava.data.images import load_image
+from videollava.data.media import is_video_file, load_media, read_video_clip, read_video_frames
 from videollava.errors import MediaError
 
 W, H = 64, 48
@@ -94,7 +88,7 @@ def no_full_decode(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args: object, **kwargs: object) -> np.ndarray:
         raise AssertionError("fell back to decoding every frame")
 
-    monkeypatch.setattr(media, "_read_by_decoding", refuse)
+    monkeypatch.setattr(video, "_read_by_decoding", refuse)
 
 
 @pytest.fixture(scope="module")
