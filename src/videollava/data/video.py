@@ -1,4 +1,4 @@
-"""Videos in PyAV containers: the sampled frames reached by seeking, checked against a full decode.
+"""Videos in PyAV containers: sampled frames reached by seeking, or by a full decode when seeking is unsafe.
 
 Each wanted frame is reached by seeking to the keyframe before it and decoding forward, which for
 long videos is many times faster than decoding everything; any sign that timestamps do not map to
