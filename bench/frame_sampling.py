@@ -18,7 +18,8 @@ import av
 import numpy as np
 from _results import add_output_arguments, results_path, write_results
 
-from videollava.data.media import frame_indices, read_video_frames
+from videollava.data.frame_sampling import frame_indices
+from videollava.data.media import read_video_frames
 
 NAME = "frame_sampling"
 

@@ -37,7 +37,8 @@ import psutil
 import torch
 from PIL import Image
 
-from videollava.data.media import DecodeLimits, read_video_frames
+from videollava.data.decode_limits import DecodeLimits
+from videollava.data.media import read_video_frames
 from videollava.data.transforms import ImageTransformConfig, preprocess_video, shrink_factor
 from videollava.errors import VideoLlavaError
 from videollava.infer.pipeline import MediaItem, Pipeline, default_model_path

@@ -539,7 +539,8 @@ def _load_pairs(folder, file_name: str, kind: str, size: int, num_frames: int):
     """(N, 3, S, S) images or (N, T, 3, S, S) videos with their captions, padded to square then resized."""
     from PIL import Image
 
-    from videollava.data.media import load_image, read_video_frames
+    from videollava.data.images import load_image
+    from videollava.data.media import read_video_frames
     from videollava.data.transforms import ImageTransformConfig, preprocess_images
 
     cfg = ImageTransformConfig(size=size, crop_size=size, image_aspect_ratio="pad")

@@ -25,16 +25,11 @@ import torch
 from PIL import Image
 
 from videollava.cli import main
-from videollava.data import media
-from videollava.data.media import (
-    DecodeLimits,
-    is_video_file,
-    load_image,
-    load_media,
-    open_media_file,
-    read_video_clip,
-    read_video_frames,
-)
+from videollava.data import images
+from videollava.data.decode_limits import DecodeLimits
+from videollava.data.images import load_image
+from videollava.data.media import is_video_file, load_media, read_video_clip, read_video_frames
+from videollava.data.media_source import open_media_file
 from videollava.data.transforms import ImageTransformConfig, preprocess_images, shrink_factor
 from videollava.errors import MediaError, PromptError, RequestCancelled
 from videollava.infer import pipeline as pipeline_module
@@ -335,7 +330,7 @@ def test_deep_png_becomes_8bit_by_strips_exactly_as_before(tmp_path: Path, monke
     deep = rng.integers(0, 65536, (301, 257), dtype=np.uint16)
     path = tmp_path / "deep.png"
     Image.fromarray(deep).save(path)
-    monkeypatch.setattr(media, "_STRIP_PIXELS", 1000)  # many strips, one of them short
+    monkeypatch.setattr(images, "_STRIP_PIXELS", 1000)  # many strips, one of them short
     arr = np.asarray(load_image(path))
     expected = np.clip(np.rint(deep.astype(np.float64) * (255.0 / 65535.0)), 0, 255).astype(np.uint8)
     assert np.array_equal(arr[..., 0], expected) and np.array_equal(arr[..., 2], expected)

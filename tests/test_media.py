@@ -13,16 +13,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from videollava.data import media
-from videollava.data.media import (
-    frame_indices,
-    frame_times,
-    is_video_file,
-    load_image,
-    load_media,
-    read_video_clip,
-    read_video_frames,
-)
+from videollava.data import video
+from videollava.data.frame_sampling import frame_indices, frame_times
+from videollava.data.images import load_image
+from videollava.data.media import is_video_file, load_media, read_video_clip, read_video_frames
 from videollava.errors import MediaError
 
 W, H = 64, 48
@@ -94,7 +88,7 @@ def no_full_decode(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args: object, **kwargs: object) -> np.ndarray:
         raise AssertionError("fell back to decoding every frame")
 
-    monkeypatch.setattr(media, "_read_by_decoding", refuse)
+    monkeypatch.setattr(video, "_read_by_decoding", refuse)
 
 
 @pytest.fixture(scope="module")
@@ -391,6 +385,38 @@ def test_is_video_file_judges_content_not_extension(
         assert not is_video_file(bad_files[name])
     with pytest.raises(MediaError, match="file not found"):
         is_video_file(tmp_path / "nope.mp4")
+
+
+def test_a_cut_container_is_called_corrupt_and_unknown_bytes_not_media(
+    tmp_path: Path, clips: dict[str, Path]
+) -> None:
+    mp4 = clips["mp4"].read_bytes()
+    cut_file = tmp_path / "cut.mp4"
+    cut_file.write_bytes(mp4[: len(mp4) // 2])
+    corrupt = r"^cut.mp4: truncated or corrupt video \(the container cannot be parsed\)$"
+    for cut in (mp4[:32], mp4[: len(mp4) // 2]):
+        with pytest.raises(MediaError, match=corrupt):
+            read_video_frames(cut, 4, name="cut.mp4")
+    with pytest.raises(MediaError, match=corrupt):
+        read_video_frames(cut_file, 4, name="cut.mp4")
+    with pytest.raises(MediaError, match=r"^junk.mp4: not a media file \(unrecognised format\)$"):
+        read_video_frames(b"\x00" * 4 + b"junk" * 100, 4, name="junk.mp4")
+
+
+def test_a_picture_only_ffmpeg_reads_is_neither_a_video_nor_an_image(tmp_path: Path) -> None:
+    """An XWD picture: PIL does not know it, FFmpeg reads it as a one-frame picture "stream"."""
+    path = tmp_path / "screen.xwd"
+    with av.open(str(path), "w", format="image2pipe") as container:
+        stream = container.add_stream("xwd", rate=1)
+        stream.width, stream.height, stream.pix_fmt = 16, 8, "rgb24"
+        frame = av.VideoFrame.from_ndarray(np.full((8, 16, 3), 100, np.uint8), format="rgb24")
+        for packet in [*stream.encode(frame), *stream.encode()]:
+            container.mux(packet)
+    assert not is_video_file(path)
+    with pytest.raises(MediaError, match="not a video: it is a still image"):
+        read_video_frames(path, 4)
+    with pytest.raises(MediaError, match=r"not an image file \(unrecognised format, or corrupt\)"):
+        load_image(path)
 
 
 # --------------------------------------------------------------------------------------------

@@ -16,7 +16,9 @@ import torch
 from torch.utils.data import Dataset
 
 from videollava.data.conversation import from_llava, get_template
-from videollava.data.media import frame_times, load_image, read_video_clip
+from videollava.data.frame_sampling import frame_times
+from videollava.data.images import load_image
+from videollava.data.media import read_video_clip
 from videollava.data.records import Record
 from videollava.data.regions import Box, Region, parse_regions
 from videollava.data.sample_media import MediaSpec, SizeSink

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from videollava.data.media import load_image, read_video_clip
+from videollava.data.images import load_image
+from videollava.data.media import read_video_clip
 from videollava.data.transforms import ImageTransformConfig, preprocess_images, preprocess_video
 
 # Hears the stored (width, height, frame count) whenever a file is decoded; 1 frame for an image.

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from videollava.data.media import to_rgb
+from videollava.data.images import to_rgb
 from videollava.errors import CheckpointError
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

@@ -20,14 +20,10 @@ import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from videollava.data.conversation import build_prompt, get_template
-from videollava.data.media import (
-    Cancelled,
-    DecodeLimits,
-    load_image,
-    open_media_file,
-    raise_if_cancelled,
-    read_video_frames,
-)
+from videollava.data.decode_limits import Cancelled, DecodeLimits, raise_if_cancelled
+from videollava.data.images import load_image
+from videollava.data.media import read_video_frames
+from videollava.data.media_source import open_media_file
 from videollava.data.tokenize import IMAGE_SLOT, VIDEO_SLOT, check_placeholders, tokenize_multimodal
 from videollava.data.transforms import (
     ImageTransformConfig,
