@@ -96,7 +96,7 @@ def test_session_streams_answers_equal_to_ask_and_reuses_the_prefix(
         with pytest.raises(VideoLlavaError, match="unknown command"):
             handle_line(session, "/frobnicate")
         handle_line(session, "/reset")
-        assert session.history == [] and session.media == [] and session.pending == []
+        assert len(session.history) == 0 and session.history.media == [] and session.pending == []
         assert handle_line(session, "/quit") is False
     finally:
         engine.stop()

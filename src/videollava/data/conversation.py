@@ -286,10 +286,11 @@ class ChatHistory(Generic[M]):
     def add(self, question: str, media: Sequence[M], answer: str) -> Exchange[M]:
         """Keep a finished turn. The answer loses the whitespace around it: the template writes the space
         after "ASSISTANT:" itself, and an answer as generated follows that space."""
+        turn = user_turn(question, *_count(media))
         answer = answer.strip()
         if any(count_placeholders(answer)):
             raise PromptError("an assistant message contains a media placeholder; only user turns show media")
-        exchange = Exchange(user_turn(question, *_count(media)), tuple(media), answer)
+        exchange = Exchange(turn, tuple(media), answer)
         self.exchanges.append(exchange)
         return exchange
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import hmac
 import json
 import logging
@@ -39,14 +38,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from videollava.data.conversation import ASSISTANT, USER, build_prompt
-from videollava.data.tokenize import (
-    IMAGE_PLACEHOLDER,
-    VIDEO_PLACEHOLDER,
-    check_placeholders,
-    count_placeholders,
-)
-from videollava.errors import PromptError, RequestCancelled, VideoLlavaError
+from videollava.data.conversation import ASSISTANT, USER, ChatHistory
+from videollava.errors import RequestCancelled, VideoLlavaError
 from videollava.infer.engine import Completion, Engine, Handle, QueueFullError, StreamDelta
 from videollava.infer.pipeline import MediaItem, Pipeline, Prepared
 from videollava.infer.sampling import SamplingParams
@@ -362,16 +355,6 @@ def _parse_content(content: Any, where: str, allow_media: bool) -> tuple[str, li
     return "\n".join(texts), media
 
 
-def turn_text(text: str, n_images: int, n_videos: int) -> str:
-    """A user turn as the template sees it: placeholders first unless the text places them itself."""
-    if any(count_placeholders(text)):
-        check_placeholders(text, n_images, n_videos)
-        return text
-    if n_images or n_videos:
-        return VIDEO_PLACEHOLDER * n_videos + IMAGE_PLACEHOLDER * n_images + "\n" + text
-    return text
-
-
 def read_chat_media(
     chat: ChatRequest, fetched: dict[int, MediaItem], policy: MediaPolicy, cancelled: Callable[[], bool]
 ) -> list[MediaItem]:
@@ -388,28 +371,14 @@ def read_chat_media(
 def prepare_chat(
     pipeline: Pipeline, chat: ChatRequest, media: list[MediaItem], cancelled: Callable[[], bool]
 ) -> Prepared:
-    """Build the prompt and encode the media: CPU work, so it runs off the event loop, and stops
-    (RequestCancelled) between decoding stages once `cancelled()` turns true."""
-    history: list[tuple[str, str]] = []
-    for turn in chat.turns[:-1]:
-        if turn.role == ASSISTANT:
-            if any(count_placeholders(turn.text)):
-                raise PromptError("an assistant message contains a media placeholder")
-            # the template already puts a space after "ASSISTANT:"; answers as generated follow it
-            history.append((ASSISTANT, turn.text.strip()))
-        else:
-            n_images = sum(k == "image" for k, _ in turn.media)
-            history.append((USER, turn_text(turn.text, n_images, len(turn.media) - n_images)))
-    last = chat.turns[-1]
-    n_images = sum(k == "image" for k, _ in last.media)
-    n_videos = len(last.media) - n_images
-    if chat.system is None:
-        prompt = pipeline.build_prompt(last.text, n_images, n_videos, history=history)
-    else:
-        template = pipeline.template
-        if template.style == "two":
-            template = dataclasses.replace(template, system=chat.system)
-        prompt = build_prompt(last.text, n_images, n_videos, template, history)
+    """Build the prompt and encode the media (in message order): CPU work, so it runs off the event loop,
+    and stops (RequestCancelled) between decoding stages once `cancelled()` turns true."""
+    history: ChatHistory[MediaItem] = ChatHistory(pipeline.template, system=chat.system)
+    shown = iter(media)
+    *earlier, last = chat.turns
+    for question, answer in zip(earlier[::2], earlier[1::2], strict=True):
+        history.add(question.text, [next(shown) for _ in question.media], answer.text)
+    prompt = history.prompt(last.text, list(shown))
     return pipeline.prepare(prompt, media, num_frames=chat.num_frames, cancelled=cancelled)
 
 

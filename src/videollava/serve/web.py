@@ -10,11 +10,11 @@ import argparse
 import os
 import socket
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from videollava.cli import port_number, positive_int
-from videollava.data.tokenize import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, count_placeholders
+from videollava.data.conversation import ChatHistory
 from videollava.errors import PromptError, VideoLlavaError
 from videollava.extras import require
 from videollava.infer.engine import Engine
@@ -43,8 +43,13 @@ def find_examples(folder: Path | None = None) -> tuple[list[str], list[str]]:
     return images, videos
 
 
-def new_conversation() -> dict[str, Any]:
-    return {"history": [], "media": [], "shown": []}
+@dataclass
+class PageConversation:
+    """One browser session's conversation, and the uploads it has shown (by kind and content), so a file
+    left in its box is shown once however many questions follow."""
+
+    history: ChatHistory[MediaItem]
+    shown: frozenset[str] = frozenset()
 
 
 def respond(
@@ -56,28 +61,27 @@ def respond(
     temperature: float,
     max_tokens: float,
     messages: list[dict[str, str]] | None,
-    conversation: dict[str, Any] | None,
-) -> Iterator[tuple[str, list[dict[str, str]], dict[str, Any]]]:
+    conversation: PageConversation | None,
+) -> Iterator[tuple[str, list[dict[str, str]], PageConversation]]:
     """One question of a page's conversation: yields (question box, chat messages, conversation) as the
     answer streams. Uploads not yet shown join the conversation; the turn is kept once it completed."""
-    conversation = conversation or new_conversation()
+    conversation = conversation or PageConversation(ChatHistory(pipeline.template))
     question = (question or "").strip()
     if not question:
         raise PromptError("Type a question first.")
     messages = list(messages or [])
     new: list[MediaItem] = []
-    keys: list[str] = []
+    keys: set[str] = set()
     for kind, path in (("image", image_path), ("video", video_path)):
         if not path:
             continue
         key = f"{kind}:{content_hash(path)}"
-        if key not in conversation["shown"]:
+        if key not in conversation.shown:
             new.append(MediaItem(kind, path, name=Path(path).name))
-            keys.append(key)
-    images = sum(m.kind == "image" for m in new)
-    videos = len(new) - images
-    prompt = pipeline.build_prompt(question, images, videos, history=conversation["history"])
-    prepared = pipeline.prepare(prompt, conversation["media"] + new)
+            keys.add(key)
+    history = conversation.history
+    prompt = history.prompt(question, new)
+    prepared = pipeline.prepare(prompt, history.media + new)
     params = SamplingParams(max_new_tokens=int(max_tokens), temperature=float(temperature))
     handle = engine.submit(prepared, params)
     shown = ", ".join(f"{m.kind} {m.name}" for m in new)
@@ -96,13 +100,8 @@ def respond(
     if completion.error:
         raise VideoLlavaError(f"generation failed: {completion.error}")
     messages[-1] = {"role": "assistant", "content": completion.text}
-    if not any(count_placeholders(question)) and new:
-        question = VIDEO_PLACEHOLDER * videos + IMAGE_PLACEHOLDER * images + "\n" + question
-    conversation = {
-        "history": [*conversation["history"], ("user", question), ("assistant", completion.text.strip())],
-        "media": conversation["media"] + new,
-        "shown": conversation["shown"] + keys,
-    }
+    history.add(question, new, completion.text)
+    conversation.shown |= keys
     yield "", messages, conversation
 
 
