@@ -534,6 +534,7 @@ class EngineBridge:
     ):
         self.handle = handle
         self.queue: asyncio.Queue[StreamDelta | Completion] = asyncio.Queue()
+        self.delivered = False  # the completion reached the reader: the answer ended, nobody left early
         self._loop = loop
         self._on_done = on_done
         threading.Thread(target=self._pump, name="videollava-stream", daemon=True).start()
@@ -551,9 +552,16 @@ class EngineBridge:
         except RuntimeError:  # the loop is gone (server shutting down): nobody will read
             self.handle.cancel()
 
+    async def next(self) -> StreamDelta | Completion:
+        """The next event on the loop: text as it comes, then the completion."""
+        item = await self.queue.get()
+        if isinstance(item, Completion):
+            self.delivered = True
+        return item
+
     async def completion(self) -> Completion:
         while True:
-            item = await self.queue.get()
+            item = await self.next()
             if isinstance(item, Completion):
                 return item
 
@@ -882,7 +890,9 @@ def create_app(pipeline: Pipeline, settings: ServeSettings, engine: Engine | Non
                 streaming = True
 
                 def closed() -> None:
-                    if not handle.done:  # the client left mid-stream
+                    # The stream's own end cancels the handle too, so `handle.done` cannot tell
+                    # whether the client left: whether the answer's end was sent can.
+                    if not bridge.delivered:  # the client left mid-stream
                         metrics.observe_cancelled("generate")
                     handle.cancel()
                     watch.close()
@@ -946,7 +956,7 @@ async def stream_chunks(
     try:
         yield chunk({"role": "assistant", "content": ""})
         while True:
-            item = await bridge.queue.get()
+            item = await bridge.next()
             if isinstance(item, StreamDelta):
                 if item.text:
                     yield chunk({"content": item.text})
