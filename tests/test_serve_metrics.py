@@ -200,3 +200,26 @@ def test_metrics_exposition_after_a_known_mix_of_requests(pipeline: Pipeline) ->
     assert (
         seen("videollava_feature_cache_misses_total") == pipeline.feature_cache.misses == feature_misses + 1
     )
+
+
+def test_each_app_counts_in_its_own_registry(pipeline: Pipeline) -> None:
+    """Two apps in one process: no clash of names, no count of one seen by the other, nothing in the
+    client's global registry, and no `_created` series beside the counters."""
+    from prometheus_client import REGISTRY
+
+    first = create_app(pipeline, ServeSettings(model_name=MODEL), Engine(pipeline)).state.metrics
+    second = create_app(pipeline, ServeSettings(model_name=MODEL), Engine(pipeline)).state.metrics
+    first.observe_request("/health", 200)
+    first.observe_cancelled("fetch")
+    assert (
+        Exposition(first.exposition().decode())(
+            "videollava_http_requests_total", endpoint="/health", status="200"
+        )
+        == 1
+    )
+    other = Exposition(second.exposition().decode())
+    assert set(other.types) == set(FAMILIES)
+    assert other("videollava_http_requests_total", endpoint="/health", status="200") == 0
+    assert other.by("videollava_requests_cancelled_total", "stage") == {}
+    assert not [m.name for m in REGISTRY.collect() if m.name.startswith("videollava")]
+    assert "_created" not in first.exposition().decode()

@@ -34,7 +34,7 @@ from typing import Any, TypeVar
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -715,7 +715,7 @@ async def _send_error(send, error: APIError) -> None:
 def create_app(pipeline: Pipeline, settings: ServeSettings, engine: Engine | None = None) -> FastAPI:
     """The server app; the engine is started when the app starts and stopped when it stops."""
     engine = engine or Engine(pipeline)
-    metrics = ServerMetrics()
+    metrics = ServerMetrics(engine, pipeline.feature_cache)
     # Fetching waits on other hosts, reading on disks, encoding keeps the CPU busy: each has its own
     # bound, so none of them can hold up requests that do not need it.
     fetch_slots = FetchSlots(settings.max_remote_fetches)
@@ -813,11 +813,8 @@ def create_app(pipeline: Pipeline, settings: ServeSettings, engine: Engine | Non
         }
 
     @app.get("/metrics")
-    async def prometheus() -> PlainTextResponse:
-        return PlainTextResponse(
-            metrics.render(engine, pipeline.feature_cache),
-            media_type="text/plain; version=0.0.4; charset=utf-8",
-        )
+    async def prometheus() -> Response:
+        return Response(metrics.exposition(), media_type=metrics.CONTENT_TYPE)
 
     def model_card() -> dict[str, Any]:
         return {"id": settings.model_name, "object": "model", "created": created, "owned_by": "videollava"}
