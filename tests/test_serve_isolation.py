@@ -86,7 +86,7 @@ def test_leaving_during_generation_stops_it(pipeline: Pipeline) -> None:
     app = create_app(pipeline, ServeSettings(model_name=MODEL), engine)
     body = {"messages": [user("Write a very long story.")], "max_tokens": 450}
     with running_server(app) as base:
-        post_and_leave(base, body, 0.3)
+        post_and_leave(base, body, 0.1)  # well before the 450 tokens (about 0.3 s here) are done
         wait_for(
             lambda: counted(app, "videollava_completions_total", finish_reason="cancelled") == 1,
             timeout=5,
