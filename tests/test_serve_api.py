@@ -27,8 +27,9 @@ from videollava.infer.ask import Question, prepare_question
 from videollava.infer.engine import Engine, QueueFullError
 from videollava.infer.pipeline import MediaItem, Pipeline
 from videollava.infer.sampling import SamplingParams
-from videollava.serve.api import ServeSettings, api_error_from, create_app, parse_chat_request, prepare_chat
+from videollava.serve.api import ServeSettings, api_error_from, create_app, prepare_chat
 from videollava.serve.media import MediaPolicy
+from videollava.serve.protocol import parse_chat_request
 
 MODEL = "tiny-videollava"
 KEY = "test-key-123"
@@ -293,7 +294,6 @@ def test_request_prompts_hold_the_conversation_and_its_media(
     first) and a newline before its text, unless the text places them itself; assistant turns stripped;
     system messages joined by newlines in place of the template's system prompt."""
     pipeline = Pipeline.from_pretrained(hf_checkpoint[0], dtype="float32", template="vicuna_v1")
-    settings = ServeSettings(model_name=MODEL)
     clip, red = str(media_root / "bikes.mp4"), str(media_root / "pattern.png")
     blue = str(picture(tmp_path / "blue.png", (0, 0, 200)))
     conversation = [
@@ -314,7 +314,7 @@ def test_request_prompts_hold_the_conversation_and_its_media(
     ]
     recorder = PromptRecorder(pipeline)
     for messages in (conversation, [*systems, *conversation]):
-        chat = parse_chat_request({"messages": messages}, settings)
+        chat = parse_chat_request({"messages": messages}, MODEL, default_max_tokens=16)
         media = [MediaItem(kind, url) for kind, url in chat.media]
         prepare_chat(recorder, chat, media, lambda: False)
     assert [prompt for prompt, _ in recorder.prepared] == [
@@ -325,7 +325,7 @@ def test_request_prompts_hold_the_conversation_and_its_media(
     assert [media for _, media in recorder.prepared] == [shown, shown]
 
     answered_with_media = [user("Hi"), {"role": "assistant", "content": "see <video>"}, user("So?")]
-    chat = parse_chat_request({"messages": answered_with_media}, settings)
+    chat = parse_chat_request({"messages": answered_with_media}, MODEL, default_max_tokens=16)
     with pytest.raises(PromptError, match="assistant message contains a media placeholder"):
         prepare_chat(recorder, chat, [], lambda: False)
 
