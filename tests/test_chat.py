@@ -102,6 +102,18 @@ def test_session_streams_answers_equal_to_ask_and_reuses_the_prefix(
         engine.stop()
 
 
+def three_turn_prompts(system: str, first: str, second: str, last: str) -> list[str]:
+    """The prompts of a conversation under the vicuna template: "What is shown?" about a new image and
+    video, answered `first`; "And then?", answered `second`; then `last`, which places its own image."""
+    turn_one = f"USER: <video><image>\nWhat is shown? ASSISTANT: {first}</s>"
+    turn_two = f"USER: And then? ASSISTANT: {second}</s>"
+    return [
+        f"{system} USER: <video><image>\nWhat is shown? ASSISTANT:",
+        f"{system} {turn_one}USER: And then? ASSISTANT:",
+        f"{system} {turn_one}{turn_two}USER: {last} ASSISTANT:",
+    ]
+
+
 @pytest.fixture(scope="module")
 def vicuna_pipeline(hf_checkpoint) -> Pipeline:
     """The tiny checkpoint under a template with a system prompt, so prompts show every separator."""
@@ -129,13 +141,8 @@ def test_session_prompts_hold_the_conversation_and_its_media(
         session.ask("Is <image> the same picture?")
     finally:
         engine.stop()
-    turn_one = f"USER: <video><image>\nWhat is shown? ASSISTANT: {first}</s>"
-    turn_two = f"USER: And then? ASSISTANT: {second}</s>"
-    assert [prompt for prompt, _ in recorder.prepared] == [
-        f"{system} USER: <video><image>\nWhat is shown? ASSISTANT:",
-        f"{system} {turn_one}USER: And then? ASSISTANT:",
-        f"{system} {turn_one}{turn_two}USER: Is <image> the same picture? ASSISTANT:",
-    ]
+    expected = three_turn_prompts(system, first, second, "Is <image> the same picture?")
+    assert [prompt for prompt, _ in recorder.prepared] == expected
     shown = [("image", image), ("video", clip)]
     assert [media for _, media in recorder.prepared] == [shown, shown, [*shown, ("image", image)]]
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.test_chat import PromptRecorder, picture
+from tests.test_chat import PromptRecorder, picture, three_turn_prompts
 from videollava.errors import PromptError
 from videollava.infer.ask import Question, prepare_question
 from videollava.infer.engine import Engine
@@ -72,13 +72,8 @@ def test_page_prompts_hold_the_conversation_and_its_media(hf_checkpoint, sample_
         messages, state = ask_page(recorder, engine, "Is <image> darker?", blue, clip, messages, state)
     finally:
         engine.stop()
-    turn_one = f"USER: <video><image>\nWhat is shown? ASSISTANT: {first}</s>"
-    turn_two = f"USER: And then? ASSISTANT: {second}</s>"
-    assert [prompt for prompt, _ in recorder.prepared] == [
-        f"{system} USER: <video><image>\nWhat is shown? ASSISTANT:",
-        f"{system} {turn_one}USER: And then? ASSISTANT:",
-        f"{system} {turn_one}{turn_two}USER: Is <image> darker? ASSISTANT:",
-    ]
+    expected = three_turn_prompts(system, first, second, "Is <image> darker?")
+    assert [prompt for prompt, _ in recorder.prepared] == expected
     shown = [("image", red), ("video", clip)]
     assert [media for _, media in recorder.prepared] == [shown, shown, [*shown, ("image", blue)]]
     assert [m["content"] for m in messages if m["role"] == "user"] == [

@@ -10,6 +10,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterator
+from functools import partial
 
 from prometheus_client import (
     CONTENT_TYPE_PLAIN_0_0_4,
@@ -41,66 +42,49 @@ class ServerMetrics:
 
     def __init__(self, engine: Engine | None = None, feature_cache: FeatureCache | None = None) -> None:
         self.registry = CollectorRegistry()
-        registry = self.registry
-        self.requests = Counter(
+        counter = partial(Counter, registry=self.registry)
+        latency = partial(Histogram, buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.requests = counter(
             "videollava_http_requests",
             "HTTP requests answered, by endpoint and status code (499: the client left first).",
             ["endpoint", "status"],
-            registry=registry,
         )
-        self.completions = Counter(
-            "videollava_completions",
-            "Generations finished, by finish reason.",
-            ["finish_reason"],
-            registry=registry,
+        self.completions = counter(
+            "videollava_completions", "Generations finished, by finish reason.", ["finish_reason"]
         )
-        self.cancelled = Counter(
+        self.cancelled = counter(
             "videollava_requests_cancelled",
             "Requests stopped because their client went away, by the stage they were in "
             "(fetch, read, prepare, generate).",
             ["stage"],
-            registry=registry,
         )
-        self.latency = Histogram(
-            "videollava_request_latency_seconds",
-            "Seconds from engine submission to the last token.",
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
+        self.latency = latency(
+            "videollava_request_latency_seconds", "Seconds from engine submission to the last token."
         )
-        self.first_token = Histogram(
-            "videollava_time_to_first_token_seconds",
-            "Seconds from engine submission to the first token.",
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
+        self.first_token = latency(
+            "videollava_time_to_first_token_seconds", "Seconds from engine submission to the first token."
         )
-        self.completion_tokens = Counter(
-            "videollava_completion_tokens", "Tokens generated for HTTP requests.", registry=registry
+        self.completion_tokens = counter(
+            "videollava_completion_tokens", "Tokens generated for HTTP requests."
         )
-        self.prompt_tokens = Counter(
-            "videollava_prompt_tokens",
-            "Prompt tokens (visual ones included) of HTTP requests.",
-            registry=registry,
+        self.prompt_tokens = counter(
+            "videollava_prompt_tokens", "Prompt tokens (visual ones included) of HTTP requests."
         )
-        self.visual_tokens = Counter(
-            "videollava_visual_tokens", "Visual tokens of HTTP requests.", registry=registry
+        self.visual_tokens = counter("videollava_visual_tokens", "Visual tokens of HTTP requests.")
+        self.prefix_hits = counter(
+            "videollava_request_prefix_cache_hits", "HTTP requests whose prompt reused cached keys/values."
         )
-        self.prefix_hits = Counter(
-            "videollava_request_prefix_cache_hits",
-            "HTTP requests whose prompt reused cached keys/values.",
-            registry=registry,
-        )
-        self.reused_prefix_tokens = Counter(
+        self.reused_prefix_tokens = counter(
             "videollava_request_reused_prefix_tokens",
             "Prompt positions of HTTP requests not recomputed thanks to the prefix cache.",
-            registry=registry,
         )
         Gauge(
             "videollava_tokens_per_second",
             f"Completion tokens per second over the last {RATE_WINDOW_SECONDS:g} s.",
-            registry=registry,
+            registry=self.registry,
         ).set_function(self.recent_tokens_per_second)
         if engine is not None or feature_cache is not None:
-            registry.register(EngineCollector(engine, feature_cache))
+            self.registry.register(EngineCollector(engine, feature_cache))
         self._recent: deque[tuple[float, int]] = deque()  # (finished at, completion tokens)
         self._recent_lock = threading.Lock()
         self.started = time.time()
@@ -155,59 +139,50 @@ class EngineCollector(Collector):
         self.feature_cache = feature_cache
 
     def collect(self) -> Iterator[Metric]:
+        gauges: dict[str, tuple[str, float]] = {}  # name: (help, value)
+        counters: dict[str, tuple[str, float]] = {}
         engine = self.engine
         if engine is not None:
             stats = engine.stats
             busy_rate = stats.tokens_generated / stats.busy_seconds if stats.busy_seconds > 0 else 0.0
-            yield GaugeMetricFamily(
-                "videollava_queue_depth",
-                "Requests waiting for a place in the running batch.",
-                value=engine.queue_depth,
-            )
-            yield GaugeMetricFamily(
-                "videollava_running_requests", "Requests in the running batch.", value=engine.running
-            )
-            yield GaugeMetricFamily(
-                "videollava_engine_busy_tokens_per_second",
-                "Tokens generated per second of engine work.",
-                value=busy_rate,
-            )
-            yield CounterMetricFamily(
-                "videollava_engine_requests", "Requests the engine finished.", value=stats.requests_total
-            )
-            yield CounterMetricFamily(
-                "videollava_engine_requests_failed",
-                "Requests the engine failed.",
-                value=stats.requests_failed,
-            )
-            yield CounterMetricFamily(
-                "videollava_engine_tokens_generated",
-                "Tokens the engine generated (stop tokens excluded).",
-                value=stats.tokens_generated,
-            )
-            yield CounterMetricFamily(
-                "videollava_engine_busy_seconds",
-                "Seconds the engine spent working.",
-                value=stats.busy_seconds,
-            )
-            yield CounterMetricFamily(
-                "videollava_prefix_cache_hits",
-                "Prefills that reused a cached prompt prefix.",
-                value=engine.prefix_cache.hits,
-            )
-            yield CounterMetricFamily(
-                "videollava_prefix_cache_reused_tokens",
-                "Prompt positions taken from the prefix cache.",
-                value=engine.prefix_cache.reused_tokens,
-            )
+            gauges = {
+                "videollava_queue_depth": (
+                    "Requests waiting for a place in the running batch.",
+                    engine.queue_depth,
+                ),
+                "videollava_running_requests": ("Requests in the running batch.", engine.running),
+                "videollava_engine_busy_tokens_per_second": (
+                    "Tokens generated per second of engine work.",
+                    busy_rate,
+                ),
+            }
+            counters = {
+                "videollava_engine_requests": ("Requests the engine finished.", stats.requests_total),
+                "videollava_engine_requests_failed": ("Requests the engine failed.", stats.requests_failed),
+                "videollava_engine_tokens_generated": (
+                    "Tokens the engine generated (stop tokens excluded).",
+                    stats.tokens_generated,
+                ),
+                "videollava_engine_busy_seconds": ("Seconds the engine spent working.", stats.busy_seconds),
+                "videollava_prefix_cache_hits": (
+                    "Prefills that reused a cached prompt prefix.",
+                    engine.prefix_cache.hits,
+                ),
+                "videollava_prefix_cache_reused_tokens": (
+                    "Prompt positions taken from the prefix cache.",
+                    engine.prefix_cache.reused_tokens,
+                ),
+            }
         if self.feature_cache is not None:
-            yield CounterMetricFamily(
-                "videollava_feature_cache_hits",
+            counters["videollava_feature_cache_hits"] = (
                 "Images and videos whose visual features were found in the cache.",
-                value=self.feature_cache.hits,
+                self.feature_cache.hits,
             )
-            yield CounterMetricFamily(
-                "videollava_feature_cache_misses",
+            counters["videollava_feature_cache_misses"] = (
                 "Images and videos encoded by the vision tower.",
-                value=self.feature_cache.misses,
+                self.feature_cache.misses,
             )
+        for name, (help_text, value) in gauges.items():
+            yield GaugeMetricFamily(name, help_text, value=value)
+        for name, (help_text, value) in counters.items():
+            yield CounterMetricFamily(name, help_text, value=value)
