@@ -34,6 +34,28 @@ class RecordingOut(io.StringIO):
         return super().write(text)
 
 
+class PromptRecorder:
+    """The real pipeline, remembering every prompt it prepares and the (kind, file) of the media with it."""
+
+    def __init__(self, pipeline: Pipeline):
+        self._pipeline = pipeline
+        self.prepared: list[tuple[str, list[tuple[str, str]]]] = []
+
+    def __getattr__(self, name: str):
+        return getattr(self._pipeline, name)
+
+    def prepare(self, prompt, media, *args, **kwargs):
+        self.prepared.append((prompt, [(m.kind, str(m.source)) for m in media]))
+        return self._pipeline.prepare(prompt, media, *args, **kwargs)
+
+
+def picture(path: Path, colour: tuple[int, int, int]) -> Path:
+    from PIL import Image
+
+    Image.new("RGB", (40, 30), colour).save(path)
+    return path
+
+
 @pytest.fixture(scope="module")
 def chat_pipeline(hf_checkpoint) -> Pipeline:
     return Pipeline.from_pretrained(hf_checkpoint[0], dtype="float32")
@@ -74,10 +96,55 @@ def test_session_streams_answers_equal_to_ask_and_reuses_the_prefix(
         with pytest.raises(VideoLlavaError, match="unknown command"):
             handle_line(session, "/frobnicate")
         handle_line(session, "/reset")
-        assert session.history == [] and session.media == [] and session.pending == []
+        assert len(session.history) == 0 and session.history.media == [] and session.pending == []
         assert handle_line(session, "/quit") is False
     finally:
         engine.stop()
+
+
+def three_turn_prompts(system: str, first: str, second: str, last: str) -> list[str]:
+    """The prompts of a conversation under the vicuna template: "What is shown?" about a new image and
+    video, answered `first`; "And then?", answered `second`; then `last`, which places its own image."""
+    turn_one = f"USER: <video><image>\nWhat is shown? ASSISTANT: {first}</s>"
+    turn_two = f"USER: And then? ASSISTANT: {second}</s>"
+    return [
+        f"{system} USER: <video><image>\nWhat is shown? ASSISTANT:",
+        f"{system} {turn_one}USER: And then? ASSISTANT:",
+        f"{system} {turn_one}{turn_two}USER: {last} ASSISTANT:",
+    ]
+
+
+@pytest.fixture(scope="module")
+def vicuna_pipeline(hf_checkpoint) -> Pipeline:
+    """The tiny checkpoint under a template with a system prompt, so prompts show every separator."""
+    return Pipeline.from_pretrained(hf_checkpoint[0], dtype="float32", template="vicuna_v1")
+
+
+def test_session_prompts_hold_the_conversation_and_its_media(
+    vicuna_pipeline, sample_videos: Path, tmp_path: Path
+) -> None:
+    """The exact prompts the chat builds: new media as placeholders (videos first) and a newline before
+    the question, unless the question places them itself; earlier turns with their stripped answers;
+    every medium shown so far, in the order attached."""
+    system = vicuna_pipeline.template.system
+    assert system.startswith("A chat between")
+    clip, image = str(sample_videos / "bikes.mp4"), str(picture(tmp_path / "red.png", (200, 30, 30)))
+    recorder = PromptRecorder(vicuna_pipeline)
+    engine = Engine(vicuna_pipeline, max_batch_size=1).start()
+    session = ChatSession(recorder, engine, SamplingParams(max_new_tokens=4), io.StringIO())
+    try:
+        session.attach("image", image)
+        session.attach("video", clip)
+        first = session.ask("What is shown?").text.strip()
+        second = session.ask("And then?").text.strip()
+        session.attach("image", image)
+        session.ask("Is <image> the same picture?")
+    finally:
+        engine.stop()
+    expected = three_turn_prompts(system, first, second, "Is <image> the same picture?")
+    assert [prompt for prompt, _ in recorder.prepared] == expected
+    shown = [("image", image), ("video", clip)]
+    assert [media for _, media in recorder.prepared] == [shown, shown, [*shown, ("image", image)]]
 
 
 def test_chat_command_in_tmux(hf_checkpoint, sample_videos: Path, tmp_path: Path) -> None:

@@ -1,11 +1,15 @@
+from dataclasses import dataclass
+
 import pytest
 
 from videollava.data.conversation import (
     TEMPLATES,
+    ChatHistory,
     Conversation,
     build_prompt,
     from_llava,
     get_template,
+    user_turn,
 )
 from videollava.errors import PromptError
 
@@ -173,3 +177,72 @@ def test_build_prompt_keeps_placeholders_already_in_question():
     )
     with pytest.raises(PromptError, match="prompt has 2 <image> placeholders but 1 image was given"):
         build_prompt("Is <image> like <image>?", images=1)
+
+
+def test_user_turn_puts_videos_then_images_then_a_newline_before_the_question():
+    assert user_turn("What is shown?") == "What is shown?"
+    assert user_turn("What is shown?", images=1) == "<image>\nWhat is shown?"
+    assert user_turn("Compare.", images=2, videos=1) == "<video><image><image>\nCompare."
+    assert user_turn("Is <image> like <video>?", images=1, videos=1) == "Is <image> like <video>?"
+    with pytest.raises(PromptError, match="1 <image> placeholder but 2 images were given"):
+        user_turn("Is <image> it?", images=2)
+    with pytest.raises(PromptError, match="<video>"):
+        user_turn("look <video> here")
+    with pytest.raises(ValueError, match="cannot be negative"):
+        user_turn("Hi", images=-1)
+
+
+@dataclass(frozen=True)
+class Shown:
+    kind: str
+    name: str
+
+
+def test_chat_history_renders_turns_with_their_media():
+    red, clip, blue = Shown("image", "red"), Shown("video", "clip"), Shown("image", "blue")
+    history: ChatHistory[Shown] = ChatHistory("vicuna_v1")
+    assert history.prompt("What is shown?", [red, clip]) == (
+        VICUNA_SYSTEM + " USER: <video><image>\nWhat is shown? ASSISTANT:"
+    )
+    history.add("What is shown?", [red, clip], "  a red bike\n")
+    history.add("And then?", [], "It rides.")
+    assert len(history) == 2 and history.media == [red, clip]
+    assert history.messages() == [
+        ("user", "<video><image>\nWhat is shown?"),
+        ("assistant", "a red bike"),
+        ("user", "And then?"),
+        ("assistant", "It rides."),
+    ]
+    expected = (
+        VICUNA_SYSTEM + " USER: <video><image>\nWhat is shown? ASSISTANT: a red bike</s>"
+        "USER: And then? ASSISTANT: It rides.</s>USER: Is <image> darker? ASSISTANT:"
+    )
+    assert history.prompt("Is <image> darker?", [blue]) == expected
+    # the same prompt as the counts-and-turns form
+    assert build_prompt("Is <image> darker?", 1, 0, "vicuna_v1", history.messages()) == expected
+    history.clear()
+    assert (
+        len(history) == 0
+        and history.media == []
+        and history.prompt("Hi") == VICUNA_SYSTEM + " USER: Hi ASSISTANT:"
+    )
+
+
+def test_chat_history_keeps_only_well_formed_turns():
+    history: ChatHistory[Shown] = ChatHistory("hf")
+    with pytest.raises(PromptError, match="assistant message contains a media placeholder"):
+        history.add("Hi", [], "see <video>")
+    with pytest.raises(PromptError, match="2 <image> placeholders but 1 image"):
+        history.add("<image> or <image>?", [Shown("image", "a")], "a")
+    with pytest.raises(PromptError, match="placeholder"):
+        history.prompt("What is <image>?")
+    assert len(history) == 0  # refused turns leave nothing behind
+
+
+def test_chat_history_system_prompt_replaces_the_templates():
+    history: ChatHistory[Shown] = ChatHistory("vicuna_v1", system="Answer in one word.")
+    assert history.prompt("Hi") == "Answer in one word. USER: Hi ASSISTANT:"
+    assert ChatHistory("hf", system="Be brief.").prompt("Hi") == "Be brief. USER: Hi ASSISTANT:"
+    # the plain template has no system prompt to replace
+    assert ChatHistory("plain", system="ignored").prompt("Caption.", [Shown("image", "a")]) == "<image>"
+    assert get_template("vicuna_v1").system == VICUNA_SYSTEM  # the registry's template is unchanged

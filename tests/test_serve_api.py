@@ -20,14 +20,16 @@ import openai
 import pytest
 import uvicorn
 
+from tests.test_chat import PromptRecorder, picture
 from tests.test_serve_media import animated_gif, media_http_server
-from videollava.errors import RequestCancelled
+from videollava.errors import PromptError, RequestCancelled
 from videollava.infer.ask import Question, prepare_question
 from videollava.infer.engine import Engine, QueueFullError
 from videollava.infer.pipeline import MediaItem, Pipeline
 from videollava.infer.sampling import SamplingParams
-from videollava.serve.api import ServeSettings, api_error_from, create_app
+from videollava.serve.api import ServeSettings, api_error_from, create_app, prepare_chat
 from videollava.serve.media import MediaPolicy
+from videollava.serve.protocol import parse_chat_request
 
 MODEL = "tiny-videollava"
 KEY = "test-key-123"
@@ -137,6 +139,11 @@ def assert_openai_error(response: httpx.Response, status: int, *fragments: str) 
     for fragment in fragments:
         assert fragment in error["message"]
     return error
+
+
+def counted(app, sample: str, **labels: str) -> float:
+    """A sample of the app's own metrics registry; 0 before the first count."""
+    return app.state.metrics.registry.get_sample_value(sample, labels) or 0.0
 
 
 def metric_samples(base: str) -> dict[tuple[str, tuple], float]:
@@ -278,6 +285,49 @@ def test_multi_turn_reuses_the_conversation(server, pipeline: Pipeline, media_ro
         temperature=0,
     )
     assert with_system.usage.prompt_tokens != second.usage.prompt_tokens
+
+
+def test_request_prompts_hold_the_conversation_and_its_media(
+    hf_checkpoint, media_root: Path, tmp_path
+) -> None:
+    """The exact prompts the server builds from messages: a user turn's media as placeholders (videos
+    first) and a newline before its text, unless the text places them itself; assistant turns stripped;
+    system messages joined by newlines in place of the template's system prompt."""
+    pipeline = Pipeline.from_pretrained(hf_checkpoint[0], dtype="float32", template="vicuna_v1")
+    clip, red = str(media_root / "bikes.mp4"), str(media_root / "pattern.png")
+    blue = str(picture(tmp_path / "blue.png", (0, 0, 200)))
+    conversation = [
+        user("What is shown?", image_part(red), video_part(clip)),
+        {"role": "assistant", "content": "  a bike \n"},
+        {"role": "user", "content": "And then?"},
+        {"role": "assistant", "content": [{"type": "text", "text": "It rides."}]},
+        user("Is <image> darker?", image_part(blue)),
+    ]
+    history = (
+        "USER: <video><image>\nWhat is shown? ASSISTANT: a bike</s>USER: And then? ASSISTANT: It rides.</s>"
+        "USER: Is <image> darker? ASSISTANT:"
+    )
+    system = pipeline.template.system
+    systems = [
+        {"role": "system", "content": "Answer in one word."},
+        {"role": "developer", "content": [{"type": "text", "text": "Be kind."}]},
+    ]
+    recorder = PromptRecorder(pipeline)
+    for messages in (conversation, [*systems, *conversation]):
+        chat = parse_chat_request({"messages": messages}, MODEL, default_max_tokens=16)
+        media = [MediaItem(kind, url) for kind, url in chat.media]
+        prepare_chat(recorder, chat, media, lambda: False)
+    assert [prompt for prompt, _ in recorder.prepared] == [
+        f"{system} {history}",
+        f"Answer in one word.\nBe kind. {history}",
+    ]
+    shown = [("image", red), ("video", clip), ("image", blue)]
+    assert [media for _, media in recorder.prepared] == [shown, shown]
+
+    answered_with_media = [user("Hi"), {"role": "assistant", "content": "see <video>"}, user("So?")]
+    chat = parse_chat_request({"messages": answered_with_media}, MODEL, default_max_tokens=16)
+    with pytest.raises(PromptError, match="assistant message contains a media placeholder"):
+        prepare_chat(recorder, chat, [], lambda: False)
 
 
 def test_stop_strings_and_lengths(server) -> None:
@@ -673,11 +723,12 @@ def test_client_disconnect_cancels_the_stream(pipeline: Pipeline) -> None:
                 if '"content": "' in line and '"role"' not in line:
                     break  # one token arrived: the request is running
         deadline = time.monotonic() + 5
-        while app.state.metrics.finish_reasons["cancelled"] == 0 and time.monotonic() < deadline:
+        cancelled = {"finish_reason": "cancelled"}
+        while counted(app, "videollava_completions_total", **cancelled) == 0 and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert app.state.metrics.finish_reasons["cancelled"] == 1
+        assert counted(app, "videollava_completions_total", **cancelled) == 1
         assert engine.running == 0
-        assert app.state.metrics.completion_tokens < 450
+        assert counted(app, "videollava_completion_tokens_total") < 450
 
 
 def _free_port() -> int:

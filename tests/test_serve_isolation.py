@@ -15,6 +15,7 @@ from tests.test_serve_api import (
     MODEL,
     HeldPipeline,
     assert_openai_error,
+    counted,
     image_part,
     metric_samples,
     raw_post,
@@ -68,7 +69,7 @@ def test_clients_leaving_during_preparation_give_their_places_back(pipeline: Pip
         wait_for(lambda: health(base)["pools"]["admission"]["busy"] == 0, timeout=2, what="places freed")
         assert time.monotonic() - left < 1.0
         assert held.cancelled == 2 and held.entered == 2
-        assert app.state.metrics.cancelled["prepare"] == 6
+        assert counted(app, "videollava_requests_cancelled_total", stage="prepare") == 6
 
         def ask(i: int) -> int:
             response = raw_post(base, {"messages": [user(f"Question {i}?")], "max_tokens": 3}, key=None)
@@ -85,10 +86,14 @@ def test_leaving_during_generation_stops_it(pipeline: Pipeline) -> None:
     app = create_app(pipeline, ServeSettings(model_name=MODEL), engine)
     body = {"messages": [user("Write a very long story.")], "max_tokens": 450}
     with running_server(app) as base:
-        post_and_leave(base, body, 0.3)
-        wait_for(lambda: app.state.metrics.finish_reasons["cancelled"] == 1, timeout=5, what="the cancel")
-        assert app.state.metrics.cancelled["generate"] == 1
-        assert app.state.metrics.completion_tokens < 450
+        post_and_leave(base, body, 0.1)  # well before the 450 tokens (about 0.3 s here) are done
+        wait_for(
+            lambda: counted(app, "videollava_completions_total", finish_reason="cancelled") == 1,
+            timeout=5,
+            what="the cancel",
+        )
+        assert counted(app, "videollava_requests_cancelled_total", stage="generate") == 1
+        assert counted(app, "videollava_completion_tokens_total") < 450
         wait_for(lambda: engine.running == 0, timeout=2, what="the batch to empty")
         assert health(base)["pools"]["admission"]["busy"] == 0
 
@@ -142,7 +147,7 @@ def test_leaving_during_a_remote_fetch_closes_it(pipeline: Pipeline) -> None:
         wait_for(lambda: bool(slow.closed_by_client), timeout=2, what="the fetch to hang up")
         assert slow.closed_by_client[0] - left < 1.0
         wait_for(lambda: health(base)["pools"]["remote_fetch"]["busy"] == 0, timeout=1, what="the slot")
-        assert app.state.metrics.cancelled["fetch"] == 1
+        assert counted(app, "videollava_requests_cancelled_total", stage="fetch") == 1
 
 
 class FaultyPipeline(HeldPipeline):

@@ -12,10 +12,13 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.test_chat import PromptRecorder, picture, three_turn_prompts
+from videollava.errors import PromptError
 from videollava.infer.ask import Question, prepare_question
 from videollava.infer.engine import Engine
 from videollava.infer.pipeline import MediaItem, Pipeline
 from videollava.infer.sampling import SamplingParams
+from videollava.serve import web
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -39,6 +42,45 @@ def _free_port() -> int:
 
 def _normal(text: str) -> str:
     return " ".join(text.split())
+
+
+def ask_page(pipeline, engine, question: str, image=None, video=None, messages=None, conversation=None):
+    """One question through the page's handler, as Gradio drives it: the last (messages, state) it yields."""
+    updates = list(web.respond(pipeline, engine, question, image, video, 0.0, 4, messages, conversation))
+    assert all(box == "" for box, _, _ in updates)  # the question box is emptied
+    return updates[-1][1:]
+
+
+def test_page_prompts_hold_the_conversation_and_its_media(hf_checkpoint, sample_videos, tmp_path) -> None:
+    """The exact prompts the page builds: an upload joins the conversation once (placeholders first,
+    videos before images, then a newline), earlier turns keep their stripped answers and media."""
+    pipeline = Pipeline.from_pretrained(hf_checkpoint[0], dtype="float32", template="vicuna_v1")
+    system = pipeline.template.system
+    clip = str(sample_videos / "bikes.mp4")
+    red, blue = (
+        str(picture(tmp_path / f"{c}.png", rgb)) for c, rgb in (("red", (200, 0, 0)), ("blue", (0, 0, 200)))
+    )
+    recorder = PromptRecorder(pipeline)
+    engine = Engine(pipeline, max_batch_size=1).start()
+    try:
+        with pytest.raises(PromptError, match="Type a question first"):
+            ask_page(recorder, engine, "  ", red, clip)
+        messages, state = ask_page(recorder, engine, "What is shown?", red, clip)
+        first = messages[-1]["content"].strip()
+        messages, state = ask_page(recorder, engine, "And then?", red, clip, messages, state)
+        second = messages[-1]["content"].strip()
+        messages, state = ask_page(recorder, engine, "Is <image> darker?", blue, clip, messages, state)
+    finally:
+        engine.stop()
+    expected = three_turn_prompts(system, first, second, "Is <image> darker?")
+    assert [prompt for prompt, _ in recorder.prepared] == expected
+    shown = [("image", red), ("video", clip)]
+    assert [media for _, media in recorder.prepared] == [shown, shown, [*shown, ("image", blue)]]
+    assert [m["content"] for m in messages if m["role"] == "user"] == [
+        "What is shown?\n\n[image red.png, video bikes.mp4]",
+        "And then?",
+        "Is <image> darker?\n\n[image blue.png]",
+    ]
 
 
 def test_web_page_answers_about_an_uploaded_video(hf_checkpoint, sample_videos: Path, tmp_path: Path) -> None:

@@ -2,14 +2,17 @@
 
 A template renders a conversation either as a generation prompt (ending with the open "ASSISTANT:" turn)
 or as training text plus the character spans to supervise: each answer with its closing separator.
+`user_turn` writes a question with its media as the training data did, and `ChatHistory` is the
+conversation with media that every front end (server, terminal chat, web page) keeps.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Generic, Literal, Protocol, TypeVar
 
 from videollava.data.tokenize import (
     IMAGE_PLACEHOLDER,
@@ -192,6 +195,22 @@ def from_llava(conversations: Sequence[dict], template: str | Template = "vicuna
     return conversation
 
 
+def user_turn(question: str, images: int = 0, videos: int = 0) -> str:
+    """A user turn as the template sees it: the media's placeholders (videos, then images), a newline,
+    then the question, as in the training data.
+
+    A question that places its own placeholders is kept as written, and must have one per image and video.
+    """
+    if images < 0 or videos < 0:
+        raise ValueError(f"media counts cannot be negative: images={images}, videos={videos}")
+    if any(count_placeholders(question)):
+        check_placeholders(question, images, videos)
+        return question
+    if images or videos:
+        return VIDEO_PLACEHOLDER * videos + IMAGE_PLACEHOLDER * images + "\n" + question
+    return question
+
+
 def build_prompt(
     question: str,
     images: int = 0,
@@ -199,15 +218,81 @@ def build_prompt(
     template: str | Template = "vicuna_v1",
     history: Sequence[tuple[str, str]] = (),
 ) -> str:
-    """A generation prompt for `question` after earlier turns, adding media placeholders when it has none.
+    """A generation prompt for `question` about `images` and `videos` after earlier (role, text) turns."""
+    return Conversation(
+        get_template(template), [*history, (USER, user_turn(question, images, videos))]
+    ).prompt()
 
-    Placeholders go first, videos before images, then a newline and the question, as in the
-    training data; a question that has placeholders already must have one per image and video.
+
+class Medium(Protocol):
+    """What a conversation needs to know of an image or a video it shows."""
+
+    kind: str  # "image" or "video"
+
+
+M = TypeVar("M", bound=Medium)
+
+
+@dataclass(frozen=True)
+class Exchange(Generic[M]):
+    """A finished turn: the user turn as the template sees it, the media it showed, and the answer."""
+
+    question: str
+    media: tuple[M, ...]
+    answer: str
+
+
+def _count(media: Sequence[Medium]) -> tuple[int, int]:
+    """(images, videos) among `media`."""
+    return sum(m.kind == "image" for m in media), sum(m.kind == "video" for m in media)
+
+
+class ChatHistory(Generic[M]):
+    """A conversation about images and videos: its finished turns, each with the media it showed first.
+
+    It renders the next question to a generation prompt through the template, and a turn joins it only
+    with its answer, so a question that failed or was stopped leaves no trace. The media of a prompt are
+    `media` (shown so far, in order) followed by the question's own.
     """
-    if images < 0 or videos < 0:
-        raise ValueError(f"media counts cannot be negative: images={images}, videos={videos}")
-    if any(count_placeholders(question)):
-        check_placeholders(question, images, videos)
-    elif images or videos:
-        question = VIDEO_PLACEHOLDER * videos + IMAGE_PLACEHOLDER * images + "\n" + question
-    return Conversation(get_template(template), [*history, (USER, question)]).prompt()
+
+    def __init__(self, template: str | Template, system: str | None = None):
+        template = get_template(template)
+        if system is not None and template.style == "two":  # the plain template has no system prompt
+            template = dataclasses.replace(template, system=system)
+        self.template = template
+        self.exchanges: list[Exchange[M]] = []
+
+    def __len__(self) -> int:
+        return len(self.exchanges)
+
+    @property
+    def media(self) -> list[M]:
+        """Every image and video shown so far, in the order the conversation showed them."""
+        return [medium for exchange in self.exchanges for medium in exchange.media]
+
+    def messages(self) -> list[tuple[str, str]]:
+        """The finished turns as (role, text), user turns with their placeholders."""
+        return [
+            message
+            for exchange in self.exchanges
+            for message in ((USER, exchange.question), (ASSISTANT, exchange.answer))
+        ]
+
+    def prompt(self, question: str, media: Sequence[M] = ()) -> str:
+        """The generation prompt for `question`, which shows `media` (new to the conversation)."""
+        turn = user_turn(question, *_count(media))
+        return Conversation(self.template, [*self.messages(), (USER, turn)]).prompt()
+
+    def add(self, question: str, media: Sequence[M], answer: str) -> Exchange[M]:
+        """Keep a finished turn. The answer loses the whitespace around it: the template writes the space
+        after "ASSISTANT:" itself, and an answer as generated follows that space."""
+        turn = user_turn(question, *_count(media))
+        answer = answer.strip()
+        if any(count_placeholders(answer)):
+            raise PromptError("an assistant message contains a media placeholder; only user turns show media")
+        exchange = Exchange(turn, tuple(media), answer)
+        self.exchanges.append(exchange)
+        return exchange
+
+    def clear(self) -> None:
+        self.exchanges.clear()

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
-from videollava.data.tokenize import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, count_placeholders
+from videollava.data.conversation import ChatHistory
 from videollava.errors import VideoLlavaError
 from videollava.infer.engine import Completion, Engine
 from videollava.infer.pipeline import MediaItem, Pipeline
@@ -31,15 +31,14 @@ anything else is a question; Ctrl-C stops an answer"""
 
 
 class ChatSession:
-    """A conversation: its turns, the media they showed, and the media waiting for the next question."""
+    """A conversation (its turns and the media they showed) and the media waiting for the next question."""
 
     def __init__(self, pipeline: Pipeline, engine: Engine, params: SamplingParams, out: TextIO = sys.stdout):
         self.pipeline = pipeline
         self.engine = engine
         self.params = params
         self.out = out
-        self.history: list[tuple[str, str]] = []
-        self.media: list[MediaItem] = []
+        self.history: ChatHistory[MediaItem] = ChatHistory(pipeline.template)
         self.pending: list[MediaItem] = []
 
     def attach(self, kind: str, path_text: str) -> str:
@@ -56,16 +55,12 @@ class ChatSession:
 
     def reset(self) -> None:
         self.history.clear()
-        self.media.clear()
         self.pending.clear()
 
     def ask(self, question: str) -> Completion:
         """Stream the answer to `out`; the turn joins the history only when it completed."""
-        images = sum(m.kind == "image" for m in self.pending)
-        videos = len(self.pending) - images
-        prompt = self.pipeline.build_prompt(question, images, videos, history=self.history)
-        media = self.media + self.pending
-        prepared = self.pipeline.prepare(prompt, media)
+        prompt = self.history.prompt(question, self.pending)
+        prepared = self.pipeline.prepare(prompt, self.history.media + self.pending)
         handle = self.engine.submit(prepared, self.params)
         self.out.write(ANSWER_PREFIX)
         self.out.flush()
@@ -83,10 +78,7 @@ class ChatSession:
         self.out.write("\n")
         if completion.error:
             raise VideoLlavaError(f"generation failed: {completion.error}")
-        if not any(count_placeholders(question)) and (images or videos):
-            question = VIDEO_PLACEHOLDER * videos + IMAGE_PLACEHOLDER * images + "\n" + question
-        self.history += [("user", question), ("assistant", completion.text.strip())]
-        self.media = media
+        self.history.add(question, self.pending, completion.text)
         self.pending = []
         self.out.write(stats_line(completion) + "\n")
         self.out.flush()
@@ -103,7 +95,7 @@ class ChatSession:
                 f"prefix cache: {self.engine.prefix_cache.hits} hits, "
                 f"{self.engine.prefix_cache.reused_tokens} reused prefix tokens",
                 f"feature cache: {cache.hits} hits, {cache.misses} misses",
-                f"conversation: {len(self.history) // 2} turns, {len(self.media)} media shown, "
+                f"conversation: {len(self.history)} turns, {len(self.history.media)} media shown, "
                 f"{len(self.pending)} attached for the next question",
             ]
         )

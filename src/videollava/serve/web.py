@@ -9,12 +9,13 @@ from __future__ import annotations
 import argparse
 import os
 import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from videollava.cli import port_number, positive_int
-from videollava.data.tokenize import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, count_placeholders
-from videollava.errors import VideoLlavaError
+from videollava.data.conversation import ChatHistory
+from videollava.errors import PromptError, VideoLlavaError
 from videollava.extras import require
 from videollava.infer.engine import Engine
 from videollava.infer.pipeline import MediaItem, Pipeline, content_hash
@@ -42,70 +43,83 @@ def find_examples(folder: Path | None = None) -> tuple[list[str], list[str]]:
     return images, videos
 
 
-def new_conversation() -> dict[str, Any]:
-    return {"history": [], "media": [], "shown": []}
+@dataclass
+class PageConversation:
+    """One browser session's conversation, and the uploads it has shown (by kind and content), so a file
+    left in its box is shown once however many questions follow."""
+
+    history: ChatHistory[MediaItem]
+    shown: frozenset[str] = frozenset()
+
+
+def respond(
+    pipeline: Pipeline,
+    engine: Engine,
+    question: str | None,
+    image_path: str | None,
+    video_path: str | None,
+    temperature: float,
+    max_tokens: float,
+    messages: list[dict[str, str]] | None,
+    conversation: PageConversation | None,
+) -> Iterator[tuple[str, list[dict[str, str]], PageConversation]]:
+    """One question of a page's conversation: yields (question box, chat messages, conversation) as the
+    answer streams. Uploads not yet shown join the conversation; the turn is kept once it completed."""
+    conversation = conversation or PageConversation(ChatHistory(pipeline.template))
+    question = (question or "").strip()
+    if not question:
+        raise PromptError("Type a question first.")
+    messages = list(messages or [])
+    new: list[MediaItem] = []
+    keys: set[str] = set()
+    for kind, path in (("image", image_path), ("video", video_path)):
+        if not path:
+            continue
+        key = f"{kind}:{content_hash(path)}"
+        if key not in conversation.shown:
+            new.append(MediaItem(kind, path, name=Path(path).name))
+            keys.add(key)
+    history = conversation.history
+    prompt = history.prompt(question, new)
+    prepared = pipeline.prepare(prompt, history.media + new)
+    params = SamplingParams(max_new_tokens=int(max_tokens), temperature=float(temperature))
+    handle = engine.submit(prepared, params)
+    shown = ", ".join(f"{m.kind} {m.name}" for m in new)
+    messages.append({"role": "user", "content": f"{question}\n\n[{shown}]" if shown else question})
+    messages.append({"role": "assistant", "content": ""})
+    text = ""
+    try:
+        yield "", messages, conversation
+        for delta in handle:
+            text += delta.text
+            messages[-1] = {"role": "assistant", "content": text}
+            yield "", messages, conversation
+    finally:
+        handle.cancel()  # a no-op when finished; frees the engine when the page went away
+    completion = handle.result()
+    if completion.error:
+        raise VideoLlavaError(f"generation failed: {completion.error}")
+    messages[-1] = {"role": "assistant", "content": completion.text}
+    history.add(question, new, completion.text)
+    conversation.shown |= keys
+    yield "", messages, conversation
 
 
 def build_demo(pipeline: Pipeline, engine: Engine, max_new_tokens: int = 128, title: str = "Video-LLaVA"):
     """The Gradio Blocks app; the caller starts the engine and launches the app."""
     import gradio as gr
 
-    def respond(question, image_path, video_path, temperature, max_tokens, messages, conversation):
-        question = (question or "").strip()
-        if not question:
-            raise gr.Error("Type a question first.")
-        messages = list(messages or [])
-        new: list[MediaItem] = []
-        keys: list[str] = []
-        for kind, path in (("image", image_path), ("video", video_path)):
-            if not path:
-                continue
-            try:
-                key = f"{kind}:{content_hash(path)}"
-            except VideoLlavaError as error:
-                raise gr.Error(str(error)) from None
-            if key not in conversation["shown"]:
-                new.append(MediaItem(kind, path, name=Path(path).name))
-                keys.append(key)
-        images = sum(m.kind == "image" for m in new)
-        videos = len(new) - images
+    def send(*inputs):
         try:
-            prompt = pipeline.build_prompt(question, images, videos, history=conversation["history"])
-            prepared = pipeline.prepare(prompt, conversation["media"] + new)
-            params = SamplingParams(max_new_tokens=int(max_tokens), temperature=float(temperature))
-            handle = engine.submit(prepared, params)
-        except VideoLlavaError as error:
+            yield from respond(pipeline, engine, *inputs)
+        except VideoLlavaError as error:  # shown on the page, in the page's words
             raise gr.Error(str(error)) from None
-        shown = ", ".join(f"{m.kind} {m.name}" for m in new)
-        messages.append({"role": "user", "content": f"{question}\n\n[{shown}]" if shown else question})
-        messages.append({"role": "assistant", "content": ""})
-        text = ""
-        try:
-            yield "", messages, conversation
-            for delta in handle:
-                text += delta.text
-                messages[-1] = {"role": "assistant", "content": text}
-                yield "", messages, conversation
-        finally:
-            handle.cancel()  # a no-op when finished; frees the engine when the page went away
-        completion = handle.result()
-        if completion.error:
-            raise gr.Error(f"generation failed: {completion.error}")
-        messages[-1] = {"role": "assistant", "content": completion.text}
-        if not any(count_placeholders(question)) and new:
-            question = VIDEO_PLACEHOLDER * videos + IMAGE_PLACEHOLDER * images + "\n" + question
-        conversation = {
-            "history": [*conversation["history"], ("user", question), ("assistant", completion.text.strip())],
-            "media": conversation["media"] + new,
-            "shown": conversation["shown"] + keys,
-        }
-        yield "", messages, conversation
 
     def clear():
-        return None, None, [], new_conversation(), ""
+        return None, None, [], None, ""
 
     with gr.Blocks(title=title, analytics_enabled=False) as demo:
-        conversation = gr.State(new_conversation())
+        conversation = gr.State(None)
         gr.Markdown(
             f"## {title}\nUpload an image or a video, then ask about it. "
             "Media uploaded later join the conversation with the next question."
@@ -132,12 +146,12 @@ def build_demo(pipeline: Pipeline, engine: Engine, max_new_tokens: int = 128, ti
                     lines=1,
                 )
                 with gr.Row():
-                    send = gr.Button("Send", variant="primary", elem_id="send")
+                    send_button = gr.Button("Send", variant="primary", elem_id="send")
                     clear_button = gr.Button("Clear", elem_id="clear")
         inputs = [question, image, video, temperature, max_tokens, chatbot, conversation]
         outputs = [question, chatbot, conversation]
-        send.click(respond, inputs, outputs)
-        question.submit(respond, inputs, outputs)
+        send_button.click(send, inputs, outputs)
+        question.submit(send, inputs, outputs)
         for event in (clear_button.click, chatbot.clear):  # the chatbot's own bin forgets the state too
             event(clear, None, [image, video, chatbot, conversation, question], queue=False)
     return demo
