@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from videollava.cli import positive_int
+from videollava.arguments import positive_int
 from videollava.errors import VideoLlavaError
 from videollava.infer.engine import Completion, Engine
 from videollava.infer.pipeline import MediaItem, Pipeline, Prepared

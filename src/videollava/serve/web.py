@@ -12,7 +12,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from videollava.cli import port_number, positive_int
+from videollava.arguments import port_number, positive_int
 from videollava.data.tokenize import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, count_placeholders
 from videollava.errors import VideoLlavaError
 from videollava.extras import require
