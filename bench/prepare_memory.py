@@ -40,7 +40,8 @@ from PIL import Image
 from videollava.data.media import DecodeLimits, read_video_frames
 from videollava.data.transforms import ImageTransformConfig, preprocess_video, shrink_factor
 from videollava.errors import VideoLlavaError
-from videollava.infer.pipeline import MediaItem, Pipeline, default_model_path
+from videollava.infer.pipeline import Pipeline, default_model_path
+from videollava.infer.request import MediaItem
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUTPUT = ROOT / "runs" / "bench" / "prepare_memory.json"

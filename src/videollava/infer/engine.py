@@ -16,11 +16,12 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from transformers import DynamicCache
 
+from videollava.data.tokenize import IMAGE_SLOT, VIDEO_SLOT
 from videollava.errors import VideoLlavaError
 from videollava.infer.kv import (
     LayerKV,
@@ -31,49 +32,13 @@ from videollava.infer.kv import (
     cache_length,
     forward_with_cache,
 )
+from videollava.infer.request import Completion, Detokenizer, Prepared, StreamDelta
 from videollava.infer.sampling import SamplingFault, SamplingParams, pick_tokens
-
-if TYPE_CHECKING:
-    from videollava.infer.pipeline import Pipeline
+from videollava.model.videollava import VideoLlava
 
 
 class QueueFullError(VideoLlavaError):
     """The engine's waiting queue is at its bound; the caller should retry later."""
-
-
-@dataclass
-class Prepared:
-    """A request ready for the LLM: token ids with one slot per media item, and each item's features."""
-
-    input_ids: list[int]
-    features: list[torch.Tensor]  # one (rows, H) tensor per slot, in slot order
-    # Content key of each position (token id, or a media hash per visual row block) for prefix reuse.
-    prefix_key: list[int | str]
-    visual_tokens: int
-    prompt_tokens: int = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.prompt_tokens = len(self.input_ids) - len(self.features) + self.visual_tokens
-
-
-@dataclass
-class Completion:
-    text: str  # the answer, stripped of surrounding whitespace as the reference strips it
-    token_ids: list[int]  # exactly as generated, end-of-sequence token included
-    prompt_tokens: int
-    visual_tokens: int
-    finish_reason: str  # "stop" | "length" | "cancelled" | "error"
-    seconds: float
-    first_token_seconds: float | None
-    reused_prefix_tokens: int
-    error: str | None = None  # what went wrong, in detail: for logs, not for the request's caller
-    client_error: str | None = None  # a short message that is safe to send to the request's caller
-
-
-@dataclass
-class StreamDelta:
-    text: str
-    token_id: int
 
 
 class Handle:
@@ -147,16 +112,24 @@ class EngineStats:
     busy_seconds: float = 0.0
 
 
+class LoadedModel(Protocol):
+    """What `Engine.for_pipeline` reads from a pipeline: the model and how to turn its ids into text."""
+
+    model: VideoLlava
+    detokenizer: Detokenizer
+
+
 class Engine:
     def __init__(
         self,
-        pipeline: Pipeline,
+        model: VideoLlava,
+        detokenizer: Detokenizer,
         max_batch_size: int = 16,
         max_queue: int = 64,
         prefix_cache_bytes: int = 1024**3,
     ):
-        self.pipeline = pipeline
-        self.model = pipeline.model
+        self.model = model
+        self.detokenizer = detokenizer
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self.prefix_cache = PrefixCache(prefix_cache_bytes)
@@ -169,6 +142,11 @@ class Engine:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._stop = False
+
+    @classmethod
+    def for_pipeline(cls, pipeline: LoadedModel, **options) -> Engine:
+        """An engine for a loaded pipeline's model and detokenizer; `options` as for the constructor."""
+        return cls(pipeline.model, pipeline.detokenizer, **options)
 
     # ------------------------------------------------------------ public API
 
@@ -410,14 +388,14 @@ class Engine:
         if request.first_token_at is None:
             request.first_token_at = now
         params = request.params
-        if token == self.pipeline.eos_token_id:
+        if token == self.detokenizer.eos_token_id:
             request.finish_reason = "stop"
             request.generated.append(token)
             self._flush_text(request, final=True)
             return
         request.generated.append(token)
         self.stats.tokens_generated += 1
-        text = self.pipeline.decode(request.generated)
+        text = self.detokenizer.decode(request.generated)
         for stop in params.stop:
             at = text.find(stop)
             if at != -1:
@@ -441,7 +419,8 @@ class Engine:
         dropped. So the deltas add up to the stripped answer.
         """
         if text is None:
-            text = self.pipeline.decode([t for t in request.generated if t != self.pipeline.eos_token_id])
+            eos = self.detokenizer.eos_token_id
+            text = self.detokenizer.decode([t for t in request.generated if t != eos])
         answer = text.lstrip()
         settled = answer if final else answer.rstrip("\ufffd")
         if not final and request.params.stop:
@@ -487,8 +466,8 @@ class Engine:
         now = time.perf_counter()
         text = request.final_text
         if text is None:
-            ids = [t for t in request.generated if t != self.pipeline.eos_token_id]
-            text = self.pipeline.decode(ids).strip() if ids else ""
+            ids = [t for t in request.generated if t != self.detokenizer.eos_token_id]
+            text = self.detokenizer.decode(ids).strip() if ids else ""
         self._complete(
             request,
             Completion(
@@ -556,7 +535,5 @@ def _empty_cache() -> DynamicCache:
 
 def _rows_per_key(input_ids: list[int], block_rows: list[int]) -> list[int]:
     """How many cache positions each prompt position key covers: 1 per token, a block per media slot."""
-    from videollava.data.tokenize import IMAGE_SLOT, VIDEO_SLOT
-
     blocks = iter(block_rows)
     return [next(blocks) if t in (IMAGE_SLOT, VIDEO_SLOT) else 1 for t in input_ids]

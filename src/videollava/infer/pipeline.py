@@ -36,11 +36,10 @@ from videollava.data.transforms import (
     shrink_factor,
 )
 from videollava.errors import CheckpointError, PromptError
-from videollava.infer.engine import Prepared
+from videollava.infer.request import MediaItem, MediaSource, Prepared
 from videollava.model.checkpoint import check_vocabulary, load_weights, save_weights
 from videollava.model.videollava import VideoLlava
 
-MediaSource = str | os.PathLike | bytes
 # A prompt longer than the context times this many characters cannot fit, whatever it says; the
 # tokenizer's longest token raises the bound when longer.
 _CHARS_PER_TOKEN = 32
@@ -93,18 +92,6 @@ def transform_for_checkpoint(folder: Path, model: VideoLlava) -> ImageTransformC
         raise CheckpointError(f"{folder / 'config.json'}: {e}") from None
 
 
-@dataclass
-class MediaItem:
-    kind: str  # "image" | "video"
-    source: MediaSource
-    name: str = ""
-
-    def display_name(self) -> str:
-        if self.name:
-            return self.name
-        return "<bytes>" if isinstance(self.source, bytes) else str(self.source)
-
-
 class FeatureCache:
     """Bounded LRU of projected visual features keyed by the media's content hash."""
 
@@ -154,6 +141,17 @@ def content_hash(source: MediaSource, name: str = "", cancelled: Cancelled | Non
     return digest.hexdigest()
 
 
+@dataclass(frozen=True)
+class TokenizerDetokenizer:
+    """Answers as text without special tokens; `eos_token_id` ends them (a benchmark may swap it)."""
+
+    tokenizer: PreTrainedTokenizerBase
+    eos_token_id: int | None
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
 class Pipeline:
     """A loaded model with everything needed to turn requests into LLM inputs and ids into text."""
 
@@ -174,8 +172,7 @@ class Pipeline:
         self.num_frames = num_frames or model.config.num_frames
         self.feature_cache = feature_cache or FeatureCache()
         self.decode_limits = decode_limits or DecodeLimits()
-        self.eos_token_id = tokenizer.eos_token_id
-        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.detokenizer = TokenizerDetokenizer(tokenizer, tokenizer.eos_token_id)
         self._model_lock = threading.Lock()
 
     @classmethod
@@ -324,6 +321,3 @@ class Pipeline:
                 f"but the model's context holds {self.model.max_context}; shorten it or use fewer frames"
             )
         return prepared
-
-    def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)

@@ -13,7 +13,8 @@ from collections import Counter, deque
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from videollava.infer.engine import Completion, Engine
+    from videollava.infer.engine import Engine
+    from videollava.infer.request import Completion
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 RATE_WINDOW_SECONDS = 60.0

@@ -17,7 +17,8 @@ from videollava.data.tokenize import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, count
 from videollava.errors import VideoLlavaError
 from videollava.extras import require
 from videollava.infer.engine import Engine
-from videollava.infer.pipeline import MediaItem, Pipeline, content_hash
+from videollava.infer.pipeline import Pipeline, content_hash
+from videollava.infer.request import MediaItem
 from videollava.infer.sampling import SamplingParams
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"}
@@ -193,7 +194,7 @@ def run(args: argparse.Namespace) -> int:
         raise VideoLlavaError(f"--max-upload-mb must be positive, got {args.max_upload_mb}")
     check_port_free(args.host, args.port)
     pipeline = Pipeline.from_pretrained(args.model, dtype=args.dtype)
-    engine = Engine(pipeline, max_batch_size=args.max_batch_size, max_queue=64).start()
+    engine = Engine.for_pipeline(pipeline, max_batch_size=args.max_batch_size, max_queue=64).start()
     try:
         demo = build_demo(pipeline, engine, max_new_tokens=args.max_new_tokens)
         demo.queue(default_concurrency_limit=args.max_batch_size, max_size=64)
