@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from videollava.data.conversation import build_prompt, get_template
 from videollava.data.media import (
@@ -35,9 +35,9 @@ from videollava.data.transforms import (
     preprocess_video,
     shrink_factor,
 )
-from videollava.errors import CheckpointError, PromptError
+from videollava.errors import PromptError
 from videollava.infer.request import MediaItem, MediaSource, Prepared
-from videollava.model.checkpoint import check_vocabulary, load_weights, save_weights
+from videollava.model.bundle import load_bundle, save_bundle
 from videollava.model.videollava import VideoLlava
 
 # A prompt longer than the context times this many characters cannot fit, whatever it says; the
@@ -75,21 +75,6 @@ def resolve_dtype(name: str | torch.dtype | None) -> torch.dtype:
     if name not in table:
         raise ValueError(f"unknown dtype {name!r}; choose bfloat16 or float32")
     return table[name]
-
-
-def transform_for_checkpoint(folder: Path, model: VideoLlava) -> ImageTransformConfig:
-    """The checkpoint's own preprocessing constants, its aspect mode, and its tower's input size."""
-    size = model.config.vision.image_size
-    aspects = {
-        "image_aspect_ratio": model.config.image_aspect_ratio,
-        "video_aspect_ratio": model.config.video_aspect_ratio,
-    }
-    if (folder / "preprocessor_config.json").exists():
-        return ImageTransformConfig.from_preprocessor_json(folder, **aspects)
-    try:
-        return ImageTransformConfig(size=size, crop_size=size, **aspects)
-    except ValueError as e:
-        raise CheckpointError(f"{folder / 'config.json'}: {e}") from None
 
 
 class FeatureCache:
@@ -179,21 +164,12 @@ class Pipeline:
     def from_pretrained(
         cls, path: str | os.PathLike | None = None, dtype: str | torch.dtype | None = None, **kwargs
     ) -> Pipeline:
-        model, folder = load_weights(path if path is not None else default_model_path(), resolve_dtype(dtype))
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(str(folder))
-        except Exception as error:
-            raise CheckpointError(
-                f"{folder}: no usable tokenizer ({type(error).__name__}: {error})"
-            ) from None
-        check_vocabulary(tokenizer, model, folder)
-        return cls(model, tokenizer, transform_for_checkpoint(folder, model), **kwargs)
+        bundle = load_bundle(path if path is not None else default_model_path(), resolve_dtype(dtype))
+        return cls(bundle.model, bundle.tokenizer, bundle.transform, **kwargs)
 
     def save_pretrained(self, out_dir: str | os.PathLike) -> None:
         """The -hf layout: weights and config, tokenizer, preprocessor config."""
-        save_weights(self.model, out_dir)
-        self.tokenizer.save_pretrained(str(out_dir))
-        self.transform.to_preprocessor_json(out_dir)
+        save_bundle(out_dir, self.model, self.tokenizer, self.transform)
 
     # ------------------------------------------------------------ prompts
 

@@ -543,18 +543,6 @@ def load_weights(
     return model, folder
 
 
-def check_vocabulary(tokenizer: Any, model: VideoLlava, folder: str | os.PathLike) -> None:
-    """A tokenizer with ids past the LLM's embedding rows would fail mid-generation: refuse it at load."""
-    rows = model.language_model.get_input_embeddings().num_embeddings
-    tokens = max(len(tokenizer), max(tokenizer.get_vocab().values(), default=-1) + 1)
-    if tokens > rows:
-        raise CheckpointError(
-            f"{folder}: the tokenizer has {tokens} tokens but the model's embedding has {rows} rows "
-            f"(vocab_size {rows}); ids {rows} and up would be out of range. "
-            "The tokenizer does not belong to these weights."
-        )
-
-
 # ---------------------------------------------------------------- saving
 
 
