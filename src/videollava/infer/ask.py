@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
 from videollava.arguments import positive_int
 from videollava.errors import VideoLlavaError
 from videollava.infer.engine import Engine
@@ -166,8 +168,6 @@ def read_batch_file(path: Path) -> list[str]:
 
 
 def run_batch(pipeline: Pipeline, args: argparse.Namespace, params: SamplingParams, lines: list[str]) -> int:
-    from tqdm import tqdm
-
     path = Path(args.batch)
     results: list[dict[str, Any] | None] = []
     work: list[tuple[int, Prepared]] = []

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import snapshot_download
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -47,8 +48,6 @@ def resolve(path_or_id: str | os.PathLike, allow_bin: bool = True) -> Path:
     if text.startswith((".", "/", "~")) or text.count("/") != 1:
         raise CheckpointError(f"{text}: no such checkpoint folder (and not a hub id of the form owner/name)")
     try:
-        from huggingface_hub import snapshot_download
-
         patterns = HUB_PATTERNS + (["*.bin"] if allow_bin else [])
         return Path(snapshot_download(repo_id=text, allow_patterns=patterns))
     except Exception as error:  # the hub client raises many types: offline, missing repo, auth
