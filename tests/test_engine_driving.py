@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 
 import pytest
 
@@ -100,26 +101,48 @@ def test_generate_on_a_started_engine_only_waits_for_the_loop_thread(pipeline, p
 def test_starting_the_loop_while_a_caller_drives_hands_the_turns_over(pipeline, prompts, alone, monkeypatch):
     engine = _endless(pipeline, max_batch_size=2)
     log = TurnLog(engine, monkeypatch)
+    take_turn, started = engine._take_turn, threading.Event()
+
+    def take_turn_then_wait_for_start() -> bool:
+        """The caller pauses between its third and fourth turns (holding nothing) while the loop starts."""
+        took = take_turn()
+        if log.threads.count("caller") == 3:
+            started.wait(timeout=60)
+        return took
+
+    monkeypatch.setattr(engine, "_take_turn", take_turn_then_wait_for_start)
     thread, results = _generate_in_thread(engine, prompts)
     log.wait_for_turns("caller", 3)
     engine.start()
+    started.set()
     thread.join(timeout=120)
     engine.stop()
     assert [c.token_ids for c in results] == alone
     assert log.overlaps == 0
-    first_loop_turn = log.threads.index("videollava-engine")
-    assert set(log.threads[first_loop_turn:]) == {"videollava-engine"}  # the caller stepped no more
+    assert log.threads[:3] == ["caller"] * 3 and set(log.threads[3:]) == {"videollava-engine"}
 
 
 def test_stopping_the_loop_while_a_caller_waits_hands_the_turns_back(pipeline, prompts, alone, monkeypatch):
     engine = _endless(pipeline, max_batch_size=2).start()
     log = TurnLog(engine, monkeypatch)
+    step = engine._step
+
+    def step_then_wait_for_stop() -> None:
+        """The loop thread's third turn lasts until stop() is called: the answers are then unfinished."""
+        step()
+        if log.threads.count("videollava-engine") == 3:
+            deadline = time.monotonic() + 60
+            while not engine._stop and time.monotonic() < deadline:
+                time.sleep(0.001)
+
+    monkeypatch.setattr(engine, "_step", step_then_wait_for_stop)
     thread, results = _generate_in_thread(engine, prompts)
     log.wait_for_turns("videollava-engine", 3)
     engine.stop()
     thread.join(timeout=120)
     assert not thread.is_alive() and [c.token_ids for c in results] == alone
-    assert log.overlaps == 0 and "caller" in log.threads
+    assert log.overlaps == 0
+    assert log.threads[:3] == ["videollava-engine"] * 3 and set(log.threads[3:]) == {"caller"}
 
 
 def test_callers_generating_at_once_take_turns_one_at_a_time(pipeline, prompts, alone, monkeypatch):
