@@ -10,6 +10,7 @@ VideoLlavaProcessor, `generate`). Results go to runs/bench/ask_latency.json (`--
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import tempfile
@@ -98,12 +99,13 @@ def run_transformers(folder: Path, video: str, question: str, new_tokens: int, d
 
 def run_ours(folder: Path, video: str, question: str, new_tokens: int, dtype: torch.dtype):
     pipeline = Pipeline.from_pretrained(folder, dtype=dtype)
-    pipeline.eos_token_id = -1  # ignore EOS so both sides generate the same number of tokens
+    # ignore EOS so both sides generate the same number of tokens
+    pipeline.detokenizer = dataclasses.replace(pipeline.detokenizer, eos_token_id=-1)
 
     def once() -> list[int]:
         pipeline.feature_cache = type(pipeline.feature_cache)()  # every call starts cold
         prepared = prepare_question(pipeline, Question(question, videos=[video]))
-        engine = Engine(pipeline, max_batch_size=1, prefix_cache_bytes=0)
+        engine = Engine.for_pipeline(pipeline, max_batch_size=1, prefix_cache_bytes=0)
         return engine.generate([prepared], SamplingParams(max_new_tokens=new_tokens))[0].token_ids
 
     return once

@@ -21,6 +21,7 @@ with `--record`. Run: ``python bench/paper_scale_load.py`` (at 7B: 5-10 minutes,
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -247,11 +248,12 @@ def step_measure(folder: Path, decode_tokens: int, answer: bool) -> dict:
         out["load_average_after"] = os.getloadavg()
         return out
     out["floors"] = compute_floors()
-    pipeline.eos_token_id = -1  # random weights: generate exactly decode_tokens tokens
+    # random weights: generate exactly decode_tokens tokens
+    pipeline.detokenizer = dataclasses.replace(pipeline.detokenizer, eos_token_id=-1)
     start = time.perf_counter()
     prepared = prepare_question(pipeline, Question(QUESTION, videos=[str(VIDEO)]))
     out["media_and_towers_seconds"] = time.perf_counter() - start
-    engine = Engine(pipeline, max_batch_size=1, prefix_cache_bytes=0)
+    engine = Engine.for_pipeline(pipeline, max_batch_size=1, prefix_cache_bytes=0)
     completion = engine.generate([prepared], SamplingParams(max_new_tokens=decode_tokens))[0]
     out["prompt_tokens"] = completion.prompt_tokens
     out["visual_tokens"] = completion.visual_tokens

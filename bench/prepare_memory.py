@@ -41,7 +41,8 @@ from videollava.data.decode_limits import DecodeLimits
 from videollava.data.media import read_video_frames
 from videollava.data.transforms import ImageTransformConfig, preprocess_video, shrink_factor
 from videollava.errors import VideoLlavaError
-from videollava.infer.pipeline import MediaItem, Pipeline, default_model_path
+from videollava.infer.pipeline import Pipeline, default_model_path
+from videollava.infer.request import MediaItem
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUTPUT = ROOT / "runs" / "bench" / "prepare_memory.json"

@@ -43,7 +43,8 @@ from videollava.data.media import read_video_frames
 from videollava.data.tokenize import IMAGE_SLOT, VIDEO_SLOT, tokenize_multimodal
 from videollava.data.transforms import preprocess_video
 from videollava.infer.engine import Engine
-from videollava.infer.pipeline import FeatureCache, MediaItem, Pipeline
+from videollava.infer.pipeline import FeatureCache, Pipeline
+from videollava.infer.request import MediaItem
 from videollava.infer.sampling import SamplingParams
 
 NAME = "serve"
@@ -147,7 +148,7 @@ def run_engine(pipeline: Pipeline, requests, concurrency: int, new_tokens: int, 
     """Closed-loop clients: each thread prepares, submits and waits, then takes the next request."""
     if caches:
         worker_pipeline = Pipeline(pipeline.model, pipeline.tokenizer, pipeline.transform, pipeline.template)
-        engine = Engine(worker_pipeline, max_batch_size=16)
+        engine = Engine.for_pipeline(worker_pipeline, max_batch_size=16)
     else:
         worker_pipeline = Pipeline(
             pipeline.model,
@@ -156,7 +157,7 @@ def run_engine(pipeline: Pipeline, requests, concurrency: int, new_tokens: int, 
             pipeline.template,
             feature_cache=FeatureCache(0),
         )
-        engine = Engine(worker_pipeline, max_batch_size=16, prefix_cache_bytes=0)
+        engine = Engine.for_pipeline(worker_pipeline, max_batch_size=16, prefix_cache_bytes=0)
     params = SamplingParams(max_new_tokens=new_tokens)
     engine.start()
     pending = list(enumerate(requests))
@@ -273,7 +274,7 @@ def short_during_long(pipeline: Pipeline, clip: Path, long_tokens: int = 256, sh
     """(a) A short request arriving while a long answer streams: when does its first token come?"""
     from PIL import Image
 
-    engine = Engine(pipeline, max_batch_size=16).start()
+    engine = Engine.for_pipeline(pipeline, max_batch_size=16).start()
     long_prepared = pipeline.prepare(
         pipeline.build_prompt("Tell me everything about this video.", 0, 1), [MediaItem("video", str(clip))]
     )
@@ -346,7 +347,7 @@ def follow_up(pipeline: Pipeline, clips: list[Path], new_tokens: int) -> dict:
     rows = []
     for clip in [c for c in clips for _ in range(FOLLOW_UP_REPEATS)]:
         fresh = Pipeline(pipeline.model, pipeline.tokenizer, pipeline.transform, pipeline.template)
-        engine = Engine(fresh).start()
+        engine = Engine.for_pipeline(fresh).start()
         params = SamplingParams(max_new_tokens=new_tokens)
         question = "What is happening in this video?"
 

@@ -17,7 +17,8 @@ import pytest
 from videollava.errors import VideoLlavaError
 from videollava.infer.ask import Question, prepare_question
 from videollava.infer.engine import Engine
-from videollava.infer.pipeline import MediaItem, Pipeline
+from videollava.infer.pipeline import Pipeline
+from videollava.infer.request import MediaItem
 from videollava.infer.sampling import SamplingParams
 from videollava.serve.chat import ANSWER_PREFIX, ChatSession, handle_line
 
@@ -65,7 +66,7 @@ def test_session_streams_answers_equal_to_ask_and_reuses_the_prefix(
     chat_pipeline, sample_videos: Path
 ) -> None:
     params = SamplingParams(max_new_tokens=10)
-    engine = Engine(chat_pipeline, max_batch_size=1).start()
+    engine = Engine.for_pipeline(chat_pipeline, max_batch_size=1).start()
     out = RecordingOut()
     session = ChatSession(chat_pipeline, engine, params, out)
     try:
@@ -73,7 +74,7 @@ def test_session_streams_answers_equal_to_ask_and_reuses_the_prefix(
         handle_line(session, f"/video {clip}")
         assert "attached video bikes.mp4" in out.getvalue()
         first = session.ask("What happens in the video?")
-        expected = Engine(chat_pipeline, max_batch_size=1).generate(
+        expected = Engine.for_pipeline(chat_pipeline, max_batch_size=1).generate(
             [prepare_question(chat_pipeline, Question("What happens in the video?", videos=[clip]))], params
         )[0]
         assert first.text == expected.text
@@ -84,7 +85,7 @@ def test_session_streams_answers_equal_to_ask_and_reuses_the_prefix(
         second = session.ask("And then?")
         history = [("user", "<video>\nWhat happens in the video?"), ("assistant", first.text.strip())]
         prompt = chat_pipeline.build_prompt("And then?", 0, 0, history=history)
-        reference = Engine(chat_pipeline).generate(
+        reference = Engine.for_pipeline(chat_pipeline).generate(
             [chat_pipeline.prepare(prompt, [MediaItem("video", clip)])], params
         )[0]
         assert second.text == reference.text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -14,6 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from videollava.errors import CheckpointError
+from videollava.model.bundle import load_bundle, save_bundle
 from videollava.model.checkpoint import load_weights, normalize_hf_keys
 from videollava.testing import TINY_TEXT as TEXT
 from videollava.testing import TINY_VISION as VISION
@@ -526,12 +528,28 @@ def test_convert_original_to_hf_loads_in_transformers(original, tmp_path):
     assert ours.config.temporal_frames == 8  # temporal weights kept under their own names
     config = json.loads((out / "config.json").read_text())
     image_id = config["image_token_index"]
+    tokenizer = load_bundle(out).tokenizer  # the whole bundle: the tokenizer knows the placeholders
+    assert tokenizer.convert_tokens_to_ids(["<image>", "<video>"]) == [image_id, config["video_token_index"]]
     ids = torch.tensor([[1, 5] + [image_id] * PATCHES + [9, 10]])
     images = torch.randn(1, 3, 56, 56)
     with torch.no_grad():
         a = hf(input_ids=ids, pixel_values=images).logits
         b = ours([[1, 5, -200, 9, 10]], images=images).logits
     torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+
+
+def test_a_saved_bundle_loads_back_as_it_was(tmp_path, hf_checkpoint):
+    bundle = load_bundle(hf_checkpoint[0])
+    transform = dataclasses.replace(bundle.transform, mean=(0.25, 0.5, 0.75), resample="bilinear")
+    save_bundle(tmp_path / "saved", bundle.model, bundle.tokenizer, transform)
+    again = load_bundle(tmp_path / "saved")
+    assert again.folder == tmp_path / "saved" and again.transform == transform
+    assert again.tokenizer.get_vocab() == bundle.tokenizer.get_vocab()
+    assert again.model.config == bundle.model.config
+    before, after = bundle.model.state_dict(), again.model.state_dict()
+    assert before.keys() == after.keys()
+    for name, tensor in before.items():
+        torch.testing.assert_close(after[name], tensor, rtol=0, atol=0)
 
 
 def test_wrong_checkpoints_are_named(tmp_path, hf_checkpoint):
@@ -555,8 +573,6 @@ def test_wrong_checkpoints_are_named(tmp_path, hf_checkpoint):
 @pytest.mark.parametrize("with_preprocessor", [True, False])
 def test_unknown_aspect_mode_is_named(tmp_path, hf_checkpoint, with_preprocessor):
     """A checkpoint asking for an aspect mode we do not have fails on load, naming the file."""
-    from videollava.infer.pipeline import Pipeline
-
     folder = tmp_path / "ckpt"
     shutil.copytree(hf_checkpoint[0], folder)
     config = json.loads((folder / "config.json").read_text())
@@ -566,7 +582,7 @@ def test_unknown_aspect_mode_is_named(tmp_path, hf_checkpoint, with_preprocessor
         (folder / "preprocessor_config.json").unlink(missing_ok=True)
     name = "preprocessor_config.json" if with_preprocessor else "config.json"
     with pytest.raises(CheckpointError, match=rf"{name}: .*video_aspect_ratio must be one of .*'anyres'"):
-        Pipeline.from_pretrained(folder, dtype="float32")
+        load_bundle(folder, torch.float32)
 
 
 def test_hub_id_offline_gives_clear_error(tmp_path):
@@ -586,8 +602,6 @@ def test_tokenizer_larger_than_the_embedding_fails_at_load(tmp_path, hf_checkpoi
     """Ids past the embedding rows would be an IndexError mid-generation: the load names both sizes."""
     from transformers import AutoTokenizer
 
-    from videollava.infer.pipeline import Pipeline
-
     folder = tmp_path / "ckpt"
     shutil.copytree(hf_checkpoint[0], folder)
     rows = hf_checkpoint[1].get_input_embeddings().num_embeddings
@@ -598,9 +612,7 @@ def test_tokenizer_larger_than_the_embedding_fails_at_load(tmp_path, hf_checkpoi
     assert len(tokenizer) == rows + past_the_rows
     if not past_the_rows:  # exactly as many tokens as rows: every id has its row
         assert (
-            Pipeline.from_pretrained(folder, dtype="float32").tokenizer.convert_tokens_to_ids(
-                f"<extra_{extra - 1}>"
-            )
+            load_bundle(folder, torch.float32).tokenizer.convert_tokens_to_ids(f"<extra_{extra - 1}>")
             == rows - 1
         )
         return
@@ -609,4 +621,4 @@ def test_tokenizer_larger_than_the_embedding_fails_at_load(tmp_path, hf_checkpoi
         match=rf"{folder}: the tokenizer has {rows + past_the_rows} tokens "
         rf"but the model's embedding has {rows} rows",
     ):
-        Pipeline.from_pretrained(folder, dtype="float32")
+        load_bundle(folder, torch.float32)

@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from videollava.model.bundle import load_bundle
 from videollava.model.checkpoint import load_weights
 from videollava.testing import TINY_TEXT as TEXT
 from videollava.testing import TINY_VISION as VISION
@@ -69,8 +70,6 @@ def test_transformers_reads_every_weight(large_written):
 
 
 def test_our_loader_reads_it_with_temporal_modules(large_written):
-    from videollava.infer.pipeline import Pipeline
-
     folder, _ = large_written
     model, _ = load_weights(folder, torch.bfloat16)
     assert model.config.temporal_frames == FRAMES
@@ -81,8 +80,8 @@ def test_our_loader_reads_it_with_temporal_modules(large_written):
         rtol=0,
         atol=0,
     )
-    pipeline = Pipeline.from_pretrained(folder, dtype="bfloat16")  # the tokenizer fits the 1024 rows
-    assert pipeline.model.language_model.get_input_embeddings().num_embeddings == 1024
+    bundle = load_bundle(folder, torch.bfloat16)  # the tokenizer fits the 1024 rows
+    assert bundle.model.language_model.get_input_embeddings().num_embeddings == 1024
 
 
 def test_vocab_smaller_than_the_tokenizer_is_refused(tmp_path, tiny_tokenizer):

@@ -14,7 +14,8 @@ import pytest
 
 from videollava.eval.metrics import normalize_answer
 from videollava.infer.engine import Engine
-from videollava.infer.pipeline import MediaItem, Pipeline, default_model_path
+from videollava.infer.pipeline import Pipeline, default_model_path
+from videollava.infer.request import MediaItem
 from videollava.infer.sampling import SamplingParams
 from videollava.shapesworld.evaluate import check_targets, evaluate
 from videollava.shapesworld.generate import generate
@@ -60,7 +61,7 @@ def test_bundled_examples_get_answers_in_the_worlds_vocabulary(pipeline):
         images, videos = (1, 0) if example["kind"] == "image" else (0, 1)
         for question, _ in example["questions"]:
             prepared.append(pipeline.prepare(pipeline.build_prompt(question, images, videos), media))
-    completions = Engine(pipeline).generate(prepared, SamplingParams(max_new_tokens=10))
+    completions = Engine.for_pipeline(pipeline).generate(prepared, SamplingParams(max_new_tokens=10))
     assert all(c.finish_reason == "stop" for c in completions)
     assert all(normalize_answer(c.text) in vocabulary for c in completions), [c.text for c in completions]
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from videollava.infer.engine import Engine, QueueFullError
-from videollava.infer.pipeline import MediaItem, Pipeline
+from videollava.infer.pipeline import Pipeline
+from videollava.infer.request import MediaItem
 from videollava.infer.sampling import SamplingParams
 
 
@@ -29,7 +30,7 @@ def _prepare(pipeline, question, media, history=()):
 
 
 def test_stream_deltas_add_up_to_the_answer(pipeline, video):
-    engine = Engine(pipeline).start()
+    engine = Engine.for_pipeline(pipeline).start()
     try:
         handle = engine.submit(
             _prepare(pipeline, "What is moving?", [video]), SamplingParams(max_new_tokens=12)
@@ -44,13 +45,13 @@ def test_stream_deltas_add_up_to_the_answer(pipeline, video):
 
 def test_follow_up_reuses_prefix_and_matches_cold_answer(pipeline, video):
     params = SamplingParams(max_new_tokens=6)
-    engine = Engine(pipeline)
+    engine = Engine.for_pipeline(pipeline)
     first = engine.generate([_prepare(pipeline, "What is moving?", [video])], params)[0]
     history = [("user", "<video>\nWhat is moving?"), ("assistant", first.text.strip())]
     # the video placeholder stands in the history, so the media list still holds the video
     follow = pipeline.prepare(pipeline.build_prompt("And then?", 0, 0, history), [video])
     warm = engine.generate([follow], params)[0]
-    cold = Engine(pipeline, prefix_cache_bytes=0).generate([follow], params)[0]
+    cold = Engine.for_pipeline(pipeline, prefix_cache_bytes=0).generate([follow], params)[0]
     assert warm.token_ids == cold.token_ids
     assert warm.reused_prefix_tokens > 136  # at least the video's rows came from the cache
     assert cold.reused_prefix_tokens == 0
@@ -60,7 +61,7 @@ def test_follow_up_reuses_prefix_and_matches_cold_answer(pipeline, video):
 
 
 def test_cancel_frees_the_slot(pipeline, video):
-    engine = Engine(pipeline, max_batch_size=1, max_queue=1)
+    engine = Engine.for_pipeline(pipeline, max_batch_size=1, max_queue=1)
     long = engine.submit(_prepare(pipeline, "Describe.", [video]), SamplingParams(max_new_tokens=200))
     engine.step()
     queued = engine.submit(_prepare(pipeline, "Short?", []), SamplingParams(max_new_tokens=2))
@@ -77,7 +78,7 @@ def test_cancel_frees_the_slot(pipeline, video):
 
 def test_free_batch_slots_count_before_the_scheduler_fills_them(pipeline):
     """A request still waiting for a free batch slot does not use up the queue (a server race once did)."""
-    engine = Engine(pipeline, max_batch_size=1, max_queue=1)
+    engine = Engine.for_pipeline(pipeline, max_batch_size=1, max_queue=1)
     params = SamplingParams(max_new_tokens=2)
     first = engine.submit(_prepare(pipeline, "One?", []), params)
     second = engine.submit(_prepare(pipeline, "Two?", []), params)  # no step yet: both wait
@@ -95,7 +96,7 @@ def test_free_batch_slots_count_before_the_scheduler_fills_them(pipeline):
 
 def test_stop_strings_and_seeded_sampling(pipeline):
     prepared = _prepare(pipeline, "Say something.", [])
-    engine = Engine(pipeline)
+    engine = Engine.for_pipeline(pipeline)
     base = engine.generate([prepared], SamplingParams(max_new_tokens=10))[0]
     if len(base.text) > 3:
         cut = base.text[2:4]
@@ -107,7 +108,7 @@ def test_stop_strings_and_seeded_sampling(pipeline):
 
 
 def test_continuous_batching_admits_while_running(pipeline, video):
-    engine = Engine(pipeline, max_batch_size=4)
+    engine = Engine.for_pipeline(pipeline, max_batch_size=4)
     long = engine.submit(_prepare(pipeline, "Describe.", [video]), SamplingParams(max_new_tokens=40))
     for _ in range(3):
         engine.step()
@@ -121,7 +122,7 @@ def test_continuous_batching_admits_while_running(pipeline, video):
 
 
 def test_engine_thread_failure_fails_requests_instead_of_hanging(pipeline, monkeypatch):
-    engine = Engine(pipeline).start()
+    engine = Engine.for_pipeline(pipeline).start()
     try:
 
         def broken() -> None:
@@ -136,7 +137,7 @@ def test_engine_thread_failure_fails_requests_instead_of_hanging(pipeline, monke
 
 
 def test_many_threads_submit_concurrently(pipeline):
-    engine = Engine(pipeline, max_batch_size=8, max_queue=64).start()
+    engine = Engine.for_pipeline(pipeline, max_batch_size=8, max_queue=64).start()
     results: list = []
     prepared = [_prepare(pipeline, f"Question {i}?", []) for i in range(12)]
 
@@ -152,6 +153,6 @@ def test_many_threads_submit_concurrently(pipeline):
     finally:
         engine.stop()
     assert len(results) == 12 and all(r.finish_reason in ("stop", "length") for r in results)
-    alone = Engine(pipeline).generate(prepared, SamplingParams(max_new_tokens=3))
+    alone = Engine.for_pipeline(pipeline).generate(prepared, SamplingParams(max_new_tokens=3))
     assert sorted(r.token_ids for r in results) == sorted(r.token_ids for r in alone)
     assert torch.get_num_threads() >= 1

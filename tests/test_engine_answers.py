@@ -23,12 +23,11 @@ def _prompt(pipeline, question: str):
     return pipeline.prepare(pipeline.build_prompt(question, 0, 0), [])
 
 
-class SpacedPipeline:
-    """The real model, with token texts full of whitespace: a run of spaces or a word per token."""
+class SpacedDetokenizer:
+    """Token texts full of whitespace: a run of spaces or a word per token."""
 
     def __init__(self, pipeline: Pipeline, spaces_only: bool = False):
-        self.model = pipeline.model
-        self.eos_token_id = pipeline.eos_token_id
+        self.eos_token_id = pipeline.detokenizer.eos_token_id
         self.spaces_only = spaces_only
 
     def piece(self, token: int) -> str:
@@ -49,25 +48,28 @@ def _stream(engine: Engine, prepared, params):
 
 
 def test_answers_are_stripped_and_token_ids_exact(pipeline):
-    engine = Engine(pipeline)
+    engine = Engine.for_pipeline(pipeline)
     completions = engine.generate(
         [_prompt(pipeline, q) for q in QUESTIONS], SamplingParams(max_new_tokens=12)
     )
-    raw = [pipeline.decode([t for t in c.token_ids if t != pipeline.eos_token_id]) for c in completions]
+    eos = pipeline.detokenizer.eos_token_id
+    raw = [pipeline.detokenizer.decode([t for t in c.token_ids if t != eos]) for c in completions]
     assert any(text != text.lstrip() for text in raw)  # this tokenizer does start answers with a space
     assert [c.text for c in completions] == [text.strip() for text in raw]
-    alone = Engine(pipeline, prefix_cache_bytes=0).generate([_prompt(pipeline, "Hi?")], SamplingParams(12))[0]
+    alone = Engine.for_pipeline(pipeline, prefix_cache_bytes=0).generate(
+        [_prompt(pipeline, "Hi?")], SamplingParams(12)
+    )[0]
     assert completions[0].token_ids == alone.token_ids
 
 
 def test_streamed_deltas_never_start_or_end_the_answer_with_whitespace(pipeline):
-    spaced = SpacedPipeline(pipeline)
-    engine = Engine(spaced)
+    spaced = SpacedDetokenizer(pipeline)
+    engine = Engine(pipeline.model, spaced)
     params = SamplingParams(max_new_tokens=24)
     checked = 0
     for question in QUESTIONS:
         deltas, completion = _stream(engine, _prompt(pipeline, question), params)
-        full = spaced.decode([t for t in completion.token_ids if t != pipeline.eos_token_id])
+        full = spaced.decode([t for t in completion.token_ids if t != spaced.eos_token_id])
         assert completion.text == full.strip() and "".join(deltas) == completion.text
         assert all(deltas) and all(not d[-1].isspace() for d in deltas)  # trailing space waits for text
         if deltas:
@@ -77,15 +79,15 @@ def test_streamed_deltas_never_start_or_end_the_answer_with_whitespace(pipeline)
 
 
 def test_an_answer_of_only_whitespace_streams_nothing(pipeline):
-    engine = Engine(SpacedPipeline(pipeline, spaces_only=True))
+    engine = Engine(pipeline.model, SpacedDetokenizer(pipeline, spaces_only=True))
     deltas, completion = _stream(engine, _prompt(pipeline, "Hi?"), SamplingParams(max_new_tokens=6))
     assert deltas == [] and completion.text == "" and completion.token_ids
 
 
 def test_streaming_with_stop_strings_still_adds_up(pipeline):
     """Whitespace streamed just before a stop string would end the answer: it must wait too."""
-    spaced = SpacedPipeline(pipeline)
-    engine = Engine(spaced)
+    spaced = SpacedDetokenizer(pipeline)
+    engine = Engine(pipeline.model, spaced)
     base = engine.generate([_prompt(pipeline, "Describe.")], SamplingParams(max_new_tokens=24))[0]
     words = base.text.split()
     assert len(words) >= 4
@@ -98,7 +100,7 @@ def test_streaming_with_stop_strings_still_adds_up(pipeline):
 
 
 def test_different_cache_salts_never_share_prefixes(pipeline):
-    engine = Engine(pipeline)
+    engine = Engine.for_pipeline(pipeline)
     params = SamplingParams(max_new_tokens=4)
     prompt = _prompt(pipeline, "What colour is it?")
 
@@ -120,7 +122,7 @@ def test_different_cache_salts_never_share_prefixes(pipeline):
 @pytest.mark.parametrize("salt", ["", 7, b"bytes"])
 def test_a_cache_salt_must_be_a_non_empty_string(pipeline, salt):
     with pytest.raises(VideoLlavaError, match="cache_salt must be a non-empty string"):
-        Engine(pipeline).submit(_prompt(pipeline, "Hi?"), cache_salt=salt)
+        Engine.for_pipeline(pipeline).submit(_prompt(pipeline, "Hi?"), cache_salt=salt)
 
 
 def test_prefix_cache_entries_of_one_salt_neither_cover_nor_serve_another():

@@ -36,7 +36,8 @@ def _capacity(engine: Engine, prompt) -> int:
 
 
 def test_cancelling_waiting_requests_frees_their_places_without_a_step(pipeline, prompt):
-    engine = Engine(pipeline, max_batch_size=1, max_queue=2)  # no loop thread: nothing runs unless stepped
+    # No loop thread: nothing runs unless stepped.
+    engine = Engine.for_pipeline(pipeline, max_batch_size=1, max_queue=2)
     params = SamplingParams(max_new_tokens=2)
     handles = [engine.submit(prompt, params) for _ in range(3)]
     with pytest.raises(QueueFullError):
@@ -57,7 +58,7 @@ def test_cancelling_waiting_requests_frees_their_places_without_a_step(pipeline,
 
 
 def test_cancelling_a_running_request_frees_its_place_before_the_next_step(pipeline, prompt):
-    engine = Engine(pipeline, max_batch_size=1, max_queue=0)
+    engine = Engine.for_pipeline(pipeline, max_batch_size=1, max_queue=0)
     running = engine.submit(prompt, SamplingParams(max_new_tokens=50))
     engine.step()
     assert engine.running == 1 and not running.done
@@ -74,7 +75,7 @@ def test_cancelling_a_running_request_frees_its_place_before_the_next_step(pipel
 
 
 def test_cancel_after_finishing_changes_nothing(pipeline, prompt):
-    engine = Engine(pipeline, max_batch_size=2, max_queue=2)
+    engine = Engine.for_pipeline(pipeline, max_batch_size=2, max_queue=2)
     handle = engine.submit(prompt, SamplingParams(max_new_tokens=3))
     while not handle.done:
         engine.step()
@@ -87,7 +88,7 @@ def test_cancel_after_finishing_changes_nothing(pipeline, prompt):
 
 
 def test_cancels_racing_the_engine_thread_finish_each_request_once(pipeline, prompt):
-    engine = Engine(pipeline, max_batch_size=4, max_queue=8).start()
+    engine = Engine.for_pipeline(pipeline, max_batch_size=4, max_queue=8).start()
     chance = random.Random(0)
     handles, timers = [], []
     try:

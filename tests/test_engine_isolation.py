@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 
 from videollava.infer.engine import Engine
-from videollava.infer.pipeline import MediaItem, Pipeline
+from videollava.infer.pipeline import Pipeline
+from videollava.infer.request import MediaItem
 from videollava.infer.sampling import SamplingParams
 
 TOKENS = 8
@@ -28,7 +29,10 @@ def normal(pipeline):
     params = [SamplingParams(max_new_tokens=TOKENS)] * 3 + [
         SamplingParams(max_new_tokens=TOKENS, temperature=0.7, top_p=0.9, seed=5)
     ]
-    alone = [Engine(pipeline).generate([p], s)[0].token_ids for p, s in zip(prepared, params, strict=True)]
+    alone = [
+        Engine.for_pipeline(pipeline).generate([p], s)[0].token_ids
+        for p, s in zip(prepared, params, strict=True)
+    ]
     assert all(len(tokens) >= 2 for tokens in alone)  # long enough to be decoding beside the hostile one
     return list(zip(prepared, params, strict=True)), alone
 
@@ -48,7 +52,7 @@ def _run(engine: Engine, handles) -> None:
 def test_hostile_sampling_in_the_running_batch_fails_alone(pipeline, normal):
     """The hostile row fails in the shared decoding step; the other four finish exactly as alone."""
     requests, alone = normal
-    engine = Engine(pipeline, max_batch_size=5)
+    engine = Engine.for_pipeline(pipeline, max_batch_size=5)
     params = SamplingParams(max_new_tokens=TOKENS, temperature=1.0, seed=3)
     hostile_prompt = pipeline.prepare(pipeline.build_prompt("Hostile?", 0, 0), [])
     handles = [engine.submit(*r) for r in requests[:2]]
@@ -70,7 +74,7 @@ def test_hostile_sampling_in_the_running_batch_fails_alone(pipeline, normal):
 
 def test_hostile_sampling_beside_four_concurrent_requests_in_the_engine_thread(pipeline, normal):
     requests, alone = normal
-    engine = Engine(pipeline, max_batch_size=5).start()
+    engine = Engine.for_pipeline(pipeline, max_batch_size=5).start()
     try:
         hostile_prompt = pipeline.prepare(pipeline.build_prompt("Hostile?", 0, 0), [])
         handles = [engine.submit(*r) for r in requests[:2]]
@@ -91,7 +95,7 @@ def test_media_that_make_the_model_produce_nan_fail_only_their_request(pipeline,
     image = MediaItem("image", str(tmp_path / "red.png"))
     poisoned = pipeline.prepare(pipeline.build_prompt("What is it?", 1, 0), [image])
     poisoned.features = [torch.full_like(f, math.nan) for f in poisoned.features]
-    engine = Engine(pipeline, max_batch_size=5)
+    engine = Engine.for_pipeline(pipeline, max_batch_size=5)
     handles = [engine.submit(*r) for r in requests]
     bad = engine.submit(poisoned, SamplingParams(max_new_tokens=TOKENS))
     _run(engine, [*handles, bad])
@@ -110,7 +114,7 @@ def _last_layer(pipeline):
 def test_a_fault_in_one_rows_part_of_the_batched_step_fails_that_row_alone(pipeline, normal, monkeypatch):
     """The fault strikes in the last layer, after the first ones have grown the shared cache."""
     requests, alone = normal
-    engine = Engine(pipeline, max_batch_size=5)
+    engine = Engine.for_pipeline(pipeline, max_batch_size=5)
     # A long prompt: its positions are past any position the four short requests reach.
     hostile_prompt = pipeline.prepare(pipeline.build_prompt("Describe. " * 20, 0, 0), [])
     first_hostile_position = len(hostile_prompt.input_ids)
@@ -143,7 +147,7 @@ def test_a_step_that_fails_only_as_a_batch_fails_the_batch_and_spares_the_queue(
     pipeline, normal, monkeypatch
 ):
     requests, alone = normal
-    engine = Engine(pipeline, max_batch_size=2)
+    engine = Engine.for_pipeline(pipeline, max_batch_size=2)
     layer = _last_layer(pipeline)
     forward = layer.forward
     broken = True
@@ -166,7 +170,7 @@ def test_a_step_that_fails_only_as_a_batch_fails_the_batch_and_spares_the_queue(
 
 def test_an_engine_fault_fails_the_running_batch_but_not_the_queue(pipeline, normal, monkeypatch):
     requests, alone = normal
-    engine = Engine(pipeline, max_batch_size=1)
+    engine = Engine.for_pipeline(pipeline, max_batch_size=1)
     decode = engine._decode
     faults = []
 

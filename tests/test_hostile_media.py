@@ -33,7 +33,8 @@ from videollava.data.media_source import open_media_file
 from videollava.data.transforms import ImageTransformConfig, preprocess_images, shrink_factor
 from videollava.errors import MediaError, PromptError, RequestCancelled
 from videollava.infer import pipeline as pipeline_module
-from videollava.infer.pipeline import MediaItem, Pipeline, content_hash
+from videollava.infer.pipeline import Pipeline, content_hash
+from videollava.infer.request import MediaItem
 
 pytestmark = pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 

@@ -11,6 +11,7 @@ from transformers import CLIPVisionModel, VideoLlavaForConditionalGeneration
 
 from videollava.data.tokenize import IMAGE_SLOT, VIDEO_SLOT, tokenize_multimodal
 from videollava.infer.engine import Engine
+from videollava.infer.request import Prepared
 from videollava.infer.sampling import SamplingParams
 from videollava.model.checkpoint import load_weights, save_weights
 from videollava.testing import TINY_VISION as VISION
@@ -107,8 +108,6 @@ def test_logits_match_transformers(hf_checkpoint, ours, tiny_tokenizer, kinds):
 
 
 def _ours_greedy(ours, tokenizer, sequences, images, videos, batch_size, max_new_tokens=6):
-    from videollava.infer.engine import Prepared
-
     class _Decoder:
         eos_token_id = tokenizer.eos_token_id
 
@@ -122,9 +121,7 @@ def _ours_greedy(ours, tokenizer, sequences, images, videos, batch_size, max_new
         # Position keys as the pipeline makes them: token ids, and one content key per media block.
         key = [t if t >= 0 else f"media:{hash(next(blocks).numpy().tobytes())}" for t in seq]
         prepared.append(Prepared(seq, feats, key, sum(x.shape[0] for x in feats)))
-    pipeline = _Decoder()
-    pipeline.model = ours
-    engine = Engine(pipeline, max_batch_size=batch_size)
+    engine = Engine(ours, _Decoder(), max_batch_size=batch_size)
     params = SamplingParams(max_new_tokens=max_new_tokens)
     return [c.token_ids for c in engine.generate(prepared, params)]
 

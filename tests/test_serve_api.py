@@ -25,7 +25,8 @@ from tests.test_serve_media import animated_gif, media_http_server
 from videollava.errors import PromptError, RequestCancelled
 from videollava.infer.ask import Question, prepare_question
 from videollava.infer.engine import Engine, QueueFullError
-from videollava.infer.pipeline import MediaItem, Pipeline
+from videollava.infer.pipeline import Pipeline
+from videollava.infer.request import MediaItem
 from videollava.infer.sampling import SamplingParams
 from videollava.serve.api import ServeSettings, api_error_from, create_app, prepare_chat
 from videollava.serve.media import MediaPolicy
@@ -89,7 +90,7 @@ def server(pipeline: Pipeline, media_root: Path):
         media=MediaPolicy(allowed_dir=media_root, allowed_domains=["127.0.0.1"], fetch_timeout=10),
         default_max_tokens=16,
     )
-    app = create_app(pipeline, settings, Engine(pipeline, max_batch_size=8, max_queue=64))
+    app = create_app(pipeline, settings, Engine.for_pipeline(pipeline, max_batch_size=8, max_queue=64))
     with running_server(app) as base:
         yield base, app
 
@@ -271,7 +272,7 @@ def test_multi_turn_reuses_the_conversation(server, pipeline: Pipeline, media_ro
     history = [("user", "<video>\n" + first_question), ("assistant", answer.strip())]
     prompt = pipeline.build_prompt(second_question, 0, 0, history=history)
     prepared = pipeline.prepare(prompt, [MediaItem("video", clip)])
-    expected = Engine(pipeline).generate([prepared], SamplingParams(max_new_tokens=10))[0]
+    expected = Engine.for_pipeline(pipeline).generate([prepared], SamplingParams(max_new_tokens=10))[0]
     assert second.choices[0].message.content == expected.text
     assert second.usage.prompt_tokens == expected.prompt_tokens > first.usage.prompt_tokens
     # the earlier turn (system prompt, video rows, question) came from the prefix cache
@@ -374,7 +375,9 @@ def test_32_concurrent_clients_are_all_answered(server, pipeline: Pipeline, medi
                 (Question(question, videos=[str(video)]), [user(question, video_part(str(video)))])
             )
     params = SamplingParams(max_new_tokens=8)
-    expected = Engine(pipeline).generate([prepare_question(pipeline, q) for q, _ in requests], params)
+    expected = Engine.for_pipeline(pipeline).generate(
+        [prepare_question(pipeline, q) for q, _ in requests], params
+    )
 
     def one(i: int) -> str:
         client = client_for(base)
@@ -614,7 +617,7 @@ def test_queue_full_is_429(pipeline: Pipeline) -> None:
     """Two requests held in preparation fill max_queue 1 + batch 1; a third gets 429 until they finish."""
     held = HeldPipeline(pipeline)
     settings = ServeSettings(model_name=MODEL, default_max_tokens=4)
-    app = create_app(held, settings, Engine(pipeline, max_batch_size=1, max_queue=1))
+    app = create_app(held, settings, Engine.for_pipeline(pipeline, max_batch_size=1, max_queue=1))
     with running_server(app) as base:
         client = client_for(base)
         with ThreadPoolExecutor(max_workers=2) as pool:
@@ -642,7 +645,7 @@ def test_body_and_media_too_large_are_413(pipeline: Pipeline, media_root: Path) 
         media=MediaPolicy(allowed_dir=media_root, max_bytes=100_000),
         max_body_bytes=200_000,
     )
-    app = create_app(pipeline, settings, Engine(pipeline, max_batch_size=2, max_queue=4))
+    app = create_app(pipeline, settings, Engine.for_pipeline(pipeline, max_batch_size=2, max_queue=4))
     with running_server(app) as base:
         client = client_for(base)
         with pytest.raises(openai.APIStatusError) as caught:
@@ -666,7 +669,9 @@ def test_body_and_media_too_large_are_413(pipeline: Pipeline, media_root: Path) 
             )
         assert caught.value.status_code == 413
         # no media folder for data URLs is needed, but local paths without one are refused
-    bare = create_app(pipeline, ServeSettings(model_name=MODEL), Engine(pipeline, max_batch_size=1))
+    bare = create_app(
+        pipeline, ServeSettings(model_name=MODEL), Engine.for_pipeline(pipeline, max_batch_size=1)
+    )
     with running_server(bare) as base:
         with pytest.raises(openai.PermissionDeniedError, match="--allowed-media-dir"):
             client_for(base).chat.completions.create(
@@ -714,7 +719,7 @@ def test_metrics_parse_and_count_requests(server) -> None:
 
 def test_client_disconnect_cancels_the_stream(pipeline: Pipeline) -> None:
     settings = ServeSettings(model_name=MODEL)
-    engine = Engine(pipeline, max_batch_size=1, max_queue=2)
+    engine = Engine.for_pipeline(pipeline, max_batch_size=1, max_queue=2)
     app = create_app(pipeline, settings, engine)
     body = {"messages": [user("Write a very long story.")], "max_tokens": 450, "stream": True}
     with running_server(app) as base:

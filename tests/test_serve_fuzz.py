@@ -59,7 +59,7 @@ def fuzz_server(pipeline: Pipeline, tmp_path_factory):
     (root / "folder").mkdir()
     policy = MediaPolicy(allowed_dir=root, allowed_domains=["127.0.0.1"], max_bytes=2**20, fetch_timeout=1.0)
     settings_ = ServeSettings(model_name=MODEL, media=policy, default_max_tokens=2, max_body_bytes=2**20)
-    app = create_app(pipeline, settings_, Engine(pipeline, max_batch_size=4, max_queue=8))
+    app = create_app(pipeline, settings_, Engine.for_pipeline(pipeline, max_batch_size=4, max_queue=8))
     files = {"red.png": _png((10, 200, 10)), "spin.gif": animated_gif(frames=3)}
     with running_server(app) as base, media_http_server(files) as media_base:
         yield base, app, media_base

@@ -25,8 +25,9 @@ from tests.test_serve_api import (
     wait_for,
 )
 from tests.test_serve_media import trickling_server
-from videollava.infer.engine import Engine, Prepared
+from videollava.infer.engine import Engine
 from videollava.infer.pipeline import Pipeline
+from videollava.infer.request import Prepared
 from videollava.serve.api import ServeSettings, create_app
 from videollava.serve.media import MediaPolicy
 
@@ -52,7 +53,7 @@ def test_clients_leaving_during_preparation_give_their_places_back(pipeline: Pip
     worker; all their clients leave. The two preparations stop, the four waiting never start, nothing
     is generated, and at once six new requests are all answered."""
     held = HeldPipeline(pipeline)
-    engine = Engine(pipeline, max_batch_size=2, max_queue=4)
+    engine = Engine.for_pipeline(pipeline, max_batch_size=2, max_queue=4)
     settings = ServeSettings(model_name=MODEL, default_max_tokens=3, prepare_workers=2)
     app = create_app(held, settings, engine)
     body = {"messages": [user("HOLD: what is this?")], "stream": stream}
@@ -82,7 +83,7 @@ def test_clients_leaving_during_preparation_give_their_places_back(pipeline: Pip
 
 
 def test_leaving_during_generation_stops_it(pipeline: Pipeline) -> None:
-    engine = Engine(pipeline, max_batch_size=1, max_queue=2)
+    engine = Engine.for_pipeline(pipeline, max_batch_size=1, max_queue=2)
     app = create_app(pipeline, ServeSettings(model_name=MODEL), engine)
     body = {"messages": [user("Write a very long story.")], "max_tokens": 450}
     with running_server(app) as base:
@@ -111,7 +112,7 @@ def test_slow_remote_hosts_hold_up_nothing_else(pipeline: Pipeline, tmp_path) ->
         max_remote_fetches=2,
         media=MediaPolicy(allowed_dir=tmp_path, allowed_domains=["127.0.0.1"], fetch_timeout=3),
     )
-    app = create_app(pipeline, settings, Engine(pipeline, max_batch_size=4, max_queue=4))
+    app = create_app(pipeline, settings, Engine.for_pipeline(pipeline, max_batch_size=4, max_queue=4))
     with running_server(app) as base, trickling_server(interval=0.05) as slow:
         remote = {"messages": [user("What?", video_part(f"{slow.url}/clip.mp4"))]}
         with ThreadPoolExecutor(max_workers=2) as pool:
@@ -140,7 +141,7 @@ def test_leaving_during_a_remote_fetch_closes_it(pipeline: Pipeline) -> None:
     settings = ServeSettings(
         model_name=MODEL, media=MediaPolicy(allowed_domains=["127.0.0.1"], fetch_timeout=30)
     )
-    app = create_app(pipeline, settings, Engine(pipeline, max_batch_size=1, max_queue=1))
+    app = create_app(pipeline, settings, Engine.for_pipeline(pipeline, max_batch_size=1, max_queue=1))
     with running_server(app) as base, trickling_server(interval=0.05) as slow:
         post_and_leave(base, {"messages": [user("What?", video_part(f"{slow.url}/a.mp4"))]}, 0.5)
         left = time.monotonic()
@@ -164,7 +165,9 @@ class FaultyPipeline(HeldPipeline):
 
 
 def test_server_faults_are_500s_with_a_request_id_and_no_internals(pipeline: Pipeline, caplog) -> None:
-    app = create_app(FaultyPipeline(pipeline), ServeSettings(model_name=MODEL, api_key=KEY), Engine(pipeline))
+    app = create_app(
+        FaultyPipeline(pipeline), ServeSettings(model_name=MODEL, api_key=KEY), Engine.for_pipeline(pipeline)
+    )
     endpoint = (("endpoint", "/v1/chat/completions"), ("status", "500"))
     caplog.set_level(logging.ERROR, logger="videollava.serve")
     with running_server(app) as base:
@@ -201,7 +204,7 @@ def test_server_faults_are_500s_with_a_request_id_and_no_internals(pipeline: Pip
 def test_abandoned_work_never_runs_twice_over_its_slot(pipeline: Pipeline) -> None:
     """A request whose client left while it waited for a prepare worker never enters preparation."""
     held = HeldPipeline(pipeline)
-    app = create_app(held, ServeSettings(model_name=MODEL, prepare_workers=1), Engine(pipeline))
+    app = create_app(held, ServeSettings(model_name=MODEL, prepare_workers=1), Engine.for_pipeline(pipeline))
     with running_server(app) as base:
         first = threading.Thread(
             target=post_and_leave, args=(base, {"messages": [user("HOLD first")]}, 1.5), daemon=True

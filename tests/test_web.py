@@ -16,7 +16,8 @@ from tests.test_chat import PromptRecorder, picture, three_turn_prompts
 from videollava.errors import PromptError
 from videollava.infer.ask import Question, prepare_question
 from videollava.infer.engine import Engine
-from videollava.infer.pipeline import MediaItem, Pipeline
+from videollava.infer.pipeline import Pipeline
+from videollava.infer.request import MediaItem
 from videollava.infer.sampling import SamplingParams
 from videollava.serve import web
 
@@ -96,14 +97,14 @@ def test_web_page_answers_about_an_uploaded_video(hf_checkpoint, sample_videos: 
     first_question, second_question = "What happens in the video?", "Who rides the bike?"
     pipeline = Pipeline.from_pretrained(folder, dtype="float32")
     params = SamplingParams(max_new_tokens=MAX_TOKENS)
-    first = Engine(pipeline).generate(
+    first = Engine.for_pipeline(pipeline).generate(
         [prepare_question(pipeline, Question(first_question, videos=[str(clip)]))], params
     )[0]
     history = [("user", "<video>\n" + first_question), ("assistant", first.text.strip())]
     follow_up = pipeline.prepare(
         pipeline.build_prompt(second_question, 0, 0, history=history), [MediaItem("video", str(clip))]
     )
-    second = Engine(pipeline).generate([follow_up], params)[0]
+    second = Engine.for_pipeline(pipeline).generate([follow_up], params)[0]
 
     port = _free_port()
     command = [sys.executable, "-m", "videollava", "web", "--model", str(folder), "--dtype", "float32"]

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from videollava.cli import positive_int
+from videollava.arguments import positive_int
 from videollava.errors import VideoLlavaError
 
 

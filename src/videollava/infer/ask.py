@@ -10,10 +10,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from videollava.cli import positive_int
+from tqdm import tqdm
+
+from videollava.arguments import positive_int
 from videollava.errors import VideoLlavaError
-from videollava.infer.engine import Completion, Engine
-from videollava.infer.pipeline import MediaItem, Pipeline, Prepared
+from videollava.infer.engine import Engine
+from videollava.infer.pipeline import Pipeline
+from videollava.infer.request import Completion, MediaItem, Prepared
 from videollava.infer.sampling import SamplingParams
 
 
@@ -116,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     question = Question(args.prompt, args.image, args.video, args.raw_prompt)
     prepared = prepare_question(pipeline, question, args.frames)
-    completion = Engine(pipeline, max_batch_size=1).generate([prepared], params)[0]
+    completion = Engine.for_pipeline(pipeline, max_batch_size=1).generate([prepared], params)[0]
     if completion.error:
         raise VideoLlavaError(completion.error)
     if args.json:
@@ -165,8 +168,6 @@ def read_batch_file(path: Path) -> list[str]:
 
 
 def run_batch(pipeline: Pipeline, args: argparse.Namespace, params: SamplingParams, lines: list[str]) -> int:
-    from tqdm import tqdm
-
     path = Path(args.batch)
     results: list[dict[str, Any] | None] = []
     work: list[tuple[int, Prepared]] = []
@@ -184,7 +185,7 @@ def run_batch(pipeline: Pipeline, args: argparse.Namespace, params: SamplingPara
             results.append({"id": number, "error": f"{path}:{number}: not valid JSON ({error.msg})"})
         except VideoLlavaError as error:
             results.append({**record, "error": f"{path}:{number}: {error}"})
-    engine = Engine(pipeline, max_batch_size=args.batch_size, max_queue=args.batch_size * 4)
+    engine = Engine.for_pipeline(pipeline, max_batch_size=args.batch_size, max_queue=args.batch_size * 4)
     progress = tqdm(total=len(work), desc="answering", unit="req", file=sys.stderr, disable=not work)
     for start in range(0, len(work), args.batch_size * 4):
         chunk = work[start : start + args.batch_size * 4]

@@ -16,11 +16,12 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from transformers import DynamicCache
 
+from videollava.data.tokenize import IMAGE_SLOT, VIDEO_SLOT
 from videollava.errors import VideoLlavaError
 from videollava.infer.kv import (
     LayerKV,
@@ -31,49 +32,13 @@ from videollava.infer.kv import (
     cache_length,
     forward_with_cache,
 )
+from videollava.infer.request import Completion, Detokenizer, Prepared, StreamDelta
 from videollava.infer.sampling import SamplingFault, SamplingParams, pick_tokens
-
-if TYPE_CHECKING:
-    from videollava.infer.pipeline import Pipeline
+from videollava.model.videollava import VideoLlava
 
 
 class QueueFullError(VideoLlavaError):
     """The engine's waiting queue is at its bound; the caller should retry later."""
-
-
-@dataclass
-class Prepared:
-    """A request ready for the LLM: token ids with one slot per media item, and each item's features."""
-
-    input_ids: list[int]
-    features: list[torch.Tensor]  # one (rows, H) tensor per slot, in slot order
-    # Content key of each position (token id, or a media hash per visual row block) for prefix reuse.
-    prefix_key: list[int | str]
-    visual_tokens: int
-    prompt_tokens: int = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.prompt_tokens = len(self.input_ids) - len(self.features) + self.visual_tokens
-
-
-@dataclass
-class Completion:
-    text: str  # the answer, stripped of surrounding whitespace as the reference strips it
-    token_ids: list[int]  # exactly as generated, end-of-sequence token included
-    prompt_tokens: int
-    visual_tokens: int
-    finish_reason: str  # "stop" | "length" | "cancelled" | "error"
-    seconds: float
-    first_token_seconds: float | None
-    reused_prefix_tokens: int
-    error: str | None = None  # what went wrong, in detail: for logs, not for the request's caller
-    client_error: str | None = None  # a short message that is safe to send to the request's caller
-
-
-@dataclass
-class StreamDelta:
-    text: str
-    token_id: int
 
 
 class Handle:
@@ -147,16 +112,36 @@ class EngineStats:
     busy_seconds: float = 0.0
 
 
+class LoopRunningError(VideoLlavaError):
+    """`step()` was called while the engine's own loop thread drives it: two drivers would race."""
+
+
+class LoadedModel(Protocol):
+    """What `Engine.for_pipeline` reads from a pipeline: the model and how to turn its ids into text."""
+
+    model: VideoLlava
+    detokenizer: Detokenizer
+
+
 class Engine:
+    """One scheduling loop per engine, driven either by its own thread or by the caller, never both.
+
+    `start()` runs the loop in a background thread (servers). Without it, `generate()` takes the
+    loop's turns in the calling thread until its requests are done, and tests or benchmarks may take
+    single turns with `step()`. Turns never overlap: a caller that finds the loop thread running
+    waits on it instead, and `step()` refuses.
+    """
+
     def __init__(
         self,
-        pipeline: Pipeline,
+        model: VideoLlava,
+        detokenizer: Detokenizer,
         max_batch_size: int = 16,
         max_queue: int = 64,
         prefix_cache_bytes: int = 1024**3,
     ):
-        self.pipeline = pipeline
-        self.model = pipeline.model
+        self.model = model
+        self.detokenizer = detokenizer
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self.prefix_cache = PrefixCache(prefix_cache_bytes)
@@ -166,9 +151,16 @@ class Engine:
         self._held = 0  # submitted, neither finished nor cancelled: waiting, being prefilled or running
         self._batch = RunningBatch()
         self._lock = threading.Lock()
+        self._slot_freed = threading.Condition(self._lock)  # notified when _held drops or the loop stops
+        self._turn_lock = threading.Lock()  # held for the whole of every turn, whoever takes it
         self._wake = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._thread: threading.Thread | None = None  # set and cleared under _turn_lock
         self._stop = False
+
+    @classmethod
+    def for_pipeline(cls, pipeline: LoadedModel, **options) -> Engine:
+        """An engine for a loaded pipeline's model and detokenizer; `options` as for the constructor."""
+        return cls(pipeline.model, pipeline.detokenizer, **options)
 
     # ------------------------------------------------------------ public API
 
@@ -197,7 +189,7 @@ class Engine:
         )
         request.handle = Handle(request, self._cancel)
         with self._lock:
-            if self._held >= self.max_queue + self.max_batch_size:
+            if self._held >= self._capacity:
                 raise QueueFullError(
                     f"the engine holds {self._held} requests (at most {self.max_batch_size} running "
                     f"and {self.max_queue} waiting); try again later"
@@ -209,34 +201,67 @@ class Engine:
 
     def start(self) -> Engine:
         """Run the scheduling loop in a background thread (for servers)."""
-        if self._thread is None:
-            self._stop = False
-            self._thread = threading.Thread(target=self._loop, name="videollava-engine", daemon=True)
-            self._thread.start()
+        with self._turn_lock:  # a caller in the middle of a turn finishes it first
+            if self._thread is None:
+                self._stop = False
+                self._thread = threading.Thread(target=self._loop, name="videollava-engine", daemon=True)
+                self._thread.start()
         return self
 
     def stop(self) -> None:
+        """Stop the loop thread; callers of `generate` waiting on it go on driving the loop themselves."""
         self._stop = True
         self._wake.set()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        thread = self._thread
+        if thread is not None:
+            thread.join()
+            with self._turn_lock:
+                self._thread = None
+            with self._lock:
+                self._slot_freed.notify_all()
 
     def generate(
         self, prepared: list[Prepared], params: list[SamplingParams] | SamplingParams | None = None
     ) -> list[Completion]:
-        """Run a list of requests to completion in the calling thread, in continuous batches."""
+        """Run a list of requests to completion, in continuous batches, as a client of the loop.
+
+        Requests are submitted as the engine has room for them. While the loop thread runs, the
+        caller only waits; otherwise it takes the loop's turns itself until its requests are done.
+        """
         if not isinstance(params, list):
             params = [params or SamplingParams()] * len(prepared)
+        pending = deque(zip(prepared, params, strict=True))
         handles: list[Handle] = []
-        pending = list(zip(prepared, params, strict=True))
-        while pending or not all(h.done for h in handles):
-            while pending and len(self._waiting) < self.max_queue:
-                handles.append(self.submit(*pending.pop(0)))
-            self.step()
-        return [h.result() for h in handles]
+        while True:
+            while pending:
+                try:
+                    handles.append(self.submit(*pending[0]))
+                except QueueFullError:
+                    break
+                pending.popleft()
+            if not pending and all(h.done for h in handles):
+                return [h.result() for h in handles]
+            if not self._take_turn():
+                self._wait_on_loop(handles, room_wanted=bool(pending))
+
+    def step(self) -> None:
+        """Take one turn of the loop in the calling thread, for callers that drive the engine themselves.
+
+        Refused while the loop thread runs: the caller would race it over the running batch.
+        """
+        with self._turn_lock:
+            if self._thread is not None:
+                raise LoopRunningError(
+                    "this engine's scheduling loop runs in its own thread (Engine.start); submit requests "
+                    "and wait on their handles, or call generate(), instead of calling step()"
+                )
+            self._step()
 
     # ------------------------------------------------------------ scheduling
+
+    @property
+    def _capacity(self) -> int:
+        return self.max_queue + self.max_batch_size
 
     def _loop(self) -> None:
         while not self._stop:
@@ -244,10 +269,36 @@ class Engine:
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()
                 continue
-            try:
-                self.step()
-            except Exception as error:
-                self._fail_running(error)
+            with self._turn_lock:
+                self._turn()
+
+    def _take_turn(self) -> bool:
+        """One turn in the calling thread, unless the loop thread drives the engine (then False)."""
+        with self._turn_lock:
+            if self._thread is not None:
+                return False
+            self._turn()
+            return True
+
+    def _wait_on_loop(self, handles: list[Handle], room_wanted: bool) -> None:
+        """Sleep until the loop thread frees a place (when one is wanted), finishes `handles`, or stops."""
+
+        def settled() -> bool:
+            return (
+                self._thread is None
+                or (room_wanted and self._held < self._capacity)
+                or all(h._request.completed for h in handles)
+            )
+
+        with self._lock:
+            self._slot_freed.wait_for(settled)
+
+    def _turn(self) -> None:
+        """A step whose own faults are contained: the loop goes on, whoever drives it. Under _turn_lock."""
+        try:
+            self._step()
+        except Exception as error:
+            self._fail_running(error)
 
     def _fail_running(self, error: Exception) -> None:
         """Last resort for a fault of the engine's own code while stepping; a request's never get here.
@@ -276,8 +327,8 @@ class Engine:
         self._wake.set()
 
     @torch.inference_mode()
-    def step(self) -> None:
-        """Admit waiting requests, then advance every running request by one token."""
+    def _step(self) -> None:
+        """Admit waiting requests, then advance every running request by one token. Under _turn_lock."""
         started = time.perf_counter()
         self._retire()  # cancelled requests leave before new ones take their rows
         while len(self._running) < self.max_batch_size:
@@ -410,14 +461,14 @@ class Engine:
         if request.first_token_at is None:
             request.first_token_at = now
         params = request.params
-        if token == self.pipeline.eos_token_id:
+        if token == self.detokenizer.eos_token_id:
             request.finish_reason = "stop"
             request.generated.append(token)
             self._flush_text(request, final=True)
             return
         request.generated.append(token)
         self.stats.tokens_generated += 1
-        text = self.pipeline.decode(request.generated)
+        text = self.detokenizer.decode(request.generated)
         for stop in params.stop:
             at = text.find(stop)
             if at != -1:
@@ -441,7 +492,8 @@ class Engine:
         dropped. So the deltas add up to the stripped answer.
         """
         if text is None:
-            text = self.pipeline.decode([t for t in request.generated if t != self.pipeline.eos_token_id])
+            eos = self.detokenizer.eos_token_id
+            text = self.detokenizer.decode([t for t in request.generated if t != eos])
         answer = text.lstrip()
         settled = answer if final else answer.rstrip("\ufffd")
         if not final and request.params.stop:
@@ -487,8 +539,8 @@ class Engine:
         now = time.perf_counter()
         text = request.final_text
         if text is None:
-            ids = [t for t in request.generated if t != self.pipeline.eos_token_id]
-            text = self.pipeline.decode(ids).strip() if ids else ""
+            ids = [t for t in request.generated if t != self.detokenizer.eos_token_id]
+            text = self.detokenizer.decode(ids).strip() if ids else ""
         self._complete(
             request,
             Completion(
@@ -548,6 +600,7 @@ class Engine:
         if request.holds_slot:
             request.holds_slot = False
             self._held -= 1
+            self._slot_freed.notify_all()
 
 
 def _empty_cache() -> DynamicCache:
@@ -556,7 +609,5 @@ def _empty_cache() -> DynamicCache:
 
 def _rows_per_key(input_ids: list[int], block_rows: list[int]) -> list[int]:
     """How many cache positions each prompt position key covers: 1 per token, a block per media slot."""
-    from videollava.data.tokenize import IMAGE_SLOT, VIDEO_SLOT
-
     blocks = iter(block_rows)
     return [next(blocks) if t in (IMAGE_SLOT, VIDEO_SLOT) else 1 for t in input_ids]

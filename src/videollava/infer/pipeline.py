@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from videollava.data.conversation import build_prompt, get_template
 from videollava.data.decode_limits import Cancelled, DecodeLimits, raise_if_cancelled
@@ -31,12 +31,11 @@ from videollava.data.transforms import (
     preprocess_video,
     shrink_factor,
 )
-from videollava.errors import CheckpointError, PromptError
-from videollava.infer.engine import Prepared
-from videollava.model.checkpoint import check_vocabulary, load_weights, save_weights
+from videollava.errors import PromptError
+from videollava.infer.request import MediaItem, MediaSource, Prepared
+from videollava.model.bundle import load_bundle, save_bundle
 from videollava.model.videollava import VideoLlava
 
-MediaSource = str | os.PathLike | bytes
 # A prompt longer than the context times this many characters cannot fit, whatever it says; the
 # tokenizer's longest token raises the bound when longer.
 _CHARS_PER_TOKEN = 32
@@ -72,33 +71,6 @@ def resolve_dtype(name: str | torch.dtype | None) -> torch.dtype:
     if name not in table:
         raise ValueError(f"unknown dtype {name!r}; choose bfloat16 or float32")
     return table[name]
-
-
-def transform_for_checkpoint(folder: Path, model: VideoLlava) -> ImageTransformConfig:
-    """The checkpoint's own preprocessing constants, its aspect mode, and its tower's input size."""
-    size = model.config.vision.image_size
-    aspects = {
-        "image_aspect_ratio": model.config.image_aspect_ratio,
-        "video_aspect_ratio": model.config.video_aspect_ratio,
-    }
-    if (folder / "preprocessor_config.json").exists():
-        return ImageTransformConfig.from_preprocessor_json(folder, **aspects)
-    try:
-        return ImageTransformConfig(size=size, crop_size=size, **aspects)
-    except ValueError as e:
-        raise CheckpointError(f"{folder / 'config.json'}: {e}") from None
-
-
-@dataclass
-class MediaItem:
-    kind: str  # "image" | "video"
-    source: MediaSource
-    name: str = ""
-
-    def display_name(self) -> str:
-        if self.name:
-            return self.name
-        return "<bytes>" if isinstance(self.source, bytes) else str(self.source)
 
 
 class FeatureCache:
@@ -150,6 +122,17 @@ def content_hash(source: MediaSource, name: str = "", cancelled: Cancelled | Non
     return digest.hexdigest()
 
 
+@dataclass(frozen=True)
+class TokenizerDetokenizer:
+    """Answers as text without special tokens; `eos_token_id` ends them (a benchmark may swap it)."""
+
+    tokenizer: PreTrainedTokenizerBase
+    eos_token_id: int | None
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
 class Pipeline:
     """A loaded model with everything needed to turn requests into LLM inputs and ids into text."""
 
@@ -170,29 +153,19 @@ class Pipeline:
         self.num_frames = num_frames or model.config.num_frames
         self.feature_cache = feature_cache or FeatureCache()
         self.decode_limits = decode_limits or DecodeLimits()
-        self.eos_token_id = tokenizer.eos_token_id
-        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.detokenizer = TokenizerDetokenizer(tokenizer, tokenizer.eos_token_id)
         self._model_lock = threading.Lock()
 
     @classmethod
     def from_pretrained(
         cls, path: str | os.PathLike | None = None, dtype: str | torch.dtype | None = None, **kwargs
     ) -> Pipeline:
-        model, folder = load_weights(path if path is not None else default_model_path(), resolve_dtype(dtype))
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(str(folder))
-        except Exception as error:
-            raise CheckpointError(
-                f"{folder}: no usable tokenizer ({type(error).__name__}: {error})"
-            ) from None
-        check_vocabulary(tokenizer, model, folder)
-        return cls(model, tokenizer, transform_for_checkpoint(folder, model), **kwargs)
+        bundle = load_bundle(path if path is not None else default_model_path(), resolve_dtype(dtype))
+        return cls(bundle.model, bundle.tokenizer, bundle.transform, **kwargs)
 
     def save_pretrained(self, out_dir: str | os.PathLike) -> None:
         """The -hf layout: weights and config, tokenizer, preprocessor config."""
-        save_weights(self.model, out_dir)
-        self.tokenizer.save_pretrained(str(out_dir))
-        self.transform.to_preprocessor_json(out_dir)
+        save_bundle(out_dir, self.model, self.tokenizer, self.transform)
 
     # ------------------------------------------------------------ prompts
 
@@ -320,6 +293,3 @@ class Pipeline:
                 f"but the model's context holds {self.model.max_context}; shorten it or use fewer frames"
             )
         return prepared
-
-    def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)

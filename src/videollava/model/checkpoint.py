@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import snapshot_download
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -47,8 +48,6 @@ def resolve(path_or_id: str | os.PathLike, allow_bin: bool = True) -> Path:
     if text.startswith((".", "/", "~")) or text.count("/") != 1:
         raise CheckpointError(f"{text}: no such checkpoint folder (and not a hub id of the form owner/name)")
     try:
-        from huggingface_hub import snapshot_download
-
         patterns = HUB_PATTERNS + (["*.bin"] if allow_bin else [])
         return Path(snapshot_download(repo_id=text, allow_patterns=patterns))
     except Exception as error:  # the hub client raises many types: offline, missing repo, auth
@@ -541,18 +540,6 @@ def load_weights(
     layout = detect_layout(folder)
     model = load_hf(folder, dtype) if layout == "hf" else load_original(folder, dtype)
     return model, folder
-
-
-def check_vocabulary(tokenizer: Any, model: VideoLlava, folder: str | os.PathLike) -> None:
-    """A tokenizer with ids past the LLM's embedding rows would fail mid-generation: refuse it at load."""
-    rows = model.language_model.get_input_embeddings().num_embeddings
-    tokens = max(len(tokenizer), max(tokenizer.get_vocab().values(), default=-1) + 1)
-    if tokens > rows:
-        raise CheckpointError(
-            f"{folder}: the tokenizer has {tokens} tokens but the model's embedding has {rows} rows "
-            f"(vocab_size {rows}); ids {rows} and up would be out of range. "
-            "The tokenizer does not belong to these weights."
-        )
 
 
 # ---------------------------------------------------------------- saving

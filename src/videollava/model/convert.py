@@ -6,6 +6,7 @@ import argparse
 
 import torch
 
+from videollava.model.bundle import load_bundle, save_bundle
 from videollava.model.videollava import VideoLlava
 
 HF_SPECIAL_TOKENS = ("<image>", "<video>", "<pad>")
@@ -48,12 +49,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from videollava.infer.pipeline import Pipeline
-
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}[args.dtype]
-    pipeline = Pipeline.from_pretrained(args.source, dtype=dtype)
-    if pipeline.model.config.image_token_id < 0:
-        add_placeholder_tokens(pipeline.model, pipeline.tokenizer)
-    pipeline.save_pretrained(args.output)
+    bundle = load_bundle(args.source, dtype)
+    if bundle.model.config.image_token_id < 0:
+        add_placeholder_tokens(bundle.model, bundle.tokenizer)
+    save_bundle(args.output, bundle.model, bundle.tokenizer, bundle.transform)
     print(f"wrote {args.output}")
     return 0

@@ -39,8 +39,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from videollava.data.conversation import ChatHistory
 from videollava.errors import RequestCancelled, VideoLlavaError
-from videollava.infer.engine import Completion, Engine, Handle, QueueFullError, StreamDelta
-from videollava.infer.pipeline import MediaItem, Pipeline, Prepared
+from videollava.infer.engine import Engine, Handle, QueueFullError
+from videollava.infer.pipeline import Pipeline
+from videollava.infer.request import Completion, MediaItem, Prepared, StreamDelta
 from videollava.serve.isolation import ClientWatch, EngineBridge, FetchSlots, WorkPool
 from videollava.serve.media import (
     MediaForbiddenError,
@@ -288,7 +289,7 @@ async def _send_error(send, error: APIError) -> None:
 
 def create_app(pipeline: Pipeline, settings: ServeSettings, engine: Engine | None = None) -> FastAPI:
     """The server app; the engine is started when the app starts and stopped when it stops."""
-    engine = engine or Engine(pipeline)
+    engine = engine or Engine.for_pipeline(pipeline)
     metrics = ServerMetrics(engine, pipeline.feature_cache)
     # Fetching waits on other hosts, reading on disks, encoding keeps the CPU busy: each has its own
     # bound, so none of them can hold up requests that do not need it.
@@ -637,7 +638,7 @@ def run(args: argparse.Namespace) -> int:
             default_max_tokens=args.max_tokens,
             max_remote_fetches=args.max_remote_fetches,
         )
-        engine = Engine(pipeline, max_batch_size=args.max_batch_size, max_queue=args.max_queue)
+        engine = Engine.for_pipeline(pipeline, max_batch_size=args.max_batch_size, max_queue=args.max_queue)
         if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
             log.warning("serving on %s without --api-key: anyone who can reach it can use it", args.host)
         app = create_app(pipeline, settings, engine)

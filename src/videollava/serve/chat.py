@@ -14,8 +14,9 @@ from typing import TextIO
 
 from videollava.data.conversation import ChatHistory
 from videollava.errors import VideoLlavaError
-from videollava.infer.engine import Completion, Engine
-from videollava.infer.pipeline import MediaItem, Pipeline
+from videollava.infer.engine import Engine
+from videollava.infer.pipeline import Pipeline
+from videollava.infer.request import Completion, MediaItem
 from videollava.infer.sampling import SamplingParams
 
 PROMPT = "you> "
@@ -175,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
     out.write("loading model...\n")
     out.flush()
     pipeline = Pipeline.from_pretrained(args.model, dtype=args.dtype)
-    engine = Engine(pipeline, max_batch_size=1, max_queue=4).start()
+    engine = Engine.for_pipeline(pipeline, max_batch_size=1, max_queue=4).start()
     session = ChatSession(pipeline, engine, params, out)
     out.write("Video-LLaVA chat. /help for commands, /quit or Ctrl-D to leave.\n")
     for kind, paths in (("image", args.image), ("video", args.video)):

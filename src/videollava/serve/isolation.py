@@ -16,7 +16,8 @@ from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from videollava.errors import RequestCancelled
-from videollava.infer.engine import Completion, Handle, StreamDelta
+from videollava.infer.engine import Handle
+from videollava.infer.request import Completion, StreamDelta
 from videollava.serve.protocol import busy_error
 
 log = logging.getLogger("videollava.serve")

@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 
 from videollava.errors import MediaError
-from videollava.infer.pipeline import MediaItem
+from videollava.infer.request import MediaItem
 
 MEDIA_KINDS = ("image", "video")
 REMOTE_SCHEMES = ("http", "https")

@@ -24,8 +24,9 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from videollava.infer.engine import Completion, Engine
+from videollava.infer.engine import Engine
 from videollava.infer.pipeline import FeatureCache
+from videollava.infer.request import Completion
 
 # Each counter and histogram is exposed alone, without the `_created` timestamp series that would
 # double the series a scrape returns and that no dashboard of this server reads.

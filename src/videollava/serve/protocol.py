@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from videollava.data.conversation import ASSISTANT, USER
 from videollava.errors import VideoLlavaError
-from videollava.infer.engine import Completion
+from videollava.infer.request import Completion
 from videollava.infer.sampling import MAX_STOP_CHARS, MAX_STOP_STRINGS, SamplingParams
 
 # More images and videos than any context holds: 16 images of 256 visual tokens fill 4096 positions.

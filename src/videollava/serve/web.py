@@ -13,12 +13,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from videollava.cli import port_number, positive_int
+from videollava.arguments import port_number, positive_int
 from videollava.data.conversation import ChatHistory
 from videollava.errors import PromptError, VideoLlavaError
 from videollava.extras import require
 from videollava.infer.engine import Engine
-from videollava.infer.pipeline import MediaItem, Pipeline, content_hash
+from videollava.infer.pipeline import Pipeline, content_hash
+from videollava.infer.request import MediaItem
 from videollava.infer.sampling import SamplingParams
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"}
@@ -207,7 +208,7 @@ def run(args: argparse.Namespace) -> int:
         raise VideoLlavaError(f"--max-upload-mb must be positive, got {args.max_upload_mb}")
     check_port_free(args.host, args.port)
     pipeline = Pipeline.from_pretrained(args.model, dtype=args.dtype)
-    engine = Engine(pipeline, max_batch_size=args.max_batch_size, max_queue=64).start()
+    engine = Engine.for_pipeline(pipeline, max_batch_size=args.max_batch_size, max_queue=64).start()
     try:
         demo = build_demo(pipeline, engine, max_new_tokens=args.max_new_tokens)
         demo.queue(default_concurrency_limit=args.max_batch_size, max_size=64)

@@ -12,15 +12,16 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from videollava.errors import VideoLlavaError
 from videollava.eval.metrics import accuracy_by, exact_match, pope_metrics, yes_no
+from videollava.infer.engine import Engine
+from videollava.infer.pipeline import Pipeline
+from videollava.infer.request import MediaItem, Prepared
+from videollava.infer.sampling import SamplingParams
 from videollava.shapesworld.text import POPE_SPLITS, QUESTION_TYPES
 from videollava.shapesworld.world import MEDIA_KINDS
-
-if TYPE_CHECKING:
-    from videollava.infer.pipeline import Pipeline
 
 MAX_NEW_TOKENS = 10
 
@@ -278,14 +279,10 @@ def evaluate(
     progress: Callable[[int, int], None] | None = None,
 ) -> Report:
     """Ask every held-out question of a ShapesWorld folder (greedy, short answers) and score them."""
-    from videollava.infer.engine import Engine, Prepared
-    from videollava.infer.pipeline import MediaItem
-    from videollava.infer.sampling import SamplingParams
-
     started = time.perf_counter()
     data_dir = Path(data_dir)
     questions = load_questions(data_dir, limit)
-    engine = Engine(pipeline, max_batch_size=batch_size)
+    engine = Engine.for_pipeline(pipeline, max_batch_size=batch_size)
     params = SamplingParams(max_new_tokens=max_new_tokens)
     predictions: dict[int, str] = {}
     errors: dict[int, str] = {}
