@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from videollava.constants import IGNORE_INDEX, IMAGE_SLOT, VIDEO_SLOT
 from videollava.data.datasets import (
     BadSample,
     CaptionDataset,
@@ -36,7 +37,6 @@ from videollava.data.samplers import (
     mixed_batches,
     shard,
 )
-from videollava.data.tokenize import IGNORE_INDEX, IMAGE_SLOT, VIDEO_SLOT
 from videollava.data.transforms import ImageTransformConfig, box_to_pixels
 from videollava.train.bad_samples import BadSampleLog
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from videollava.data.tokenize import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
+from videollava.constants import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
 from videollava.errors import VideoLlavaError
 from videollava.shapesworld.render import JPEG_QUALITY, VIDEO_CRF, VIDEO_PRESET, X264_PARAMS, write_media
 from videollava.shapesworld.text import (

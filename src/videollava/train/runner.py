@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer
 
+from videollava.constants import padded_vocab_size
 from videollava.data.records import read_records, training_texts
 from videollava.data.sample_media import MediaCache
 from videollava.errors import CheckpointError, VideoLlavaError
@@ -36,7 +37,6 @@ from videollava.model.build import (
     build_meta_model,
     init_vision_tower,
     model_config,
-    padded_vocab,
 )
 from videollava.model.checkpoint import (
     _vision_from_languagebind,
@@ -259,7 +259,7 @@ class Run:
                 )
             ckpt.seed_everything(m.init.seed)
             config = recipe_model_config(
-                self.recipe, m.init.vision, m.init.llm, padded_vocab(self.tokenizer), self.tokenizer
+                self.recipe, m.init.vision, m.init.llm, padded_vocab_size(len(self.tokenizer)), self.tokenizer
             )
             model = VideoLlava(config)
             init_vision_tower(model.image_tower, m.init.vision_init_std)
