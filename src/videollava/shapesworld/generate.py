@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from videollava.constants import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
+from videollava.data.conversation import user_turn
 from videollava.errors import VideoLlavaError
 from videollava.shapesworld.render import JPEG_QUALITY, VIDEO_CRF, VIDEO_PRESET, X264_PARAMS, write_media
 from videollava.shapesworld.text import (
@@ -332,8 +332,10 @@ def _entry(scene: Scene, media: str) -> dict[str, Any]:
 
 def _caption_entry(scene: Scene, media: str, caption: str, rng: np.random.Generator) -> dict[str, Any]:
     request = CAPTION_REQUESTS[int(rng.integers(len(CAPTION_REQUESTS)))].format(media=scene.kind)
-    token = _placeholder(scene)
-    conversations = [{"from": "human", "value": f"{token}\n{request}"}, {"from": "gpt", "value": caption}]
+    conversations = [
+        {"from": "human", "value": _first_turn(scene, request)},
+        {"from": "gpt", "value": caption},
+    ]
     return _entry(scene, media) | {"conversations": conversations, "regions": object_regions(scene)}
 
 
@@ -363,16 +365,15 @@ def direction_entry(scene: Scene, media: str, turns: Sequence[dict[str, Any]]) -
     return _instruct_entry(scene, media, asked) | {"id": f"{scene.id}_direction"}
 
 
-def _placeholder(scene: Scene) -> str:
-    """Where the media go in the first question: the placeholder the model's tokenizer expects."""
-    return IMAGE_PLACEHOLDER if scene.kind == "image" else VIDEO_PLACEHOLDER
+def _first_turn(scene: Scene, question: str) -> str:
+    """The question that shows the scene, written as inference writes a user turn."""
+    return user_turn(question, images=int(scene.kind == "image"), videos=int(scene.kind == "video"))
 
 
 def _conversation(scene: Scene, turns: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
-    token = _placeholder(scene)
     conv: list[dict[str, str]] = []
     for k, turn in enumerate(turns):
-        question = f"{token}\n{turn['question']}" if k == 0 else turn["question"]
+        question = _first_turn(scene, turn["question"]) if k == 0 else turn["question"]
         conv.append({"from": "human", "value": question})
         conv.append({"from": "gpt", "value": turn["answer"]})
     return conv
