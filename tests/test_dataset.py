@@ -46,10 +46,10 @@ SIZE = 16
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
-    from videollava.shapesworld.generate import generate
+    from videollava.shapesworld.generate import GenerationConfig, generate
 
     root = tmp_path_factory.mktemp("shapesworld")
-    generate(root, seed=3, n_images=6, n_videos=4, n_test_images=2, n_test_videos=2)
+    generate(root, GenerationConfig(seed=3, images=6, videos=4, test_images=2, test_videos=2))
     return root
 
 

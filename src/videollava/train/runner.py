@@ -221,7 +221,7 @@ class Run:
             return
         self.data_root = self.recipe.resolve_path(data.root) if data.root else self.run_dir / "data"
         marker = self.data_root / ".generated.json"
-        wanted = json.dumps(data.generate.model_dump(), sort_keys=True)
+        wanted = json.dumps(dataclasses.asdict(data.generate), sort_keys=True)
         if self.info.is_main:
             if marker.exists() and marker.read_text() != wanted:
                 raise RecipeError(
@@ -229,21 +229,8 @@ class Run:
                     "delete it or choose another data.root"
                 )
             if not marker.exists():
-                g = data.generate
                 self.log(f"generating ShapesWorld data into {self.data_root}")
-                generate(
-                    self.data_root,
-                    seed=g.seed,
-                    n_images=g.images,
-                    n_videos=g.videos,
-                    n_test_images=g.test_images,
-                    n_test_videos=g.test_videos,
-                    min_size=g.min_size,
-                    max_size=g.max_size,
-                    workers=g.workers,
-                    twins=g.twins,
-                    mirrors=g.mirrors,
-                )
+                generate(self.data_root, data.generate)
                 ckpt.atomic_write_text(marker, wanted)
         D.barrier(self.info)
 
