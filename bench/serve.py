@@ -39,8 +39,9 @@ import numpy as np
 import torch
 from _results import add_output_arguments, results_path, write_results
 
+from videollava.constants import IMAGE_SLOT, VIDEO_SLOT
 from videollava.data.media import read_video_frames
-from videollava.data.tokenize import IMAGE_SLOT, VIDEO_SLOT, tokenize_multimodal
+from videollava.data.tokenize import tokenize_multimodal
 from videollava.data.transforms import preprocess_video
 from videollava.infer.engine import Engine
 from videollava.infer.pipeline import FeatureCache, Pipeline

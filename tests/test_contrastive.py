@@ -572,14 +572,17 @@ def _recall(aligner, tokenizer, pixels, captions, max_length):
 @pytest.mark.slow
 def test_short_training_run_aligns_shapesworld_images_and_carries_over_to_videos(tmp_path):
     """Measured here: held-out image R@1 0.025 -> about 0.4 both ways (chance 0.025); videos start near 0.3."""
-    from videollava.shapesworld.generate import generate
+    from videollava.shapesworld.generate import GenerationConfig, generate
     from videollava.train.tokenizer import train_tokenizer
 
     torch.manual_seed(0)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matmuls: one thread is as fast and does not fight other processes
     try:
-        generate(tmp_path, seed=0, n_images=400, n_videos=40, n_test_images=40, n_test_videos=40, workers=1)
+        generate(
+            tmp_path,
+            GenerationConfig(seed=0, images=400, videos=40, test_images=40, test_videos=40, workers=1),
+        )
         size, frames, max_length, width = 48, 4, 48, 64
         images, image_captions = _load_pairs(tmp_path, "captions.json", "image", size, frames)
         test_images, test_image_captions = _load_pairs(tmp_path, "test_captions.json", "image", size, frames)

@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from videollava.constants import IGNORE_INDEX, IMAGE_SLOT, VIDEO_SLOT
 from videollava.data.datasets import (
     BadSample,
     CaptionDataset,
@@ -36,7 +37,6 @@ from videollava.data.samplers import (
     mixed_batches,
     shard,
 )
-from videollava.data.tokenize import IGNORE_INDEX, IMAGE_SLOT, VIDEO_SLOT
 from videollava.data.transforms import ImageTransformConfig, box_to_pixels
 from videollava.train.bad_samples import BadSampleLog
 
@@ -46,10 +46,10 @@ SIZE = 16
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
-    from videollava.shapesworld.generate import generate
+    from videollava.shapesworld.generate import GenerationConfig, generate
 
     root = tmp_path_factory.mktemp("shapesworld")
-    generate(root, seed=3, n_images=6, n_videos=4, n_test_images=2, n_test_videos=2)
+    generate(root, GenerationConfig(seed=3, images=6, videos=4, test_images=2, test_videos=2))
     return root
 
 

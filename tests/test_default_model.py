@@ -18,7 +18,7 @@ from videollava.infer.pipeline import Pipeline, default_model_path
 from videollava.infer.request import MediaItem
 from videollava.infer.sampling import SamplingParams
 from videollava.shapesworld.evaluate import check_targets, evaluate
-from videollava.shapesworld.generate import generate
+from videollava.shapesworld.generate import GenerationConfig, generate
 from videollava.shapesworld.world import COLORS, COUNT_WORDS, DIRECTIONS, SHAPES
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "src" / "videollava" / "assets" / "examples"
@@ -40,7 +40,9 @@ def pipeline() -> Pipeline:
 def report(pipeline, tmp_path_factory):
     """A fresh held-out set (a seed the model never saw) of more than 1,000 questions."""
     data = tmp_path_factory.mktemp("heldout")
-    generate(data, seed=777, n_images=0, n_videos=0, n_test_images=150, n_test_videos=150, workers=2)
+    generate(
+        data, GenerationConfig(seed=777, images=0, videos=0, test_images=150, test_videos=150, workers=2)
+    )
     return evaluate(pipeline, data, batch_size=32)
 
 

@@ -137,10 +137,10 @@ def test_judge_summary_records_the_judge():
 
 @pytest.fixture(scope="module")
 def shapesworld_dir(tmp_path_factory):
-    from videollava.shapesworld.generate import generate
+    from videollava.shapesworld.generate import GenerationConfig, generate
 
     out = tmp_path_factory.mktemp("shapesworld")
-    generate(out, seed=3, n_images=0, n_videos=0, n_test_images=3, n_test_videos=3, workers=1)
+    generate(out, GenerationConfig(seed=3, images=0, videos=0, test_images=3, test_videos=3, workers=1))
     return out
 
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 from transformers import CLIPVisionModel, VideoLlavaForConditionalGeneration
 
-from videollava.data.tokenize import IMAGE_SLOT, VIDEO_SLOT, tokenize_multimodal
+from videollava.constants import IMAGE_SLOT, VIDEO_SLOT
+from videollava.data.tokenize import tokenize_multimodal
 from videollava.infer.engine import Engine
 from videollava.infer.request import Prepared
 from videollava.infer.sampling import SamplingParams

@@ -16,7 +16,7 @@ from PIL import Image
 
 from videollava.cli import main as cli_main
 from videollava.errors import VideoLlavaError
-from videollava.shapesworld.generate import generate, object_regions
+from videollava.shapesworld.generate import GenerationConfig, generate, object_regions
 from videollava.shapesworld.render import render_array, render_scene
 from videollava.shapesworld.text import MOTION_PHRASES, POPE_SPLITS, POPULAR_TOP_K, place_words
 from videollava.shapesworld.world import (
@@ -32,7 +32,7 @@ from videollava.shapesworld.world import (
 )
 
 TOLERANCE = 30  # per channel, for JPEG and H.264
-SMALL = dict(n_images=10, n_videos=8, n_test_images=4, n_test_videos=4)
+SMALL = dict(images=10, videos=8, test_images=4, test_videos=4)
 
 
 def _read_json(path: Path):
@@ -93,7 +93,7 @@ def _article(name: str) -> str:
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("sw")
-    generate(root, seed=7, **SMALL)
+    generate(root, GenerationConfig(seed=7, **SMALL))
     return root
 
 
@@ -101,7 +101,9 @@ def dataset(tmp_path_factory) -> Path:
 def text_only(tmp_path_factory) -> Path:
     """A bigger dry run: enough questions for statistics without encoding any media."""
     root = tmp_path_factory.mktemp("sw_dry")
-    generate(root, seed=11, n_images=400, n_videos=300, n_test_images=60, n_test_videos=60, dry_run=True)
+    generate(
+        root, GenerationConfig(seed=11, images=400, videos=300, test_images=60, test_videos=60), dry_run=True
+    )
     return root
 
 
@@ -112,7 +114,7 @@ def text_only(tmp_path_factory) -> Path:
 # `generate` writes, so a change of code that alters any byte of a data set fails here. The JSON
 # digest depends on this code alone; the media digest also on the Pillow and libx264 builds.
 GOLDEN_RUN = dict(
-    seed=0, n_images=4, n_videos=2, n_test_images=2, n_test_videos=1, max_size=112, twins=0.5, mirrors=0.5
+    seed=0, images=4, videos=2, test_images=2, test_videos=1, max_size=112, twins=0.5, mirrors=0.5
 )
 GOLDEN_TEXT_SHA256 = "e73e5b7cd48c17cdcf76d89cc7111899cad14d136e4c83c89f0b558817943ac6"
 GOLDEN_MEDIA_SHA256 = "44d56733042e922ba0ee6dd8e9b251cba3383d16c10bf65df48d9f4c5973537d"
@@ -128,7 +130,7 @@ def _digest(root: Path, media: bool) -> str:
 
 
 def test_generated_files_are_byte_for_byte_those_of_the_golden_run(tmp_path: Path) -> None:
-    summary = generate(tmp_path, **GOLDEN_RUN)
+    summary = generate(tmp_path, GenerationConfig(**GOLDEN_RUN))
     assert (summary["train_twins"], summary["train_mirrors"], summary["media_written"]) == (4, 3, 16)
     assert _digest(tmp_path, media=False) == GOLDEN_TEXT_SHA256
     assert _digest(tmp_path, media=True) == GOLDEN_MEDIA_SHA256
@@ -136,7 +138,7 @@ def test_generated_files_are_byte_for_byte_those_of_the_golden_run(tmp_path: Pat
 
 def test_same_seed_same_files_and_different_seed_differs(tmp_path: Path, dataset: Path) -> None:
     again = tmp_path / "again"
-    generate(again, seed=7, workers=2, **SMALL)
+    generate(again, GenerationConfig(seed=7, workers=2, **SMALL))
     for name in (
         "captions.json",
         "instruct.json",
@@ -158,7 +160,7 @@ def test_same_seed_same_files_and_different_seed_differs(tmp_path: Path, dataset
             assert all(np.array_equal(x, y) for x, y in zip(frames_a, frames_b, strict=True))
 
     other = tmp_path / "other"
-    generate(other, seed=8, dry_run=True, **SMALL)
+    generate(other, GenerationConfig(seed=8, **SMALL), dry_run=True)
     for name in ("captions.json", "instruct.json", "test_questions.jsonl", "scenes.jsonl"):
         assert (other / name).read_bytes() != (dataset / name).read_bytes(), name
 
@@ -337,12 +339,14 @@ def test_render_scene_draws_each_shape_at_its_centre() -> None:
 
 def test_bad_sizes_are_refused(tmp_path: Path) -> None:
     with pytest.raises(VideoLlavaError):
-        generate(tmp_path, min_size=64, dry_run=True)
+        generate(tmp_path, GenerationConfig(min_size=64), dry_run=True)
     with pytest.raises(VideoLlavaError):
-        generate(tmp_path, min_size=128, max_size=100, dry_run=True)
+        generate(tmp_path, GenerationConfig(min_size=128, max_size=100), dry_run=True)
     with pytest.raises(VideoLlavaError, match="even"):  # no even short side for yuv420p video
-        generate(tmp_path, min_size=97, max_size=97, n_images=0, n_videos=1, dry_run=True)
-    summary = generate(tmp_path, min_size=97, max_size=97, n_videos=0, n_test_videos=0, dry_run=True)
+        generate(tmp_path, GenerationConfig(min_size=97, max_size=97, images=0, videos=1), dry_run=True)
+    summary = generate(
+        tmp_path, GenerationConfig(min_size=97, max_size=97, videos=0, test_videos=0), dry_run=True
+    )
     assert summary["train_images"] > 0
 
 
@@ -537,7 +541,7 @@ def test_held_out_media_are_disjoint_from_training(text_only: Path) -> None:
 
 
 def test_default_test_set_has_over_a_thousand_questions(tmp_path: Path) -> None:
-    summary = generate(tmp_path, n_images=0, n_videos=0, dry_run=True)
+    summary = generate(tmp_path, GenerationConfig(images=0, videos=0), dry_run=True)
     assert summary["test_questions"] >= 1000
     assert len(_read_jsonl(tmp_path / "test_questions.jsonl")) == summary["test_questions"]
     assert summary["media_written"] == 0 and not any((tmp_path / "media").rglob("*.*"))
@@ -587,7 +591,7 @@ def test_cli_refuses_bad_sizes(tmp_path: Path, capsys) -> None:
 
 def test_contrast_twins_differ_in_exactly_one_fact(tmp_path: Path) -> None:
     summary = generate(
-        tmp_path, seed=5, n_images=60, n_videos=30, n_test_images=4, n_test_videos=4, twins=1.0
+        tmp_path, GenerationConfig(seed=5, images=60, videos=30, test_images=4, test_videos=4, twins=1.0)
     )
     rows = {row["id"]: scene for row, scene in _scenes(tmp_path) if row["set"] == "train"}
     twins = [i for i in rows if i.endswith("_twin")]
@@ -620,7 +624,8 @@ def test_contrast_twins_differ_in_exactly_one_fact(tmp_path: Path) -> None:
 
 def test_mirror_twins_move_every_object_to_the_other_side(tmp_path: Path) -> None:
     summary = generate(
-        tmp_path, seed=6, n_images=60, n_videos=10, n_test_images=4, n_test_videos=4, twins=1.0, mirrors=1.0
+        tmp_path,
+        GenerationConfig(seed=6, images=60, videos=10, test_images=4, test_videos=4, twins=1.0, mirrors=1.0),
     )
     rows = {row["id"]: (row, scene) for row, scene in _scenes(tmp_path) if row["set"] == "train"}
     mirrors = [i for i in rows if i.endswith("_mirror")]
@@ -645,6 +650,6 @@ def test_mirror_twins_move_every_object_to_the_other_side(tmp_path: Path) -> Non
 
 def test_twins_must_be_a_fraction(tmp_path: Path) -> None:
     with pytest.raises(VideoLlavaError, match="twins"):
-        generate(tmp_path, n_images=1, n_videos=0, dry_run=True, twins=1.5)
+        generate(tmp_path, GenerationConfig(images=1, videos=0, twins=1.5), dry_run=True)
     with pytest.raises(VideoLlavaError, match="mirrors"):
-        generate(tmp_path, n_images=1, n_videos=0, dry_run=True, mirrors=-0.1)
+        generate(tmp_path, GenerationConfig(images=1, videos=0, mirrors=-0.1), dry_run=True)

@@ -1,14 +1,8 @@
 import pytest
 
+from videollava.constants import IGNORE_INDEX, IMAGE_SLOT, VIDEO_SLOT
 from videollava.data.conversation import Conversation, get_template
-from videollava.data.tokenize import (
-    IGNORE_INDEX,
-    IMAGE_SLOT,
-    VIDEO_SLOT,
-    check_placeholders,
-    count_placeholders,
-    tokenize_multimodal,
-)
+from videollava.data.tokenize import check_placeholders, count_placeholders, tokenize_multimodal
 from videollava.errors import PromptError
 from videollava.testing import tiny_test_tokenizer
 

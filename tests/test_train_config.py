@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from videollava.data.samplers import micro_batches, shard
-from videollava.shapesworld.generate import generate
+from videollava.shapesworld.generate import GenerationConfig, generate
 from videollava.train import distributed as D
 from videollava.train.config import (
     BatchLayout,
@@ -61,7 +61,7 @@ def test_shapesworld_recipe_has_every_stage_in_order(tmp_path):
     assert projector.sampler_mode == "mixed" and projector.template == "plain"
     assert finetune.sampler_mode == "grouped"
     # every file a stage reads is one the data stage writes
-    generate(tmp_path, n_images=4, n_videos=4, n_test_images=1, n_test_videos=1, dry_run=True)
+    generate(tmp_path, GenerationConfig(images=4, videos=4, test_images=1, test_videos=1), dry_run=True)
     for stage in recipe.stages:
         evaluation = getattr(stage, "eval", None)
         for name in [*stage.data, *([evaluation.data] if evaluation is not None else [])]:
@@ -420,6 +420,18 @@ RECIPE_ERRORS = [
         lambda r: r["stages"].insert(1, {"kind": "align_image", "region_loss": {"motion_weight": -1}}),
         "stages[1] (align_image).region_loss.motion_weight: must be >= 0, got -1",
     ),
+    (
+        lambda r: r["data"].update(generate={"twins": 1.5}),
+        "data.generate.twins: must be a fraction in [0, 1], got 1.5",
+    ),
+    (
+        lambda r: r["data"].update(generate={"min_size": 128, "max_size": 100}),
+        "data.generate.max_size: 100 is smaller than min_size 128",
+    ),
+    (
+        lambda r: r["data"].update(generate={"image": 10}),
+        "data.generate.image: unknown key 'image' in data.generate (did you mean 'images'?)",
+    ),
 ]
 
 
@@ -458,6 +470,8 @@ def test_recipe_sections_are_the_models_own_configs():
     assert align.text_encoder == TextEncoderConfig() and align.region_loss == RegionLoss(pooling="patch")
     defaults = VideoLlavaConfig()
     assert recipe.model.options() == {name: getattr(defaults, name) for name in recipe.model.options()}
+    raw["data"]["generate"] = {"images": 10, "twins": 0.5}
+    assert recipe_from_dict(raw).data.generate == GenerationConfig(images=10, twins=0.5)
     with pytest.raises(RecipeError, match=r"model\.init\.vision\.num_frames: unknown key"):
         recipe_from_dict(
             minimal(), ["model.init.vision.num_frames=4"]

@@ -63,9 +63,9 @@ def tiny_recipe(data_root: Path, stages: list[dict] | None = None, bf16: bool = 
 
 
 def make_world(root: Path, images: int = 12, videos: int = 6) -> Path:
-    from videollava.shapesworld.generate import generate
+    from videollava.shapesworld.generate import GenerationConfig, generate
 
-    generate(root, seed=1, n_images=images, n_videos=videos, n_test_images=4, n_test_videos=4)
+    generate(root, GenerationConfig(seed=1, images=images, videos=videos, test_images=4, test_videos=4))
     return root
 
 

@@ -25,6 +25,7 @@ from transformers import (
     VideoLlavaForConditionalGeneration,
 )
 
+from videollava.constants import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, padded_vocab_size
 from videollava.data.transforms import ImageTransformConfig
 from videollava.train.tokenizer import train_tokenizer
 
@@ -154,10 +155,10 @@ def hf_config(
 ):
     """transformers' VideoLlavaConfig for these tower and LLM shapes and this tokenizer's special ids.
 
-    The vocabulary is the tokenizer's, rounded up to a multiple of 64, unless `vocab_size` asks for more
+    The vocabulary is the tokenizer's, rounded up to a multiple of `VOCAB_MULTIPLE`, unless `vocab_size` asks for more
     rows (the real checkpoint has 32064 rows for LLaMA's 32000 tokens and three added ones).
     """
-    rows = -(-len(tokenizer) // 64) * 64
+    rows = padded_vocab_size(len(tokenizer))
     if vocab_size is not None:
         if vocab_size < len(tokenizer):
             raise ValueError(
@@ -174,8 +175,8 @@ def hf_config(
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
         ),
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER),
+        video_token_index=tokenizer.convert_tokens_to_ids(VIDEO_PLACEHOLDER),
         image_seq_length=patches,
         video_seq_length=frames * (patches + 1),
     )

@@ -9,22 +9,16 @@ conversation with media that every front end (server, terminal chat, web page) k
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Generic, Literal, Protocol, TypeVar
 
-from videollava.data.tokenize import (
-    IMAGE_PLACEHOLDER,
-    VIDEO_PLACEHOLDER,
-    check_placeholders,
-    count_placeholders,
-)
+from videollava.constants import IMAGE_PLACEHOLDER, PLACEHOLDER_PATTERN, VIDEO_PLACEHOLDER
+from videollava.data.tokenize import check_placeholders, count_placeholders
 from videollava.errors import PromptError
 
 USER = "user"
 ASSISTANT = "assistant"
-_PLACEHOLDER_RE = re.compile(f"{re.escape(IMAGE_PLACEHOLDER)}|{re.escape(VIDEO_PLACEHOLDER)}")
 
 
 @dataclass(frozen=True)
@@ -157,7 +151,7 @@ class Conversation:
 
 def _media_only(user_text: str) -> str:
     """The placeholders of a user turn, in order: all the plain template keeps of it."""
-    placeholders = _PLACEHOLDER_RE.findall(user_text)
+    placeholders = PLACEHOLDER_PATTERN.findall(user_text)
     if not placeholders:
         raise PromptError(
             f"the plain template needs a {IMAGE_PLACEHOLDER} or {VIDEO_PLACEHOLDER} placeholder in the user message"

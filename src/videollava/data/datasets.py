@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from videollava.constants import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
 from videollava.data.conversation import from_llava, get_template
 from videollava.data.frame_sampling import frame_times
 from videollava.data.images import load_image
@@ -22,7 +23,7 @@ from videollava.data.media import read_video_clip
 from videollava.data.records import Record
 from videollava.data.regions import Box, Region, parse_regions
 from videollava.data.sample_media import MediaSpec, SizeSink
-from videollava.data.tokenize import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, tokenize_multimodal
+from videollava.data.tokenize import tokenize_multimodal
 from videollava.data.transforms import box_to_pixels
 from videollava.errors import MediaError, PromptError, VideoLlavaError
 

@@ -20,11 +20,8 @@ Cancelled = Callable[[], bool]
 class DecodeLimits:
     """How much one image or video may cost to decode, whatever its file claims.
 
-    The defaults lie beyond what ordinary media reach on a 2-core CPU. Sampling by seeking decodes
-    at most one keyframe interval per sampled frame (a few thousand frames at worst); decoding
-    every frame, the fallback for a variable frame rate, ran at about 750 frames a second for a
-    synthetic 1080p H.264 clip here, so the time limit covers minutes of such video. PIL needs
-    40-65 ms per frame of a 3000 x 3000 animated GIF, so one of a thousand such frames is stopped.
+    The defaults lie beyond what ordinary media reach on a 2-core CPU and stop files built to be
+    expensive; the decode rates they were chosen against are in reports/decode-limits.md.
     """
 
     max_pixels: int = 8192 * 8192  # per still image or video frame, as decoded

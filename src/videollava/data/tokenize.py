@@ -8,24 +8,24 @@ placeholders and the pieces tokenized apart, as the reference implementation doe
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from videollava.constants import (
+    IGNORE_INDEX,
+    IMAGE_PLACEHOLDER,
+    IMAGE_SLOT,
+    PLACEHOLDER_PATTERN,
+    SLOT_OF_PLACEHOLDER,
+    VIDEO_PLACEHOLDER,
+    VIDEO_SLOT,
+)
 from videollava.errors import PromptError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-IMAGE_PLACEHOLDER = "<image>"
-VIDEO_PLACEHOLDER = "<video>"
-IMAGE_SLOT = -200
-VIDEO_SLOT = -201
-IGNORE_INDEX = -100
-
-_SLOTS = {IMAGE_PLACEHOLDER: IMAGE_SLOT, VIDEO_PLACEHOLDER: VIDEO_SLOT}
-_PLACEHOLDER_RE = re.compile(f"{re.escape(IMAGE_PLACEHOLDER)}|{re.escape(VIDEO_PLACEHOLDER)}")
 _NO_CHARS = (0, 0)  # offset of tokens that come from no text, such as an added BOS
 
 
@@ -71,7 +71,7 @@ def check_placeholders(text: str, n_images: int, n_videos: int) -> None:
 def _placeholder_token_ids(tokenizer: PreTrainedTokenizerBase) -> dict[int, int] | None:
     """Map token id -> slot id when the tokenizer reads both placeholders as single tokens, else None."""
     found: dict[int, int] = {}
-    for placeholder, slot in _SLOTS.items():
+    for placeholder, slot in SLOT_OF_PLACEHOLDER.items():
         ids = tokenizer.encode(placeholder, add_special_tokens=False)
         if len(ids) != 1 or ids[0] == tokenizer.unk_token_id:
             return None
@@ -141,7 +141,7 @@ def tokenize_multimodal(
     else:
         # The reference's way: tokenize the text between placeholders piece by piece, dropping each piece's BOS.
         start = 0
-        for match in [*_PLACEHOLDER_RE.finditer(text), None]:
+        for match in [*PLACEHOLDER_PATTERN.finditer(text), None]:
             end = len(text) if match is None else match.start()
             piece_ids, piece_offsets = _encode(tokenizer, text[start:end], want_labels)
             if piece_ids and piece_ids[0] == bos_id and piece_offsets[0] == _NO_CHARS:
@@ -151,7 +151,7 @@ def tokenize_multimodal(
                 (a + start, b + start) if (a, b) != _NO_CHARS else _NO_CHARS for a, b in piece_offsets
             ]
             if match is not None:
-                ids.append(_SLOTS[match.group()])
+                ids.append(SLOT_OF_PLACEHOLDER[match.group()])
                 offsets.append(_NO_CHARS)
                 start = match.end()
 

@@ -21,7 +21,7 @@ from typing import Protocol
 import torch
 from transformers import DynamicCache
 
-from videollava.data.tokenize import IMAGE_SLOT, VIDEO_SLOT
+from videollava.constants import IMAGE_SLOT, VIDEO_SLOT
 from videollava.errors import VideoLlavaError
 from videollava.infer.kv import (
     LayerKV,

@@ -19,12 +19,13 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from videollava.constants import IMAGE_SLOT, VIDEO_SLOT
 from videollava.data.conversation import build_prompt, get_template
 from videollava.data.decode_limits import Cancelled, DecodeLimits, raise_if_cancelled
 from videollava.data.images import load_image
 from videollava.data.media import read_video_frames
 from videollava.data.media_source import open_media_file
-from videollava.data.tokenize import IMAGE_SLOT, VIDEO_SLOT, check_placeholders, tokenize_multimodal
+from videollava.data.tokenize import check_placeholders, tokenize_multimodal
 from videollava.data.transforms import (
     ImageTransformConfig,
     preprocess_images,

@@ -9,12 +9,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from videollava.data.tokenize import IMAGE_SLOT, VIDEO_SLOT
+from videollava.constants import IMAGE_PLACEHOLDER, IMAGE_SLOT, VIDEO_PLACEHOLDER, VIDEO_SLOT
 from videollava.model.videollava import VideoLlava, VideoLlavaConfig
 from videollava.model.vision import VisionConfig, VisionTower
-
-# The -hf port pads its vocabulary to a multiple of this, as do models built here.
-VOCAB_MULTIPLE = 64
 
 
 @dataclass
@@ -33,11 +30,6 @@ class LLMConfig:
     hidden_act: str = "silu"
     tie_word_embeddings: bool = False
     initializer_range: float = 0.02
-
-
-def padded_vocab(tokenizer: Any) -> int:
-    """The tokenizer's size rounded up to a multiple of `VOCAB_MULTIPLE`."""
-    return -(-len(tokenizer) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
 
 
 def text_config(llm: LLMConfig, vocab_size: int, tokenizer: Any = None) -> dict[str, Any]:
@@ -69,8 +61,8 @@ def model_config(
     return VideoLlavaConfig(
         vision=vision,
         text_config=text_config(llm, vocab_size, tokenizer),
-        image_token_id=placeholder_id(tokenizer, "<image>", IMAGE_SLOT),
-        video_token_id=placeholder_id(tokenizer, "<video>", VIDEO_SLOT),
+        image_token_id=placeholder_id(tokenizer, IMAGE_PLACEHOLDER, IMAGE_SLOT),
+        video_token_id=placeholder_id(tokenizer, VIDEO_PLACEHOLDER, VIDEO_SLOT),
         pad_token_id=tokenizer.pad_token_id if tokenizer is not None else 0,
         **options,
     )

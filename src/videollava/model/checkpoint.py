@@ -20,6 +20,7 @@ from huggingface_hub import snapshot_download
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from videollava.constants import HF_IMAGE_TOKEN_ID, HF_VIDEO_TOKEN_ID, IMAGE_SLOT, VIDEO_SLOT
 from videollava.errors import CheckpointError
 from videollava.model.videollava import VideoLlava, VideoLlavaConfig
 from videollava.model.vision import VisionConfig
@@ -295,8 +296,8 @@ def config_from_hf(data: dict[str, Any], has_temporal: bool, source: str = "conf
         num_frames=ours.get("num_frames", 8),
         vision_feature_layer=layer,
         projector_hidden_act=data.get("projector_hidden_act", "gelu"),
-        image_token_id=data.get("image_token_index", 32000),
-        video_token_id=data.get("video_token_index", 32001),
+        image_token_id=data.get("image_token_index", HF_IMAGE_TOKEN_ID),
+        video_token_id=data.get("video_token_index", HF_VIDEO_TOKEN_ID),
         pad_token_id=data.get("pad_token_id", text_config.get("pad_token_id")),
         image_aspect_ratio=ours.get("image_aspect_ratio", "crop"),
         video_aspect_ratio=ours.get("video_aspect_ratio", "crop"),
@@ -414,8 +415,8 @@ def config_from_original(
         temporal_frames=temporal_frames,
         num_frames=temporal_frames or 8,
         vision_feature_layer=data.get("mm_vision_select_layer", -2),
-        image_token_id=-200,
-        video_token_id=-201,
+        image_token_id=IMAGE_SLOT,
+        video_token_id=VIDEO_SLOT,
         pad_token_id=data.get("pad_token_id", 0),
         image_aspect_ratio=data.get("image_aspect_ratio", "pad")
         if data.get("image_aspect_ratio") == "pad"

@@ -6,13 +6,18 @@ import argparse
 
 import torch
 
+from videollava.constants import (
+    HF_SPECIAL_TOKENS,
+    IMAGE_PLACEHOLDER,
+    PAD_TOKEN,
+    VIDEO_PLACEHOLDER,
+    padded_vocab_size,
+)
 from videollava.model.bundle import load_bundle, save_bundle
 from videollava.model.videollava import VideoLlava
 
-HF_SPECIAL_TOKENS = ("<image>", "<video>", "<pad>")
 
-
-def add_placeholder_tokens(model: VideoLlava, tokenizer, pad_to_multiple: int = 64) -> None:
+def add_placeholder_tokens(model: VideoLlava, tokenizer) -> None:
     """Give an original-layout model the -hf vocabulary: `<image>`, `<video>`, `<pad>` as tokens.
 
     The new embedding rows are the mean of the existing ones; placeholders are replaced by visual
@@ -20,13 +25,12 @@ def add_placeholder_tokens(model: VideoLlava, tokenizer, pad_to_multiple: int = 
     """
     missing = [t for t in HF_SPECIAL_TOKENS if t not in tokenizer.get_vocab()]
     if missing:
-        tokenizer.add_special_tokens({"additional_special_tokens": [t for t in missing if t != "<pad>"]})
-        if "<pad>" in missing:
-            tokenizer.add_special_tokens({"pad_token": "<pad>"})
+        tokenizer.add_special_tokens({"additional_special_tokens": [t for t in missing if t != PAD_TOKEN]})
+        if PAD_TOKEN in missing:
+            tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
     llm = model.language_model
     old = llm.get_input_embeddings().weight.shape[0]
-    wanted = len(tokenizer)
-    size = -(-wanted // pad_to_multiple) * pad_to_multiple
+    size = padded_vocab_size(len(tokenizer))
     if size > old:
         with torch.no_grad():
             mean_in = llm.get_input_embeddings().weight.mean(0)
@@ -35,8 +39,8 @@ def add_placeholder_tokens(model: VideoLlava, tokenizer, pad_to_multiple: int = 
             llm.get_input_embeddings().weight[old:] = mean_in
             llm.get_output_embeddings().weight[old:] = mean_out
         model.config.text_config["vocab_size"] = size
-    model.config.image_token_id = tokenizer.convert_tokens_to_ids("<image>")
-    model.config.video_token_id = tokenizer.convert_tokens_to_ids("<video>")
+    model.config.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
+    model.config.video_token_id = tokenizer.convert_tokens_to_ids(VIDEO_PLACEHOLDER)
     model.config.pad_token_id = tokenizer.pad_token_id
 
 

@@ -15,7 +15,14 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig, PretrainedConfig
 
-from videollava.data.tokenize import IGNORE_INDEX, IMAGE_SLOT, VIDEO_SLOT
+from videollava.constants import (
+    HF_IMAGE_TOKEN_ID,
+    HF_PAD_TOKEN_ID,
+    HF_VIDEO_TOKEN_ID,
+    IGNORE_INDEX,
+    IMAGE_SLOT,
+    VIDEO_SLOT,
+)
 from videollava.errors import PromptError
 from videollava.model.vision import VisionConfig, VisionTower
 
@@ -32,9 +39,9 @@ class VideoLlavaConfig:
     vision_feature_layer: int = -2
     projector_hidden_act: str = "gelu"
     # Token ids of the placeholders in the -hf vocabulary; kept for the on-disk format.
-    image_token_id: int = 32000
-    video_token_id: int = 32001
-    pad_token_id: int | None = 32002
+    image_token_id: int = HF_IMAGE_TOKEN_ID
+    video_token_id: int = HF_VIDEO_TOKEN_ID
+    pad_token_id: int | None = HF_PAD_TOKEN_ID
     # "pad" pads images to a square with the mean colour before the crop; "crop" centre-crops;
     # "squash" resizes both sides to the square (data.transforms.ASPECT_MODES).
     image_aspect_ratio: str = "crop"

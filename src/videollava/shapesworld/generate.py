@@ -19,12 +19,13 @@ import os
 import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from videollava.data.tokenize import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
+from videollava.data.conversation import user_turn
 from videollava.errors import VideoLlavaError
 from videollava.shapesworld.render import JPEG_QUALITY, VIDEO_CRF, VIDEO_PRESET, X264_PARAMS, write_media
 from videollava.shapesworld.text import (
@@ -66,48 +67,51 @@ from videollava.shapesworld.world import (
 )
 
 
-def generate(
-    out_dir: str | Path,
-    seed: int = 0,
-    n_images: int = 2000,
-    n_videos: int = 1000,
-    n_test_images: int = 150,
-    n_test_videos: int = 150,
-    min_size: int = MIN_MEDIA_SIZE,
-    max_size: int = DEFAULT_MAX_SIZE,
-    workers: int = 1,
-    dry_run: bool = False,
-    twins: float = 0.0,
-    mirrors: float = 0.0,
-) -> dict[str, Any]:
-    """Write a complete ShapesWorld dataset; ``dry_run`` writes the JSON files but no media.
+class GenerationError(VideoLlavaError, ValueError):
+    """Settings that cannot make a data set; also a ValueError, so that a recipe's check names the key."""
 
-    ``twins`` is the fraction of training media that also get a `contrast_twin`; both carry the
-    same ``group`` in the JSON files, so samplers can put them in one batch. ``mirrors`` is the
-    fraction of training images that also get a `mirror_twin`, in the same group.
-    """
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """What a ShapesWorld data set holds: the same config (workers aside) writes the same files."""
+
+    images: int = 2000  # training images
+    videos: int = 1000  # training videos
+    test_images: int = 150  # held-out images, from a seed stream of their own
+    test_videos: int = 150  # held-out videos
+    seed: int = 0
+    min_size: int = MIN_MEDIA_SIZE  # smallest short side in pixels
+    max_size: int = DEFAULT_MAX_SIZE  # largest short side in pixels
+    workers: int = 1  # processes that render and encode media; the output does not depend on it
+    # Fraction of training media that also get a `contrast_twin`, in the same `group` (one batch).
+    twins: float = 0.0
+    # Fraction of training images that also get a `mirror_twin`, in the same group.
+    mirrors: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("twins", "mirrors"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise GenerationError(f"{name}: must be a fraction in [0, 1], got {getattr(self, name)}")
+        for name in ("images", "videos", "test_images", "test_videos"):
+            if getattr(self, name) < 0:
+                raise GenerationError(f"{name}: must not be negative, got {getattr(self, name)}")
+        if self.min_size < MIN_MEDIA_SIZE:
+            raise GenerationError(f"min_size: must be at least {MIN_MEDIA_SIZE}, got {self.min_size}")
+        if self.max_size < self.min_size:
+            raise GenerationError(f"max_size: {self.max_size} is smaller than min_size {self.min_size}")
+
+
+def generate(out_dir: str | Path, config: GenerationConfig, *, dry_run: bool = False) -> dict[str, Any]:
+    """Write a complete ShapesWorld dataset; ``dry_run`` writes the JSON files but no media."""
     started = time.perf_counter()
-    for name, fraction in (("twins", twins), ("mirrors", mirrors)):
-        if not 0.0 <= fraction <= 1.0:
-            raise VideoLlavaError(f"{name} must be a fraction in [0, 1] (got {fraction})")
-    for name, value in (
-        ("n_images", n_images),
-        ("n_videos", n_videos),
-        ("n_test_images", n_test_images),
-        ("n_test_videos", n_test_videos),
-    ):
-        if value < 0:
-            raise VideoLlavaError(f"{name} must not be negative (got {value})")
-    if min_size < MIN_MEDIA_SIZE:
-        raise VideoLlavaError(f"min_size must be at least {MIN_MEDIA_SIZE} (got {min_size})")
-    if max_size < min_size:
-        raise VideoLlavaError(f"max_size ({max_size}) is smaller than min_size ({min_size})")
+    seed, min_size, max_size = config.seed, config.min_size, config.max_size
+    twins, mirrors = config.twins, config.mirrors
     out = Path(out_dir)
     media_root = out / "media"
     (media_root / "images").mkdir(parents=True, exist_ok=True)
     (media_root / "videos").mkdir(parents=True, exist_ok=True)
 
-    train = _sample_set(seed, 0, "train", n_images, n_videos, min_size, max_size)
+    train = _sample_set(seed, 0, "train", config.images, config.videos, min_size, max_size)
     groups: dict[str, str] = {}
     if twins > 0 or mirrors > 0:
         twin_rng = np.random.default_rng([seed, 0, 3])
@@ -124,7 +128,9 @@ def generate(
                     groups[scene.id] = groups[kin.id] = scene.id
         train = paired
     train_signatures = {scene.signature() for scene, _ in train}
-    test = _sample_set(seed, 1, "test", n_test_images, n_test_videos, min_size, max_size, train_signatures)
+    test = _sample_set(
+        seed, 1, "test", config.test_images, config.test_videos, min_size, max_size, train_signatures
+    )
 
     # Text for the training set
     text_rng = np.random.default_rng([seed, 0, 2])
@@ -173,10 +179,10 @@ def generate(
 
     params = {
         "seed": seed,
-        "n_images": n_images,
-        "n_videos": n_videos,
-        "n_test_images": n_test_images,
-        "n_test_videos": n_test_videos,
+        "n_images": config.images,
+        "n_videos": config.videos,
+        "n_test_images": config.test_images,
+        "n_test_videos": config.test_videos,
         "min_size": min_size,
         "max_size": max_size,
         "popular_ranking_train": [f"{c} {s}" for c, s in ranking],
@@ -195,11 +201,11 @@ def generate(
         jobs = [(scene.to_dict(), str(media_root / media)) for scene, media in train + test]
         # Videos first: they are the slow jobs, so the pool ends with short image jobs.
         jobs.sort(key=lambda job: job[0]["kind"] != "video")
-        if workers > 1 and len(jobs) > 1:
+        if config.workers > 1 and len(jobs) > 1:
             # fork where possible: spawn would re-run an unguarded calling script in every worker
             method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
             context = multiprocessing.get_context(method)
-            with context.Pool(processes=workers) as pool:
+            with context.Pool(processes=config.workers) as pool:
                 for _ in pool.imap_unordered(_write_job, jobs, chunksize=4):
                     pass
         else:
@@ -211,12 +217,12 @@ def generate(
     return {
         "out_dir": str(out),
         "seed": seed,
-        "train_images": n_images,
-        "train_videos": n_videos,
+        "train_images": config.images,
+        "train_videos": config.videos,
         "train_twins": sum(key.endswith("_twin") for key in groups),
         "train_mirrors": sum(key.endswith("_mirror") for key in groups),
-        "test_images": n_test_images,
-        "test_videos": n_test_videos,
+        "test_images": config.test_images,
+        "test_videos": config.test_videos,
         "captions": len(captions),
         "instruct": len(instruct),
         "instruct_turns": sum(len(e["conversations"]) // 2 for e in instruct),
@@ -332,8 +338,10 @@ def _entry(scene: Scene, media: str) -> dict[str, Any]:
 
 def _caption_entry(scene: Scene, media: str, caption: str, rng: np.random.Generator) -> dict[str, Any]:
     request = CAPTION_REQUESTS[int(rng.integers(len(CAPTION_REQUESTS)))].format(media=scene.kind)
-    token = _placeholder(scene)
-    conversations = [{"from": "human", "value": f"{token}\n{request}"}, {"from": "gpt", "value": caption}]
+    conversations = [
+        {"from": "human", "value": _first_turn(scene, request)},
+        {"from": "gpt", "value": caption},
+    ]
     return _entry(scene, media) | {"conversations": conversations, "regions": object_regions(scene)}
 
 
@@ -363,16 +371,15 @@ def direction_entry(scene: Scene, media: str, turns: Sequence[dict[str, Any]]) -
     return _instruct_entry(scene, media, asked) | {"id": f"{scene.id}_direction"}
 
 
-def _placeholder(scene: Scene) -> str:
-    """Where the media go in the first question: the placeholder the model's tokenizer expects."""
-    return IMAGE_PLACEHOLDER if scene.kind == "image" else VIDEO_PLACEHOLDER
+def _first_turn(scene: Scene, question: str) -> str:
+    """The question that shows the scene, written as inference writes a user turn."""
+    return user_turn(question, images=int(scene.kind == "image"), videos=int(scene.kind == "video"))
 
 
 def _conversation(scene: Scene, turns: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
-    token = _placeholder(scene)
     conv: list[dict[str, str]] = []
     for k, turn in enumerate(turns):
-        question = f"{token}\n{turn['question']}" if k == 0 else turn["question"]
+        question = _first_turn(scene, turn["question"]) if k == 0 else turn["question"]
         conv.append({"from": "human", "value": question})
         conv.append({"from": "gpt", "value": turn["answer"]})
     return conv
@@ -436,20 +443,20 @@ def _run_generate(args: argparse.Namespace) -> int:
         if len(args.size) > 2:
             raise VideoLlavaError("--size takes one value (fixed short side) or two (MIN MAX)")
         min_size, max_size = args.size[0], args.size[-1]
-    summary = generate(
-        args.out if args.out is not None else default_data_folder(args.seed),
+    config = GenerationConfig(
+        images=args.images,
+        videos=args.videos,
+        test_images=args.test_images,
+        test_videos=args.test_videos,
         seed=args.seed,
-        n_images=args.images,
-        n_videos=args.videos,
-        n_test_images=args.test_images,
-        n_test_videos=args.test_videos,
         min_size=min_size,
         max_size=max_size,
         workers=args.workers,
-        dry_run=args.dry_run,
         twins=args.twins,
         mirrors=args.mirrors,
     )
+    out = args.out if args.out is not None else default_data_folder(args.seed)
+    summary = generate(out, config, dry_run=args.dry_run)
     print(
         f"wrote {summary['train_images']} + {summary['test_images']} images, "
         f"{summary['train_videos']} + {summary['test_videos']} videos (train + test) "
@@ -476,13 +483,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="output folder for media/ and the JSON files (default: runs/shapesworld-data/seed-SEED)",
     )
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--images", type=int, default=2000, help="training images (default 2000)")
-    gen.add_argument("--videos", type=int, default=1000, help="training videos (default 1000)")
-    gen.add_argument("--test-images", type=int, default=150, help="held-out images (default 150)")
-    gen.add_argument("--test-videos", type=int, default=150, help="held-out videos (default 150)")
-    gen.add_argument("--min-size", type=int, default=MIN_MEDIA_SIZE, help="smallest short side in pixels")
-    gen.add_argument("--max-size", type=int, default=DEFAULT_MAX_SIZE, help="largest short side in pixels")
+    defaults = GenerationConfig()
+    gen.add_argument("--seed", type=int, default=defaults.seed)
+    gen.add_argument(
+        "--images", type=int, default=defaults.images, help="training images (default %(default)s)"
+    )
+    gen.add_argument(
+        "--videos", type=int, default=defaults.videos, help="training videos (default %(default)s)"
+    )
+    gen.add_argument(
+        "--test-images", type=int, default=defaults.test_images, help="held-out images (default %(default)s)"
+    )
+    gen.add_argument(
+        "--test-videos", type=int, default=defaults.test_videos, help="held-out videos (default %(default)s)"
+    )
+    gen.add_argument("--min-size", type=int, default=defaults.min_size, help="smallest short side in pixels")
+    gen.add_argument("--max-size", type=int, default=defaults.max_size, help="largest short side in pixels")
     gen.add_argument(
         "--size", type=int, nargs="+", metavar="PX", help="short side: one value (fixed) or MIN MAX"
     )
@@ -495,16 +511,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     gen.add_argument(
         "--twins",
         type=float,
-        default=0.0,
+        default=defaults.twins,
         help="fraction of training media that also get a twin differing in one shape (images) or "
-        "in direction (videos), grouped with it for contrastive batches (default 0)",
+        "in direction (videos), grouped with it for contrastive batches (default %(default)s)",
     )
     gen.add_argument(
         "--mirrors",
         type=float,
-        default=0.0,
+        default=defaults.mirrors,
         help="fraction of training images that also get a mirrored twin (objects moved to the other "
-        "side), grouped with them (default 0)",
+        "side), grouped with them (default %(default)s)",
     )
     gen.add_argument("--dry-run", action="store_true", help="write the JSON files only, no media")
     gen.set_defaults(func=_run_generate)

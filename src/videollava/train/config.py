@@ -3,10 +3,11 @@
 A recipe names the model (a fresh small one under `init:`, or pretrained parts under `from:`), the
 data, and an ordered list of stages. The model's own config dataclasses are embedded as they are,
 with their types, defaults and checks: `VisionConfig` (the towers), `LLMConfig` (the LLM),
-`TextEncoderConfig` and `RegionLoss` (alignment), and the `VideoLlavaConfig` fields a recipe sets
-under `model:`. Loading checks every key and type (pydantic, strict: `"8"` is not a number), so a
-typo fails before any work starts, with the key's full location in the message. Overrides from
-the command line (`--set stage.2.lr=1e-3`) are applied to the YAML before checking.
+`TextEncoderConfig` and `RegionLoss` (alignment), ShapesWorld's `GenerationConfig` (`data.generate`)
+and the `VideoLlavaConfig` fields a recipe sets under `model:`. Loading checks every key and type
+(pydantic, strict: `"8"` is not a number), so a typo fails before any work starts, with the key's
+full location in the message. Overrides from the command line (`--set stage.2.lr=1e-3`) are
+applied to the YAML before checking.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from videollava.errors import VideoLlavaError
 from videollava.model.build import LLMConfig
 from videollava.model.videollava import VideoLlavaConfig
 from videollava.model.vision import VisionConfig
+from videollava.shapesworld.generate import GenerationConfig
 from videollava.train.contrastive import RegionLoss, TextEncoderConfig
 
 
@@ -142,6 +144,7 @@ VisionSection = embedded(VisionConfig, exclude=("num_frames",))
 LLMSection = embedded(LLMConfig)
 TextEncoderSection = embedded(TextEncoderConfig)
 RegionLossSection = embedded(RegionLoss)
+GenerationSection = embedded(GenerationConfig)
 
 
 # ---------------------------------------------------------------------------------------- model
@@ -226,32 +229,14 @@ ModelConfig = create_model(
 # ---------------------------------------------------------------------------------------- data
 
 
-class GenerateConfig(Section):
-    """ShapesWorld data generated into the run folder (once; reused on resume)."""
-
-    images: Integer = 2000
-    videos: Integer = 1000
-    test_images: Integer = 150
-    test_videos: Integer = 150
-    seed: Integer = 0
-    min_size: Integer = 96
-    max_size: Integer = 160
-    workers: Integer = 1
-    twins: Number = (
-        0.0  # fraction of training media with a contrast twin (see shapesworld.twins.contrast_twin)
-    )
-    mirrors: Number = (
-        0.0  # fraction of training images with a mirrored twin (see shapesworld.twins.mirror_twin)
-    )
-
-
 class DataConfig(Section):
     # Folder with the JSON files; relative stage `data` paths resolve against it. Null with
     # `generate` means "<run dir>/data".
     root: str | None = None
     # Folder the media paths inside the JSON are relative to (default "<root>/media").
     media_root: str | None = None
-    generate: GenerateConfig | None = None
+    # ShapesWorld data generated into the run folder (once; reused on resume).
+    generate: GenerationSection | None = None
 
 
 # ---------------------------------------------------------------------------------------- stages

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from videollava.data.tokenize import IGNORE_INDEX, IMAGE_SLOT
+from videollava.constants import IGNORE_INDEX, IMAGE_SLOT
 from videollava.model.videollava import VideoLlava
 from videollava.train.contrastive import RegionVocabulary, tokenize_captions
 

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer
 
+from videollava.constants import padded_vocab_size
 from videollava.data.records import read_records, training_texts
 from videollava.data.sample_media import MediaCache
 from videollava.errors import CheckpointError, VideoLlavaError
@@ -36,7 +37,6 @@ from videollava.model.build import (
     build_meta_model,
     init_vision_tower,
     model_config,
-    padded_vocab,
 )
 from videollava.model.checkpoint import (
     _vision_from_languagebind,
@@ -221,7 +221,7 @@ class Run:
             return
         self.data_root = self.recipe.resolve_path(data.root) if data.root else self.run_dir / "data"
         marker = self.data_root / ".generated.json"
-        wanted = json.dumps(data.generate.model_dump(), sort_keys=True)
+        wanted = json.dumps(dataclasses.asdict(data.generate), sort_keys=True)
         if self.info.is_main:
             if marker.exists() and marker.read_text() != wanted:
                 raise RecipeError(
@@ -229,21 +229,8 @@ class Run:
                     "delete it or choose another data.root"
                 )
             if not marker.exists():
-                g = data.generate
                 self.log(f"generating ShapesWorld data into {self.data_root}")
-                generate(
-                    self.data_root,
-                    seed=g.seed,
-                    n_images=g.images,
-                    n_videos=g.videos,
-                    n_test_images=g.test_images,
-                    n_test_videos=g.test_videos,
-                    min_size=g.min_size,
-                    max_size=g.max_size,
-                    workers=g.workers,
-                    twins=g.twins,
-                    mirrors=g.mirrors,
-                )
+                generate(self.data_root, data.generate)
                 ckpt.atomic_write_text(marker, wanted)
         D.barrier(self.info)
 
@@ -259,7 +246,7 @@ class Run:
                 )
             ckpt.seed_everything(m.init.seed)
             config = recipe_model_config(
-                self.recipe, m.init.vision, m.init.llm, padded_vocab(self.tokenizer), self.tokenizer
+                self.recipe, m.init.vision, m.init.llm, padded_vocab_size(len(self.tokenizer)), self.tokenizer
             )
             model = VideoLlava(config)
             init_vision_tower(model.image_tower, m.init.vision_init_std)

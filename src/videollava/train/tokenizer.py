@@ -15,12 +15,11 @@ from collections.abc import Iterable, Iterator
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from videollava.constants import IMAGE_PLACEHOLDER, PAD_TOKEN, VIDEO_PLACEHOLDER
+
 UNK_TOKEN = "<unk>"
 BOS_TOKEN = "<s>"
 EOS_TOKEN = "</s>"
-PAD_TOKEN = "<pad>"
-IMAGE_TOKEN = "<image>"
-VIDEO_TOKEN = "<video>"
 
 _BASE_SPECIALS = [UNK_TOKEN, BOS_TOKEN, EOS_TOKEN]  # ids 0, 1, 2 as in LLaMA
 _BYTE_ALPHABET = len(pre_tokenizers.ByteLevel.alphabet())
@@ -29,7 +28,7 @@ _BYTE_ALPHABET = len(pre_tokenizers.ByteLevel.alphabet())
 def _pieces_between_specials(texts: Iterable[str]) -> Iterator[str]:
     """Text between special tokens: the trainer does not split on them, but encoding does."""
     pattern = re.compile(
-        "|".join(re.escape(t) for t in (*_BASE_SPECIALS, PAD_TOKEN, IMAGE_TOKEN, VIDEO_TOKEN))
+        "|".join(re.escape(t) for t in (*_BASE_SPECIALS, PAD_TOKEN, IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER))
     )
     for text in texts:
         yield from (piece for piece in pattern.split(text) if piece)
@@ -48,7 +47,7 @@ def train_tokenizer(
     `vocab_size` counts every token, added ones included; a small corpus may run out of merges before it. With `placeholder_tokens=False` the tokenizer
     lacks `<image>` / `<video>`, like the original LLaMA tokenizer, so prompts must be split on them.
     """
-    added = [IMAGE_TOKEN, VIDEO_TOKEN, PAD_TOKEN] if placeholder_tokens else [PAD_TOKEN]
+    added = [IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, PAD_TOKEN] if placeholder_tokens else [PAD_TOKEN]
     smallest = _BYTE_ALPHABET + len(_BASE_SPECIALS) + len(added)
     if vocab_size < smallest:
         raise ValueError(
@@ -75,7 +74,7 @@ def train_tokenizer(
         bos_token=BOS_TOKEN,
         eos_token=EOS_TOKEN,
         pad_token=PAD_TOKEN,
-        extra_special_tokens=[IMAGE_TOKEN, VIDEO_TOKEN] if placeholder_tokens else [],
+        extra_special_tokens=[IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER] if placeholder_tokens else [],
         add_bos_token=True,  # builds the LLaMA post-processor "<s> $A", saved into tokenizer.json
         add_eos_token=False,
         model_max_length=model_max_length,
