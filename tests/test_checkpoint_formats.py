@@ -423,6 +423,35 @@ def test_hf_image_size_pair_and_missing_fields(tmp_path, hf_checkpoint):
     assert config_from_hf(data, has_temporal=False).vision.hidden_size == 1024  # Video-LLaVA's default tower
 
 
+def test_every_tower_shape_field_survives_a_written_config():
+    """Each VisionConfig field but the temporal rows is written to vision_config and read back, so a field
+    added to the tower's config cannot be left out of the -hf layout."""
+    from videollava.model.checkpoint import config_from_hf, config_to_hf
+    from videollava.model.videollava import VideoLlavaConfig
+
+    vision = VisionConfig(
+        hidden_size=48,
+        intermediate_size=80,
+        num_hidden_layers=3,
+        num_attention_heads=3,
+        patch_size=4,
+        image_size=12,
+        num_channels=1,
+        layer_norm_eps=1e-6,
+        hidden_act="quick_gelu",
+    )
+    assert all(
+        getattr(vision, f.name) != f.default
+        for f in dataclasses.fields(VisionConfig)
+        if f.name != "num_frames"
+    )  # every field away from its default, so a field dropped on the way would show
+    written = config_to_hf(VideoLlavaConfig(vision=vision, text_config={"vocab_size": 64}))
+    assert set(written["vision_config"]) == {f.name for f in dataclasses.fields(VisionConfig)} - {
+        "num_frames"
+    } | {"model_type"}
+    assert config_from_hf(written, has_temporal=False).vision == vision
+
+
 def test_hub_tower_ids_resolve_to_folders_inside_the_checkpoint(original, tmp_path, monkeypatch):
     """Offline: the published config names hub ids; the same relative paths inside the folder are used."""
     folder = _copy_original(original, tmp_path)

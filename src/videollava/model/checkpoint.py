@@ -190,17 +190,9 @@ def _has_temporal(names: Iterable[str]) -> bool:
 
 # ---------------------------------------------------------------- configs
 
-_VISION_FIELDS = (
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "patch_size",
-    "image_size",
-    "num_channels",
-    "layer_norm_eps",
-    "hidden_act",
-)
+# The tower shape a vision_config of a config.json holds: every VisionConfig field but `num_frames`,
+# which the -hf layout keeps outside the vision_config (temporal rows are read from the weights).
+_VISION_FIELDS = tuple(f.name for f in dataclasses.fields(VisionConfig) if f.name != "num_frames")
 
 
 # Defaults of CLIP's vision config class, for fields a config.json leaves out (transformers 4.x
