@@ -131,7 +131,7 @@ def test_session_prompts_hold_the_conversation_and_its_media(
     assert system.startswith("A chat between")
     clip, image = str(sample_videos / "bikes.mp4"), str(picture(tmp_path / "red.png", (200, 30, 30)))
     recorder = PromptRecorder(vicuna_pipeline)
-    engine = Engine(vicuna_pipeline, max_batch_size=1).start()
+    engine = Engine.for_pipeline(vicuna_pipeline, max_batch_size=1).start()
     session = ChatSession(recorder, engine, SamplingParams(max_new_tokens=4), io.StringIO())
     try:
         session.attach("image", image)

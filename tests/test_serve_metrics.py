@@ -108,7 +108,7 @@ def test_metrics_exposition_after_a_known_mix_of_requests(pipeline: Pipeline) ->
     """Requests answered 200, 400, 401, 404 and 500, clients leaving while preparing and mid-stream:
     each counted under its endpoint, status, finish reason and stage; engine and caches read at scrape."""
     faulty = FaultyPipeline(pipeline)
-    engine = Engine(pipeline, max_batch_size=2, max_queue=4)
+    engine = Engine.for_pipeline(pipeline, max_batch_size=2, max_queue=4)
     app = create_app(faulty, ServeSettings(model_name=MODEL, api_key=KEY, default_max_tokens=3), engine)
     buffer = io.BytesIO()
     Image.new("RGB", (40, 30), (10, 200, 90)).save(buffer, format="PNG")
@@ -207,8 +207,10 @@ def test_each_app_counts_in_its_own_registry(pipeline: Pipeline) -> None:
     client's global registry, and no `_created` series beside the counters."""
     from prometheus_client import REGISTRY
 
-    first = create_app(pipeline, ServeSettings(model_name=MODEL), Engine(pipeline)).state.metrics
-    second = create_app(pipeline, ServeSettings(model_name=MODEL), Engine(pipeline)).state.metrics
+    first = create_app(pipeline, ServeSettings(model_name=MODEL), Engine.for_pipeline(pipeline)).state.metrics
+    second = create_app(
+        pipeline, ServeSettings(model_name=MODEL), Engine.for_pipeline(pipeline)
+    ).state.metrics
     first.observe_request("/health", 200)
     first.observe_cancelled("fetch")
     assert (

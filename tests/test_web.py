@@ -62,7 +62,7 @@ def test_page_prompts_hold_the_conversation_and_its_media(hf_checkpoint, sample_
         str(picture(tmp_path / f"{c}.png", rgb)) for c, rgb in (("red", (200, 0, 0)), ("blue", (0, 0, 200)))
     )
     recorder = PromptRecorder(pipeline)
-    engine = Engine(pipeline, max_batch_size=1).start()
+    engine = Engine.for_pipeline(pipeline, max_batch_size=1).start()
     try:
         with pytest.raises(PromptError, match="Type a question first"):
             ask_page(recorder, engine, "  ", red, clip)
