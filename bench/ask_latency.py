@@ -31,30 +31,15 @@ from videollava.infer.ask import Question, prepare_question
 from videollava.infer.engine import Engine
 from videollava.infer.pipeline import Pipeline
 from videollava.infer.sampling import SamplingParams
-from videollava.testing import tiny_test_tokenizer, write_random_checkpoint
+from videollava.testing import llama_shape, tiny_test_tokenizer, vit_shape, write_random_checkpoint
 
 NAME = "ask_latency"
 
 
 def build_checkpoint(folder: Path) -> None:
     """A random Video-LLaVA shaped like a small real one: 224 px ViT, 8 frames, a 12-layer LLM."""
-    vision = dict(
-        hidden_size=384,
-        intermediate_size=1536,
-        num_hidden_layers=8,
-        num_attention_heads=6,
-        image_size=224,
-        patch_size=14,
-        hidden_act="gelu",
-    )
-    text = dict(
-        hidden_size=768,
-        intermediate_size=2048,
-        num_hidden_layers=12,
-        num_attention_heads=12,
-        num_key_value_heads=12,
-        max_position_embeddings=4096,
-    )
+    vision = vit_shape(384, 8, 6, image_size=224, mlp=1536)
+    text = llama_shape(768, 12, 12, mlp=2048, kv_heads=12, context=4096)
     write_random_checkpoint(folder, tiny_test_tokenizer(), vision, text, scale=0.02)
 
 

@@ -13,8 +13,7 @@ Baselines in the same run: reading the weight files cold (the disk's share of th
 bytes of weights (what memory must hold), and this CPU's bf16 matmul rate and weight-streaming
 bandwidth measured just before the answer (the floors under prefill and decode).
 
-Writes runs/bench/paper_scale_load.json (or `--output`); bench/results/paper_scale_load.json only
-with `--record`. Run: ``python bench/paper_scale_load.py`` (at 7B: 5-10 minutes, 17 GiB of RAM and
+Writes runs/bench/paper_scale_load.json (`--output` elsewhere, `--record` to bench/results/). Run: ``python bench/paper_scale_load.py`` (at 7B: 5-10 minutes, 17 GiB of RAM and
 15 GB of temporary disk).
 """
 
@@ -32,9 +31,9 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_OUTPUT = ROOT / "runs" / "bench" / "paper_scale_load.json"
-RECORDED = ROOT / "bench" / "results" / "paper_scale_load.json"
+from _results import ROOT, add_output_arguments, results_path, write_results
+
+NAME = "paper_scale_load"
 VIDEO = ROOT / "src" / "videollava" / "assets" / "examples" / "shapes-video.mp4"
 GIB = 1024**3
 
@@ -295,8 +294,7 @@ def main() -> None:
     parser.add_argument(
         "--keep", type=Path, help="write the checkpoint here and keep it (default: a temp dir)"
     )
-    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
-    parser.add_argument("--record", action="store_true", help=f"also write {RECORDED.relative_to(ROOT)}")
+    add_output_arguments(parser, NAME)
     parser.add_argument("--step", choices=["build", "measure"], help=argparse.SUPPRESS)
     parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -392,12 +390,8 @@ def main() -> None:
             "prefill_over_matmul_floor": round(measure["prefill_seconds"] / prefill_floor, 2),
             "decode_over_bandwidth_floor": round(measure["decode_seconds_per_token"] / decode_floor, 2),
         }
-    text = json.dumps(results, indent=2) + "\n"
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(text)
-    if args.record:
-        RECORDED.write_text(text)
-    print(text)
+    print(json.dumps(results, indent=2))
+    write_results(results_path(args, NAME), results)
 
 
 if __name__ == "__main__":

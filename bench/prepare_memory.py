@@ -11,8 +11,8 @@ for the released model's 224-pixel input on their own, to show that frame count 
 Target: every item costs at most ~1 GB above the model's resident memory, and the 8192 x 8192
 video is prepared in under 3 s.
 
-Run: ``python bench/prepare_memory.py`` (writes runs/bench/prepare_memory.json); ``--record`` also
-writes bench/results/prepare_memory.json.
+Run: ``python bench/prepare_memory.py`` (writes runs/bench/prepare_memory.json; ``--output``
+elsewhere, ``--record`` to bench/results/).
 """
 
 from __future__ import annotations
@@ -22,19 +22,16 @@ import functools
 import json
 import os
 import platform
-import struct
 import subprocess
 import sys
 import tempfile
 import time
-import zlib
-from fractions import Fraction
 from pathlib import Path
 
 import av
-import numpy as np
 import psutil
 import torch
+from _results import add_output_arguments, results_path, write_results
 from PIL import Image
 
 from videollava.data.decode_limits import DecodeLimits
@@ -43,127 +40,35 @@ from videollava.data.transforms import ImageTransformConfig, preprocess_video, s
 from videollava.errors import VideoLlavaError
 from videollava.infer.pipeline import Pipeline, default_model_path
 from videollava.infer.request import MediaItem
+from videollava.testing import grey16_png, growing_gif, one_pixel_gif, write_moving_square_video
 
-ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_OUTPUT = ROOT / "runs" / "bench" / "prepare_memory.json"
-RECORDED = ROOT / "bench" / "results" / "prepare_memory.json"
+NAME = "prepare_memory"
 TARGET_PEAK_MB = 1024
 TARGET_8192_SECONDS = 3.0
 MB = 2**20
 
 
-# --------------------------------------------------------------------------------------------
-# hostile media
-
-
-def write_video(path: Path, width: int, height: int, frames: int) -> Path:
-    """Grey frames with a drifting bright square: real motion, a few hundred KB at any size."""
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=Fraction(25))
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.options = {"preset": "ultrafast", "crf": "35", "threads": "2"}
-        planes = np.full((height * 3 // 2, width), 128, np.uint8)  # Y rows, then U and V rows
-        side = max(16, min(width, height) // 8)
-        for i in range(frames):
-            planes[:height] = 60
-            x = (i * side // 2) % (width - side)
-            planes[height // 3 : height // 3 + side, x : x + side] = 220
-            frame = av.VideoFrame.from_ndarray(planes, format="yuv420p")
-            frame.pts = i
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path
-
-
-def _png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
-def write_grey16_png(path: Path, width: int, height: int) -> Path:
-    """A valid 16-bit grey PNG of zeros, written by rows: deflate makes it ~1000x smaller than its pixels."""
-    compressor = zlib.compressobj(9)
-    row = bytes(1 + 2 * width)  # filter byte, then the samples
-    rows_per_block = max(1, (1 << 22) // len(row))
-    parts = [
-        compressor.compress(row * min(rows_per_block, height - y)) for y in range(0, height, rows_per_block)
-    ]
-    parts.append(compressor.flush())
-    header = struct.pack(">IIBBBBB", width, height, 16, 0, 0, 0, 0)
-    path.write_bytes(
-        b"\x89PNG\r\n\x1a\n"
-        + _png_chunk(b"IHDR", header)
-        + _png_chunk(b"IDAT", b"".join(parts))
-        + _png_chunk(b"IEND", b"")
-    )
-    return path
-
-
-def _gif_image_descriptors(data: bytes) -> list[int]:
-    pos = 13 + ((3 << ((data[10] & 7) + 1)) if data[10] & 0x80 else 0)
-    found = []
-    while data[pos] != 0x3B:
-        if data[pos] == 0x21:
-            pos += 2
-        else:
-            found.append(pos)
-            flags = data[pos + 9]
-            pos += 10 + ((3 << ((flags & 7) + 1)) if flags & 0x80 else 0) + 1
-        while data[pos]:
-            pos += data[pos] + 1
-        pos += 1
-    return found
-
-
-def write_growing_gif(path: Path, right: int, bottom: int) -> Path:
-    """A 3-frame 64 x 48 GIF whose second frame is placed to end at (right, bottom): the canvas grows."""
-    frames = [Image.new("P", (64, 48), 10 + 100 * i) for i in range(3)]
-    for frame in frames:
-        frame.putpalette([v for i in range(256) for v in (i, 255 - i, 128)])
-    frames[0].save(path, save_all=True, append_images=frames[1:], duration=40, optimize=False)
-    data = bytearray(path.read_bytes())
-    second = _gif_image_descriptors(bytes(data))[1]
-    data[second + 1 : second + 5] = struct.pack("<HH", right - 64, bottom - 48)
-    path.write_bytes(bytes(data))
-    return path
-
-
-def write_one_pixel_gif(path: Path, side: int, frames: int) -> Path:
-    """A side x side GIF followed by frames of one pixel each: tiny on disk, costly to composite."""
-    palette = [0, 0, 0, 255, 255, 255] + [0] * 762
-    base, dot = Image.new("P", (side, side), 0), Image.new("P", (1, 1), 1)
-    base.putpalette(palette)
-    dot.putpalette(palette)
-    base_path, dot_path = path.with_suffix(".base.gif"), path.with_suffix(".dot.gif")
-    base.save(base_path)
-    dot.save(dot_path)
-    dot_bytes = dot_path.read_bytes()
-    block = dot_bytes[_gif_image_descriptors(dot_bytes)[0] : -1]
-    out = bytearray(base_path.read_bytes()[:-1])
-    for i in range(frames):
-        moved = bytearray(block)
-        moved[1:5] = struct.pack("<HH", (7 * i) % side, (13 * i) % side)
-        out += moved
-    path.write_bytes(bytes(out + b";"))
-    base_path.unlink()
-    dot_path.unlink()
-    return path
+def write_file(path: Path, data: bytes) -> str:
+    path.write_bytes(data)
+    return str(path)
 
 
 def build_items(folder: Path) -> dict[str, dict[str, object]]:
     """name -> what to prepare: kind (video / image / text), file, frames ("fit": as many as fit)."""
     example = default_model_path().parent / "examples" / "shapes-video.mp4"
-    hd = write_video(folder / "1080p_64.mp4", 1920, 1080, 64)
-    uhd = write_video(folder / "4k_64.mp4", 3840, 2160, 64)
+    hd = write_moving_square_video(folder / "1080p_64.mp4", 1920, 1080, 64)
+    uhd = write_moving_square_video(folder / "4k_64.mp4", 3840, 2160, 64)
     return {
         "ordinary_video (baseline)": {"kind": "video", "file": str(example)},
-        "video_8192x8192_8f": {"kind": "video", "file": str(write_video(folder / "8192.mp4", 8192, 8192, 8))},
+        "video_8192x8192_8f": {
+            "kind": "video",
+            "file": str(write_moving_square_video(folder / "8192.mp4", 8192, 8192, 8)),
+        },
         "png16_13000x13000": {
             "kind": "image",
-            "file": str(write_grey16_png(folder / "13000.png", 13000, 13000)),
+            "file": write_file(folder / "13000.png", grey16_png(13000, 13000)),
         },
-        "png16_8192x8192": {"kind": "image", "file": str(write_grey16_png(folder / "8192.png", 8192, 8192))},
+        "png16_8192x8192": {"kind": "image", "file": write_file(folder / "8192.png", grey16_png(8192, 8192))},
         "video_1080p_64f": {"kind": "video", "file": str(hd), "frames": 64},
         "video_1080p_as_many_frames_as_fit": {"kind": "video", "file": str(hd), "frames": "fit"},
         "video_4k_64f": {"kind": "video", "file": str(uhd), "frames": 64},
@@ -171,11 +76,11 @@ def build_items(folder: Path) -> dict[str, dict[str, object]]:
         "video_4k_64f_decoded_for_224px_input": {"kind": "frames", "file": str(uhd), "frames": 64},
         "gif_frame_grows_to_60000x60000": {
             "kind": "video",
-            "file": str(write_growing_gif(folder / "grows.gif", 60000, 60000)),
+            "file": write_file(folder / "grows.gif", growing_gif(60000, 60000)),
         },
         "gif_3000x3000_10000_one_pixel_frames": {
             "kind": "video",
-            "file": str(write_one_pixel_gif(folder / "dots.gif", 3000, 10_000)),
+            "file": write_file(folder / "dots.gif", one_pixel_gif(3000, 10_000)),
         },
         "text_40MB": {"kind": "text", "chars": 40 * MB},
     }
@@ -256,8 +161,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help=f"default {DEFAULT_OUTPUT}")
-    parser.add_argument("--record", action="store_true", help=f"also write {RECORDED}")
+    add_output_arguments(parser, NAME)
     parser.add_argument(
         "--only", action="append", default=[], metavar="NAME", help="items whose name has NAME"
     )
@@ -318,12 +222,8 @@ def main() -> None:
         },
         "items": results,
     }
-    text = json.dumps(report, indent=2) + "\n"
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(text)
-    if args.record:
-        RECORDED.write_text(text)
-    print(text)
+    print(json.dumps(report, indent=2))
+    write_results(results_path(args, NAME), report)
 
 
 if __name__ == "__main__":

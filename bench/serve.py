@@ -47,28 +47,12 @@ from videollava.infer.engine import Engine
 from videollava.infer.pipeline import FeatureCache, Pipeline
 from videollava.infer.request import MediaItem
 from videollava.infer.sampling import SamplingParams
+from videollava.testing import llama_shape, tiny_test_tokenizer, vit_shape, write_random_checkpoint
 
 NAME = "serve"
 FRAMES = 8
-VISION = dict(
-    hidden_size=128,
-    intermediate_size=512,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    image_size=112,
-    patch_size=14,
-    projection_dim=128,
-    hidden_act="gelu",
-)
-TEXT = dict(
-    hidden_size=384,
-    intermediate_size=1024,
-    num_hidden_layers=6,
-    num_attention_heads=6,
-    num_key_value_heads=2,
-    max_position_embeddings=2048,
-    rms_norm_eps=1e-5,
-)
+VISION = vit_shape(128, 4, 4, image_size=112, mlp=512, projection_dim=128)
+TEXT = llama_shape(384, 6, 6, mlp=1024, kv_heads=2, context=2048, rms_norm_eps=1e-5)
 PATCHES = (VISION["image_size"] // VISION["patch_size"]) ** 2
 # The first answer's length in (b): a short answer, as to "what is happening in this video?"
 FOLLOW_UP_ANSWER_TOKENS = 32
@@ -94,8 +78,6 @@ QUESTIONS = [
 
 def build_checkpoint(folder: Path) -> None:
     """A random transformers Video-LLaVA with the EOS logit pinned at zero, saved in the -hf layout."""
-    from videollava.testing import tiny_test_tokenizer, write_random_checkpoint
-
     write_random_checkpoint(
         folder, tiny_test_tokenizer(), VISION, TEXT, FRAMES, scale=0.05, eos_never_argmax=True
     )
@@ -139,6 +121,18 @@ def requests_for(clips: list[Path], count: int) -> list[tuple[str, Path]]:
 
 def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.array(values), q)) if values else float("nan")
+
+
+def throughput(requests: int, new_tokens: int, wall: float, latencies: list[float]) -> dict:
+    """Requests and generated tokens per second over a run of `wall` seconds, and latency p50 / p95."""
+    return {
+        "requests": requests,
+        "seconds": wall,
+        "requests_per_second": requests / wall,
+        "generated_tokens_per_second": requests * new_tokens / wall,
+        "latency_p50": percentile(latencies, 50),
+        "latency_p95": percentile(latencies, 95),
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -201,12 +195,7 @@ def run_engine(pipeline: Pipeline, requests, concurrency: int, new_tokens: int, 
     return {
         "concurrency": concurrency,
         "caches": caches,
-        "requests": len(requests),
-        "seconds": wall,
-        "requests_per_second": len(requests) / wall,
-        "generated_tokens_per_second": len(requests) * new_tokens / wall,
-        "latency_p50": percentile(latencies, 50),
-        "latency_p95": percentile(latencies, 95),
+        **throughput(len(requests), new_tokens, wall, latencies),
         "first_token_p50": percentile(first_tokens, 50),
         "first_token_p95": percentile(first_tokens, 95),
         "token_ids": [tokens[i] for i in range(len(requests))],
@@ -261,12 +250,7 @@ def run_transformers(folder: Path, pipeline: Pipeline, requests, new_tokens: int
     wall = time.perf_counter() - started_all
     return {
         "concurrency": 1,
-        "requests": len(requests),
-        "seconds": wall,
-        "requests_per_second": len(requests) / wall,
-        "generated_tokens_per_second": len(requests) * new_tokens / wall,
-        "latency_p50": percentile(latencies, 50),
-        "latency_p95": percentile(latencies, 95),
+        **throughput(len(requests), new_tokens, wall, latencies),
         "token_ids": token_ids,
     }
 

@@ -15,10 +15,13 @@ import torch
 from safetensors.torch import save_file
 
 from videollava.errors import CheckpointError
+from videollava.model.build import LLMConfig
 from videollava.model.bundle import load_bundle, save_bundle
-from videollava.model.checkpoint import load_weights, normalize_hf_keys
+from videollava.model.checkpoint import load_from_parts, load_weights, normalize_hf_keys
+from videollava.model.vision import VisionConfig
 from videollava.testing import TINY_TEXT as TEXT
 from videollava.testing import TINY_VISION as VISION
+from videollava.testing import tiny_test_tokenizer
 
 PATCHES = (VISION["image_size"] // VISION["patch_size"]) ** 2
 TOWER_TEXT_VOCAB = 100
@@ -420,6 +423,35 @@ def test_hf_image_size_pair_and_missing_fields(tmp_path, hf_checkpoint):
     assert config_from_hf(data, has_temporal=False).vision.hidden_size == 1024  # Video-LLaVA's default tower
 
 
+def test_every_tower_shape_field_survives_a_written_config():
+    """Each VisionConfig field but the temporal rows is written to vision_config and read back, so a field
+    added to the tower's config cannot be left out of the -hf layout."""
+    from videollava.model.checkpoint import config_from_hf, config_to_hf
+    from videollava.model.videollava import VideoLlavaConfig
+
+    vision = VisionConfig(
+        hidden_size=48,
+        intermediate_size=80,
+        num_hidden_layers=3,
+        num_attention_heads=3,
+        patch_size=4,
+        image_size=12,
+        num_channels=1,
+        layer_norm_eps=1e-6,
+        hidden_act="quick_gelu",
+    )
+    assert all(
+        getattr(vision, f.name) != f.default
+        for f in dataclasses.fields(VisionConfig)
+        if f.name != "num_frames"
+    )  # every field away from its default, so a field dropped on the way would show
+    written = config_to_hf(VideoLlavaConfig(vision=vision, text_config={"vocab_size": 64}))
+    assert set(written["vision_config"]) == {f.name for f in dataclasses.fields(VisionConfig)} - {
+        "num_frames"
+    } | {"model_type"}
+    assert config_from_hf(written, has_temporal=False).vision == vision
+
+
 def test_hub_tower_ids_resolve_to_folders_inside_the_checkpoint(original, tmp_path, monkeypatch):
     """Offline: the published config names hub ids; the same relative paths inside the folder are used."""
     folder = _copy_original(original, tmp_path)
@@ -536,6 +568,55 @@ def test_convert_original_to_hf_loads_in_transformers(original, tmp_path):
         a = hf(input_ids=ids, pixel_values=images).logits
         b = ours([[1, 5, -200, 9, 10]], images=images).logits
     torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+
+
+def test_parts_become_a_model_with_their_weights_and_a_seeded_projector(tmp_path):
+    """LanguageBind tower folders + a LLaMA folder: the parts' tensors as they are, the video tower's
+    temporal rows, a projector drawn from its seed alone, and the caller's random state untouched."""
+    from safetensors.torch import load_file
+
+    from tests.test_train_loop import LLM as PARTS_LLM
+    from tests.test_train_loop import VISION as PARTS_VISION
+    from tests.test_train_loop import write_parts
+
+    parts = write_parts(tmp_path, tiny_test_tokenizer(placeholder_tokens=False))
+
+    def load(seed: int, **kwargs):
+        return load_from_parts(
+            parts["image"], parts["video"], parts["llm"], projector_seed=seed, temporal_frames=0, **kwargs
+        )
+
+    torch.manual_seed(123)
+    next_draw = torch.rand(3)
+    torch.manual_seed(123)
+    model, tokenizer = load(5, template="vicuna_v1")
+    assert torch.equal(torch.rand(3), next_draw)
+
+    video = load_file(str(parts["video"] / "model.safetensors"))
+    llm = load_file(str(parts["llm"] / "model.safetensors"))
+    assert torch.equal(
+        model.video_tower.encoder.layers[1].temporal_attn.q_proj.weight,
+        video["vision_model.encoder.layers.1.temporal_attn.q_proj.weight"],
+    )
+    assert torch.equal(
+        model.language_model.model.layers[0].mlp.up_proj.weight, llm["model.layers.0.mlp.up_proj.weight"]
+    )
+    assert model.config.temporal_frames == 2 and model.config.template == "vicuna_v1" and model.training
+    assert tokenizer.pad_token_id is not None
+
+    projector = model.multi_modal_projector.linear_1.weight
+    assert torch.equal(load(5)[0].multi_modal_projector.linear_1.weight, projector)
+    assert not torch.equal(load(6)[0].multi_modal_projector.linear_1.weight, projector)
+
+    declared = (VisionConfig(**PARTS_VISION), LLMConfig(**PARTS_LLM))
+    load(5, architecture=declared)  # the shape the parts have
+    wider = dataclasses.replace(declared[1], intermediate_size=2 * PARTS_LLM["intermediate_size"])
+    with pytest.raises(
+        CheckpointError,
+        match=rf"^spec\.llm\.intermediate_size is {wider.intermediate_size} but the weights have "
+        rf"{PARTS_LLM['intermediate_size']}$",
+    ):
+        load(5, architecture=(declared[0], wider), architecture_key="spec")
 
 
 def test_a_saved_bundle_loads_back_as_it_was(tmp_path, hf_checkpoint):

@@ -183,6 +183,9 @@ def test_a_missing_base_dependency_is_named_even_for_help(tmp_path):
         ),
         (["ask", "--frames", "two", "hi"], "argument --frames: expected a whole number, got 'two'"),
         (["web", "--port", "70000"], "argument --port: a port is 0-65535, got 70000"),
+        (["serve", "--port", "-1"], "argument --port: a port is 0-65535, got -1"),
+        (["chat", "--dtype", "float16"], "argument --dtype: invalid choice: 'float16'"),
+        (["eval", "shapesworld", "--data", "d", "--dtype", "fp8"], "argument --dtype: invalid choice: 'fp8'"),
         (
             ["eval", "shapesworld", "--data", "d", "--batch-size", "-1"],
             "argument --batch-size: must be at least 1",

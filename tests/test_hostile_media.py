@@ -11,11 +11,8 @@ import functools
 import io
 import os
 import socket
-import struct
 import threading
-import zlib
 from collections.abc import Callable
-from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -35,6 +32,14 @@ from videollava.errors import MediaError, PromptError, RequestCancelled
 from videollava.infer import pipeline as pipeline_module
 from videollava.infer.pipeline import Pipeline, content_hash
 from videollava.infer.request import MediaItem
+from videollava.testing import (
+    grey,
+    grey16_png,
+    growing_gif,
+    one_pixel_gif,
+    png_header_only,
+    write_flat_video,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 
@@ -45,120 +50,9 @@ def shrink_for(cfg: ImageTransformConfig, video: bool = True) -> Callable[[int, 
     return functools.partial(shrink_factor, cfg=cfg, video=video)
 
 
-def grey(i: int) -> int:
-    return (40 + 50 * i) % 200
-
-
 def rgb_of_grey(luma: float) -> float:
     """The RGB level of a flat limited-range luma (BT.601, no chroma), as the scaler converts it."""
     return (luma - 16) * 255 / 219
-
-
-def write_flat_video(
-    path: Path | io.BytesIO, width: int, height: int, n: int, *, fmt: str | None = None, start: int = 0
-) -> Path | io.BytesIO:
-    """n flat grey frames (frame i has luma grey(start + i)); flat frames compress to almost nothing."""
-    with av.open(path if isinstance(path, io.BytesIO) else str(path), "w", format=fmt) as container:
-        stream = container.add_stream("libx264", rate=Fraction(25))
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.options = {"preset": "ultrafast", "crf": "30", "threads": "2"}
-        planes = np.full((height * 3 // 2, width), 128, np.uint8)  # Y rows, then U and V rows
-        for i in range(n):
-            planes[:height] = grey(start + i)
-            frame = av.VideoFrame.from_ndarray(planes, format="yuv420p")
-            frame.pts = start + i
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path
-
-
-def png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
-def grey16_png(width: int, height: int) -> bytes:
-    """A valid 16-bit grey PNG of zeros; deflate makes it about a thousand times smaller than its pixels."""
-    compressor = zlib.compressobj(9)
-    row = bytes(1 + 2 * width)  # filter byte, then the samples
-    rows_per_block = max(1, (1 << 22) // len(row))
-    parts = [
-        compressor.compress(row * min(rows_per_block, height - y)) for y in range(0, height, rows_per_block)
-    ]
-    parts.append(compressor.flush())
-    header = struct.pack(">IIBBBBB", width, height, 16, 0, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + png_chunk(b"IHDR", header)
-        + png_chunk(b"IDAT", b"".join(parts))
-        + png_chunk(b"IEND", b"")
-    )
-
-
-def gif_image_descriptors(data: bytes) -> list[int]:
-    """Offsets of the image descriptors (one per frame) of a GIF, found by walking its blocks."""
-    pos = 13
-    if data[10] & 0x80:
-        pos += 3 << ((data[10] & 7) + 1)  # global colour table
-    found = []
-    while data[pos] != 0x3B:
-        if data[pos] == 0x21:  # extension: label, then sub-blocks
-            pos += 2
-        else:
-            found.append(pos)
-            flags = data[pos + 9]
-            pos += 10 + ((3 << ((flags & 7) + 1)) if flags & 0x80 else 0) + 1  # + LZW minimum code size
-        while data[pos]:
-            pos += data[pos] + 1
-        pos += 1
-    return found
-
-
-def png_header_only(width: int, height: int) -> bytes:
-    """A 16-bit grey PNG whose pixel data is missing: PIL judges the size from the header alone."""
-    header = struct.pack(">IIBBBBB", width, height, 16, 0, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + png_chunk(b"IHDR", header)
-        + png_chunk(b"IDAT", zlib.compress(b""))
-        + png_chunk(b"IEND", b"")
-    )
-
-
-def growing_gif(right: int, bottom: int) -> bytes:
-    """A 3-frame 64 x 48 GIF whose second frame is placed to end at (right, bottom).
-
-    A frame reaching past the canvas grows it (as browsers and PIL read GIFs).
-    """
-    frames = [Image.new("P", (64, 48), 10 + 100 * i) for i in range(3)]
-    for f in frames:
-        f.putpalette([v for i in range(256) for v in (i, 255 - i, 128)])
-    out = io.BytesIO()
-    frames[0].save(out, "GIF", save_all=True, append_images=frames[1:], duration=40, optimize=False)
-    data = bytearray(out.getvalue())
-    second = gif_image_descriptors(bytes(data))[1]
-    data[second + 1 : second + 5] = struct.pack("<HH", right - 64, bottom - 48)
-    return bytes(data)
-
-
-def one_pixel_gif(side: int, n: int) -> bytes:
-    """A side x side GIF, then n frames of one pixel each: tiny, but PIL composites the canvas each time."""
-    palette = [0, 0, 0, 255, 255, 255] + [0] * 762
-    base, dot = Image.new("P", (side, side), 0), Image.new("P", (1, 1), 1)
-    base.putpalette(palette)
-    dot.putpalette(palette)
-    out, one = io.BytesIO(), io.BytesIO()
-    base.save(out, "GIF")
-    dot.save(one, "GIF")
-    dot_bytes = one.getvalue()
-    block = dot_bytes[gif_image_descriptors(dot_bytes)[0] : -1]  # descriptor .. data, no trailer
-    frames = bytearray(out.getvalue()[:-1])
-    for i in range(n):
-        moved = bytearray(block)
-        moved[1:5] = struct.pack("<HH", (7 * i) % side, (13 * i) % side)
-        frames += moved
-    return bytes(frames + b";")
 
 
 def finishes(call: Callable[[], object], seconds: float = 20.0) -> object:

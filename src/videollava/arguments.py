@@ -25,3 +25,16 @@ def port_number(text: str) -> int:
     if not 0 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"a port is 0-65535, got {value}")
     return value
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """`--model` and `--dtype`: which checkpoint a command loads, and in which precision."""
+    parser.add_argument(
+        "--model", default=None, help="checkpoint folder or hub id (default: bundled ShapesWorld model)"
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=["auto", "bfloat16", "float32"],
+        default="auto",
+        help="precision of the weights (default: auto, bfloat16 where the CPU computes it natively)",
+    )

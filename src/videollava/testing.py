@@ -1,4 +1,4 @@
-"""What tests and benchmarks share: tiny model shapes, a tokenizer, random checkpoints.
+"""What tests and benchmarks share: model shapes, a tokenizer, random checkpoints, hostile media.
 
 All of it builds offline in seconds. Small checkpoints come from
 `transformers.VideoLlavaForConditionalGeneration` with random weights, saved with its own
@@ -9,12 +9,20 @@ Both get a tokenizer and a preprocessor config beside them.
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import struct
+import zlib
+from collections.abc import Callable
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+import av
+import numpy as np
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 from transformers import (
     CLIPVisionConfig,
@@ -32,27 +40,43 @@ from videollava.train.tokenizer import train_tokenizer
 # --------------------------------------------------------------------------------------------
 # tiny shapes
 
-# The tiny -hf checkpoint, as transformers' CLIPVisionConfig and LlamaConfig arguments: 56 px in
-# 14 px patches (a 4 x 4 grid), the real towers' patch size on a sixteenth of their patches.
-TINY_VISION = dict(
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    image_size=56,
-    patch_size=14,
-    projection_dim=16,
-    hidden_act="gelu",
-)
-TINY_TEXT = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,  # grouped-query attention: two query heads per key/value head
-    max_position_embeddings=512,
-    rms_norm_eps=1e-5,
-)
+
+def vit_shape(
+    width: int, layers: int, heads: int, *, image_size: int, mlp: int, **extra: Any
+) -> dict[str, Any]:
+    """A tower's shape as transformers' CLIPVisionConfig arguments: the real towers' 14 px patches and
+    exact GELU; `extra` are further CLIPVisionConfig arguments."""
+    return dict(
+        hidden_size=width,
+        intermediate_size=mlp,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        image_size=image_size,
+        patch_size=14,
+        **extra,
+        hidden_act="gelu",
+    )
+
+
+def llama_shape(
+    width: int, layers: int, heads: int, *, mlp: int, kv_heads: int, context: int, **extra: Any
+) -> dict[str, Any]:
+    """An LLM's shape as transformers' LlamaConfig arguments; `extra` are further LlamaConfig arguments."""
+    return dict(
+        hidden_size=width,
+        intermediate_size=mlp,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=context,
+        **extra,
+    )
+
+
+# The tiny -hf checkpoint: 56 px in 14 px patches (a 4 x 4 grid), the real towers' patch size on a
+# sixteenth of their patches; grouped-query attention, two query heads per key/value head.
+TINY_VISION = vit_shape(32, 3, 4, image_size=56, mlp=64, projection_dim=16)
+TINY_TEXT = llama_shape(64, 2, 4, mlp=128, kv_heads=2, context=512, rms_norm_eps=1e-5)
 
 # A training recipe's `model.init.vision` / `model.init.llm`, small enough that every stage runs in
 # seconds.
@@ -297,3 +321,145 @@ def write_large_random_checkpoint(
     config.save_pretrained(folder)
     _write_companions(folder, tokenizer, vision)
     return total
+
+
+# --------------------------------------------------------------------------------------------
+# hostile media: small files whose claims are not (tests check the refusals, bench/ the costs)
+
+
+def grey(i: int) -> int:
+    """The luma of frame i of `write_flat_video`."""
+    return (40 + 50 * i) % 200
+
+
+def write_h264(
+    path: str | Path | io.BytesIO,
+    width: int,
+    height: int,
+    frames: int,
+    paint: Callable[[np.ndarray, int], None],
+    *,
+    fmt: str | None = None,
+    start: int = 0,
+    crf: int = 30,
+) -> str | Path | io.BytesIO:
+    """An H.264 video whose luma plane (height, width) `paint(luma, i)` fills for frames start.. start +
+    frames - 1; chroma stays neutral, so the frames are grey and compress to almost nothing."""
+    with av.open(path if isinstance(path, io.BytesIO) else str(path), "w", format=fmt) as container:
+        stream = container.add_stream("libx264", rate=Fraction(25))
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.options = {"preset": "ultrafast", "crf": str(crf), "threads": "2"}
+        planes = np.full((height * 3 // 2, width), 128, np.uint8)  # Y rows, then U and V rows
+        for i in range(start, start + frames):
+            paint(planes[:height], i)
+            frame = av.VideoFrame.from_ndarray(planes, format="yuv420p")
+            frame.pts = i
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def write_flat_video(
+    path: str | Path | io.BytesIO, width: int, height: int, n: int, *, fmt: str | None = None, start: int = 0
+) -> str | Path | io.BytesIO:
+    """n flat grey frames (frame i has luma grey(start + i))."""
+    return write_h264(path, width, height, n, lambda luma, i: luma.fill(grey(i)), fmt=fmt, start=start)
+
+
+def write_moving_square_video(path: str | Path, width: int, height: int, frames: int) -> str | Path:
+    """Dark grey frames with a drifting bright square: real motion, a few hundred KB at any size."""
+    side = max(16, min(width, height) // 8)
+
+    def paint(luma: np.ndarray, i: int) -> None:
+        luma[:] = 60
+        x = (i * side // 2) % (width - side)
+        luma[height // 3 : height // 3 + side, x : x + side] = 220
+
+    return write_h264(path, width, height, frames, paint, crf=35)
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def _grey16_png(width: int, height: int, pixel_data: bytes) -> bytes:
+    header = struct.pack(">IIBBBBB", width, height, 16, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", header)
+        + png_chunk(b"IDAT", pixel_data)
+        + png_chunk(b"IEND", b"")
+    )
+
+
+def grey16_png(width: int, height: int) -> bytes:
+    """A valid 16-bit grey PNG of zeros; deflate makes it about a thousand times smaller than its pixels."""
+    compressor = zlib.compressobj(9)
+    row = bytes(1 + 2 * width)  # filter byte, then the samples
+    rows_per_block = max(1, (1 << 22) // len(row))
+    parts = [
+        compressor.compress(row * min(rows_per_block, height - y)) for y in range(0, height, rows_per_block)
+    ]
+    parts.append(compressor.flush())
+    return _grey16_png(width, height, b"".join(parts))
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A 16-bit grey PNG whose pixel data is missing: PIL judges the size from the header alone."""
+    return _grey16_png(width, height, zlib.compress(b""))
+
+
+def gif_image_descriptors(data: bytes) -> list[int]:
+    """Offsets of the image descriptors (one per frame) of a GIF, found by walking its blocks."""
+    pos = 13
+    if data[10] & 0x80:
+        pos += 3 << ((data[10] & 7) + 1)  # global colour table
+    found = []
+    while data[pos] != 0x3B:
+        if data[pos] == 0x21:  # extension: label, then sub-blocks
+            pos += 2
+        else:
+            found.append(pos)
+            flags = data[pos + 9]
+            pos += 10 + ((3 << ((flags & 7) + 1)) if flags & 0x80 else 0) + 1  # + LZW minimum code size
+        while data[pos]:
+            pos += data[pos] + 1
+        pos += 1
+    return found
+
+
+def growing_gif(right: int, bottom: int) -> bytes:
+    """A 3-frame 64 x 48 GIF whose second frame is placed to end at (right, bottom).
+
+    A frame reaching past the canvas grows it (as browsers and PIL read GIFs).
+    """
+    frames = [Image.new("P", (64, 48), 10 + 100 * i) for i in range(3)]
+    for f in frames:
+        f.putpalette([v for i in range(256) for v in (i, 255 - i, 128)])
+    out = io.BytesIO()
+    frames[0].save(out, "GIF", save_all=True, append_images=frames[1:], duration=40, optimize=False)
+    data = bytearray(out.getvalue())
+    second = gif_image_descriptors(bytes(data))[1]
+    data[second + 1 : second + 5] = struct.pack("<HH", right - 64, bottom - 48)
+    return bytes(data)
+
+
+def one_pixel_gif(side: int, n: int) -> bytes:
+    """A side x side GIF, then n frames of one pixel each: tiny, but PIL composites the canvas each time."""
+    palette = [0, 0, 0, 255, 255, 255] + [0] * 762
+    base, dot = Image.new("P", (side, side), 0), Image.new("P", (1, 1), 1)
+    base.putpalette(palette)
+    dot.putpalette(palette)
+    out, one = io.BytesIO(), io.BytesIO()
+    base.save(out, "GIF")
+    dot.save(one, "GIF")
+    dot_bytes = one.getvalue()
+    block = dot_bytes[gif_image_descriptors(dot_bytes)[0] : -1]  # descriptor .. data, no trailer
+    frames = bytearray(out.getvalue()[:-1])
+    for i in range(n):
+        moved = bytearray(block)
+        moved[1:5] = struct.pack("<HH", (7 * i) % side, (13 * i) % side)
+        frames += moved
+    return bytes(frames + b";")

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from videollava.arguments import positive_int
+from videollava.arguments import add_model_options, positive_int
 from videollava.errors import VideoLlavaError
 
 
@@ -22,7 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Greedy answers to every held-out ShapesWorld question: accuracy per question "
         "type (images and videos apart) and POPE metrics per split.",
     )
-    sw.add_argument("--model", default=None, help="checkpoint folder (default: the packaged model)")
+    add_model_options(sw)
     sw.add_argument("--data", required=True, type=Path, help="dataset folder with test_questions.jsonl")
     sw.add_argument("--limit", type=positive_int, default=None, help="only the first N questions")
     sw.add_argument(
@@ -34,7 +34,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sw.add_argument(
         "--max-new-tokens", type=positive_int, default=10, help="answer length limit (default 10)"
     )
-    sw.add_argument("--dtype", default="auto", help="bfloat16, float32 or auto (default)")
     sw.add_argument("--output", type=Path, default=None, help="write the JSON report here")
     sw.add_argument("--markdown", type=Path, default=None, help="write the Markdown report here")
     sw.add_argument(

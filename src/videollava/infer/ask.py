@@ -12,7 +12,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from videollava.arguments import positive_int
+from videollava.arguments import add_model_options, positive_int
 from videollava.errors import VideoLlavaError
 from videollava.infer.engine import Engine
 from videollava.infer.pipeline import Pipeline
@@ -80,9 +80,7 @@ def completion_json(completion: Completion) -> dict[str, Any]:
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("ask", help="answer a question about images and videos")
     parser.add_argument("prompt", nargs="?", help="the question (or, with --raw-prompt, the whole prompt)")
-    parser.add_argument(
-        "--model", default=None, help="checkpoint folder or hub id (default: bundled ShapesWorld model)"
-    )
+    add_model_options(parser)
     parser.add_argument("--image", action="append", default=[], metavar="FILE")
     parser.add_argument("--video", action="append", default=[], metavar="FILE")
     parser.add_argument(
@@ -92,7 +90,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto")
     parser.add_argument(
         "--raw-prompt", action="store_true", help="use PROMPT as the full prompt, no template"
     )

@@ -1,5 +1,6 @@
 """Checkpoint formats: read the -hf layout (transformers 4.x and 5.x key variants) and the original
-Video-LLaVA layout with its LanguageBind tower folders; write the -hf layout.
+Video-LLaVA layout with its LanguageBind tower folders; assemble a model from LanguageBind towers
+plus a LLaMA-family LLM; write the -hf layout.
 
 Weights are read with safetensors, or with `torch.load(weights_only=True)` for `.bin` files.
 Models are built on the meta device and the loaded tensors assigned, so a 7B checkpoint is never
@@ -8,6 +9,7 @@ held twice in memory.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -19,10 +21,12 @@ import torch
 from huggingface_hub import snapshot_download
 from safetensors import safe_open
 from safetensors.torch import save_file
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from videollava.constants import HF_IMAGE_TOKEN_ID, HF_VIDEO_TOKEN_ID, IMAGE_SLOT, VIDEO_SLOT
 from videollava.errors import CheckpointError
-from videollava.model.videollava import VideoLlava, VideoLlavaConfig
+from videollava.model.build import LLMConfig, model_config
+from videollava.model.videollava import Projector, VideoLlava, VideoLlavaConfig
 from videollava.model.vision import VisionConfig
 
 WEIGHT_FILES = (
@@ -187,17 +191,9 @@ def _has_temporal(names: Iterable[str]) -> bool:
 
 # ---------------------------------------------------------------- configs
 
-_VISION_FIELDS = (
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "patch_size",
-    "image_size",
-    "num_channels",
-    "layer_norm_eps",
-    "hidden_act",
-)
+# The tower shape a vision_config of a config.json holds: every VisionConfig field but `num_frames`,
+# which the -hf layout keeps outside the vision_config (temporal rows are read from the weights).
+_VISION_FIELDS = tuple(f.name for f in dataclasses.fields(VisionConfig) if f.name != "num_frames")
 
 
 # Defaults of CLIP's vision config class, for fields a config.json leaves out (transformers 4.x
@@ -509,6 +505,18 @@ def load_original(folder: Path, dtype: torch.dtype) -> VideoLlava:
         raise CheckpointError(f"{folder / 'config.json'}: mm_image_tower and mm_video_tower must both be set")
     image_folder = _tower_folder(image_ref, folder)
     video_folder = _tower_folder(video_ref, folder)
+    image_vision, frames = _tower_shapes(image_folder, video_folder)
+    if not has_image:
+        state.update(_read_tower_weights(image_folder, "image_tower"))
+    if not has_video:
+        state.update(_read_tower_weights(video_folder, "video_tower"))
+    _check_temporal_weights(video_folder, frames, state)
+    config = config_from_original(data, image_vision, frames)
+    return build_model(config, state, dtype, str(folder))
+
+
+def _tower_shapes(image_folder: Path, video_folder: Path) -> tuple[VisionConfig, int]:
+    """The towers' shared shape and the video tower's temporal rows, from two LanguageBind tower folders."""
     image_vision, image_frames = _vision_from_languagebind(image_folder)
     video_vision, frames = _vision_from_languagebind(video_folder)
     if image_frames:
@@ -516,22 +524,83 @@ def load_original(folder: Path, dtype: torch.dtype) -> VideoLlava:
             f"{image_folder / 'config.json'}: vision_config.add_time_attn is true, but the image tower "
             "has no temporal modules (is this a video tower folder?)"
         )
-    if not has_image:
-        state.update(_read_tower_weights(image_folder, "image_tower"))
-    if not has_video:
-        state.update(_read_tower_weights(video_folder, "video_tower"))
     differences = _shape_differences(image_vision, video_vision)
     if differences:
         raise CheckpointError(
             f"{video_folder / 'config.json'}: the video tower's shape differs from the image tower's "
             f"({image_folder / 'config.json'}): {', '.join(differences)}"
         )
+    return image_vision, frames
+
+
+def _check_temporal_weights(video_folder: Path, frames: int, state: dict[str, torch.Tensor]) -> None:
     if frames and not _has_temporal(state):
         raise CheckpointError(
             f"{video_folder}: config.json says add_time_attn but no temporal weights were found"
         )
-    config = config_from_original(data, image_vision, frames)
-    return build_model(config, state, dtype, str(folder))
+
+
+def load_from_parts(
+    image_tower: str | os.PathLike,
+    video_tower: str | os.PathLike,
+    llm: str | os.PathLike,
+    *,
+    tokenizer: str | os.PathLike | None = None,
+    architecture: tuple[VisionConfig, LLMConfig] | None = None,
+    architecture_key: str = "architecture",
+    projector_seed: int = 0,
+    **options: Any,
+) -> tuple[VideoLlava, PreTrainedTokenizerBase]:
+    """A trainable float32 model from LanguageBind image / video tower folders plus a LLaMA-family LLM
+    folder, with a fresh projector drawn from `projector_seed`; and the tokenizer it uses.
+
+    `tokenizer` defaults to the LLM folder's own. `architecture`, the shape the parts are declared to
+    have, is compared with the weights' before anything large is read; a difference names the field
+    under `architecture_key`. `options` are further VideoLlavaConfig fields (frames, feature layer,
+    aspect ratios, template); the video tower's own temporal rows win over `temporal_frames`.
+    """
+    image_folder, video_folder, llm_folder = resolve(image_tower), resolve(video_tower), resolve(llm)
+    vision, frames = _tower_shapes(image_folder, video_folder)
+    llm_config = _llm_config(read_json(llm_folder / "config.json"))
+    if architecture is not None:
+        _check_architecture(architecture, (vision, llm_config), architecture_key)
+    tokenizer_source = resolve(tokenizer) if tokenizer else llm_folder
+    try:
+        loaded_tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_source))
+    except Exception as error:
+        raise CheckpointError(f"{tokenizer or llm_folder}: no usable tokenizer ({error})") from None
+    if loaded_tokenizer.pad_token_id is None:
+        loaded_tokenizer.pad_token = loaded_tokenizer.unk_token  # as Video-LLaVA does for LLaMA's tokenizer
+    vocab_size = llm_config.vocab_size or len(loaded_tokenizer)
+    config = model_config(vision, llm_config, vocab_size, loaded_tokenizer, **options)
+    config.temporal_frames = frames
+    state = _read_tower_weights(image_folder, "image_tower")
+    state.update(_read_tower_weights(video_folder, "video_tower"))
+    _check_temporal_weights(video_folder, frames, state)
+    state.update({f"language_model.{k}": v for k, v in read_state_dict(llm_folder).items()})
+    with torch.random.fork_rng(devices=[]):  # the caller's random state stays as it was
+        torch.manual_seed(projector_seed)
+        projector = Projector(config.vision.hidden_size, llm_config.hidden_size, config.projector_hidden_act)
+    state.update({f"multi_modal_projector.{k}": v for k, v in projector.state_dict().items()})
+    model = build_model(config, state, torch.float32, f"{image_folder} + {video_folder} + {llm_folder}")
+    return model.train(), loaded_tokenizer
+
+
+def _llm_config(data: dict[str, Any]) -> LLMConfig:
+    """The LLaMA shape of an LLM folder's config.json; fields it leaves out or sets to null keep their defaults."""
+    known = {f.name for f in dataclasses.fields(LLMConfig)}
+    return LLMConfig(**{k: v for k, v in data.items() if k in known and v is not None})
+
+
+def _check_architecture(
+    declared: tuple[VisionConfig, LLMConfig], found: tuple[VisionConfig, LLMConfig], key: str
+) -> None:
+    """Every field the declaration and the weights both set agrees (the init scale is no shape)."""
+    for label, want_config, got_config in zip(("vision", "llm"), declared, found, strict=True):
+        for f in dataclasses.fields(want_config):
+            want, got = getattr(want_config, f.name), getattr(got_config, f.name)
+            if f.name != "initializer_range" and None not in (want, got) and want != got:
+                raise CheckpointError(f"{key}.{label}.{f.name} is {want!r} but the weights have {got!r}")
 
 
 def load_weights(

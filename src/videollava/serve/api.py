@@ -21,7 +21,6 @@ import hmac
 import json
 import logging
 import os
-import socket
 import threading
 import time
 import uuid
@@ -37,6 +36,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from videollava.arguments import add_model_options
 from videollava.data.conversation import ChatHistory
 from videollava.errors import RequestCancelled, VideoLlavaError
 from videollava.infer.engine import Engine, Handle, QueueFullError
@@ -52,6 +52,7 @@ from videollava.serve.media import (
     resolve_media,
 )
 from videollava.serve.metrics import ServerMetrics
+from videollava.serve.ports import add_address_options, claim_port
 from videollava.serve.protocol import (
     STREAM_END,
     APIError,
@@ -531,17 +532,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="serve an OpenAI-compatible chat completions API",
         description="Serve /v1/chat/completions (with images and videos), /v1/models, /health and /metrics.",
     )
-    parser.add_argument(
-        "--model", default=None, help="checkpoint folder or hub id (default: bundled ShapesWorld model)"
-    )
-    parser.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto")
+    add_model_options(parser)
     parser.add_argument(
         "--served-model-name", default=None, help="model id clients send (default: folder name)"
     )
-    parser.add_argument(
-        "--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)"
-    )
-    parser.add_argument("--port", type=int, default=8000)
+    add_address_options(parser, default_port=8000)
     parser.add_argument(
         "--api-key",
         default=os.environ.get("VIDEOLLAVA_API_KEY"),
@@ -583,26 +578,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def listening_socket(host: str, port: int) -> socket.socket:
-    """A socket bound to host:port and listening, made before the model loads: a busy port is then an
-    error at once, and nothing is printed that claims the server is up."""
-    try:
-        family, kind, proto, _, address = socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )[0]
-    except (socket.gaierror, UnicodeError) as error:
-        raise VideoLlavaError(f"--host {host}: not an address of this machine ({error})") from None
-    listener = socket.socket(family, kind, proto)
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # reuse only after TIME_WAIT
-    try:
-        listener.bind(address)
-        listener.listen(2048)
-    except OSError as error:
-        listener.close()
-        raise VideoLlavaError(
-            f"cannot listen on {host}:{port} ({error.strerror}); is another server using it? choose another --port"
-        ) from None
-    return listener
+BUSY_PORT = "cannot listen on {address} ({reason}); is another server using it? choose another --port"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -613,14 +589,13 @@ def run(args: argparse.Namespace) -> int:
         raise VideoLlavaError("--max-body-mb and --max-media-mb must be positive")
     if not args.remote_timeout > 0:
         raise VideoLlavaError("--remote-timeout must be positive")
-    if not 0 <= args.port <= 65535:
-        raise VideoLlavaError(f"--port {args.port}: not a port number (0 to 65535)")
     media_dir = None
     if args.allowed_media_dir:
         media_dir = Path(args.allowed_media_dir).expanduser()
         if not media_dir.is_dir():
             raise VideoLlavaError(f"--allowed-media-dir {media_dir}: not a folder")
-    listener = listening_socket(args.host, args.port)
+    # Claimed before the model loads: a busy port is an error at once, and nothing says the server is up.
+    listener = claim_port(args.host, args.port, BUSY_PORT, backlog=2048)
     try:
         logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         pipeline = Pipeline.from_pretrained(args.model, dtype=args.dtype, num_frames=args.frames)

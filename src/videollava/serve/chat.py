@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
+from videollava.arguments import add_model_options
 from videollava.data.conversation import ChatHistory
 from videollava.errors import VideoLlavaError
 from videollava.infer.engine import Engine
@@ -147,10 +148,7 @@ def handle_line(session: ChatSession, line: str) -> bool:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("chat", help="chat about images and videos in the terminal")
-    parser.add_argument(
-        "--model", default=None, help="checkpoint folder or hub id (default: bundled ShapesWorld model)"
-    )
-    parser.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto")
+    add_model_options(parser)
     parser.add_argument(
         "--image", action="append", default=[], metavar="FILE", help="attach to the first question"
     )

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from videollava.arguments import port_number, positive_int
+from videollava.arguments import add_model_options, positive_int
 from videollava.data.conversation import ChatHistory
 from videollava.errors import PromptError, VideoLlavaError
 from videollava.extras import require
@@ -21,6 +20,7 @@ from videollava.infer.engine import Engine
 from videollava.infer.pipeline import Pipeline, content_hash
 from videollava.infer.request import MediaItem
 from videollava.infer.sampling import SamplingParams
+from videollava.serve.ports import add_address_options, claim_port
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"}
 VIDEO_SUFFIXES = {".mp4", ".webm", ".mkv", ".avi", ".mov"}
@@ -166,14 +166,8 @@ def theme():
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("web", help="a web page to chat about images and videos (Gradio)")
-    parser.add_argument(
-        "--model", default=None, help="checkpoint folder or hub id (default: bundled ShapesWorld model)"
-    )
-    parser.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto")
-    parser.add_argument(
-        "--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)"
-    )
-    parser.add_argument("--port", type=port_number, default=7860)
+    add_model_options(parser)
+    add_address_options(parser, default_port=7860)
     parser.add_argument(
         "--max-new-tokens", type=positive_int, default=128, help="initial value of the slider"
     )
@@ -182,23 +176,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
+# Gradio binds the port itself, after the model has loaded: this is checked first, and said again
+# should another server take the port meanwhile.
+BUSY_PORT = "cannot listen on {address}: {reason} (choose another --port)"
+
+
 def check_port_free(host: str, port: int) -> None:
     """Fail before the model loads when nothing could listen on host:port (another server holds it)."""
-    try:
-        family, kind, proto, _, address = socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )[0]
-    except (socket.gaierror, UnicodeError) as error:
-        raise VideoLlavaError(f"--host {host!r}: not an address of this machine ({error})") from None
-    with socket.socket(family, kind, proto) as probe:
-        # As uvicorn binds: a port left in TIME_WAIT by an earlier server is free, a listening one is not.
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind(address)
-        except OSError as error:
-            raise VideoLlavaError(
-                f"cannot listen on {host}:{port}: {error.strerror or error} (choose another --port)"
-            ) from None
+    claim_port(host, port, BUSY_PORT).close()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -228,7 +213,7 @@ def run(args: argparse.Namespace) -> int:
         except OSError as error:  # the port was taken while the model loaded
             problem = error.strerror or "the port is in use"
             raise VideoLlavaError(
-                f"cannot listen on {args.host}:{args.port}: {problem} (choose another --port)"
+                BUSY_PORT.format(address=f"{args.host}:{args.port}", reason=problem)
             ) from None
         print(f"serving the chat page on http://{args.host}:{args.port}/", flush=True)
         demo.block_thread()

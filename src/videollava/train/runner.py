@@ -16,7 +16,6 @@ Run folder: `recipe.yaml` (resolved), `data/` (if generated), `tokenizer/`, `met
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import shutil
 import sys
@@ -38,16 +37,9 @@ from videollava.model.build import (
     init_vision_tower,
     model_config,
 )
-from videollava.model.checkpoint import (
-    _vision_from_languagebind,
-    build_model,
-    load_weights,
-    read_json,
-    read_state_dict,
-    resolve,
-    tower_keys,
-)
-from videollava.model.videollava import Projector, VideoLlava, VideoLlavaConfig
+from videollava.model.bundle import save_bundle
+from videollava.model.checkpoint import build_model, load_from_parts, load_weights
+from videollava.model.videollava import VideoLlava, VideoLlavaConfig
 from videollava.model.vision import VisionConfig
 from videollava.shapesworld.generate import generate
 from videollava.train import checkpointing as ckpt
@@ -77,12 +69,16 @@ from videollava.train.tokenizer import train_tokenizer
 # ---------------------------------------------------------------------------------------- the model
 
 
+def model_options(recipe: Recipe) -> dict[str, Any]:
+    """The VideoLlavaConfig fields the recipe sets: the `model:` options and the answer template."""
+    return recipe.model.options() | {"template": recipe.export_template()}
+
+
 def recipe_model_config(
     recipe: Recipe, vision: VisionConfig, llm: LLMConfig, vocab_size: int, tokenizer: Any = None
 ) -> VideoLlavaConfig:
     """The config of the recipe's model: its towers and LLM, the `model:` options, the answer template."""
-    options = recipe.model.options() | {"template": recipe.export_template()}
-    return model_config(vision, llm, vocab_size, tokenizer, **options)
+    return model_config(vision, llm, vocab_size, tokenizer, **model_options(recipe))
 
 
 def meta_model(recipe: Recipe, vocab_size: int | None = None) -> VideoLlava:
@@ -94,66 +90,6 @@ def meta_model(recipe: Recipe, vocab_size: int | None = None) -> VideoLlava:
             "model: the vocabulary size is unknown before the tokenizer exists; pass vocab_size"
         )
     return build_meta_model(recipe_model_config(recipe, vision, llm, vocab))
-
-
-def load_from_parts(recipe: Recipe) -> tuple[VideoLlava, Any]:
-    """LanguageBind image / video tower folders plus a LLaMA-family LLM, with a fresh projector."""
-    spec = recipe.model.from_
-    assert spec is not None and spec.image_tower and spec.video_tower and spec.llm
-    image_folder, video_folder, llm_folder = (
-        resolve(spec.image_tower),
-        resolve(spec.video_tower),
-        resolve(spec.llm),
-    )
-    image_vision, _ = _vision_from_languagebind(image_folder)
-    _, frames = _vision_from_languagebind(video_folder)
-    llm_data = read_json(llm_folder / "config.json")
-    llm = LLMConfig(
-        **{
-            f.name: llm_data[f.name]
-            for f in dataclasses.fields(LLMConfig)
-            if f.name in llm_data and llm_data[f.name] is not None
-        }
-    )
-    vision = dataclasses.replace(image_vision, num_frames=0)  # the image tower's shape
-    if spec.architecture is not None:
-        for label, declared, found in (
-            ("vision", spec.architecture.vision, vision),
-            ("llm", spec.architecture.llm, llm),
-        ):
-            for f in dataclasses.fields(declared):
-                want, got = getattr(declared, f.name), getattr(found, f.name)
-                if (
-                    want is not None
-                    and got is not None
-                    and want != got
-                    and f.name not in ("initializer_range",)
-                ):
-                    raise CheckpointError(
-                        f"model.from.architecture.{label}.{f.name} is {want!r} but the weights have {got!r}"
-                    )
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            str(resolve(spec.tokenizer) if spec.tokenizer else llm_folder)
-        )
-    except Exception as error:
-        raise CheckpointError(f"{spec.tokenizer or llm_folder}: no usable tokenizer ({error})") from None
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.unk_token  # as Video-LLaVA does for LLaMA's tokenizer
-    config = recipe_model_config(recipe, vision, llm, llm.vocab_size or len(tokenizer), tokenizer)
-    config.temporal_frames = frames
-    state = tower_keys(
-        read_state_dict(image_folder, keep=lambda k: k.startswith("vision_model.")), "image_tower"
-    )
-    state.update(
-        tower_keys(read_state_dict(video_folder, keep=lambda k: k.startswith("vision_model.")), "video_tower")
-    )
-    state.update({f"language_model.{k}": v for k, v in read_state_dict(llm_folder).items()})
-    ckpt.seed_everything(spec.seed)
-    projector = Projector(config.vision.hidden_size, llm.hidden_size, config.projector_hidden_act)
-    state.update({f"multi_modal_projector.{k}": v for k, v in projector.state_dict().items()})
-    model = build_model(config, state, torch.float32, f"{image_folder} + {video_folder} + {llm_folder}")
-    return model.train(), tokenizer
 
 
 # ---------------------------------------------------------------------------------------- the run
@@ -258,7 +194,18 @@ class Run:
             self.tokenizer = AutoTokenizer.from_pretrained(str(m.from_.tokenizer or folder))
             model.config.template = self.recipe.export_template()
             return model.train()
-        model, self.tokenizer = load_from_parts(self.recipe)
+        parts = m.from_
+        assert parts.image_tower and parts.video_tower and parts.llm
+        model, self.tokenizer = load_from_parts(
+            parts.image_tower,
+            parts.video_tower,
+            parts.llm,
+            tokenizer=parts.tokenizer,
+            architecture=(parts.architecture.vision, parts.architecture.llm) if parts.architecture else None,
+            architecture_key="model.from.architecture",
+            projector_seed=parts.seed,
+            **model_options(self.recipe),
+        )
         return model
 
     def load_tokenizer_for_init(self) -> None:
@@ -409,8 +356,6 @@ class Run:
 
     def export(self) -> None:
         """The finished model in the -hf layout, with tokenizer and preprocessing constants."""
-        from videollava.infer.pipeline import Pipeline  # the inference layer: only an export needs it
-
         model = self.require_model()
         if not self.info.is_main:
             D.barrier(self.info)
@@ -423,8 +368,7 @@ class Run:
         transform = media_transform(
             model, self.recipe.model.image_aspect_ratio, self.recipe.model.video_aspect_ratio
         )
-        pipeline = Pipeline(model, self.tokenizer, transform, template=model.config.template)
-        pipeline.save_pretrained(tmp)
+        save_bundle(tmp, model, self.tokenizer, transform)
         shutil.rmtree(out, ignore_errors=True)
         tmp.replace(out)
         self.log(f"exported the model to {out}")
