@@ -16,6 +16,7 @@ Run folder: `recipe.yaml` (resolved), `data/` (if generated), `tokenizer/`, `met
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import sys
