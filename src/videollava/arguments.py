@@ -27,8 +27,18 @@ def port_number(text: str) -> int:
     return value
 
 
+def add_device_option(parser: argparse.ArgumentParser) -> None:
+    """`--device`: where the weights are loaded and every tensor of the model's work lives."""
+    parser.add_argument(
+        "--device",
+        default="auto",
+        metavar="auto|cpu|cuda|cuda:N",
+        help="where the model runs (default: auto, the first GPU when there is one, else the CPU)",
+    )
+
+
 def add_model_options(parser: argparse.ArgumentParser) -> None:
-    """`--model` and `--dtype`: which checkpoint a command loads, and in which precision."""
+    """`--model`, `--dtype` and `--device`: which checkpoint a command loads, in which precision, where."""
     parser.add_argument(
         "--model", default=None, help="checkpoint folder or hub id (default: bundled ShapesWorld model)"
     )
@@ -36,5 +46,6 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         "--dtype",
         choices=["auto", "bfloat16", "float32"],
         default="auto",
-        help="precision of the weights (default: auto, bfloat16 where the CPU computes it natively)",
+        help="precision of the weights (default: auto, bfloat16 on GPUs that support it and on CPUs with AMX)",
     )
+    add_device_option(parser)

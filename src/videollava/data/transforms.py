@@ -249,8 +249,8 @@ def shrink_factor(height: int, width: int, cfg: ImageTransformConfig, video: boo
 
 
 def _normalise(x: torch.Tensor, cfg: ImageTransformConfig) -> torch.Tensor:
-    mean = torch.tensor(cfg.mean, dtype=x.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(cfg.std, dtype=x.dtype).view(1, 3, 1, 1)
+    mean = torch.tensor(cfg.mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     return (x - mean) / std
 
 
@@ -258,7 +258,7 @@ def preprocess_images(images: Sequence[Image.Image], cfg: ImageTransformConfig |
     """Images -> float32 (N, 3, crop, crop), numerically the CLIP image processor's output."""
     cfg = cfg or ImageTransformConfig()
     if len(images) == 0:
-        return torch.empty(0, 3, cfg.crop_size, cfg.crop_size)
+        return torch.empty(0, 3, cfg.crop_size, cfg.crop_size, device="cpu")
     crops = []
     for img in images:
         img = to_rgb(img)
@@ -321,7 +321,7 @@ def box_to_pixels(
 
 
 def _as_frames(frames: np.ndarray | torch.Tensor) -> torch.Tensor:
-    x = torch.as_tensor(np.ascontiguousarray(frames)) if isinstance(frames, np.ndarray) else frames
+    x = torch.from_numpy(np.ascontiguousarray(frames)) if isinstance(frames, np.ndarray) else frames
     if x.ndim != 4 or x.shape[-1] != 3:
         raise ValueError(f"expected frames of shape (T, H, W, 3), got {tuple(x.shape)}")
     if x.dtype != torch.uint8:
@@ -340,7 +340,7 @@ def _video_batch(x: torch.Tensor, cfg: ImageTransformConfig) -> torch.Tensor:
     step = max(1, _FLOAT_CHUNK_BYTES // (h * w * 3 * 4))
     if n <= step:
         return _video_chunk(x, cfg)
-    out = torch.empty(n, 3, cfg.crop_size, cfg.crop_size)
+    out = torch.empty(n, 3, cfg.crop_size, cfg.crop_size, device="cpu")
     for start in range(0, n, step):
         out[start : start + step] = _video_chunk(x[start : start + step], cfg)
     return out
@@ -351,14 +351,16 @@ def _video_chunk(x: torch.Tensor, cfg: ImageTransformConfig) -> torch.Tensor:
     if cfg.video_aspect_ratio == "pad" and x.shape[1] != x.shape[2]:
         n, h, w, _ = x.shape
         side = max(h, w)
-        canvas = torch.tensor(cfg.pad_color, dtype=torch.uint8).expand(n, side, side, 3).clone()
+        canvas = (
+            torch.tensor(cfg.pad_color, dtype=torch.uint8, device=x.device).expand(n, side, side, 3).clone()
+        )
         top, left = (side - h) // 2, (side - w) // 2
         canvas[:, top : top + h, left : left + w] = x
         x = canvas
     x = x.permute(0, 3, 1, 2)  # (N, H, W, 3) -> (N, 3, H, W)
     x = x / 255.0  # float32
-    mean = torch.tensor(cfg.mean, dtype=x.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(cfg.std, dtype=x.dtype).view(1, 3, 1, 1)
+    mean = torch.tensor(cfg.mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     x = x.sub_(mean).div_(std)  # in place: the same numbers as _normalise, one float copy fewer
     h, w = x.shape[-2:]
     new_h, new_w = resized_size(h, w, cfg, video=True)
@@ -390,7 +392,7 @@ def preprocess_videos(
     cfg = cfg or ImageTransformConfig()
     clips = [_as_frames(v) for v in videos]
     if not clips:
-        return torch.empty(0, 0, 3, cfg.crop_size, cfg.crop_size)
+        return torch.empty(0, 0, 3, cfg.crop_size, cfg.crop_size, device="cpu")
     t = clips[0].shape[0]
     if any(c.shape[0] != t for c in clips):
         raise ValueError(f"videos have different frame counts: {[c.shape[0] for c in clips]}")

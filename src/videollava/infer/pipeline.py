@@ -35,6 +35,7 @@ from videollava.data.transforms import (
 from videollava.errors import PromptError
 from videollava.infer.request import MediaItem, MediaSource, Prepared
 from videollava.model.bundle import load_bundle, save_bundle
+from videollava.model.devices import resolve_device, resolve_dtype
 from videollava.model.videollava import VideoLlava
 
 # A prompt longer than the context times this many characters cannot fit, whatever it says; the
@@ -45,33 +46,6 @@ _CHARS_PER_TOKEN = 32
 def default_model_path() -> Path:
     """The ShapesWorld checkpoint that ships inside the package."""
     return Path(__file__).resolve().parent.parent / "assets" / "shapesworld-model"
-
-
-def cpu_supports_bf16() -> bool:
-    """bf16 pays off only with AMX tiles; with AVX512-BF16 alone it measured slower than fp32 here."""
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags
-
-
-def resolve_dtype(name: str | torch.dtype | None) -> torch.dtype:
-    if isinstance(name, torch.dtype):
-        return name
-    if name in (None, "auto"):
-        return torch.bfloat16 if cpu_supports_bf16() else torch.float32
-    table = {
-        "bfloat16": torch.bfloat16,
-        "bf16": torch.bfloat16,
-        "float32": torch.float32,
-        "fp32": torch.float32,
-    }
-    if name not in table:
-        raise ValueError(f"unknown dtype {name!r}; choose bfloat16 or float32")
-    return table[name]
 
 
 class FeatureCache:
@@ -159,9 +133,16 @@ class Pipeline:
 
     @classmethod
     def from_pretrained(
-        cls, path: str | os.PathLike | None = None, dtype: str | torch.dtype | None = None, **kwargs
+        cls,
+        path: str | os.PathLike | None = None,
+        dtype: str | torch.dtype | None = None,
+        device: str | torch.device | None = "cpu",
+        **kwargs,
     ) -> Pipeline:
-        bundle = load_bundle(path if path is not None else default_model_path(), resolve_dtype(dtype))
+        """Weights land straight on `device` (`auto`: the first GPU if any); `dtype` auto follows it."""
+        target = resolve_device(device)
+        folder = path if path is not None else default_model_path()
+        bundle = load_bundle(folder, resolve_dtype(dtype, target), device=target)
         return cls(bundle.model, bundle.tokenizer, bundle.transform, **kwargs)
 
     def save_pretrained(self, out_dir: str | os.PathLike) -> None:

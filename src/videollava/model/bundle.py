@@ -29,9 +29,13 @@ class Bundle:
     folder: Path  # where it was read from (a hub id resolved to its local snapshot)
 
 
-def load_bundle(path_or_id: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Bundle:
+def load_bundle(
+    path_or_id: str | os.PathLike,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> Bundle:
     """Any supported checkpoint layout, with the tokenizer and preprocessing constants saved beside it."""
-    model, folder = load_weights(path_or_id, dtype)
+    model, folder = load_weights(path_or_id, dtype, device)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
     except Exception as error:

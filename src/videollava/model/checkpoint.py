@@ -425,9 +425,17 @@ def config_from_original(
 
 
 def build_model(
-    config: VideoLlavaConfig, state: dict[str, torch.Tensor], dtype: torch.dtype, source: str
+    config: VideoLlavaConfig,
+    state: dict[str, torch.Tensor],
+    dtype: torch.dtype,
+    source: str,
+    device: torch.device | str = "cpu",
 ) -> VideoLlava:
-    """Construct on the meta device and assign the checkpoint's tensors; every parameter must be present."""
+    """Construct on the meta device and assign the checkpoint's tensors; every parameter must be present.
+
+    Each tensor goes from the (memory-mapped) file to `device` in one copy, cast there, so the
+    weights are never materialised twice on the CPU.
+    """
     with torch.device("meta"):
         model = VideoLlava(config)
     expected = set(model.state_dict().keys())
@@ -440,13 +448,17 @@ def build_model(
             raise CheckpointError(
                 f"{source}: {name} has shape {tuple(state[name].shape)}, the config expects {tuple(param.shape)}"
             )
-    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items() if k in expected}
+    state = {
+        k: v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device)
+        for k, v in state.items()
+        if k in expected
+    }
     model.load_state_dict(state, assign=True, strict=True)
-    _materialize_buffers(model)
+    _materialize_buffers(model, torch.device(device))
     return model.eval()
 
 
-def _materialize_buffers(model: VideoLlava) -> None:
+def _materialize_buffers(model: VideoLlava, device: torch.device) -> None:
     """Non-persistent buffers (the LLM's rotary frequencies) are not in checkpoints: rebuild them."""
     for module_name, module in model.named_modules():
         for buffer_name, buffer in list(module.named_buffers(recurse=False)):
@@ -455,7 +467,7 @@ def _materialize_buffers(model: VideoLlava) -> None:
             if hasattr(module, "rope_init_fn") or buffer_name in ("inv_freq", "original_inv_freq"):
                 fresh = type(module)(config=model.language_model.config)
                 for name, value in fresh.named_buffers(recurse=False):
-                    module.register_buffer(name, value, persistent=False)
+                    module.register_buffer(name, value.to(device), persistent=False)
                 break
             raise CheckpointError(f"buffer {module_name}.{buffer_name} was not initialised")
 
@@ -474,7 +486,7 @@ def detect_layout(folder: Path) -> str:
     )
 
 
-def load_hf(folder: Path, dtype: torch.dtype) -> VideoLlava:
+def load_hf(folder: Path, dtype: torch.dtype, device: torch.device | str = "cpu") -> VideoLlava:
     names = read_key_names(folder)
     config = config_from_hf(
         read_json(folder / "config.json"), _has_temporal(names), str(folder / "config.json")
@@ -483,7 +495,7 @@ def load_hf(folder: Path, dtype: torch.dtype) -> VideoLlava:
     if config.temporal_frames:
         rows = next(v for k, v in state.items() if k.endswith("temporal_embedding")).shape[1]
         config.temporal_frames = rows
-    return build_model(config, state, dtype, str(folder))
+    return build_model(config, state, dtype, str(folder), device)
 
 
 def _tower_folder(reference: str, base: Path) -> Path:
@@ -495,7 +507,7 @@ def _tower_folder(reference: str, base: Path) -> Path:
     return resolve(reference)
 
 
-def load_original(folder: Path, dtype: torch.dtype) -> VideoLlava:
+def load_original(folder: Path, dtype: torch.dtype, device: torch.device | str = "cpu") -> VideoLlava:
     data = read_json(folder / "config.json")
     state = normalize_original_keys(read_state_dict(folder))
     has_image = any(k.startswith("image_tower.") for k in state)
@@ -512,7 +524,7 @@ def load_original(folder: Path, dtype: torch.dtype) -> VideoLlava:
         state.update(_read_tower_weights(video_folder, "video_tower"))
     _check_temporal_weights(video_folder, frames, state)
     config = config_from_original(data, image_vision, frames)
-    return build_model(config, state, dtype, str(folder))
+    return build_model(config, state, dtype, str(folder), device)
 
 
 def _tower_shapes(image_folder: Path, video_folder: Path) -> tuple[VisionConfig, int]:
@@ -604,11 +616,12 @@ def _check_architecture(
 
 
 def load_weights(
-    path_or_id: str | os.PathLike, dtype: torch.dtype = torch.float32
+    path_or_id: str | os.PathLike, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
 ) -> tuple[VideoLlava, Path]:
     folder = resolve(path_or_id)
     layout = detect_layout(folder)
-    model = load_hf(folder, dtype) if layout == "hf" else load_original(folder, dtype)
+    load = load_hf if layout == "hf" else load_original
+    model = load(folder, dtype, device)
     return model, folder
 
 

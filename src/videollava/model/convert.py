@@ -6,6 +6,7 @@ import argparse
 
 import torch
 
+from videollava.arguments import add_device_option
 from videollava.constants import (
     HF_SPECIAL_TOKENS,
     IMAGE_PLACEHOLDER,
@@ -14,6 +15,7 @@ from videollava.constants import (
     padded_vocab_size,
 )
 from videollava.model.bundle import load_bundle, save_bundle
+from videollava.model.devices import resolve_device
 from videollava.model.videollava import VideoLlava
 
 
@@ -49,12 +51,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("source", help="checkpoint folder or hub id (-hf or original Video-LLaVA layout)")
     parser.add_argument("output", help="folder to write")
     parser.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], default="bfloat16")
+    add_device_option(parser)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}[args.dtype]
-    bundle = load_bundle(args.source, dtype)
+    bundle = load_bundle(args.source, dtype, resolve_device(args.device))
     if bundle.model.config.image_token_id < 0:
         add_placeholder_tokens(bundle.model, bundle.tokenizer)
     save_bundle(args.output, bundle.model, bundle.tokenizer, bundle.transform)

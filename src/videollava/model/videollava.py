@@ -133,14 +133,14 @@ class VideoLlava(nn.Module):
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) -> (N, P, H_llm): one row per patch, CLS dropped."""
         features = self.image_tower.encode_images(
-            pixel_values.to(self.device, self.dtype), self.config.vision_feature_layer
+            pixel_values.to(self.device, self.dtype, non_blocking=True), self.config.vision_feature_layer
         )
         return self.multi_modal_projector(features)
 
     def encode_videos(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(N, T, 3, H, W) -> (N, T*(P+1), H_llm): frame after frame, each frame's CLS first."""
         features = self.video_tower.encode_videos(
-            pixel_values.to(self.device, self.dtype), self.config.vision_feature_layer
+            pixel_values.to(self.device, self.dtype, non_blocking=True), self.config.vision_feature_layer
         )
         return self.multi_modal_projector(features)
 
@@ -180,11 +180,14 @@ class VideoLlava(nn.Module):
             if labels is not None:
                 if len(labels[b]) != len(ids):
                     raise PromptError(f"prompt {b} has {len(ids)} tokens but {len(labels[b])} labels")
-                sample_labels = torch.tensor(labels[b], dtype=torch.long)
+                sample_labels = torch.tensor(labels[b], dtype=torch.long, device=self.device)
             for slot, feature in zip(slots, features, strict=True):
                 pieces += [text_embeds[start:slot], feature.to(text_embeds.dtype)]
                 if sample_labels is not None:
-                    piece_labels += [sample_labels[start:slot], torch.full((feature.shape[0],), IGNORE_INDEX)]
+                    piece_labels += [
+                        sample_labels[start:slot],
+                        torch.full((feature.shape[0],), IGNORE_INDEX, device=self.device),
+                    ]
                 visual += feature.shape[0]
                 start = slot + 1
             pieces.append(text_embeds[start:])
@@ -207,7 +210,9 @@ class VideoLlava(nn.Module):
         inputs_embeds = rows[0].new_zeros(batch, width, hidden)
         attention_mask = torch.zeros(batch, width, dtype=torch.long, device=self.device)
         out_labels = (
-            torch.full((batch, width), IGNORE_INDEX, dtype=torch.long) if labels is not None else None
+            torch.full((batch, width), IGNORE_INDEX, dtype=torch.long, device=self.device)
+            if labels is not None
+            else None
         )
         for b, row in enumerate(rows):
             span = slice(width - lengths[b], width) if padding_side == "left" else slice(0, lengths[b])
@@ -220,7 +225,7 @@ class VideoLlava(nn.Module):
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            labels=out_labels.to(self.device) if out_labels is not None else None,
+            labels=out_labels,
             lengths=lengths,
             visual_tokens=visual_counts,
         )

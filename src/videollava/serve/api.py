@@ -598,7 +598,9 @@ def run(args: argparse.Namespace) -> int:
     listener = claim_port(args.host, args.port, BUSY_PORT, backlog=2048)
     try:
         logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        pipeline = Pipeline.from_pretrained(args.model, dtype=args.dtype, num_frames=args.frames)
+        pipeline = Pipeline.from_pretrained(
+            args.model, dtype=args.dtype, device=args.device, num_frames=args.frames
+        )
         name = args.served_model_name or (Path(args.model).name if args.model else "videollava-shapesworld")
         settings = ServeSettings(
             model_name=name,

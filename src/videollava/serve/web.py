@@ -192,7 +192,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.max_upload_mb > 0:
         raise VideoLlavaError(f"--max-upload-mb must be positive, got {args.max_upload_mb}")
     check_port_free(args.host, args.port)
-    pipeline = Pipeline.from_pretrained(args.model, dtype=args.dtype)
+    pipeline = Pipeline.from_pretrained(args.model, dtype=args.dtype, device=args.device)
     engine = Engine.for_pipeline(pipeline, max_batch_size=args.max_batch_size, max_queue=64).start()
     try:
         demo = build_demo(pipeline, engine, max_new_tokens=args.max_new_tokens)
