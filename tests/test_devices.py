@@ -60,6 +60,7 @@ def _conversation(pipeline, image, video):
 
 def test_every_request_tensor_follows_the_model_device(pipeline, image, video):
     expected, _ = _conversation(pipeline, image, video)
+    assert all(len(ids) > 1 for ids in expected)  # every answer went through decode steps
     pipeline.feature_cache = type(pipeline.feature_cache)()  # encode the media again, under meta
     with torch.device("meta"):
         got, reused = _conversation(pipeline, image, video)
@@ -84,8 +85,9 @@ def test_a_factory_call_without_device_is_caught(pipeline, image, monkeypatch):
     engine = Engine.for_pipeline(pipeline)
     prepared = pipeline.prepare(pipeline.build_prompt("What colour is it?", 1, 0), [image])
     params = SamplingParams(max_new_tokens=4)
-    # On the CPU default the planted call is harmless ...
-    assert engine.generate([prepared], params)[0].finish_reason in ("stop", "length")
+    # On the CPU default the planted call is harmless, and decode steps (where it sits) ran ...
+    result = engine.generate([prepared], params)[0]
+    assert result.finish_reason in ("stop", "length") and len(result.token_ids) > 1
     # ... under the meta default it is found.
     with torch.device("meta"):
         result = engine.generate([prepared], params)[0]
