@@ -23,6 +23,7 @@ from transformers import DynamicCache
 
 from videollava.constants import IMAGE_SLOT, VIDEO_SLOT
 from videollava.errors import VideoLlavaError
+from videollava.infer.detokenize import INCOMPLETE_CHARACTER, IncrementalDecoder
 from videollava.infer.kv import (
     LayerKV,
     PrefixCache,
@@ -91,7 +92,9 @@ class _Request:
     handle: Handle | None = None
     generator: torch.Generator | None = None
     generated: list[int] = field(default_factory=list)
+    decoder: IncrementalDecoder | None = None  # the answer's text so far, eos left out
     sent_chars: int = 0  # characters of the stripped answer already streamed
+    answer_start: int = 0  # where the stripped answer starts in the decoded text
     next_position: int = 0
     first_token_at: float | None = None
     reused: int = 0
@@ -468,44 +471,61 @@ class Engine:
             return
         request.generated.append(token)
         self.stats.tokens_generated += 1
-        text = self.detokenizer.decode(request.generated)
-        for stop in params.stop:
-            at = text.find(stop)
-            if at != -1:
-                request.finish_reason = "stop"
-                self._flush_text(request, final=True, text=text[:at])
-                return
+        decoder = self._decoder(request)
+        stable = len(decoder.text)  # text that no later token changes, already searched for stops
+        decoder.push(token)
+        if params.stop:
+            # A stop string not found before must end after the stable text: search only from where it could start.
+            start = max(0, stable - max(len(s) for s in params.stop) + 1)
+            window = decoder.text[start:] + decoder.pending
+            for stop in params.stop:
+                at = window.find(stop)
+                if at != -1:
+                    request.finish_reason = "stop"
+                    self._flush_text(request, final=True, end=start + at)
+                    return
         if (
             len(request.generated) >= params.max_new_tokens
             or request.next_position + 1 >= self.model.max_context
         ):
             request.finish_reason = "length"
-            self._flush_text(request, final=True, text=text)
+            self._flush_text(request, final=True)
             return
-        self._flush_text(request, final=False, text=text)
+        self._flush_text(request, final=False)
 
-    def _flush_text(self, request: _Request, final: bool, text: str | None = None) -> None:
+    def _decoder(self, request: _Request) -> IncrementalDecoder:
+        if request.decoder is None:
+            request.decoder = IncrementalDecoder(self.detokenizer)
+        return request.decoder
+
+    def _flush_text(self, request: _Request, final: bool, end: int | None = None) -> None:
         """Stream the answer decoded so far, stripped of surrounding whitespace.
 
         Leading whitespace is never sent. Trailing whitespace, an incomplete multi-byte character and
         what could still turn into a stop string wait for more text; at the end trailing whitespace is
-        dropped. So the deltas add up to the stripped answer.
+        dropped. So the deltas add up to the stripped answer. Positions count characters of the whole
+        decoded text (`end`: where a stop string cuts it), so only the unsent tail is looked at.
         """
-        if text is None:
-            eos = self.detokenizer.eos_token_id
-            text = self.detokenizer.decode([t for t in request.generated if t != eos])
-        answer = text.lstrip()
-        settled = answer if final else answer.rstrip("\ufffd")
+        decoder = self._decoder(request)
+        total = len(decoder.text) + len(decoder.pending) if end is None else end
+        if request.sent_chars:
+            sent_to = request.answer_start + request.sent_chars
+            unsent = (decoder.text[sent_to:] + decoder.pending)[: max(0, total - sent_to)]
+        else:  # where the answer starts may still move: nothing but whitespace (or an unfinished character) yet
+            unsent = (decoder.text + decoder.pending)[:total].lstrip()
+            request.answer_start = total - len(unsent)
+        settled = unsent if final else unsent.rstrip(INCOMPLETE_CHARACTER)
         if not final and request.params.stop:
-            settled = settled[: max(0, len(answer) - max(len(s) for s in request.params.stop) + 1)]
+            settled = settled[: max(0, len(unsent) - max(len(s) for s in request.params.stop) + 1)]
         # Whitespace last, after the stop-string cut: what precedes a stop string may end the answer.
         ready = len(settled.rstrip())
-        if ready > request.sent_chars:
+        if ready > 0:
             assert request.handle is not None
-            request.handle._emit(StreamDelta(answer[request.sent_chars : ready], request.generated[-1]))
-            request.sent_chars = ready
+            request.handle._emit(StreamDelta(unsent[:ready], request.generated[-1]))
+            request.sent_chars += ready
         if final:
-            request.final_text = answer[: max(ready, request.sent_chars)]
+            start = request.answer_start
+            request.final_text = (decoder.text + decoder.pending)[start : start + request.sent_chars]
 
     def _retire(self) -> None:
         """Take finished, failed and cancelled requests out of the batch and hand out their completions."""
@@ -539,8 +559,8 @@ class Engine:
         now = time.perf_counter()
         text = request.final_text
         if text is None:
-            ids = [t for t in request.generated if t != self.detokenizer.eos_token_id]
-            text = self.detokenizer.decode(ids).strip() if ids else ""
+            decoder = request.decoder
+            text = (decoder.text + decoder.pending).strip() if decoder is not None else ""
         self._complete(
             request,
             Completion(

@@ -1,0 +1,40 @@
+"""Incremental detokenization: each new token costs a decode of a few recent ids, not of the whole answer."""
+
+from __future__ import annotations
+
+from videollava.infer.request import Detokenizer
+
+INCOMPLETE_CHARACTER = "\ufffd"  # what a decoder shows for the bytes of a character not yet complete
+
+
+class IncrementalDecoder:
+    """Text of a growing list of ids, decoded through a short window of recent ids.
+
+    The window keeps the last emitted ids as left context: decoding a suffix alone can lose or gain a
+    leading space (SentencePiece's word-start marker) or split a multi-byte character, so the new text
+    is the window's decode minus its left context's decode. Text that ends in an incomplete character
+    waits in `pending` until its last bytes arrive. `text + pending` equals `decode(ids)`.
+    """
+
+    def __init__(self, detokenizer: Detokenizer):
+        self.detokenizer = detokenizer
+        self.ids: list[int] = []
+        self.text = ""  # settled: never changes once here
+        self.pending = ""  # what the decode of all ids shows after `text` now; may change with later ids
+        self._prefix_offset = 0  # window start: left context for the ids after the read offset
+        self._read_offset = 0  # ids before this are in `text`
+
+    def push(self, token: int) -> str:
+        """Add one id; return the text it settled (often empty while a character is incomplete)."""
+        self.ids.append(token)
+        context = self.ids[self._prefix_offset : self._read_offset]
+        known = self.detokenizer.decode(context) if context else ""
+        window = self.detokenizer.decode(self.ids[self._prefix_offset :])
+        if window.endswith(INCOMPLETE_CHARACTER) or len(window) <= len(known):
+            self.pending = window[len(known) :]
+            return ""
+        new = window[len(known) :]
+        self.text += new
+        self.pending = ""
+        self._prefix_offset, self._read_offset = self._read_offset, len(self.ids)
+        return new
