@@ -13,7 +13,7 @@ class IncrementalDecoder:
     The window keeps the last emitted ids as left context: decoding a suffix alone can lose or gain a
     leading space (SentencePiece's word-start marker) or split a multi-byte character, so the new text
     is the window's decode minus its left context's decode. Text that ends in an incomplete character
-    waits in `pending` until its last bytes arrive. `text + pending` equals `decode(ids)`.
+    or in what may be a run of byte tokens waits in `pending` until the run ends. `text + pending` equals `decode(ids)`.
     """
 
     def __init__(self, detokenizer: Detokenizer):
@@ -30,7 +30,12 @@ class IncrementalDecoder:
         context = self.ids[self._prefix_offset : self._read_offset]
         known = self.detokenizer.decode(context) if context else ""
         window = self.detokenizer.decode(self.ids[self._prefix_offset :])
-        if window.endswith(INCOMPLETE_CHARACTER) or len(window) <= len(known):
+        # SentencePiece's byte fallback decodes a run of byte tokens as a whole (one replacement character
+        # per byte when the run is not UTF-8, its ASCII bytes included), so text settles only after a token
+        # that cannot be a byte: one that alone shows more than one byte of text.
+        alone = self.detokenizer.decode([token])
+        in_byte_run = INCOMPLETE_CHARACTER in alone or len(alone.encode()) <= 1
+        if in_byte_run or window.endswith(INCOMPLETE_CHARACTER) or len(window) <= len(known):
             self.pending = window[len(known) :]
             return ""
         new = window[len(known) :]

@@ -23,7 +23,7 @@ from transformers import DynamicCache
 
 from videollava.constants import IMAGE_SLOT, VIDEO_SLOT
 from videollava.errors import VideoLlavaError
-from videollava.infer.detokenize import INCOMPLETE_CHARACTER, IncrementalDecoder
+from videollava.infer.detokenize import IncrementalDecoder
 from videollava.infer.kv import (
     LayerKV,
     PrefixCache,
@@ -514,7 +514,8 @@ class Engine:
         else:  # where the answer starts may still move: nothing but whitespace (or an unfinished character) yet
             unsent = (decoder.text + decoder.pending)[:total].lstrip()
             request.answer_start = total - len(unsent)
-        settled = unsent if final else unsent.rstrip(INCOMPLETE_CHARACTER)
+        # Pending text may still change (an unfinished character, a run of bytes): it waits for the end.
+        settled = unsent if final else unsent[: max(0, len(decoder.text) - (total - len(unsent)))]
         if not final and request.params.stop:
             settled = settled[: max(0, len(unsent) - max(len(s) for s in request.params.stop) + 1)]
         # Whitespace last, after the stop-string cut: what precedes a stop string may end the answer.
