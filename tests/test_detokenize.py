@@ -9,6 +9,9 @@ from tokenizers import Tokenizer, decoders, models, normalizers
 from transformers import PreTrainedTokenizerFast
 
 from videollava.infer.detokenize import INCOMPLETE_CHARACTER, IncrementalDecoder
+from videollava.infer.engine import Engine
+from videollava.infer.pipeline import Pipeline
+from videollava.infer.sampling import SamplingParams
 from videollava.testing import tiny_test_tokenizer
 
 TEXT = "the cat 猫は on 🐱 cat🐱the"
@@ -134,3 +137,19 @@ def test_text_cut_anywhere_streams_to_the_whole_decode(texts, data):
         ids += encoded[start : data.draw(st.integers(start, len(encoded)))]
     pieces, decoder = _pieces(SENTENCEPIECE, ids)
     assert "".join(pieces) + decoder.pending == SENTENCEPIECE.decode(ids)
+
+
+def test_the_engine_decodes_short_windows_and_streams_the_whole_answer(hf_checkpoint):
+    pipeline = Pipeline.from_pretrained(hf_checkpoint[0], dtype="float32")
+    recording = _Detokenizer(pipeline.detokenizer.tokenizer)
+    recording.eos_token_id = None  # a long answer whatever the random model picks
+    engine = Engine(pipeline.model, recording)
+    prepared = pipeline.prepare(pipeline.build_prompt("Describe.", 0, 0), [])
+    handle = engine.submit(prepared, SamplingParams(max_new_tokens=64))
+    while not handle.done:
+        engine.step()
+    streamed = "".join(delta.text for delta in handle)
+    completion = handle.result()
+    assert len(completion.token_ids) == 64
+    assert completion.text == streamed == recording.decode(completion.token_ids).strip()
+    assert max(recording.lengths[:-1]) < 16  # never the whole answer while generating it
