@@ -13,7 +13,8 @@ class IncrementalDecoder:
     The window keeps the last emitted ids as left context: decoding a suffix alone can lose or gain a
     leading space (SentencePiece's word-start marker) or split a multi-byte character, so the new text
     is the window's decode minus its left context's decode. Text that ends in an incomplete character
-    or in what may be a run of byte tokens waits in `pending` until the run ends. `text + pending` equals `decode(ids)`.
+    or in what may be a run of byte tokens waits in `pending` until the run ends.
+    `text + pending` equals `decode(ids)`.
     """
 
     def __init__(self, detokenizer: Detokenizer):
@@ -23,12 +24,14 @@ class IncrementalDecoder:
         self.pending = ""  # what the decode of all ids shows after `text` now; may change with later ids
         self._prefix_offset = 0  # window start: left context for the ids after the read offset
         self._read_offset = 0  # ids before this are in `text`
+        self._context_text: str | None = ""  # decode(ids[prefix_offset:read_offset]), once computed
 
     def push(self, token: int) -> str:
         """Add one id; return the text it settled (often empty while a character is incomplete)."""
         self.ids.append(token)
-        context = self.ids[self._prefix_offset : self._read_offset]
-        known = self.detokenizer.decode(context) if context else ""
+        if self._context_text is None:
+            self._context_text = self.detokenizer.decode(self.ids[self._prefix_offset : self._read_offset])
+        known = self._context_text
         window = self.detokenizer.decode(self.ids[self._prefix_offset :])
         # SentencePiece's byte fallback decodes a run of byte tokens as a whole (one replacement character
         # per byte when the run is not UTF-8, its ASCII bytes included), so text settles only after a token
@@ -42,4 +45,5 @@ class IncrementalDecoder:
         self.text += new
         self.pending = ""
         self._prefix_offset, self._read_offset = self._read_offset, len(self.ids)
+        self._context_text = None
         return new

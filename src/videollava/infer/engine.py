@@ -475,7 +475,7 @@ class Engine:
         stable = len(decoder.text)  # text that no later token changes, already searched for stops
         decoder.push(token)
         if params.stop:
-            # A stop string not found before must end after the stable text: search only from where it could start.
+            # A stop string not found before ends after the stable text: search only where it could start.
             start = max(0, stable - max(len(s) for s in params.stop) + 1)
             window = decoder.text[start:] + decoder.pending
             for stop in params.stop:
@@ -511,7 +511,7 @@ class Engine:
         if request.sent_chars:
             sent_to = request.answer_start + request.sent_chars
             unsent = (decoder.text[sent_to:] + decoder.pending)[: max(0, total - sent_to)]
-        else:  # where the answer starts may still move: nothing but whitespace (or an unfinished character) yet
+        else:  # nothing but whitespace or unsettled text yet: where the answer starts may still move
             unsent = (decoder.text + decoder.pending)[:total].lstrip()
             request.answer_start = total - len(unsent)
         # Pending text may still change (an unfinished character, a run of bytes): it waits for the end.
