@@ -15,7 +15,7 @@ from videollava.data.decode_limits import Cancelled, DecodeBudget, DecodeLimits
 from videollava.data.frame_sampling import VideoClip
 from videollava.data.images import Shrink, decode_still_image
 from videollava.data.media_kind import sniff_picture
-from videollava.data.media_source import MediaSource, rewindable_source
+from videollava.data.media_source import MediaSource, RewindableSource, rewindable_source
 from videollava.data.video import open_container, read_container_video, video_stream
 from videollava.errors import MediaError
 
@@ -43,6 +43,13 @@ def read_video_clip(
     kind = sniff_picture(src)
     if kind == "still":
         raise MediaError(src.name, "not a video: it is a still image")
+    return _read_clip(src, kind, num_frames, shrink, budget)
+
+
+def _read_clip(
+    src: RewindableSource, kind: str | None, num_frames: int, shrink: Shrink | None, budget: DecodeBudget
+) -> VideoClip:
+    """The reader for what is not a still picture: animated images by PIL, the rest by PyAV."""
     if kind == "animated":
         return read_animated_image(src, num_frames, shrink, budget)
     return read_container_video(src, num_frames, shrink, budget)
@@ -95,6 +102,4 @@ def load_media(
     kind = sniff_picture(src)
     if kind == "still":
         return decode_still_image(src, shrink, budget.limits)
-    if kind == "animated":
-        return read_animated_image(src, num_frames, shrink, budget).frames
-    return read_container_video(src, num_frames, shrink, budget).frames
+    return _read_clip(src, kind, num_frames, shrink, budget).frames
