@@ -205,7 +205,6 @@ def test_failed_requests_count_as_wrong():
 
 
 def test_evaluate_end_to_end_on_a_random_checkpoint(hf_checkpoint, shapesworld_dir, tmp_path, capsys):
-    from videollava.eval import cli as eval_cli
     from videollava.infer.pipeline import Pipeline
 
     folder, _ = hf_checkpoint
@@ -239,20 +238,23 @@ def test_evaluate_end_to_end_on_a_random_checkpoint(hf_checkpoint, shapesworld_d
     again = score(questions, {r.question_id: r.prediction for r in report.results})
     assert again.overall == report.overall
 
-    # the command line, with targets that a random model cannot meet
-    out_json, out_md = tmp_path / "report.json", tmp_path / "report.md"
-    parser = __import__("argparse").ArgumentParser()
-    eval_cli.register(parser.add_subparsers())
-    args = parser.parse_args(
+    # the command line (the harness), with targets that a random model cannot meet
+    from videollava.cli import main
+
+    out_dir, out_md = tmp_path / "run", tmp_path / "report.md"
+    status = main(
         ["eval", "shapesworld", "--model", str(folder), "--data", str(shapesworld_dir), "--limit", "12"]
         + ["--batch-size", "4", "--dtype", "float32", "--max-new-tokens", "2"]
-        + ["--output", str(out_json), "--markdown", str(out_md), "--check-targets"]
+        + ["--output", str(out_dir), "--markdown", str(out_md), "--check-targets"]
     )
-    assert args.func(args) == 1
+    assert status == 1
     captured = capsys.readouterr()
     assert "target not met" in captured.err and "answered 12/12" in captured.err
-    assert "# ShapesWorld evaluation" in captured.out
-    written = json.loads(out_json.read_text())
-    assert written["overall"]["n"] == 12 and written["info"]["model"] == str(folder)
-    assert out_md.read_text() == captured.out
-    assert math.isfinite(written["overall"]["accuracy"])
+    assert "## Accuracy by question type" in captured.out
+    written = json.loads((out_dir / "results.json").read_text())
+    assert written["count"] == 12 and written["model"] == str(folder)
+    assert written["metrics"]["overall"]["n"] == 12
+    assert math.isfinite(written["metrics"]["overall_accuracy"])
+    assert out_md.read_text().startswith("# ShapesWorld evaluation")
+    lines = (out_dir / "predictions.jsonl").read_text().splitlines()
+    assert [json.loads(line)["id"] for line in lines] == [str(q.question_id) for q in questions[:12]]

@@ -167,8 +167,10 @@ def _dict_candidates(text: str) -> Iterable[str]:
 def parse_judge_reply(text: str) -> dict[str, Any]:
     """Read a judge reply such as "{'pred': 'yes', 'score': 4}" -> {"pred": "yes", "score": 4.0}.
 
-    Judges sometimes wrap the dictionary in prose or code fences; the first dictionary with both
-    keys is used. Anything else raises JudgeReplyError naming the reply.
+    Judges sometimes wrap the dictionary in prose or code fences, write JSON instead of Python,
+    add a full stop to the pred or decimals to the score; the first dictionary with both keys is
+    used, else a brace-less `pred: yes, score: 4`. Anything else raises JudgeReplyError naming
+    the reply.
     """
     for candidate in _dict_candidates(text):
         try:
@@ -177,19 +179,51 @@ def parse_judge_reply(text: str) -> dict[str, Any]:
             continue
         if not isinstance(value, dict) or "pred" not in value or "score" not in value:
             continue
-        pred = str(value["pred"]).strip().lower()
-        if pred not in ("yes", "no"):
-            raise JudgeReplyError(f"judge reply has pred {value['pred']!r}, not 'yes' or 'no': {text!r}")
-        try:
-            score = float(value["score"])
-        except (TypeError, ValueError):
-            raise JudgeReplyError(
-                f"judge reply has a non-numeric score {value['score']!r}: {text!r}"
-            ) from None
-        if not 0 <= score <= 5:
-            raise JudgeReplyError(f"judge reply has score {score} outside 0..5: {text!r}")
-        return {"pred": pred, "score": score}
+        return _pred_score(value["pred"], value["score"], text)
+    pred = re.search(r"[\'\"]?pred[\'\"]?\s*:\s*[\'\"]?(yes|no)\b", text, re.IGNORECASE)
+    score = re.search(r"[\'\"]?score[\'\"]?\s*:\s*[\'\"]?(-?\d+(?:\.\d+)?)", text, re.IGNORECASE)
+    if pred and score:
+        return _pred_score(pred.group(1), score.group(1), text)
     raise JudgeReplyError(f"no {{'pred': ..., 'score': ...}} dictionary in judge reply: {text!r}")
+
+
+def _pred_score(pred_value: Any, score_value: Any, text: str) -> dict[str, Any]:
+    pred = _PUNCTUATION.sub("", str(pred_value)).strip().lower()
+    if pred not in ("yes", "no"):
+        raise JudgeReplyError(f"judge reply has pred {pred_value!r}, not 'yes' or 'no': {text!r}")
+    try:
+        score = float(score_value)
+    except (TypeError, ValueError):
+        raise JudgeReplyError(f"judge reply has a non-numeric score {score_value!r}: {text!r}") from None
+    if not 0 <= score <= 5:
+        raise JudgeReplyError(f"judge reply has score {score} outside 0..5: {text!r}")
+    return {"pred": pred, "score": score}
+
+
+def summarize_verdicts(verdicts: Iterable[Mapping[str, Any] | None]) -> dict[str, Any]:
+    """Video QA as the reference aggregates it, over readable verdicts only.
+
+    accuracy = yes / (yes + no) in percent; score = mean of the scores truncated to integers, as
+    the reference's int(score). Malformed verdicts (unreadable after every retry) and missing ones
+    are counted apart and left out of both numbers.
+    """
+    yes = no = malformed = 0
+    scores: list[int] = []
+    for verdict in verdicts:
+        if not verdict or verdict.get("malformed") or verdict.get("pred") not in ("yes", "no"):
+            malformed += 1
+            continue
+        yes += verdict["pred"] == "yes"
+        no += verdict["pred"] == "no"
+        scores.append(int(float(verdict["score"])))
+    judged = yes + no
+    return {
+        "accuracy": 100.0 * yes / judged if judged else 0.0,
+        "score": sum(scores) / len(scores) if scores else 0.0,
+        "yes": yes,
+        "no": no,
+        "malformed": malformed,
+    }
 
 
 def judge_summary(records: Iterable[Mapping[str, Any]], judge_model: str) -> dict[str, Any]:

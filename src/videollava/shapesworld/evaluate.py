@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from videollava.errors import VideoLlavaError
+from videollava.eval.items import ExpectedFile, Item, Task
 from videollava.eval.metrics import accuracy_by, exact_match, pope_metrics, yes_no
-from videollava.infer.engine import Engine
+from videollava.eval.runner import RunConfig, answer_items, load_items
 from videollava.infer.pipeline import Pipeline
-from videollava.infer.request import MediaItem, Prepared
-from videollava.infer.sampling import SamplingParams
+from videollava.infer.request import MediaItem
 from videollava.shapesworld.text import POPE_SPLITS, QUESTION_TYPES
 from videollava.shapesworld.world import MEDIA_KINDS
 
@@ -111,8 +111,12 @@ class Report:
         for key in ("model", "data_dir", "seconds"):
             if key in self.info:
                 lines.append(f"- {key}: {self.info[key]}")
+        return "\n".join(lines) + "\n" + self.body(check_targets(self))
+
+    def body(self, failures: list[str]) -> str:
+        """Everything below the run's information: counts, accuracy per type, POPE, targets."""
         o = self.overall
-        lines.append(f"- questions: {int(o['n'])}, correct: {int(o['correct'])} ({_pct(o['accuracy'])})")
+        lines = [f"- questions: {int(o['n'])}, correct: {int(o['correct'])} ({_pct(o['accuracy'])})"]
         if self.errors:
             lines.append(f"- failed requests (scored wrong): {self.errors}")
         lines += ["", "## Accuracy by question type", "", "| type | " + " | ".join(MEDIA_KINDS) + " |"]
@@ -141,7 +145,6 @@ class Report:
                 f"| {split} | {media} | {int(m['n'])} | {_pct(m['accuracy'])} | {_pct(m['precision'])} | "
                 f"{_pct(m['recall'])} | {_pct(m['f1'])} | {m['yes_ratio']:.2f} |"
             )
-        failures = check_targets(self)
         lines += ["", "## Targets", ""]
         lines += [f"- FAIL: {f}" for f in failures] or ["- all targets met"]
         return "\n".join(lines) + "\n"
@@ -269,6 +272,69 @@ def check_targets(report: Report) -> list[str]:
     return failures
 
 
+class ShapesWorldTask(Task):
+    """The held-out questions of a generated ShapesWorld folder, as one task of the harness."""
+
+    name = "shapesworld"
+    summary = "held-out ShapesWorld questions: accuracy per type (images, videos), POPE per split"
+    files = (
+        ExpectedFile("test_questions.jsonl", "held-out questions (`videollava shapesworld generate`)"),
+        ExpectedFile("media", "the images and videos the questions name"),
+    )
+    template = None  # the model's own: the one it was trained with
+    max_new_tokens = MAX_NEW_TOKENS
+    headline = "overall_accuracy"
+
+    def load(self, data_dir: Path) -> list[Item]:
+        items = []
+        for q in load_questions(data_dir):
+            if q.modality not in MEDIA_KINDS:
+                raise VideoLlavaError(f"question {q.question_id}: unknown modality {q.modality!r}")
+            meta = {
+                "question_id": q.question_id,
+                "media": q.media,
+                "modality": q.modality,
+                "type": q.type,
+                "split": q.split,
+            }
+            media = [MediaItem(q.modality, data_dir / "media" / q.media)]
+            items.append(Item(str(q.question_id), q.question, q.answer, (q.question,), media, meta))
+        return items
+
+    def report(self, records: Sequence[dict[str, Any]], info: dict[str, Any] | None = None) -> Report:
+        questions = [
+            Question(
+                question_id=int(r["meta"]["question_id"]),
+                media=r["meta"]["media"],
+                modality=r["meta"]["modality"],
+                type=r["meta"]["type"],
+                split=r["meta"]["split"],
+                question=r["question"],
+                answer=r["answer"],
+            )
+            for r in records
+        ]
+        predictions = {q.question_id: r["pred"] for q, r in zip(questions, records, strict=True)}
+        errors = {q.question_id: r["error"] for q, r in zip(questions, records, strict=True) if "error" in r}
+        return score(questions, predictions, errors, info)
+
+    def score(self, records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        data = self.report(records).to_dict(with_results=False)
+        data.pop("info")
+        return {"overall_accuracy": 100 * data["overall"]["accuracy"]} | data
+
+    def table(self, metrics: dict[str, Any]) -> str:
+        report = Report(
+            [],
+            metrics["accuracy"],
+            metrics["pope"],
+            metrics["pope_by_modality"],
+            metrics["overall"],
+            metrics["errors"],
+        )
+        return report.body(metrics["target_failures"])
+
+
 def evaluate(
     pipeline: Pipeline,
     data_dir: str | Path,
@@ -278,53 +344,34 @@ def evaluate(
     max_new_tokens: int = MAX_NEW_TOKENS,
     progress: Callable[[int, int], None] | None = None,
 ) -> Report:
-    """Ask every held-out question of a ShapesWorld folder (greedy, short answers) and score them."""
+    """Ask every held-out question of a ShapesWorld folder (greedy, short answers) and score them.
+
+    The harness's own answering (`videollava eval shapesworld` runs the same), without output files.
+    """
     started = time.perf_counter()
     data_dir = Path(data_dir)
-    questions = load_questions(data_dir, limit)
-    engine = Engine.for_pipeline(pipeline, max_batch_size=batch_size)
-    params = SamplingParams(max_new_tokens=max_new_tokens)
-    predictions: dict[int, str] = {}
-    errors: dict[int, str] = {}
+    task = ShapesWorldTask()
+    items = load_items(task, data_dir, limit)
+    config = RunConfig(
+        task=task.name, model="", data_dir=str(data_dir), frames=num_frames, batch_size=batch_size,
+        limit=limit, max_new_tokens=max_new_tokens,
+    )  # fmt: skip
+    answers: dict[str, dict[str, Any]] = {}
 
-    def record(question_id: int, text: str, error: str | None) -> None:
-        if question_id in predictions:
-            raise VideoLlavaError(f"question {question_id} was answered twice")
-        predictions[question_id] = text
-        if error is not None:
-            errors[question_id] = error
+    def on_answer(item: Item, answer: dict[str, Any]) -> None:
+        if item.id in answers:
+            raise VideoLlavaError(f"question {item.id} was answered twice")
+        answers[item.id] = item.record() | answer
 
-    # Chunks a few batches long keep memory bounded and let progress be reported as answers arrive.
-    chunk = max(1, batch_size) * 4
-    for start in range(0, len(questions), chunk):
-        ready: list[tuple[int, Prepared]] = []
-        for q in questions[start : start + chunk]:
-            if q.modality not in MEDIA_KINDS:
-                raise VideoLlavaError(f"question {q.question_id}: unknown modality {q.modality!r}")
-            images, videos = (1, 0) if q.modality == "image" else (0, 1)
-            prompt = pipeline.build_prompt(q.question, images, videos)
-            try:
-                prepared = pipeline.prepare(
-                    prompt, [MediaItem(q.modality, data_dir / "media" / q.media)], num_frames=num_frames
-                )
-            except VideoLlavaError as error:
-                record(q.question_id, "", f"{type(error).__name__}: {error}")
-                continue
-            ready.append((q.question_id, prepared))
-        completions = engine.generate([p for _, p in ready], params)
-        for (question_id, _), completion in zip(ready, completions, strict=True):
-            record(question_id, completion.text.strip(), completion.error)
-        if progress is not None:
-            progress(len(predictions), len(questions))
-
+    answer_items(pipeline, task, items, config, on_answer, progress)
     info = {
         "data_dir": str(data_dir),
-        "questions": len(questions),
+        "questions": len(items),
         "max_new_tokens": max_new_tokens,
         "num_frames": num_frames or pipeline.num_frames,
         "seconds": round(time.perf_counter() - started, 1),
     }
-    return score(questions, predictions, errors, info)
+    return task.report([answers[item.id] for item in items], info)
 
 
 def print_progress(done: int, total: int) -> None:
