@@ -105,6 +105,10 @@ def _task_options(sub: argparse.ArgumentParser, shapesworld: bool) -> None:
     judge.add_argument(
         "--judge-attempts", type=positive_int, default=3, help="tries per unreadable reply (default 3)"
     )
+    judge.add_argument(
+        "--judge-backoff", type=float, default=1.0, metavar="SECONDS",
+        help="first wait before a retry, doubled for each next one (default 1)",
+    )  # fmt: skip
     if shapesworld:
         sub.add_argument("--markdown", type=Path, default=None, help="also write the ShapesWorld report here")
         sub.add_argument(
@@ -169,6 +173,7 @@ def _run_task(args: argparse.Namespace, task) -> int:
         judge = make_judge(
             judge_kind, args.judge_url, args.judge_model, args.judge_key_env,
             args.judge_cache or default_cache_path(), reply_attempts=args.judge_attempts,
+            backoff=args.judge_backoff,
         )  # fmt: skip
     elif judge_kind is not None:
         print(f"note: task {task.name} is scored by rules; the judge options are ignored", file=sys.stderr)

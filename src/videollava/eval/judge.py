@@ -374,6 +374,7 @@ class HTTPJudge:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._client = httpx.Client(timeout=timeout, headers=headers)
         self._count_lock = threading.Lock()
+        self._key_locks: dict[str, threading.Lock] = {}
         self.calls = 0
 
     def close(self) -> None:
@@ -381,6 +382,13 @@ class HTTPJudge:
 
     def verdict(self, prompt: JudgePrompt, fields: Mapping[str, str]) -> dict[str, Any]:
         key = cache_key(self.model, prompt, fields)
+        # Two workers judging the same texts at once ask once: the second waits and reads the cache.
+        with self._count_lock:
+            lock = self._key_locks.setdefault(key, threading.Lock())
+        with lock:
+            return self._verdict(key, prompt, fields)
+
+    def _verdict(self, key: str, prompt: JudgePrompt, fields: Mapping[str, str]) -> dict[str, Any]:
         cached = self.cache.get(key)
         if cached is not None:
             return dict(cached["verdict"]) | {
