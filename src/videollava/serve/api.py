@@ -49,6 +49,7 @@ from videollava.serve.media import (
     MediaTooLargeError,
     fetch_media,
     is_remote,
+    resolve_frames,
     resolve_media,
 )
 from videollava.serve.metrics import ServerMetrics
@@ -90,6 +91,9 @@ class ServeSettings:
     prepare_workers: int = 2  # threads encoding media (CPU)
     read_workers: int = 4  # threads reading local files and decoding data URLs (disk)
     max_remote_fetches: int = 16  # requests fetching remote media at once; more get 429
+    # A user message's image parts (two or more, no video) are the frames of one video, as lmms-eval
+    # sends the videos it decodes itself.
+    image_frames_as_video: bool = False
 
 
 def error_response(error: APIError) -> JSONResponse:
@@ -131,7 +135,12 @@ def read_chat_media(
     for index, (kind, url) in enumerate(chat.media):
         if cancelled():
             raise RequestCancelled("the client closed the connection")
-        items.append(fetched[index] if index in fetched else resolve_media(url, kind, policy))
+        if index in fetched:
+            items.append(fetched[index])
+        elif isinstance(url, tuple):
+            items.append(resolve_frames(url, policy))
+        else:
+            items.append(resolve_media(url, kind, policy))
     return items
 
 
@@ -410,7 +419,11 @@ def create_app(pipeline: Pipeline, settings: ServeSettings, engine: Engine | Non
     async def fetch_remote(chat: ChatRequest, watch: ClientWatch) -> dict[int, MediaItem]:
         """The request's http(s) media by position, fetched in one slot; before admission, so a slow host
         holds a fetch slot and nothing else."""
-        wanted = [(i, kind, url) for i, (kind, url) in enumerate(chat.media) if is_remote(url)]
+        wanted = [
+            (i, kind, url)
+            for i, (kind, url) in enumerate(chat.media)
+            if isinstance(url, str) and is_remote(url)
+        ]
         if not wanted:
             return {}
         fetched: dict[int, MediaItem] = {}
@@ -454,7 +467,9 @@ def create_app(pipeline: Pipeline, settings: ServeSettings, engine: Engine | Non
     async def chat_completions(request: Request):
         request_id = request.state.request_id
         body = parse_json_body(await request.body())
-        chat = parse_chat_request(body, settings.model_name, settings.default_max_tokens)
+        chat = parse_chat_request(
+            body, settings.model_name, settings.default_max_tokens, settings.image_frames_as_video
+        )
         watch = ClientWatch(request.receive)
         streaming = False
         try:
@@ -575,6 +590,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--frames", type=int, default=None, help="frames sampled per video (default: the model's)"
     )
+    parser.add_argument(
+        "--image-frames-as-video",
+        action="store_true",
+        help="read a user message's two or more image parts (and no video part) as the frames of one video, "
+        "as lmms-eval's openai model sends the videos it decodes itself",
+    )
     parser.set_defaults(func=run)
 
 
@@ -614,6 +635,7 @@ def run(args: argparse.Namespace) -> int:
             max_body_bytes=int(args.max_body_mb * 2**20),
             default_max_tokens=args.max_tokens,
             max_remote_fetches=args.max_remote_fetches,
+            image_frames_as_video=args.image_frames_as_video,
         )
         engine = Engine.for_pipeline(pipeline, max_batch_size=args.max_batch_size, max_queue=args.max_queue)
         if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:

@@ -12,14 +12,18 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import io
 import os
 import stat
 import urllib.parse
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+from PIL import Image
 
+from videollava.data.images import load_image
 from videollava.errors import MediaError
 from videollava.infer.request import MediaItem
 
@@ -92,6 +96,24 @@ def resolve_media(url: str, kind: str, policy: MediaPolicy) -> MediaItem:
     if scheme:
         raise MediaError(_short(url), f"unsupported URL scheme {scheme!r}; use data:, file:, http: or https:")
     return MediaItem(kind, _read_local(url, policy, shown=_short(url)), name=_short(url))
+
+
+def resolve_frames(urls: Sequence[str], policy: MediaPolicy) -> MediaItem:
+    """Images sent one per part as the frames of one video, joined into one animated PNG (lossless).
+
+    Each frame is read under the same policy and limits as any image; frames of another size are
+    resized to the first one's. The video is then sampled like any other (first and last frame kept).
+    """
+    frames = []
+    for number, url in enumerate(urls):
+        item = resolve_media(url, "image", policy)
+        image = load_image(item.source, name=f"frame {number} ({item.display_name()})")
+        if frames and image.size != frames[0].size:
+            image = image.resize(frames[0].size, Image.Resampling.BICUBIC)
+        frames.append(image)
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="PNG", save_all=True, append_images=frames[1:], duration=40)
+    return MediaItem("video", buffer.getvalue(), name=f"{len(frames)} image frames")
 
 
 async def fetch_media(url: str, kind: str, policy: MediaPolicy) -> MediaItem:

@@ -21,6 +21,9 @@ from videollava.infer.sampling import MAX_STOP_CHARS, MAX_STOP_STRINGS, Sampling
 
 # More images and videos than any context holds: 16 images of 256 visual tokens fill 4096 positions.
 MAX_MEDIA_PARTS = 16
+# Images sent one per part as the frames of one video (lmms-eval decodes videos that way) count as
+# one video; this many parts at most make one.
+MAX_FRAME_PARTS = 512
 MAX_CACHE_SALT_CHARS = 256
 STREAM_END = "data: [DONE]\n\n"
 
@@ -109,6 +112,8 @@ class ChatCompletionRequest(BaseModel):
     stream_options: StreamOptions | None = None
     n: int | None = Field(default=None, ge=1)
     num_frames: int | None = Field(default=None, ge=1, le=64)
+    # vLLM's per-request media options; {"video": {"num_frames": N}} sets the frames per video
+    media_io_kwargs: dict[str, Any] | None = None
     # vLLM's field: requests with different salts never share prefix-cache entries (nor learn of each other's)
     cache_salt: str | None = Field(default=None, min_length=1, max_length=MAX_CACHE_SALT_CHARS)
 
@@ -119,7 +124,8 @@ class Turn:
 
     role: str
     text: str
-    media: list[tuple[str, str]] = field(default_factory=list)  # (kind, url) in message order
+    # (kind, url) in message order; a video made of image parts has the tuple of their URLs
+    media: list[tuple[str, str | tuple[str, ...]]] = field(default_factory=list)
 
 
 @dataclass
@@ -135,14 +141,17 @@ class ChatRequest:
     cache_salt: str | None = None
 
     @property
-    def media(self) -> list[tuple[str, str]]:
+    def media(self) -> list[tuple[str, str | tuple[str, ...]]]:
         """Every (kind, url) of the conversation, in message order."""
         return [part for turn in self.turns for part in turn.media]
 
 
-def parse_chat_request(body: Any, model_name: str, default_max_tokens: int) -> ChatRequest:
+def parse_chat_request(
+    body: Any, model_name: str, default_max_tokens: int, image_frames_as_video: bool = False
+) -> ChatRequest:
     """Check a request body for the model `model_name` without touching any media, so refusals are cheap;
-    an answer's length is `default_max_tokens` unless the request sets one."""
+    an answer's length is `default_max_tokens` unless the request sets one. With `image_frames_as_video`,
+    a user message's two or more image parts (and no video part) are the frames of one video."""
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
     try:
@@ -189,19 +198,39 @@ def parse_chat_request(body: Any, model_name: str, default_max_tokens: int) -> C
         message = str(error).replace("max_new_tokens", length_field)
         fields = ("temperature", "top_p", "seed", "stop", length_field)
         raise APIError(400, message, param=next((f for f in fields if message.startswith(f)), None)) from None
-    system, turns = parse_messages(request.messages)
+    system, turns = parse_messages(request.messages, image_frames_as_video)
     return ChatRequest(
         system=system,
         turns=turns,
         params=params,
         stream=request.stream,
         include_usage=bool(request.stream_options and request.stream_options.include_usage),
-        num_frames=request.num_frames,
+        num_frames=_frames_asked(request),
         cache_salt=request.cache_salt,
     )
 
 
-def parse_messages(messages: list[dict[str, Any]]) -> tuple[str | None, list[Turn]]:
+def _frames_asked(request: ChatCompletionRequest) -> int | None:
+    """Frames per video: `num_frames`, or vLLM's `media_io_kwargs.video.num_frames`; both must agree."""
+    where = "media_io_kwargs.video.num_frames"
+    video = (request.media_io_kwargs or {}).get("video")
+    if video is None:
+        return request.num_frames
+    if not isinstance(video, dict):
+        raise APIError(400, "media_io_kwargs.video must be an object", param="media_io_kwargs")
+    frames = video.get("num_frames")
+    if frames is None:
+        return request.num_frames
+    if isinstance(frames, bool) or not isinstance(frames, int) or not 1 <= frames <= 64:
+        raise APIError(400, f"{where} must be a whole number from 1 to 64, got {frames!r:.40}", param=where)
+    if request.num_frames is not None and request.num_frames != frames:
+        raise APIError(400, f"num_frames {request.num_frames} and {where} {frames} disagree", param=where)
+    return frames
+
+
+def parse_messages(
+    messages: list[dict[str, Any]], image_frames_as_video: bool = False
+) -> tuple[str | None, list[Turn]]:
     """System text and the user/assistant turns, with every content part checked."""
     system: list[str] = []
     turns: list[Turn] = []
@@ -216,6 +245,10 @@ def parse_messages(messages: list[dict[str, Any]]) -> tuple[str | None, list[Tur
             if role == ASSISTANT and (message.get("tool_calls") or message.get("function_call")):
                 raise APIError(400, f"{where}: tool calls are not supported", param=where)
             text, media = _parse_content(content, f"{where}.content", allow_media=role == USER)
+            if image_frames_as_video and len(media) >= 2 and all(kind == "image" for kind, _ in media):
+                if len(media) > MAX_FRAME_PARTS:
+                    raise APIError(400, f"{where}: more than {MAX_FRAME_PARTS} image frames", param=where)
+                media = [("video", tuple(url for _, url in media))]
             turns.append(Turn(role, text, media))
         else:
             raise APIError(
