@@ -266,6 +266,18 @@ def test_a_killed_run_resumes_without_losing_or_repeating_anything(
     )
 
 
+def test_report_puts_runs_side_by_side(reference, tmp_path, capsys):
+    out, results, _ = reference
+    png = tmp_path / "chart.png"
+    assert main(["eval", "report", str(out), "--png", str(png), "--output", str(tmp_path / "report.md")]) == 0
+    text = capsys.readouterr().out
+    assert "| model | msvd-qa |" in text
+    assert f"{results['metrics']['accuracy']:.1f} / {results['metrics']['score']:.2f}" in text
+    assert png.read_bytes().startswith(b"\x89PNG") and (tmp_path / "report.md").read_text() == text
+    assert main(["eval", "report", str(tmp_path)]) == 2  # not a run folder
+    assert main(["eval", "--list"]) == 0 and "msvd-qa [judge: video-qa]" in capsys.readouterr().out
+
+
 def test_torn_last_line_is_dropped_on_resume(tmp_path):
     path = tmp_path / "predictions.jsonl"
     path.write_text('{"id": "1", "pred": "a"}\n{"id": "2", "pred": "b"}\n{"id": "3", "pr')

@@ -84,9 +84,14 @@ def _bar_chart(path: Path, tasks: list[str], models: list[str], values: dict[tup
     width = 0.8 / max(1, len(models))
     fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(tasks) * max(1, len(models)) ** 0.5 + 2), 3.5))
     for m, model in enumerate(models):
-        xs = [t + m * width for t in range(len(tasks))]
-        ys = [values.get((model, task), 0.0) for task in tasks]
-        ax.bar(xs, ys, width, label=model)
+        # A task a model was not run on gets no bar (not a bar at zero).
+        present = [(t, values[(model, task)]) for t, task in enumerate(tasks) if (model, task) in values]
+        ax.bar(
+            [t + m * width for t, _ in present],
+            [v for _, v in present],
+            width,
+            label=Path(model).name or model,
+        )
     ax.set_xticks([t + width * (len(models) - 1) / 2 for t in range(len(tasks))])
     ax.set_xticklabels(tasks, rotation=20, ha="right")
     ax.set_ylabel("headline metric")
