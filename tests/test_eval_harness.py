@@ -266,6 +266,30 @@ def test_a_killed_run_resumes_without_losing_or_repeating_anything(
     )
 
 
+def test_per_run_options_reach_pipeline_prepare(tmp_path):
+    """One place hands the run's options to Pipeline.prepare, with the frames and the task's template."""
+    from videollava.eval.items import Item
+    from videollava.eval.runner import RunConfig, prepare_request
+    from videollava.infer.request import MediaItem
+
+    calls = []
+
+    class Recorder:
+        def prepare(self, prompt, media, **options):
+            calls.append((prompt, media, options))
+            return "prepared"
+
+    item = Item("1", "What moves?", "x", ("What moves?",), [MediaItem("video", "clip.mp4")])
+    config = RunConfig("msvd-qa", "m", str(tmp_path), frames=6, prepare_options={"visual_tokens": 64})
+    assert prepare_request(Recorder(), item, "What moves?", "llava_v1", config) == "prepared"
+    prompt, media, options = calls[0]
+    assert options == {"num_frames": 6, "visual_tokens": 64}
+    assert prompt.startswith("A chat between a curious human") and prompt.endswith(
+        "USER: <video>\nWhat moves? ASSISTANT:"
+    )
+    assert media == item.media
+
+
 def test_report_puts_runs_side_by_side(reference, tmp_path, capsys):
     out, results, _ = reference
     png = tmp_path / "chart.png"

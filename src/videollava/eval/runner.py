@@ -25,7 +25,7 @@ from videollava import __version__
 from videollava.data.conversation import build_prompt
 from videollava.errors import VideoLlavaError
 from videollava.eval.items import Item, Shard, Task, unique_ids
-from videollava.eval.judge import Judge, JudgePrompt
+from videollava.eval.judge import Judge, JudgeError, JudgePrompt
 from videollava.eval.report import results_markdown
 from videollava.eval.store import (
     PREDICTIONS,
@@ -260,11 +260,22 @@ def run(
         records = [done[item.id] for item in items]
         for record in records:
             if record["id"] in verdicts:
-                record["judge"] = verdicts[record["id"]].result()
+                try:
+                    record["judge"] = verdicts[record["id"]].result()
+                except JudgeError as error:
+                    raise JudgeError(
+                        f"{error}; every answer is kept in {out_dir / PREDICTIONS}: run again with --resume"
+                    ) from None
     finally:
         if workers is not None:
             workers.shutdown(wait=True, cancel_futures=True)
-    return finish_folder(task, config, out_dir, records, judge_info(task, judge), time.time() - started)
+    effective = {
+        "frames": config.frames or pipeline.num_frames,
+        "template": template_for(task, config, pipeline),
+    }
+    return finish_folder(
+        task, config, out_dir, records, judge_info(task, judge), time.time() - started, effective
+    )
 
 
 def _start_folder(out_dir: Path, config: RunConfig, ids: set[str], resume: bool) -> dict[str, dict[str, Any]]:
@@ -403,7 +414,7 @@ def merge(task_for: Callable[[str], Task], dirs: Sequence[Path], out_dir: Path) 
     seconds = sum(r.get("seconds", 0.0) for _, _, r in runs)
     return finish_folder(
         task, config, out_dir, [seen[i] for i in ids], runs[0][2].get("judge"), seconds,
-        {"merged_from": [str(d) for d in dirs]},
+        {"merged_from": [str(d) for d in dirs], "frames": runs[0][2].get("frames"), "template": runs[0][2].get("template")},
     )  # fmt: skip
 
 
