@@ -207,3 +207,27 @@ def test_options_to_judge(tmp_path, monkeypatch):
         judge.verdict(VIDEO_QA, FIELDS)
         judge.close()
     assert server.headers[0]["Authorization"] == "Bearer sekrit"
+
+
+def test_prompt_texts_from_a_file_replace_the_built_in_ones(tmp_path):
+    from videollava.eval.judge import MM_VET, load_prompts
+
+    path = tmp_path / "prompts.json"
+    path.write_text(
+        json.dumps({"mm-vet": {"user": "Grade {prediction} against {answer} for {question}; {{0-1}}"}})
+    )
+    prompts = load_prompts(path)
+    assert prompts["mm-vet"].reply == MM_VET.reply and prompts["mm-vet"].hash != MM_VET.hash
+    with JudgeServer(lambda body, attempt: (200, "0.5")) as server:
+        judge, _ = _judge(server, tmp_path)
+        judge.overrides = prompts
+        assert judge.verdict(MM_VET, FIELDS)["score"] == 0.5
+    assert user_text(server.requests[0]) == "Grade a red ball against the red circle for What moves?; {0-1}"
+    for bad, message in [
+        ({"nope": {"user": "x"}}, "unknown prompt 'nope'"),
+        ({"mm-vet": {"user": "{context}"}}, r"uses \['context'\]"),
+        ({"mm-vet": {"system": "only"}}, 'needs a "user" text'),
+    ]:
+        path.write_text(json.dumps(bad))
+        with pytest.raises(VideoLlavaError, match=message):
+            load_prompts(path)

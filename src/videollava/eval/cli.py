@@ -106,6 +106,10 @@ def _task_options(sub: argparse.ArgumentParser, shapesworld: bool) -> None:
         "--judge-attempts", type=positive_int, default=3, help="tries per unreadable reply (default 3)"
     )
     judge.add_argument(
+        "--judge-prompts", type=Path, default=None, metavar="FILE",
+        help='JSON {prompt name: {"system", "user"}} replacing built-in judge prompts (e.g. a benchmark\'s own)',
+    )  # fmt: skip
+    judge.add_argument(
         "--judge-backoff", type=float, default=1.0, metavar="SECONDS",
         help="first wait before a retry, doubled for each next one (default 1)",
     )  # fmt: skip
@@ -172,7 +176,7 @@ def _run_task(args: argparse.Namespace, task) -> int:
     if task.judge is not None:
         judge = make_judge(
             judge_kind, args.judge_url, args.judge_model, args.judge_key_env,
-            args.judge_cache or default_cache_path(), reply_attempts=args.judge_attempts,
+            args.judge_cache or default_cache_path(), args.judge_prompts, reply_attempts=args.judge_attempts,
             backoff=args.judge_backoff,
         )  # fmt: skip
     elif judge_kind is not None:

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import re
+import string
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -185,6 +186,42 @@ PROMPTS: dict[str, JudgePrompt] = {
 }
 
 
+def _fields(template: str) -> set[str]:
+    return {name for _, name, _, _ in string.Formatter().parse(template) if name}
+
+
+def load_prompts(path: Path) -> dict[str, JudgePrompt]:
+    """Prompt texts that replace the built-in ones by name, from {name: {"system", "user"}} JSON.
+
+    For judging with a benchmark's own published wording (LLaVA-Bench's rules, MM-Vet's examples,
+    Video-ChatGPT's axis prompts) without it living in this package. The reply format stays the
+    built-in prompt's, and the user text may use only the fields the built-in one fills.
+    """
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as error:
+        raise VideoLlavaError(f"--judge-prompts {path}: cannot read it as JSON ({error})") from None
+    if not isinstance(data, dict):
+        raise VideoLlavaError(f'--judge-prompts {path}: expected {{name: {{"system", "user"}}}}')
+    prompts = {}
+    for name, texts in data.items():
+        if name not in PROMPTS:
+            raise VideoLlavaError(
+                f"--judge-prompts {path}: unknown prompt {name!r}; the prompts are {', '.join(PROMPTS)}"
+            )
+        if not isinstance(texts, dict) or not isinstance(texts.get("user"), str):
+            raise VideoLlavaError(f'--judge-prompts {path}: {name} needs a "user" text')
+        base = PROMPTS[name]
+        extra = _fields(texts["user"]) - _fields(base.user)
+        if extra:
+            raise VideoLlavaError(
+                f"--judge-prompts {path}: {name} uses {sorted(extra)}; it may use {sorted(_fields(base.user))}"
+                " (double other braces: {{ }})"
+            )
+        prompts[name] = JudgePrompt(name, str(texts.get("system", "")), texts["user"], base.reply)
+    return prompts
+
+
 # ------------------------------------------------------------------------------------------ replies
 
 _NUMBER = r"(-?\d+(?:\.\d+)?)"
@@ -305,6 +342,7 @@ class Judge(Protocol):
     model: str
     url: str | None
     calls: int
+    overrides: dict[str, JudgePrompt]
 
     def verdict(self, prompt: JudgePrompt, fields: Mapping[str, str]) -> dict[str, Any]:
         """{"pred", "score", "raw", "attempts", "malformed", "cached"}; raises JudgeError when unreachable."""
@@ -320,6 +358,7 @@ class ExactJudge:
     model = "exact"
     url = None
     calls = 0
+    overrides: dict[str, JudgePrompt] = {}
 
     def verdict(self, prompt: JudgePrompt, fields: Mapping[str, str]) -> dict[str, Any]:
         answer = normalize_answer(str(fields.get("answer", "")))
@@ -375,12 +414,14 @@ class HTTPJudge:
         self._client = httpx.Client(timeout=timeout, headers=headers)
         self._count_lock = threading.Lock()
         self._key_locks: dict[str, threading.Lock] = {}
+        self.overrides: dict[str, JudgePrompt] = {}  # prompt texts given by --judge-prompts
         self.calls = 0
 
     def close(self) -> None:
         self._client.close()
 
     def verdict(self, prompt: JudgePrompt, fields: Mapping[str, str]) -> dict[str, Any]:
+        prompt = self.overrides.get(prompt.name, prompt)
         key = cache_key(self.model, prompt, fields)
         # Two workers judging the same texts at once ask once: the second waits and reads the cache.
         with self._count_lock:
@@ -471,9 +512,24 @@ def make_judge(
     model: str | None,
     key_env: str | None,
     cache_path: Path | None,
+    prompts_file: Path | None = None,
     **options: Any,
 ) -> Judge | None:
     """The judge the command line asks for: "exact", an HTTP endpoint, or None."""
+    judge = _make_judge(kind, url, model, key_env, cache_path, **options)
+    if judge is not None and prompts_file is not None:
+        judge.overrides = load_prompts(prompts_file)
+    return judge
+
+
+def _make_judge(
+    kind: str | None,
+    url: str | None,
+    model: str | None,
+    key_env: str | None,
+    cache_path: Path | None,
+    **options: Any,
+) -> Judge | None:
     if kind == "exact":
         if url:
             raise VideoLlavaError("--judge exact takes no --judge-url")

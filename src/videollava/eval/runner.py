@@ -185,11 +185,12 @@ def _stored(verdict: dict[str, Any]) -> dict[str, Any]:
 def judge_info(task: Task, judge: Judge | None) -> dict[str, Any] | None:
     if judge is None or task.judge is None:
         return None
-    prompts: list[JudgePrompt] = task.judge_prompts()
+    prompts: list[JudgePrompt] = [judge.overrides.get(p.name, p) for p in task.judge_prompts()]
     return {
         "url": judge.url,
         "model": judge.model,
         "prompt_hash": {p.name: p.hash for p in prompts},
+        "prompts_given": sorted(judge.overrides),  # replaced by --judge-prompts
         "temperature": getattr(judge, "temperature", None),
         "malformed": MALFORMED_POLICY,
     }
