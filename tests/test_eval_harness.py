@@ -290,6 +290,23 @@ def test_per_run_options_reach_pipeline_prepare(tmp_path):
     assert media == item.media
 
 
+def test_unknown_prepare_options_are_refused_before_any_work(hf_checkpoint, msvd_dir, tmp_path, capsys):
+    args = [
+        "eval",
+        "msvd-qa",
+        "--model",
+        str(hf_checkpoint[0]),
+        "--dtype",
+        "float32",
+        "--data-dir",
+        str(msvd_dir),
+    ]
+    args += ["--output", str(tmp_path / "run"), "--judge", "exact", "--prepare-option", "no_such_option=3"]
+    assert main(args) == 2
+    assert "--prepare-option no_such_option: not an option of Pipeline.prepare" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def test_report_puts_runs_side_by_side(reference, tmp_path, capsys):
     out, results, _ = reference
     png = tmp_path / "chart.png"

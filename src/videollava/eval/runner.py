@@ -11,6 +11,7 @@ all shards into exactly what an unsharded run writes.
 
 from __future__ import annotations
 
+import inspect
 import sys
 import time
 from collections import deque
@@ -85,6 +86,18 @@ def load_items(task: Task, data_dir: Path, limit: int | None = None) -> list[Ite
 
 def template_for(task: Task, config: RunConfig, pipeline: Pipeline) -> str:
     return config.template or task.template or pipeline.template.name
+
+
+def check_prepare_options(pipeline: Pipeline, options: dict[str, Any]) -> None:
+    """--prepare-option names must be options of this Pipeline.prepare (checked before any work)."""
+    own = ("prompt", "media", "num_frames", "cancelled")
+    accepted = [name for name in inspect.signature(pipeline.prepare).parameters if name not in own]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise VideoLlavaError(
+            f"--prepare-option {', '.join(unknown)}: not an option of Pipeline.prepare "
+            f"(it takes {', '.join(accepted) or 'none'})"
+        )
 
 
 def prepare_request(pipeline: Pipeline, item: Item, prompt_text: str, template: str, config: RunConfig):
@@ -232,6 +245,7 @@ def run(
             f"task {task.name} is judged by an LLM: pass --judge-url URL --judge-model NAME "
             "(any OpenAI-compatible endpoint), or --judge exact for an offline exact-match stand-in"
         )
+    check_prepare_options(pipeline, config.prepare_options)
     shard = Shard.parse(config.shard)
     items = shard.select(load_items(task, Path(config.data_dir), config.limit))
     out_dir.mkdir(parents=True, exist_ok=True)
