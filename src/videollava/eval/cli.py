@@ -62,7 +62,9 @@ def _task_options(sub: argparse.ArgumentParser, shapesworld: bool) -> None:
     sub.add_argument(
         *names, dest="data_dir", type=Path, required=True, help="the benchmark's folder (see --list)"
     )
-    sub.add_argument("--output", type=Path, default=None, help="run folder (default: runs/eval/TASK)")
+    sub.add_argument(
+        "--output", type=Path, default=None, help="run folder (default: a new runs/eval/TASK-DATE-TIME)"
+    )
     sub.add_argument(
         "--frames", "--num-frames", dest="frames", type=positive_int, default=None,
         help="frames per video (default: the model's)",
@@ -159,9 +161,16 @@ def _run_task(args: argparse.Namespace, task) -> int:
     from videollava.eval.runner import RunConfig, merge, run
     from videollava.infer.pipeline import Pipeline, default_model_path
 
-    output = args.output or Path("runs") / "eval" / task.name
     shard = Shard.parse(args.shard) if args.shard else Shard()
     rank, world, local_rank = _distributed()
+    output = args.output
+    if output is None:
+        if args.resume or world > 1:
+            raise VideoLlavaError(
+                "--resume and torchrun need --output: the run folder to continue or to share"
+            )
+        # A fresh folder per run: running the same command again never meets an earlier run.
+        output = Path("runs") / "eval" / f"{task.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     device = args.device
     if world > 1 and args.shard is None:
         # Under torchrun each rank answers one shard; rank 0 merges them when all are finished.
