@@ -307,6 +307,37 @@ def test_unknown_prepare_options_are_refused_before_any_work(hf_checkpoint, msvd
     assert not (tmp_path / "run").exists()
 
 
+def test_image_benchmarks_run_through_the_same_harness(hf_checkpoint, tmp_path):
+    """POPE (image files) and MMBench (base64 images in a TSV) end to end: answers, metrics, upload files."""
+    from tests.test_eval_readers import _mmbench_tsv, _pope_folder
+
+    pope = _pope_folder(tmp_path / "pope")
+    common = ["--model", str(hf_checkpoint[0]), "--dtype", "float32", "--max-new-tokens", "4"]
+    assert (
+        main(["eval", "pope", "--data-dir", str(pope), "--output", str(tmp_path / "pope-run"), *common]) == 0
+    )
+    results = json.loads((tmp_path / "pope-run" / "results.json").read_text())
+    assert set(results["metrics"]["splits"]) == {"random", "popular"} and results["count"] == 8
+    assert results["template"] == "vicuna_v1" and results["judge"] is None
+    answers = [
+        json.loads(line) for line in (tmp_path / "pope-run" / "answers.jsonl").read_text().splitlines()
+    ]
+    assert [a["question_id"] for a in answers] == list(range(8))
+    assert [a["text"] for a in answers] == [r["pred"] for r in lines(tmp_path / "pope-run")]
+
+    mmbench = tmp_path / "mmbench"
+    _mmbench_tsv(mmbench / "mmbench_dev_20230712.tsv", [
+        {"index": 5, "question": "Which?", "hint": "nan", "A": "x", "B": "y", "C": "z", "answer": "A", "category": "c"},
+    ])  # fmt: skip
+    assert (
+        main(["eval", "mmbench", "--data-dir", str(mmbench), "--output", str(tmp_path / "mmb-run"), *common])
+        == 0
+    )
+    results = json.loads((tmp_path / "mmb-run" / "results.json").read_text())
+    assert results["count"] == 3 and results["metrics"]["questions"] == 1
+    assert results["files"] == ["mmbench_upload.tsv"]
+
+
 def test_report_puts_runs_side_by_side(reference, tmp_path, capsys):
     out, results, _ = reference
     png = tmp_path / "chart.png"
