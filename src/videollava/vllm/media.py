@@ -11,6 +11,7 @@ into the pixels our pipeline would make.
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Any
 
 import numpy as np
@@ -30,6 +31,8 @@ VIDEO_BACKEND = "videollava"
 VIDEO_PROCESSOR_NAMES = ("VideoLlavaVideoProcessor",)
 # The frames a video gets when nothing says how many (the reference's count).
 DEFAULT_FRAMES = 8
+
+_log = logging.getLogger(__name__)
 
 
 def _shrink(transform: ImageTransformConfig | None, video: bool):
@@ -150,10 +153,10 @@ def video_frames(
 ) -> np.ndarray:
     """The frames to encode, (T, H, W, 3) uint8.
 
-    Frames our loader sampled are used as they are (unless the request asks for another count);
-    frames another loader decoded from a fetched file are sampled again from its bytes, so the
-    model sees the reference's frames whatever vLLM was told to decode with; frames given directly
-    (offline API) are used as given, or `num_frames` of them picked the reference's way.
+    Frames come as vLLM's loader decoded them (the server passes nothing else) or as the offline
+    API was given them, and are used as they are, or `num_frames` of them picked the reference's
+    way. Where the file's bytes came along (`vllm.multimodal.utils.fetch_video` in the offline
+    API), frames of another loader, or of another count than asked, are sampled again from them.
     `default_frames` is the checkpoint's count, for files another loader decoded.
     """
     data = _original_bytes(item)
@@ -161,6 +164,7 @@ def video_frames(
     frames = _as_frames(_unwrap(item))
     ours = backend == VIDEO_BACKEND
     if data is not None and backend != "jpeg_sequence" and not (ours and num_frames in (None, len(frames))):
+        _log.debug("sampling the video's frames again from its file (decoded by %r, %d frames)", backend, len(frames))
         try:
             return decode_video(data, num_frames or (len(frames) if ours else default_frames), transform)[0]
         except MediaError as error:

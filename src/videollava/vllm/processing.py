@@ -6,10 +6,11 @@ checkpoint's own constants and aspect modes, and each `<image>` token becomes th
 patch count of image tokens (256 for the 7B model), each `<video>` T x (patches + 1) video tokens
 (T x 257), T being the frames the video was sampled with.
 
-Frames per video, first that applies: `mm_processor_kwargs={"num_frames": T}` (request or
-`--mm-processor-kwargs`), the frames the video loader sampled (`media_io_kwargs={"video":
-{"num_frames": T}}`, request or `--media-io-kwargs`), the checkpoint's default, which the plugin
-makes the server's `media_io_kwargs` default along with our video loader.
+Frames per video: the video loader samples them from the file (`media_io_kwargs={"video":
+{"num_frames": T}}`, per request or `--media-io-kwargs`; by default the checkpoint's count, which
+the plugin makes the server's default along with our loader). `mm_processor_kwargs={"num_frames":
+T}` then picks T of those frames the reference's way; the server hands the processor decoded frames
+only, so that is exact only where the loader's frames are the whole clip (or T equals their count).
 """
 
 from __future__ import annotations
