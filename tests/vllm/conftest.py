@@ -50,7 +50,13 @@ def temporal_checkpoint(tmp_path_factory, tokenizer) -> Path:
 
     root = tmp_path_factory.mktemp("temporal")
     write_large_random_checkpoint(
-        root / "raw", tokenizer, TINY_VISION, _text_shape(), frames=FRAMES_TRAINED, dtype=torch.float32, scale=0.1
+        root / "raw",
+        tokenizer,
+        TINY_VISION,
+        _text_shape(),
+        frames=FRAMES_TRAINED,
+        dtype=torch.float32,
+        scale=0.1,
     )
     bundle = load_bundle(root / "raw")
     assert bundle.model.config.temporal_frames == FRAMES_TRAINED
@@ -88,13 +94,22 @@ def media(tmp_path_factory) -> dict[str, Path]:
     return {p.stem: p for p in folder.iterdir()}
 
 
-def ask_batch(checkpoint: Path, requests: list[dict], tmp_path: Path, frames: int | None = None) -> list[dict]:
+def ask_batch(
+    checkpoint: Path, requests: list[dict], tmp_path: Path, frames: int | None = None
+) -> list[dict]:
     """`videollava ask --dtype float32 --batch`, one request at a time: each answer's JSON."""
     requests_file = tmp_path / "requests.jsonl"
     answers_file = tmp_path / "answers.jsonl"
     requests_file.write_text("".join(json.dumps(r) + "\n" for r in requests))
     command = [sys.executable, "-m", "videollava", "ask", "--model", str(checkpoint), "--dtype", "float32"]
-    command += ["--max-new-tokens", str(MAX_TOKENS), "--batch", str(requests_file), "--output", str(answers_file)]
+    command += [
+        "--max-new-tokens",
+        str(MAX_TOKENS),
+        "--batch",
+        str(requests_file),
+        "--output",
+        str(answers_file),
+    ]
     command += ["--batch-size", "1"] + (["--frames", str(frames)] if frames else [])
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]

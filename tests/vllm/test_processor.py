@@ -42,7 +42,11 @@ def test_placeholders_expand_to_feature_rows(processor, media):
 
     config = processor.info.served.config
     frames = read_video_frames(media["clip"], 8)
-    out = _apply(processor, "USER: <video><image>\nCompare. ASSISTANT:", {"image": load_image(media["wide"]), "video": frames})
+    out = _apply(
+        processor,
+        "USER: <video><image>\nCompare. ASSISTANT:",
+        {"image": load_image(media["wide"]), "video": frames},
+    )
     ids = out["prompt_token_ids"]
     assert ids.count(config.image_token_id) == PATCHES
     assert ids.count(config.video_token_id) == 8 * (PATCHES + 1)

@@ -33,7 +33,14 @@ def server(temporal_checkpoint, media, tmp_path_factory):
     command = serve_command(
         str(temporal_checkpoint),
         *("--dtype", "float32", "--max-model-len", "1024", "--enforce-eager", "--max-num-seqs", "8"),
-        *("--host", "127.0.0.1", "--port", str(port), "--allowed-local-media-path", str(media["clip"].parent)),
+        *(
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--allowed-local-media-path",
+            str(media["clip"].parent),
+        ),
     )
     with open(log, "w") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ))

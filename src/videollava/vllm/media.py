@@ -74,7 +74,9 @@ class VideoLlavaVideoLoader(_video_loader_base()):
     """vLLM video loader: frames sampled from the bytes as the reference samples them."""
 
     @classmethod
-    def load_bytes(cls, data: bytes, num_frames: int = -1, **kwargs: Any) -> tuple[np.ndarray, dict[str, Any]]:
+    def load_bytes(
+        cls, data: bytes, num_frames: int = -1, **kwargs: Any
+    ) -> tuple[np.ndarray, dict[str, Any]]:
         frames_wanted = num_frames if num_frames and num_frames > 0 else DEFAULT_FRAMES
         transform = transform_from_kwargs(kwargs.get("transform"))
         try:
@@ -95,7 +97,9 @@ class VideoLlavaVideoLoader(_video_loader_base()):
 def register_video_loader() -> None:
     from vllm.multimodal.video import VIDEO_LOADER_REGISTRY
 
-    VIDEO_LOADER_REGISTRY.register(VIDEO_BACKEND, video_processor=VIDEO_PROCESSOR_NAMES)(VideoLlavaVideoLoader)
+    VIDEO_LOADER_REGISTRY.register(VIDEO_BACKEND, video_processor=VIDEO_PROCESSOR_NAMES)(
+        VideoLlavaVideoLoader
+    )
 
 
 # ------------------------------------------------------------------ items as vLLM hands them over
@@ -164,7 +168,9 @@ def video_frames(
     frames = _as_frames(_unwrap(item))
     ours = backend == VIDEO_BACKEND
     if data is not None and backend != "jpeg_sequence" and not (ours and num_frames in (None, len(frames))):
-        _log.debug("sampling the video's frames again from its file (decoded by %r, %d frames)", backend, len(frames))
+        _log.debug(
+            "sampling the video's frames again from its file (decoded by %r, %d frames)", backend, len(frames)
+        )
         try:
             return decode_video(data, num_frames or (len(frames) if ours else default_frames), transform)[0]
         except MediaError as error:

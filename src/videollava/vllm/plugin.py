@@ -35,7 +35,11 @@ def register() -> None:
     if not low <= vllm_version() < high:
         # The model's import stops with the full message if such a checkpoint is actually loaded;
         # a server of another model must not fail because this package is installed.
-        _log.warning("videollava: vLLM %s is not supported (needs %s)", ".".join(map(str, vllm_version())), SUPPORTED_VLLM_TEXT)
+        _log.warning(
+            "videollava: vLLM %s is not supported (needs %s)",
+            ".".join(map(str, vllm_version())),
+            SUPPORTED_VLLM_TEXT,
+        )
     from vllm import ModelRegistry
     from vllm.transformers_utils.chat_templates.registry import register_chat_template_fallback_path
 

@@ -96,11 +96,16 @@ class VideoLlavaDummyInputsBuilder(BaseDummyInputsBuilder[VideoLlavaProcessingIn
     def get_dummy_text(self, mm_counts: Mapping[str, int]) -> str:
         return IMAGE_PLACEHOLDER * mm_counts.get("image", 0) + VIDEO_PLACEHOLDER * mm_counts.get("video", 0)
 
-    def get_dummy_mm_data(self, seq_len: int, mm_counts: Mapping[str, int], mm_options: MultiModalDummyOptions):
+    def get_dummy_mm_data(
+        self, seq_len: int, mm_counts: Mapping[str, int], mm_options: MultiModalDummyOptions
+    ):
         side = self.info.served.transform.crop_size
         return {
             "image": self._get_dummy_images(
-                width=side, height=side, num_images=mm_counts.get("image", 0), overrides=mm_options.get("image")
+                width=side,
+                height=side,
+                num_images=mm_counts.get("image", 0),
+                overrides=mm_options.get("image"),
             ),
             "video": self._get_dummy_videos(
                 width=side,
@@ -121,20 +126,26 @@ class VideoLlavaMultiModalProcessor(BaseMultiModalProcessor[VideoLlavaProcessing
             "pixel_values_videos": MultiModalFieldConfig.batched("video"),
         }
 
-    def _get_hf_mm_inputs(self, mm_items: MultiModalDataItems, hf_kwargs: Mapping[str, object]) -> HFMultiModalInputs:
+    def _get_hf_mm_inputs(
+        self, mm_items: MultiModalDataItems, hf_kwargs: Mapping[str, object]
+    ) -> HFMultiModalInputs:
         """The items as vLLM holds them: fetched media keep their original bytes."""
         data: dict[str, object] = {}
         for items in mm_items.values():
             if isinstance(items, ImageProcessorItems):
                 data["images"] = list(items.data)
             elif isinstance(items, VideoProcessorItems):
-                metadata = items.metadata if isinstance(items.metadata, list) else [items.metadata] * len(items.data)
+                metadata = (
+                    items.metadata if isinstance(items.metadata, list) else [items.metadata] * len(items.data)
+                )
                 data["videos"] = list(zip(items.data, metadata, strict=True))
             else:
                 raise ValueError(f"{type(items).__name__}: only images and videos as pixels are supported")
         return HFMultiModalInputs(data, hf_kwargs, {})
 
-    def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]) -> BatchFeature:
+    def _call_hf_processor(
+        self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]
+    ) -> BatchFeature:
         served = self.info.served
         frames = self.info.frames_option(hf_kwargs)
         out: dict[str, Any] = {}
@@ -146,7 +157,8 @@ class VideoLlavaMultiModalProcessor(BaseMultiModalProcessor[VideoLlavaProcessing
         if videos:
             out["pixel_values_videos"] = [  # one (T, 3, S, S) per video; T may differ
                 preprocess_video(
-                    video_frames(item, meta, frames, served.config.num_frames, served.transform), served.transform
+                    video_frames(item, meta, frames, served.config.num_frames, served.transform),
+                    served.transform,
                 )
                 for item, meta in videos  # type: ignore[union-attr]
             ]
