@@ -112,3 +112,15 @@ def test_chat_templates_are_the_checkpoints(hf_checkpoint, temporal_checkpoint, 
     config["videollava"]["template"] = "llava_v1"
     (llava / "config.json").write_text(json.dumps(config))
     assert template_path_for(str(llava)).read_text() == chat_template("llava_v1")
+
+
+def test_unsupported_vllm_release_is_named(monkeypatch):
+    import vllm
+
+    from videollava.errors import VideoLlavaError
+    from videollava.vllm import SUPPORTED_VLLM_TEXT, check_vllm_version
+
+    check_vllm_version()  # the installed release is the tested one
+    monkeypatch.setattr(vllm, "__version__", "0.40.1")
+    with pytest.raises(VideoLlavaError, match=f"supports vLLM {SUPPORTED_VLLM_TEXT}, but vLLM 0.40.1"):
+        check_vllm_version()

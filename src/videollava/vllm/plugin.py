@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 from videollava.data.chat_template import chat_template
+from videollava.errors import VideoLlavaError
 from videollava.vllm import SUPPORTED_VLLM, SUPPORTED_VLLM_TEXT, vllm_version
 
 ARCHITECTURE = "VideoLlavaForConditionalGeneration"
@@ -31,23 +32,31 @@ def register() -> None:
     if _registered:
         return
     _registered = True
-    low, high = SUPPORTED_VLLM
-    if not low <= vllm_version() < high:
-        # The model's import stops with the full message if such a checkpoint is actually loaded;
-        # a server of another model must not fail because this package is installed.
-        _log.warning(
-            "videollava: vLLM %s is not supported (needs %s)",
-            ".".join(map(str, vllm_version())),
-            SUPPORTED_VLLM_TEXT,
-        )
     from vllm import ModelRegistry
+
+    ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS)
+    if not supported_release():
+        # Loading such a checkpoint stops at the model's import with the full message; a server of
+        # another model must not fail because this package is installed, so nothing else is touched.
+        import vllm
+
+        _log.warning("videollava: vLLM %s is not supported (needs %s)", vllm.__version__, SUPPORTED_VLLM_TEXT)
+        return
     from vllm.transformers_utils.chat_templates.registry import register_chat_template_fallback_path
 
     from videollava.vllm.media import register_video_loader
 
-    ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS)
     register_video_loader()
     register_chat_template_fallback_path(MODEL_TYPE, template_path_for)
+
+
+def supported_release() -> bool:
+    """Whether the installed vLLM is in the tested range (an unreadable version is not)."""
+    low, high = SUPPORTED_VLLM
+    try:
+        return low <= vllm_version() < high
+    except VideoLlavaError:
+        return False
 
 
 def template_name_for(model: str) -> str:
