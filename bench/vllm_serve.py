@@ -2,7 +2,8 @@
 
 A random checkpoint with temporal weights (LLaMA hidden 384, 6 layers, heads of 64; CLIP towers
 hidden 128, 4 layers, 112 px: 8-frame videos are 520 visual tokens) is saved by videollava, EOS
-row zeroed so every answer runs to `--max-tokens` on both servers. Each server runs alone (one
+row zeroed so every answer runs to `--max-tokens` on both servers (single-byte tokens' rows too:
+see `build_checkpoint`). Each server runs alone (one
 after the other) on it, and answers the same streamed chat requests (a video by file URL and a
 question, greedy) from 1, 4 and 16 concurrent clients. Every request has its own video, so
 neither server's feature or prefix caches answer for it: each pays decoding, towers, prefill and
@@ -57,14 +58,22 @@ QUESTIONS = [
 
 
 def build_checkpoint(folder: Path) -> None:
-    """Random weights with temporal modules, saved the way videollava saves models."""
+    """Random weights with temporal modules, saved the way videollava saves models.
+
+    The output rows of EOS and of every token that is a single byte (or less) are zeroed: answers
+    run to full length, and are made of tokens both servers stream at once (a streaming decoder may
+    rightly hold a lone byte back until it knows the character), so the first text is the first token.
+    """
     tokenizer = tiny_test_tokenizer()
     write_large_random_checkpoint(
         folder / "raw", tokenizer, VISION, TEXT, frames=FRAMES, dtype=torch.float32, scale=0.05
     )
     bundle = load_bundle(folder / "raw")
+    silent = [tokenizer.eos_token_id] + [
+        i for i in range(len(tokenizer)) if len(tokenizer.decode([i]).strip().encode()) <= 1
+    ]
     with torch.no_grad():
-        bundle.model.language_model.lm_head.weight[tokenizer.eos_token_id] = 0
+        bundle.model.language_model.lm_head.weight[silent] = 0
     save_bundle(folder / "model", bundle.model, bundle.tokenizer, bundle.transform)
 
 
@@ -236,7 +245,9 @@ def main() -> None:
         v = results["servers"]["vllm"]["levels"][str(clients)]
         o = results["servers"]["videollava"]["levels"][str(clients)]
         levels[str(clients)] = {
-            "requests_per_second_vllm_over_ours": round(v["requests_per_second"] / o["requests_per_second"], 3),
+            "requests_per_second_vllm_over_ours": round(
+                v["requests_per_second"] / o["requests_per_second"], 3
+            ),
             "ttft_p50_vllm_over_ours": round(v["ttft_p50"] / o["ttft_p50"], 3),
         }
     results["ratios"] = levels
