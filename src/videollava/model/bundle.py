@@ -15,10 +15,12 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from videollava.data.chat_template import chat_template
+from videollava.data.conversation import get_template
 from videollava.data.transforms import ImageTransformConfig
 from videollava.errors import CheckpointError
 from videollava.model.checkpoint import load_weights, save_weights
-from videollava.model.videollava import VideoLlava
+from videollava.model.videollava import VideoLlava, VideoLlavaConfig
 
 
 @dataclass
@@ -41,7 +43,7 @@ def load_bundle(
     except Exception as error:
         raise CheckpointError(f"{folder}: no usable tokenizer ({type(error).__name__}: {error})") from None
     check_vocabulary(tokenizer, model, folder)
-    return Bundle(model, tokenizer, _read_transform(folder, model), folder)
+    return Bundle(model, tokenizer, read_transform(folder, model.config), folder)
 
 
 def save_bundle(
@@ -50,10 +52,13 @@ def save_bundle(
     tokenizer: PreTrainedTokenizerBase,
     transform: ImageTransformConfig,
 ) -> None:
-    """The -hf layout: config.json and safetensors, the tokenizer's files, preprocessor_config.json."""
+    """The -hf layout: config.json and safetensors, the tokenizer's files, preprocessor_config.json, and
+    chat_template.jinja: the model's prompt template, so other engines build `videollava serve`'s prompts."""
     save_weights(model, out_dir)
     tokenizer.save_pretrained(str(out_dir))
     transform.to_preprocessor_json(out_dir)
+    if get_template(model.config.template).style == "two":
+        (Path(out_dir) / "chat_template.jinja").write_text(chat_template(model.config.template))
 
 
 def check_vocabulary(tokenizer: Any, model: VideoLlava, folder: str | os.PathLike) -> None:
@@ -68,12 +73,12 @@ def check_vocabulary(tokenizer: Any, model: VideoLlava, folder: str | os.PathLik
         )
 
 
-def _read_transform(folder: Path, model: VideoLlava) -> ImageTransformConfig:
+def read_transform(folder: Path, config: VideoLlavaConfig) -> ImageTransformConfig:
     """The checkpoint's own preprocessing constants, its aspect mode, and its tower's input size."""
-    size = model.config.vision.image_size
+    size = config.vision.image_size
     aspects = {
-        "image_aspect_ratio": model.config.image_aspect_ratio,
-        "video_aspect_ratio": model.config.video_aspect_ratio,
+        "image_aspect_ratio": config.image_aspect_ratio,
+        "video_aspect_ratio": config.video_aspect_ratio,
     }
     if (folder / "preprocessor_config.json").exists():
         return ImageTransformConfig.from_preprocessor_json(folder, **aspects)
