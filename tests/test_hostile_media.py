@@ -405,9 +405,9 @@ def test_prepare_stops_between_items_and_before_the_tower(
     left = threading.Event()  # the caller leaves once a tower has run
     real = tiny_pipeline.model.encode_videos
 
-    def tower(pixels: torch.Tensor) -> torch.Tensor:
+    def tower(pixels: torch.Tensor, *budget: int) -> torch.Tensor:
         towers.append(tuple(pixels.shape))
-        features = real(pixels)
+        features = real(pixels, *budget)
         left.set()
         return features
 

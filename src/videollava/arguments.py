@@ -49,3 +49,15 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         help="precision of the weights (default: auto, bfloat16 on GPUs that support it and on CPUs with AMX)",
     )
     add_device_option(parser)
+
+
+def add_visual_tokens_option(parser: argparse.ArgumentParser) -> None:
+    """`--visual-tokens N`: patch tokens kept per image or video frame, for every request a command answers."""
+    parser.add_argument(
+        "--visual-tokens",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="keep N patch tokens per image or video frame, the ones the vision tower's CLS attends to "
+        "most, in their order (fewer tokens, longer videos fit; default: the model's, else all)",
+    )

@@ -12,7 +12,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from videollava.arguments import add_model_options, positive_int
+from videollava.arguments import add_model_options, add_visual_tokens_option, positive_int
 from videollava.errors import VideoLlavaError
 from videollava.infer.engine import Engine
 from videollava.infer.pipeline import Pipeline
@@ -28,6 +28,7 @@ class Question:
     images: list[str] = field(default_factory=list)
     videos: list[str] = field(default_factory=list)
     raw_prompt: bool = False
+    visual_tokens: int | None = None  # patch tokens kept per frame (None: the pipeline's default)
 
     def media(self) -> list[MediaItem]:
         return [MediaItem("image", p) for p in self.images] + [MediaItem("video", p) for p in self.videos]
@@ -44,7 +45,10 @@ class Question:
             return found
 
         check_prompt(data["prompt"])
-        return cls(data["prompt"], paths("image", "images"), paths("video", "videos"), raw_prompt)
+        budget = data.get("visual_tokens")
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
+            raise VideoLlavaError(f'"visual_tokens" must be a whole number of at least 1, got {budget!r}')
+        return cls(data["prompt"], paths("image", "images"), paths("video", "videos"), raw_prompt, budget)
 
 
 def check_prompt(prompt: str) -> None:
@@ -60,10 +64,10 @@ def prepare_question(pipeline: Pipeline, question: Question, num_frames: int | N
         prompt = question.prompt
     else:
         prompt = pipeline.build_prompt(question.prompt, len(question.images), len(question.videos))
-    return pipeline.prepare(prompt, media, num_frames=num_frames)
+    return pipeline.prepare(prompt, media, num_frames=num_frames, visual_tokens=question.visual_tokens)
 
 
-def completion_json(completion: Completion) -> dict[str, Any]:
+def completion_json(completion: Completion, prepared: Prepared | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {
         "answer": completion.text,
         "token_ids": completion.token_ids,
@@ -72,6 +76,8 @@ def completion_json(completion: Completion) -> dict[str, Any]:
         "seconds": round(completion.seconds, 4),
         "finish_reason": completion.finish_reason,
     }
+    if prepared is not None and prepared.kept_patches is not None:
+        out["visual_tokens_per_frame"] = prepared.kept_patches  # patch tokens kept per image or frame
     if completion.error:
         out["error"] = completion.error
     return out
@@ -86,6 +92,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--frames", type=positive_int, default=None, help="frames sampled per video (default: the model's)"
     )
+    add_visual_tokens_option(parser)
     parser.add_argument("--max-new-tokens", type=positive_int, default=256)
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--top-p", type=float, default=1.0)
@@ -110,7 +117,9 @@ def run(args: argparse.Namespace) -> int:
     params = SamplingParams(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed
     )
-    pipeline = Pipeline.from_pretrained(args.model, dtype=args.dtype, device=args.device)
+    pipeline = Pipeline.from_pretrained(
+        args.model, dtype=args.dtype, device=args.device, visual_tokens=args.visual_tokens
+    )
     if args.batch:
         return run_batch(pipeline, args, params, lines)
     started = time.perf_counter()
@@ -120,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
     if completion.error:
         raise VideoLlavaError(completion.error)
     if args.json:
-        out = completion_json(completion)
+        out = completion_json(completion, prepared)
         out["seconds"] = round(time.perf_counter() - started, 4)
         print(json.dumps(out))
     else:
@@ -186,8 +195,11 @@ def run_batch(pipeline: Pipeline, args: argparse.Namespace, params: SamplingPara
     progress = tqdm(total=len(work), desc="answering", unit="req", file=sys.stderr, disable=not work)
     for start in range(0, len(work), args.batch_size * 4):
         chunk = work[start : start + args.batch_size * 4]
-        for (index, _), completion in zip(chunk, engine.generate([p for _, p in chunk], params), strict=True):
-            results[index] = {"id": results[index]["id"], **completion_json(completion)}  # type: ignore[index]
+        for (index, prepared), completion in zip(
+            chunk, engine.generate([p for _, p in chunk], params), strict=True
+        ):
+            answer_id = results[index]["id"]  # type: ignore[index]
+            results[index] = {"id": answer_id, **completion_json(completion, prepared)}
             progress.update(1)
     progress.close()
     out = open(args.output, "w") if args.output else sys.stdout

@@ -35,6 +35,7 @@ from videollava.data.transforms import (
 from videollava.errors import PromptError
 from videollava.infer.request import MediaItem, MediaSource, Prepared
 from videollava.model.bundle import load_bundle, save_bundle
+from videollava.model.compress import check_budget
 from videollava.model.devices import resolve_device, resolve_dtype
 from videollava.model.videollava import VideoLlava
 
@@ -120,6 +121,7 @@ class Pipeline:
         num_frames: int | None = None,
         feature_cache: FeatureCache | None = None,
         decode_limits: DecodeLimits | None = None,
+        visual_tokens: int | None = None,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -129,6 +131,8 @@ class Pipeline:
         self.feature_cache = feature_cache or FeatureCache()
         self.decode_limits = decode_limits or DecodeLimits()
         self.detokenizer = TokenizerDetokenizer(tokenizer, tokenizer.eos_token_id)
+        # Patch tokens kept per image or frame when a request sets none (None: the model config's).
+        self.visual_tokens = _budget(visual_tokens, "visual_tokens")
         self._model_lock = threading.Lock()
 
     @classmethod
@@ -157,21 +161,31 @@ class Pipeline:
 
     # ------------------------------------------------------------ media
 
+    def kept_patches(self, visual_tokens: int | None = None) -> int:
+        """Patch rows per image or frame for a request's budget: its own, else the pipeline's, else
+        the model config's; all patches when none is set or the budget covers them."""
+        budget = _budget(visual_tokens, "visual_tokens")
+        return self.model.config.kept_patches(budget if budget is not None else self.visual_tokens)
+
     def encode_media(
         self,
         item: MediaItem,
         num_frames: int | None = None,
         digest: str | None = None,
         cancelled: Cancelled | None = None,
+        visual_tokens: int | None = None,
     ) -> torch.Tensor:
-        """Projected features (rows, H) of one image or video; cached by content and frame count.
+        """Projected features (rows, H) of one image or video; cached by content, frame count and
+        patches kept per frame (`visual_tokens`, see `kept_patches`).
 
         Decoding stays within `decode_limits`; ``cancelled`` is asked between decoded frames and
         before the tower runs, and stops the work with RequestCancelled.
         """
         frames = num_frames or self.num_frames
+        keep = self.kept_patches(visual_tokens)
         digest = digest or content_hash(item.source, item.name, cancelled)
-        key = f"{item.kind}:{frames}:{digest}"
+        # Every budget at or above the patch count gives the same (uncompressed) features: one key.
+        key = f"{item.kind}:{frames}:{keep}:{digest}"
         cached = self.feature_cache.get(key)
         if cached is not None:
             return cached
@@ -191,9 +205,9 @@ class Pipeline:
                 # The lock may have been held by another request's tower for a while.
                 raise_if_cancelled(cancelled, f"encoding {name}")
                 if video:
-                    features = self.model.encode_videos(pixels[None])[0]  # (T*(P+1), H)
+                    features = self.model.encode_videos(pixels[None], keep)[0]  # (T*(K+1), H)
                 else:
-                    features = self.model.encode_images(pixels)[0]  # (P, H)
+                    features = self.model.encode_images(pixels, keep)[0]  # (K, H)
         self.feature_cache.put(key, features)
         return features
 
@@ -219,12 +233,15 @@ class Pipeline:
         num_frames: int | None = None,
         add_bos: bool = True,
         cancelled: Cancelled | None = None,
+        visual_tokens: int | None = None,
     ) -> Prepared:
         """Tokenize a full prompt (with placeholders) and encode its media, in placeholder order.
 
         The visual tokens the media will take are counted before anything is decoded, so media
         that cannot fit the context cost nothing. ``cancelled`` is asked between media items and
-        passed down (see `encode_media`).
+        passed down (see `encode_media`). ``visual_tokens`` keeps that many patch tokens per image
+        or video frame, the ones the tower's CLS attends to most (default: the pipeline's, else the
+        model config's; at or above the patch count nothing changes).
         """
         if len(prompt) > self.max_prompt_chars:
             raise PromptError(
@@ -234,24 +251,16 @@ class Pipeline:
         frames = num_frames or self.num_frames
         if frames < 1:
             raise PromptError(f"frames per video must be at least 1, got {frames}")
+        keep = self.kept_patches(visual_tokens)
         n_images = sum(m.kind == "image" for m in media)
         n_videos = sum(m.kind == "video" for m in media)
         check_placeholders(prompt, n_images, n_videos)
         tokenized = tokenize_multimodal(self.tokenizer, prompt, add_bos=add_bos)
         config = self.model.config
-        per_video = config.video_tokens(frames)
-        visual = n_images * config.image_tokens + n_videos * per_video
+        visual = n_images * config.image_rows(keep) + n_videos * config.video_rows(frames, keep)
         text = len(tokenized.input_ids) - n_images - n_videos
         if text + visual >= self.model.max_context:
-            parts = [f"{text} of text"]
-            if n_images:
-                parts.append(f"{n_images} image(s) x {config.image_tokens}")
-            if n_videos:
-                parts.append(f"{n_videos} video(s) x {frames} frames x {config.video_tokens(1)}")
-            raise PromptError(
-                f"prompt would be {text + visual} tokens long ({' + '.join(parts)}) but the model's context "
-                f"holds {self.model.max_context}; shorten it or use fewer frames"
-            )
+            raise PromptError(self._too_long(text, n_images, n_videos, frames, keep))
         images = iter([m for m in media if m.kind == "image"])
         videos = iter([m for m in media if m.kind == "video"])
         features: list[torch.Tensor] = []
@@ -262,16 +271,47 @@ class Pipeline:
                 raise_if_cancelled(cancelled, f"preparing {item.display_name()}")
                 # Read once: the cache key and the prefix key.
                 digest = content_hash(item.source, item.name, cancelled)
-                feature = self.encode_media(item, num_frames, digest, cancelled)
+                feature = self.encode_media(item, num_frames, digest, cancelled, keep)
                 features.append(feature)
-                prefix_key.append(f"{item.kind}:{digest}:{feature.shape[0]}")
+                # The budget is part of the key: compressed rows never stand in for full ones.
+                prefix_key.append(f"{item.kind}:{digest}:{keep}:{feature.shape[0]}")
             else:
                 prefix_key.append(token)
         visual = sum(f.shape[0] for f in features)
-        prepared = Prepared(list(tokenized.input_ids), features, prefix_key, visual)
+        prepared = Prepared(
+            list(tokenized.input_ids), features, prefix_key, visual, kept_patches=keep if media else None
+        )
         if prepared.prompt_tokens >= self.model.max_context:
             raise PromptError(
                 f"prompt is {prepared.prompt_tokens} tokens long ({visual} of them visual) "
                 f"but the model's context holds {self.model.max_context}; shorten it or use fewer frames"
             )
         return prepared
+
+    def _too_long(self, text: int, n_images: int, n_videos: int, frames: int, keep: int) -> str:
+        """Why a request cannot fit: the visual tokens its media need, the text's, and the context."""
+        config, context = self.model.config, self.model.max_context
+        parts = []
+        if n_images:
+            parts.append(f"{n_images} image(s) x {config.image_rows(keep)}")
+        if n_videos:
+            parts.append(f"{n_videos} video(s) x {frames} frames x {config.video_rows(1, keep)}")
+        visual = n_images * config.image_rows(keep) + n_videos * config.video_rows(frames, keep)
+        kept = f"; {keep} of {config.vision.num_patches} patches per frame" if parts else ""
+        if visual >= context:
+            return (
+                f"the media need {visual} visual tokens ({' + '.join(parts)}{kept}) but the model's "
+                f"context holds {context}; use fewer frames or fewer visual tokens per frame (visual_tokens)"
+            )
+        return (
+            f"prompt would be {text + visual} tokens long ({' + '.join([f'{text} of text', *parts])}{kept}) "
+            f"but the model's context holds {context}; shorten it or use fewer frames"
+        )
+
+
+def _budget(value: object, name: str) -> int | None:
+    """A budget of patch tokens per frame as a request gives it, refused in one line when wrong."""
+    try:
+        return check_budget(value, name)
+    except ValueError as error:
+        raise PromptError(str(error)) from None

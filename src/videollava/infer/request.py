@@ -37,6 +37,8 @@ class Prepared:
     # Content key of each position (token id, or a media hash per visual row block) for prefix reuse.
     prefix_key: list[int | str]
     visual_tokens: int
+    # Patch tokens kept per image or video frame (all of them unless a budget cut them); None: no media.
+    kept_patches: int | None = None
     prompt_tokens: int = field(init=False)
 
     def __post_init__(self) -> None:

@@ -26,6 +26,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from videollava.constants import HF_IMAGE_TOKEN_ID, HF_VIDEO_TOKEN_ID, IMAGE_SLOT, VIDEO_SLOT
 from videollava.errors import CheckpointError
 from videollava.model.build import LLMConfig, model_config
+from videollava.model.compress import check_budget
 from videollava.model.videollava import Projector, VideoLlava, VideoLlavaConfig
 from videollava.model.vision import VisionConfig
 
@@ -298,7 +299,16 @@ def config_from_hf(data: dict[str, Any], has_temporal: bool, source: str = "conf
         image_aspect_ratio=ours.get("image_aspect_ratio", "crop"),
         video_aspect_ratio=ours.get("video_aspect_ratio", "crop"),
         template=ours.get("template", "hf"),
+        visual_tokens=_visual_tokens(ours.get("visual_tokens"), source),
     )
+
+
+def _visual_tokens(value: Any, source: str) -> int | None:
+    """The checkpoint's default budget of patch tokens per frame (absent: all of them)."""
+    try:
+        return check_budget(value, "videollava.visual_tokens")
+    except ValueError as error:
+        raise CheckpointError(f"{source}: {error}") from None
 
 
 def config_to_hf(config: VideoLlavaConfig) -> dict[str, Any]:
@@ -328,7 +338,9 @@ def config_to_hf(config: VideoLlavaConfig) -> dict[str, Any]:
             "image_aspect_ratio": config.image_aspect_ratio,
             "video_aspect_ratio": config.video_aspect_ratio,
             "template": config.template,
-        },
+        }
+        # Written only when set, so an uncompressed model's config.json stays as it was.
+        | ({"visual_tokens": config.visual_tokens} if config.visual_tokens is not None else {}),
     }
 
 

@@ -24,6 +24,7 @@ from videollava.constants import (
     VIDEO_SLOT,
 )
 from videollava.errors import PromptError
+from videollava.model.compress import check_budget, kept_patches
 from videollava.model.vision import VisionConfig, VisionTower
 
 
@@ -48,6 +49,9 @@ class VideoLlavaConfig:
     # The reference crops video frames ("crop"); "pad" and "squash" as for images.
     video_aspect_ratio: str = "crop"
     template: str = "vicuna_v1"
+    # Patch tokens kept per image or video frame when a request sets no budget (model.compress):
+    # the ones the tower's CLS attends to most. None keeps all of them.
+    visual_tokens: int | None = None
 
     @property
     def video_vision(self) -> VisionConfig:
@@ -57,7 +61,21 @@ class VideoLlavaConfig:
     def image_tokens(self) -> int:
         return self.vision.num_patches
 
+    def kept_patches(self, visual_tokens: int | None = None) -> int:
+        """Patch rows per image or frame under a budget; None: this config's default budget."""
+        budget = check_budget(visual_tokens if visual_tokens is not None else self.visual_tokens)
+        return kept_patches(budget, self.vision.num_patches)
+
+    def image_rows(self, visual_tokens: int | None = None) -> int:
+        """Visual rows of one image under a budget (None: the default); the CLS is dropped."""
+        return self.kept_patches(visual_tokens)
+
+    def video_rows(self, num_frames: int, visual_tokens: int | None = None) -> int:
+        """Visual rows of one video under a budget (None: the default): each frame's CLS and kept patches."""
+        return num_frames * (self.kept_patches(visual_tokens) + 1)
+
     def video_tokens(self, num_frames: int) -> int:
+        """Visual rows of one uncompressed video."""
         return num_frames * (self.vision.num_patches + 1)
 
     def llm_config(self) -> PretrainedConfig:
@@ -130,17 +148,26 @@ class VideoLlava(nn.Module):
     def max_context(self) -> int:
         return int(self.language_model.config.max_position_embeddings)
 
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) -> (N, P, H_llm): one row per patch, CLS dropped."""
+    def encode_images(self, pixel_values: torch.Tensor, visual_tokens: int | None = None) -> torch.Tensor:
+        """(N, 3, H, W) -> (N, K, H_llm): one row per kept patch, CLS dropped.
+
+        K is every patch P unless `visual_tokens` (else the config's `visual_tokens`) is below P:
+        then the K patches the CLS attends to most, in their original order (model.compress).
+        """
         features = self.image_tower.encode_images(
-            pixel_values.to(self.device, self.dtype, non_blocking=True), self.config.vision_feature_layer
+            pixel_values.to(self.device, self.dtype, non_blocking=True),
+            self.config.vision_feature_layer,
+            keep=self.config.kept_patches(visual_tokens),
         )
         return self.multi_modal_projector(features)
 
-    def encode_videos(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(N, T, 3, H, W) -> (N, T*(P+1), H_llm): frame after frame, each frame's CLS first."""
+    def encode_videos(self, pixel_values: torch.Tensor, visual_tokens: int | None = None) -> torch.Tensor:
+        """(N, T, 3, H, W) -> (N, T*(K+1), H_llm): frame after frame, each frame's CLS first; K as
+        for `encode_images`, chosen frame by frame."""
         features = self.video_tower.encode_videos(
-            pixel_values.to(self.device, self.dtype, non_blocking=True), self.config.vision_feature_layer
+            pixel_values.to(self.device, self.dtype, non_blocking=True),
+            self.config.vision_feature_layer,
+            keep=self.config.kept_patches(visual_tokens),
         )
         return self.multi_modal_projector(features)
 
@@ -237,14 +264,16 @@ class VideoLlava(nn.Module):
         videos: torch.Tensor | None = None,
         labels: list[list[int]] | None = None,
         padding_side: str = "right",
+        visual_tokens: int | None = None,
     ) -> VideoLlavaOutput:
         """Training / scoring forward pass.
 
         `images` (N_img, 3, H, W) and `videos` (N_vid, T, 3, H, W) hold the batch's media in slot
         order (all images of sample 0, then sample 1, ...; likewise videos). `labels` (one per
-        token) come back spliced like the logits, for the caller's loss.
+        token) come back spliced like the logits, for the caller's loss. `visual_tokens`: patches
+        kept per image or frame (default: the config's; see `encode_images`).
         """
-        features = self.visual_features_for(input_ids, images, videos)
+        features = self.visual_features_for(input_ids, images, videos, visual_tokens)
         batch = self.splice(input_ids, features, labels=labels, padding_side=padding_side)
         out = self.language_model(
             inputs_embeds=batch.inputs_embeds,
@@ -255,11 +284,18 @@ class VideoLlava(nn.Module):
         return VideoLlavaOutput(logits=out.logits, labels=batch.labels)
 
     def visual_features_for(
-        self, input_ids: list[list[int]], images: torch.Tensor | None, videos: torch.Tensor | None
+        self,
+        input_ids: list[list[int]],
+        images: torch.Tensor | None,
+        videos: torch.Tensor | None,
+        visual_tokens: int | None = None,
     ) -> list[list[torch.Tensor]]:
         """Encode every image and video once, then hand each sample its features in slot order."""
-        image_features = list(self.encode_images(images)) if images is not None and len(images) else []
-        video_features = list(self.encode_videos(videos)) if videos is not None and len(videos) else []
+        image_features, video_features = [], []
+        if images is not None and len(images):
+            image_features = list(self.encode_images(images, visual_tokens))
+        if videos is not None and len(videos):
+            video_features = list(self.encode_videos(videos, visual_tokens))
         wanted_images = sum(ids.count(IMAGE_SLOT) for ids in input_ids)
         wanted_videos = sum(ids.count(VIDEO_SLOT) for ids in input_ids)
         if wanted_images != len(image_features) or wanted_videos != len(video_features):

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from videollava.model.compress import top_patches
+
 
 @dataclass
 class VisionConfig:
@@ -68,17 +70,31 @@ class Attention(nn.Module):
         self.out_proj = nn.Linear(hidden_size, hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_with_cls_attention(x, False)[0]
+
+    def forward_with_cls_attention(
+        self, x: torch.Tensor, cls_attention: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The attention output and, if asked, row 0's attention weights averaged over heads (B, L).
+
+        SDPA stays fused for the output; the one query of row 0 (the CLS) is scored on its own
+        against every key, in float32, softmax per head, then the mean over heads.
+        """
         batch, length, width = x.shape
 
         # (B, L, D) -> (B, heads, L, head_dim)
         def split(t: torch.Tensor) -> torch.Tensor:
             return t.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
 
-        out = F.scaled_dot_product_attention(
-            split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
-        )
+        q, k = split(self.q_proj(x)), split(self.k_proj(x))
+        out = F.scaled_dot_product_attention(q, k, split(self.v_proj(x)))
         # (B, heads, L, head_dim) -> (B, L, D)
-        return self.out_proj(out.transpose(1, 2).reshape(batch, length, width))
+        out = self.out_proj(out.transpose(1, 2).reshape(batch, length, width))
+        if not cls_attention:
+            return out, None
+        # (B, heads, 1, head_dim) @ (B, heads, head_dim, L) -> (B, heads, 1, L)
+        logits = q[:, :, :1].float() @ k.float().transpose(-1, -2) * self.head_dim**-0.5
+        return out, logits.softmax(dim=-1).mean(dim=1)[:, 0]  # (B, L)
 
 
 class MLP(nn.Module):
@@ -119,6 +135,16 @@ class EncoderLayer(nn.Module):
         return resampled.transpose(1, 2).to(table.dtype)
 
     def forward(self, x: torch.Tensor, num_frames: int = 1) -> torch.Tensor:
+        return self.forward_with_cls_attention(x, num_frames, False)[0]
+
+    def forward_with_cls_attention(
+        self, x: torch.Tensor, num_frames: int = 1, cls_attention: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The block's output and, if asked, how much each frame's CLS attends to each of its rows.
+
+        The weights are those of the spatial attention (after `layer_norm1`, past the temporal
+        step): (B*T, N), each row summing to one.
+        """
         # x: (B*T, N, D), frames of one video adjacent
         if num_frames > 1 and hasattr(self, "temporal_embedding"):
             bt, n, d = x.shape
@@ -128,8 +154,13 @@ class EncoderLayer(nn.Module):
             x = x + self.temporal_attn(self.temporal_layer_norm1(x))
             # (B*N, T, D) -> (B, N, T, D) -> (B, T, N, D) -> (B*T, N, D)
             x = x.view(bt // num_frames, n, num_frames, d).transpose(1, 2).reshape(bt, n, d)
-        x = x + self.self_attn(self.layer_norm1(x))
-        return x + self.mlp(self.layer_norm2(x))
+        normed = self.layer_norm1(x)
+        if cls_attention:
+            attended, weights = self.self_attn.forward_with_cls_attention(normed)
+        else:
+            attended, weights = self.self_attn(normed), None
+        x = x + attended
+        return x + self.mlp(self.layer_norm2(x)), weights
 
 
 class Embeddings(nn.Module):
@@ -200,18 +231,49 @@ class VisionTower(nn.Module):
         last = self._blocks(hidden, index, total - 1, num_frames)
         return self.post_layernorm(last[:, 0]), hidden
 
-    def encode_images(self, pixel_values: torch.Tensor, layer: int = -2) -> torch.Tensor:
-        """(N, C, H, W) -> (N, P, D): patch features, CLS dropped."""
-        return self.hidden_state(pixel_values, layer)[:, 1:]
+    def hidden_state_and_cls_attention(
+        self, pixel_values: torch.Tensor, layer: int = -2, num_frames: int = 1
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B*T, C, H, W) -> the hidden state at `layer` (B*T, 1+P, D) and, from the block that
+        produces it, the CLS query's attention over its rows (B*T, 1+P), averaged over heads."""
+        index = layer % (self.config.num_hidden_layers + 1)
+        if index == 0:
+            raise ValueError(
+                "visual-token compression ranks patches by a block's CLS attention, but feature layer "
+                f"{layer} is the embedding output, which no block produces"
+            )
+        x = self._blocks(self.pre_layrnorm(self.embeddings(pixel_values)), 0, index - 1, num_frames)
+        hidden, weights = self.encoder.layers[index - 1].forward_with_cls_attention(x, num_frames)
+        assert weights is not None
+        return hidden, weights
 
-    def encode_videos(self, pixel_values: torch.Tensor, layer: int = -2) -> torch.Tensor:
-        """(N, T, C, H, W) -> (N, T*(1+P), D): every frame's CLS and patches, frame after frame."""
+    def _features(
+        self, pixel_values: torch.Tensor, layer: int, num_frames: int, keep: int | None, with_cls: bool
+    ):
+        """(B*T, C, H, W) -> (B*T, [1+]K, D); K = every patch when `keep` is None or covers them all."""
+        if keep is None or keep >= self.config.num_patches:
+            hidden = self.hidden_state(pixel_values, layer, num_frames)
+            return hidden if with_cls else hidden[:, 1:]
+        hidden, weights = self.hidden_state_and_cls_attention(pixel_values, layer, num_frames)
+        return top_patches(hidden, weights, keep, with_cls)
+
+    def encode_images(
+        self, pixel_values: torch.Tensor, layer: int = -2, keep: int | None = None
+    ) -> torch.Tensor:
+        """(N, C, H, W) -> (N, P, D): patch features, CLS dropped; with `keep`, the `keep` most
+        attended patches per image (N, K, D), in their original order."""
+        return self._features(pixel_values, layer, 1, keep, with_cls=False)
+
+    def encode_videos(
+        self, pixel_values: torch.Tensor, layer: int = -2, keep: int | None = None
+    ) -> torch.Tensor:
+        """(N, T, C, H, W) -> (N, T*(1+P), D): every frame's CLS and patches, frame after frame; with
+        `keep`, each frame's CLS and its `keep` most attended patches (N, T*(1+K), D)."""
         n, t = pixel_values.shape[:2]
         # (N, T, C, H, W) -> (N*T, C, H, W)
-        features = self.hidden_state(
-            pixel_values.flatten(0, 1), layer, num_frames=t if self.config.has_temporal else 1
-        )
-        # (N*T, 1+P, D) -> (N, T*(1+P), D)
+        frames = t if self.config.has_temporal else 1
+        features = self._features(pixel_values.flatten(0, 1), layer, frames, keep, with_cls=True)
+        # (N*T, 1+K, D) -> (N, T*(1+K), D)
         return features.reshape(n, t * features.shape[1], features.shape[2])
 
     def temporal_parameters(self) -> list[nn.Parameter]:

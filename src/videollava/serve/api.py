@@ -36,7 +36,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from videollava.arguments import add_model_options
+from videollava.arguments import add_model_options, add_visual_tokens_option
 from videollava.data.conversation import ChatHistory
 from videollava.errors import RequestCancelled, VideoLlavaError
 from videollava.infer.engine import Engine, Handle, QueueFullError
@@ -155,7 +155,9 @@ def prepare_chat(
     for question, answer in zip(earlier[::2], earlier[1::2], strict=True):
         history.add(question.text, [next(shown) for _ in question.media], answer.text)
     prompt = history.prompt(last.text, list(shown))
-    return pipeline.prepare(prompt, media, num_frames=chat.num_frames, cancelled=cancelled)
+    return pipeline.prepare(
+        prompt, media, num_frames=chat.num_frames, cancelled=cancelled, visual_tokens=chat.visual_tokens
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -596,6 +598,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="read a user message's two or more image parts (and no video part) as the frames of one video, "
         "as lmms-eval's openai model sends the videos it decodes itself",
     )
+    add_visual_tokens_option(parser)  # the default of requests that send no visual_tokens
     parser.set_defaults(func=run)
 
 
@@ -620,7 +623,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         pipeline = Pipeline.from_pretrained(
-            args.model, dtype=args.dtype, device=args.device, num_frames=args.frames
+            args.model,
+            dtype=args.dtype,
+            device=args.device,
+            num_frames=args.frames,
+            visual_tokens=args.visual_tokens,
         )
         name = args.served_model_name or (Path(args.model).name if args.model else "videollava-shapesworld")
         settings = ServeSettings(

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
-from videollava.arguments import add_model_options
+from videollava.arguments import add_model_options, add_visual_tokens_option
 from videollava.data.conversation import ChatHistory
 from videollava.errors import VideoLlavaError
 from videollava.infer.engine import Engine
@@ -149,6 +149,7 @@ def handle_line(session: ChatSession, line: str) -> bool:
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("chat", help="chat about images and videos in the terminal")
     add_model_options(parser)
+    add_visual_tokens_option(parser)
     parser.add_argument(
         "--image", action="append", default=[], metavar="FILE", help="attach to the first question"
     )
@@ -173,7 +174,9 @@ def run(args: argparse.Namespace) -> int:
     out = sys.stdout
     out.write("loading model...\n")
     out.flush()
-    pipeline = Pipeline.from_pretrained(args.model, dtype=args.dtype, device=args.device)
+    pipeline = Pipeline.from_pretrained(
+        args.model, dtype=args.dtype, device=args.device, visual_tokens=args.visual_tokens
+    )
     engine = Engine.for_pipeline(pipeline, max_batch_size=1, max_queue=4).start()
     session = ChatSession(pipeline, engine, params, out)
     out.write("Video-LLaVA chat. /help for commands, /quit or Ctrl-D to leave.\n")

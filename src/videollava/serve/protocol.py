@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 
 from videollava.data.conversation import ASSISTANT, USER
 from videollava.errors import VideoLlavaError
@@ -114,6 +114,9 @@ class ChatCompletionRequest(BaseModel):
     num_frames: int | None = Field(default=None, ge=1, le=64)
     # vLLM's per-request media options; {"video": {"num_frames": N}} sets the frames per video
     media_io_kwargs: dict[str, Any] | None = None
+    # Patch tokens kept per image or video frame (the ones the tower's CLS attends to most); this
+    # server's own field, sent in the extra body like cache_salt. Default: the server's --visual-tokens.
+    visual_tokens: StrictInt | None = Field(default=None, ge=1, le=2**31 - 1)
     # vLLM's field: requests with different salts never share prefix-cache entries (nor learn of each other's)
     cache_salt: str | None = Field(default=None, min_length=1, max_length=MAX_CACHE_SALT_CHARS)
 
@@ -139,6 +142,7 @@ class ChatRequest:
     include_usage: bool
     num_frames: int | None
     cache_salt: str | None = None
+    visual_tokens: int | None = None
 
     @property
     def media(self) -> list[tuple[str, str | tuple[str, ...]]]:
@@ -207,6 +211,7 @@ def parse_chat_request(
         include_usage=bool(request.stream_options and request.stream_options.include_usage),
         num_frames=_frames_asked(request),
         cache_salt=request.cache_salt,
+        visual_tokens=request.visual_tokens,
     )
 
 

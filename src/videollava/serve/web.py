@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from videollava.arguments import add_model_options, positive_int
+from videollava.arguments import add_model_options, add_visual_tokens_option, positive_int
 from videollava.data.conversation import ChatHistory
 from videollava.errors import PromptError, VideoLlavaError
 from videollava.extras import require
@@ -167,6 +167,7 @@ def theme():
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("web", help="a web page to chat about images and videos (Gradio)")
     add_model_options(parser)
+    add_visual_tokens_option(parser)
     add_address_options(parser, default_port=7860)
     parser.add_argument(
         "--max-new-tokens", type=positive_int, default=128, help="initial value of the slider"
@@ -192,7 +193,9 @@ def run(args: argparse.Namespace) -> int:
     if not args.max_upload_mb > 0:
         raise VideoLlavaError(f"--max-upload-mb must be positive, got {args.max_upload_mb}")
     check_port_free(args.host, args.port)
-    pipeline = Pipeline.from_pretrained(args.model, dtype=args.dtype, device=args.device)
+    pipeline = Pipeline.from_pretrained(
+        args.model, dtype=args.dtype, device=args.device, visual_tokens=args.visual_tokens
+    )
     engine = Engine.for_pipeline(pipeline, max_batch_size=args.max_batch_size, max_queue=64).start()
     try:
         demo = build_demo(pipeline, engine, max_new_tokens=args.max_new_tokens)

@@ -389,6 +389,9 @@ class FinetuneStage(TrainStage):
     projector_lr: Rate | None = None  # default: lr
     train_projector: bool = True
     tower_lr: Rate | None = None  # both towers' rate; None keeps them frozen, as the paper does
+    # Patch tokens kept per image or video frame while training (the ones the tower's CLS attends
+    # to most, model.compress); the exported model keeps it as its default. None: all of them.
+    visual_tokens: Positive | None = None
 
     @property
     def default_sampler(self) -> str:

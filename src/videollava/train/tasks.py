@@ -106,8 +106,9 @@ class TaskContext:
             root=root,
             transform=media_transform(self.model, aspect, recipe.model.video_aspect_ratio),
             num_frames=stage.num_frames or recipe.model.num_frames,
-            image_rows=self.model.config.image_tokens,
-            frame_rows=self.model.config.vision.num_patches + 1,
+            # Under the model's budget of patches per frame (lm_task sets it for its stage).
+            image_rows=self.model.config.image_rows(),
+            frame_rows=self.model.config.video_rows(1),
             cache=self.media_cache,
         )
 
@@ -321,9 +322,15 @@ def lm_task(
     train_projector: bool = True,
     projector_lr: float | None = None,
     tower_lr: float | None = None,
+    visual_tokens: int | None = None,
 ) -> tuple[Task, Finish]:
-    """Next-token loss on the answers; the LLM trains fully, through LoRA, or not at all."""
+    """Next-token loss on the answers; the LLM trains fully, through LoRA, or not at all.
+
+    `visual_tokens` patches per image or frame reach the LLM (None: all): the model's default
+    budget is set to it, so the training forward, the sample lengths and the export follow it.
+    """
     model, recipe = ctx.model, ctx.recipe
+    model.config.visual_tokens = visual_tokens
     model.requires_grad_(False)
     if lora is not None:
         if recipe.distributed.strategy == "fsdp" and ctx.distributed:
@@ -422,6 +429,7 @@ def finetune_task(ctx: TaskContext, stage: FinetuneStage) -> tuple[Task, Finish]
         train_projector=stage.train_projector,
         projector_lr=stage.projector_lr,
         tower_lr=stage.tower_lr,
+        visual_tokens=stage.visual_tokens,
     )
 
 
