@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
 
     model = args.model if args.model is not None else str(default_model_path())
     print(f"loading {model}", file=sys.stderr, flush=True)
-    pipeline = Pipeline.from_pretrained(model, dtype=args.dtype, device=args.device)
+    pipeline = Pipeline.from_pretrained(model, dtype=args.dtype, device=args.device, quantize=args.quantize)
     report = evaluate(
         pipeline,
         args.data,

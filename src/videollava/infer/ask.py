@@ -110,7 +110,9 @@ def run(args: argparse.Namespace) -> int:
     params = SamplingParams(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed
     )
-    pipeline = Pipeline.from_pretrained(args.model, dtype=args.dtype, device=args.device)
+    pipeline = Pipeline.from_pretrained(
+        args.model, dtype=args.dtype, device=args.device, quantize=args.quantize
+    )
     if args.batch:
         return run_batch(pipeline, args, params, lines)
     started = time.perf_counter()

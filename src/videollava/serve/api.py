@@ -599,7 +599,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         pipeline = Pipeline.from_pretrained(
-            args.model, dtype=args.dtype, device=args.device, num_frames=args.frames
+            args.model, dtype=args.dtype, device=args.device, num_frames=args.frames, quantize=args.quantize
         )
         name = args.served_model_name or (Path(args.model).name if args.model else "videollava-shapesworld")
         settings = ServeSettings(

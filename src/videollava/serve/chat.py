@@ -173,7 +173,9 @@ def run(args: argparse.Namespace) -> int:
     out = sys.stdout
     out.write("loading model...\n")
     out.flush()
-    pipeline = Pipeline.from_pretrained(args.model, dtype=args.dtype, device=args.device)
+    pipeline = Pipeline.from_pretrained(
+        args.model, dtype=args.dtype, device=args.device, quantize=args.quantize
+    )
     engine = Engine.for_pipeline(pipeline, max_batch_size=1, max_queue=4).start()
     session = ChatSession(pipeline, engine, params, out)
     out.write("Video-LLaVA chat. /help for commands, /quit or Ctrl-D to leave.\n")

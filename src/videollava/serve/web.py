@@ -192,7 +192,9 @@ def run(args: argparse.Namespace) -> int:
     if not args.max_upload_mb > 0:
         raise VideoLlavaError(f"--max-upload-mb must be positive, got {args.max_upload_mb}")
     check_port_free(args.host, args.port)
-    pipeline = Pipeline.from_pretrained(args.model, dtype=args.dtype, device=args.device)
+    pipeline = Pipeline.from_pretrained(
+        args.model, dtype=args.dtype, device=args.device, quantize=args.quantize
+    )
     engine = Engine.for_pipeline(pipeline, max_batch_size=args.max_batch_size, max_queue=64).start()
     try:
         demo = build_demo(pipeline, engine, max_new_tokens=args.max_new_tokens)
