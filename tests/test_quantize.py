@@ -99,7 +99,7 @@ def test_without_the_kernel_the_layer_widens_its_weight_and_agrees(monkeypatch):
     torch.manual_seed(3)
     x = torch.randn(4, 48, dtype=torch.float64)
     reference = x @ layer.dequantized_weight(torch.float64).T + layer.bias.double()
-    torch.testing.assert_close(layer(x), reference, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(layer(x), reference, rtol=1e-10, atol=1e-12)
     monkeypatch.setattr(q, "_kernel_available", lambda device: False)
     x32 = x.float()
     reference32 = x32.double() @ layer.dequantized_weight(torch.float64).T + layer.bias.double()

@@ -100,7 +100,8 @@ class Int8Linear(nn.Module):
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float weight this layer multiplies by: int8 * scale, (N, K) in `dtype`."""
-        return (self.qweight.float() * self.scales[:, None]).to(dtype)
+        work = torch.float64 if dtype == torch.float64 else torch.float32
+        return (self.qweight.to(work) * self.scales.to(work)[:, None]).to(dtype)
 
     def _scales_for(self, dtype: torch.dtype) -> torch.Tensor:
         """The scales in the activations' dtype (the CPU kernel wants them alike), made once per dtype."""
