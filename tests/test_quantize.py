@@ -60,12 +60,13 @@ def test_rows_are_quantised_symmetrically_with_one_scale_each():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bias", [True, False])
-def test_int8_linear_matches_the_dequantised_float_layer(dtype, bias):
+@pytest.mark.parametrize("rows", [5, 40])  # 2 x rows: the CPU kernel below q._GEMM_ROWS, the GEMM from it
+def test_int8_linear_matches_the_dequantised_float_layer(dtype, bias, rows):
     layer = Int8Linear.from_linear(_linear(96, 40, bias=bias)).eval()
     torch.manual_seed(1)
-    x = torch.randn(2, 5, 96).to(dtype)
+    x = torch.randn(2, rows, 96).to(dtype)
     out = layer(x)
-    assert out.dtype == dtype and out.shape == (2, 5, 40)
+    assert out.dtype == dtype and out.shape == (2, rows, 40)
     # Reference: float64 product of the inputs as the CPU kernel reads them (bf16) and the
     # dequantised weight. The kernel's result is rounded to bf16 once, then the bias is added in
     # the output dtype: allowed error is two bf16 roundings of the largest output, plus a bf16
@@ -82,6 +83,21 @@ def test_int8_linear_matches_the_dequantised_float_layer(dtype, bias):
     original = _linear(96, 40, bias=bias)
     float_out = F.linear(x.double(), original.weight.double(), None if not bias else original.bias.double())
     assert (out.double() - float_out).abs().max() < 0.02 * float_out.abs().max()
+
+
+def test_kernel_and_gemm_paths_agree():
+    """A prompt's rows (the GEMM) and a decoding step's (the kernel) get the same numbers."""
+    assert 8 < q._GEMM_ROWS <= 80
+    layer = Int8Linear.from_linear(_linear(96, 40)).eval()
+    torch.manual_seed(4)
+    x = torch.randn(80, 96)
+    together = layer(x)  # (80, 40) through the GEMM
+    alone = torch.cat([layer(x[i : i + 8]) for i in range(0, 80, 8)])  # through the kernel
+    # Each path is within the reference's bound (see above), so the two are within twice that.
+    terms = x.to(torch.bfloat16).double().abs() @ layer.dequantized_weight(torch.float64).abs().T
+    bound = 2 * (2 * BF16_ROUNDING * together.abs().max() + BF16_ROUNDING * terms)
+    assert bool(((together - alone).double().abs() <= bound).all())
+    assert not torch.equal(together, alone)  # two different computations did run
 
 
 def test_layer_takes_any_strides_and_a_flat_batch():

@@ -30,6 +30,9 @@ _ROW_BLOCK = 4096
 _QMAX = 127.0
 # The CPU kernel takes activations of these dtypes, with scales of the same dtype.
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# From this many rows on, the CPU path widens the weight and runs a bf16 GEMM instead of the kernel
+# (the two cross between 32 and 128 rows on this 2-core CPU: bench/quantize.py).
+_GEMM_ROWS = 64
 
 
 class QuantizeError(VideoLlavaError):
@@ -115,12 +118,18 @@ class Int8Linear(nn.Module):
         lead = x.shape[:-1]
         flat = x.reshape(-1, self.in_features)  # (M, K)
         if _kernel_available(flat.device) and flat.dtype in _KERNEL_DTYPES:
-            # The kernel's float32 path is scalar code (5x slower than a float32 matmul here); its
-            # bf16 path is vectorised, so float32 inputs are rounded to bf16 for the product and the
-            # result comes back in float32 (norms, attention and the residual stay in float32).
+            # On the CPU the product takes bf16 inputs (float32 ones are rounded), the int8 weight
+            # exactly, and accumulates in float32; norms, attention and the residual keep the
+            # model's dtype. The kernel's float32 path is scalar code (5x slower than a float32
+            # matmul here); its bf16 path reads the int8 rows directly: the fastest for few rows.
             kernel_dtype = torch.bfloat16 if flat.dtype == torch.float32 else flat.dtype
             flat = flat.to(kernel_dtype).contiguous()
-            out = torch._weight_int8pack_mm(flat, self.qweight, self._scales_for(kernel_dtype))  # (M, N)
+            if flat.shape[0] < _GEMM_ROWS:
+                out = torch._weight_int8pack_mm(flat, self.qweight, self._scales_for(kernel_dtype))  # (M, N)
+            else:
+                # Many rows (a prompt): widening the weight once (int8 is exact in bf16) and running
+                # the library's bf16 GEMM outruns the kernel, whose time grows with every row.
+                out = F.linear(flat, self.qweight.to(kernel_dtype)).float() * self.scales  # (M, N)
             out = out.to(x.dtype)
         else:
             out = F.linear(flat, self.qweight.to(flat.dtype)) * self._scales_for(flat.dtype)  # (M, N)
