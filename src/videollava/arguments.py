@@ -49,6 +49,13 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         help="precision of the weights (default: auto, bfloat16 on GPUs that support it and on CPUs with AMX)",
     )
     add_device_option(parser)
+    parser.add_argument(
+        "--quantize",
+        choices=["int8"],
+        default=None,
+        help="store the language model's linear weights in int8, one scale per output channel "
+        "(activations keep --dtype; for answering only)",
+    )
 
 
 def add_visual_tokens_option(parser: argparse.ArgumentParser) -> None:

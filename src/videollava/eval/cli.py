@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from videollava.arguments import add_model_options, positive_int
+from videollava.arguments import add_model_options, add_visual_tokens_option, positive_int
 from videollava.errors import VideoLlavaError
 
 
@@ -57,6 +57,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _task_options(sub: argparse.ArgumentParser, shapesworld: bool) -> None:
     add_model_options(sub)
+    add_visual_tokens_option(sub)
     # ShapesWorld's command took --data and --num-frames before it joined the harness.
     names = ("--data-dir", "--data") if shapesworld else ("--data-dir",)
     sub.add_argument(
@@ -194,10 +195,10 @@ def _run_task(args: argparse.Namespace, task) -> int:
     config = RunConfig(
         task=task.name, model=model, data_dir=str(args.data_dir), frames=args.frames, batch_size=args.batch_size,
         limit=args.limit, shard=str(shard), max_new_tokens=args.max_new_tokens, template=args.template,
-        prepare_options=dict(args.prepare_option),
+        prepare_options=dict(args.prepare_option) | _visual_tokens(args),
     )  # fmt: skip
     print(f"loading {model}", file=sys.stderr, flush=True)
-    pipeline = Pipeline.from_pretrained(model, dtype=args.dtype, device=device)
+    pipeline = Pipeline.from_pretrained(model, dtype=args.dtype, device=device, quantize=args.quantize)
     try:
         results = run(
             task, pipeline, config, folder, judge, resume=args.resume, judge_workers=args.judge_workers
@@ -218,6 +219,11 @@ def _run_task(args: argparse.Namespace, task) -> int:
     if task.name == "shapesworld":
         return _shapesworld_extras(args, task, folder, results)
     return 0
+
+
+def _visual_tokens(args: argparse.Namespace) -> dict[str, Any]:
+    """`--visual-tokens` as a prepare option, so a resumed run must keep the same budget."""
+    return {} if args.visual_tokens is None else {"visual_tokens": args.visual_tokens}
 
 
 def _shapesworld_extras(args: argparse.Namespace, task, folder: Path, results: dict[str, Any]) -> int:

@@ -118,7 +118,11 @@ def run(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed
     )
     pipeline = Pipeline.from_pretrained(
-        args.model, dtype=args.dtype, device=args.device, visual_tokens=args.visual_tokens
+        args.model,
+        dtype=args.dtype,
+        device=args.device,
+        visual_tokens=args.visual_tokens,
+        quantize=args.quantize,
     )
     if args.batch:
         return run_batch(pipeline, args, params, lines)

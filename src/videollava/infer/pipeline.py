@@ -37,6 +37,7 @@ from videollava.infer.request import MediaItem, MediaSource, Prepared
 from videollava.model.bundle import load_bundle, save_bundle
 from videollava.model.compress import check_budget
 from videollava.model.devices import resolve_device, resolve_dtype
+from videollava.model.quantize import check_quantize, quantize_language_model
 from videollava.model.videollava import VideoLlava
 
 # A prompt longer than the context times this many characters cannot fit, whatever it says; the
@@ -141,12 +142,18 @@ class Pipeline:
         path: str | os.PathLike | None = None,
         dtype: str | torch.dtype | None = None,
         device: str | torch.device | None = "cpu",
+        quantize: str | None = None,
         **kwargs,
     ) -> Pipeline:
-        """Weights land straight on `device` (`auto`: the first GPU if any); `dtype` auto follows it."""
+        """Weights land straight on `device` (`auto`: the first GPU if any); `dtype` auto follows it.
+
+        `quantize="int8"` stores the LLM's decoder weights in int8 once they are on the device.
+        """
+        check_quantize(quantize)
         target = resolve_device(device)
         folder = path if path is not None else default_model_path()
         bundle = load_bundle(folder, resolve_dtype(dtype, target), device=target)
+        quantize_language_model(bundle.model, quantize)
         return cls(bundle.model, bundle.tokenizer, bundle.transform, **kwargs)
 
     def save_pretrained(self, out_dir: str | os.PathLike) -> None:

@@ -628,6 +628,7 @@ def run(args: argparse.Namespace) -> int:
             device=args.device,
             num_frames=args.frames,
             visual_tokens=args.visual_tokens,
+            quantize=args.quantize,
         )
         name = args.served_model_name or (Path(args.model).name if args.model else "videollava-shapesworld")
         settings = ServeSettings(

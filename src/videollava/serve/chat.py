@@ -175,7 +175,11 @@ def run(args: argparse.Namespace) -> int:
     out.write("loading model...\n")
     out.flush()
     pipeline = Pipeline.from_pretrained(
-        args.model, dtype=args.dtype, device=args.device, visual_tokens=args.visual_tokens
+        args.model,
+        dtype=args.dtype,
+        device=args.device,
+        visual_tokens=args.visual_tokens,
+        quantize=args.quantize,
     )
     engine = Engine.for_pipeline(pipeline, max_batch_size=1, max_queue=4).start()
     session = ChatSession(pipeline, engine, params, out)

@@ -194,7 +194,11 @@ def run(args: argparse.Namespace) -> int:
         raise VideoLlavaError(f"--max-upload-mb must be positive, got {args.max_upload_mb}")
     check_port_free(args.host, args.port)
     pipeline = Pipeline.from_pretrained(
-        args.model, dtype=args.dtype, device=args.device, visual_tokens=args.visual_tokens
+        args.model,
+        dtype=args.dtype,
+        device=args.device,
+        visual_tokens=args.visual_tokens,
+        quantize=args.quantize,
     )
     engine = Engine.for_pipeline(pipeline, max_batch_size=args.max_batch_size, max_queue=64).start()
     try:
