@@ -594,7 +594,7 @@ class HeldPipeline:
     def __getattr__(self, name: str):
         return getattr(self._pipeline, name)
 
-    def prepare(self, prompt, media, num_frames=None, add_bos=True, *, cancelled=None):
+    def prepare(self, prompt, media, num_frames=None, add_bos=True, *, cancelled=None, **options):
         if "HOLD" in prompt:
             with self._lock:
                 self.entered += 1
@@ -603,7 +603,7 @@ class HeldPipeline:
                     with self._lock:
                         self.cancelled += 1
                     raise RequestCancelled("stopped while preparing")
-        return self._pipeline.prepare(prompt, media, num_frames, add_bos, cancelled=cancelled)
+        return self._pipeline.prepare(prompt, media, num_frames, add_bos, cancelled=cancelled, **options)
 
 
 def wait_for(condition, timeout: float = 10.0, what: str = "the condition") -> None:

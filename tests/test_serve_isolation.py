@@ -155,13 +155,13 @@ class FaultyPipeline(HeldPipeline):
     """Prompts with CRASH raise an unexpected exception; prompts with BADIDS reach the engine with a
     token id the model has no embedding for, so generation itself fails."""
 
-    def prepare(self, prompt, media, num_frames=None, add_bos=True, *, cancelled=None):
+    def prepare(self, prompt, media, num_frames=None, add_bos=True, *, cancelled=None, **options):
         if "CRASH" in prompt:
             raise RuntimeError("secret-internal-detail")
         if "BADIDS" in prompt:
             ids = [1, 10**6]
             return Prepared(ids, [], list(ids), 0)
-        return super().prepare(prompt, media, num_frames, add_bos, cancelled=cancelled)
+        return super().prepare(prompt, media, num_frames, add_bos, cancelled=cancelled, **options)
 
 
 def test_server_faults_are_500s_with_a_request_id_and_no_internals(pipeline: Pipeline, caplog) -> None:
