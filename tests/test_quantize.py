@@ -123,6 +123,18 @@ def test_without_the_kernel_the_layer_widens_its_weight_and_agrees(monkeypatch):
     torch.testing.assert_close(layer(x32).double(), reference32, rtol=1e-5, atol=1e-5)
 
 
+def test_every_tensor_follows_the_weights_device():
+    """With PyTorch's default device set to meta, a tensor made without the weight's device fails."""
+    layer = _linear(16, 8)
+    x = torch.randn(3, 16)
+    with torch.device("meta"):
+        quantised = Int8Linear.from_linear(layer).eval()
+        for rows in (3, 70):  # the kernel and the GEMM
+            out = quantised(x.repeat(24, 1)[:rows])
+            assert out.device.type == "cpu" and out.shape == (rows, 8)
+    assert quantised.qweight.device.type == "cpu" and quantised.scales.device.type == "cpu"
+
+
 def test_weights_still_on_the_meta_device_are_refused():
     with torch.device("meta"):
         layer = nn.Linear(8, 8)

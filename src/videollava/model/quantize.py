@@ -5,10 +5,13 @@ bandwidth; int8 weights are a quarter of float32's bytes and half of bfloat16's.
 in the model's dtype (`--dtype`), and only the decoder layers' projections are quantised: the towers,
 the projector, the embeddings and `lm_head` keep their precision (see `bench/quantize.py`).
 
-On the CPU the product runs in `torch._weight_int8pack_mm`, PyTorch's own int8-weight kernel,
-which reads the int8 rows and widens them in registers. Where that kernel is not built in (a CUDA
-build of PyTorch may or may not have it, and it has not been run here) the layer widens its weight
-to the activations' dtype for each call and runs a plain `F.linear`: the same numbers, slower.
+On the CPU a decoding step (few rows) runs in `torch._weight_int8pack_mm`, PyTorch's own
+int8-weight kernel, which reads the int8 weight and widens it in registers; a prompt (many rows)
+widens the weight to bf16 once and runs the bf16 GEMM. Both take bf16 inputs (a float32 model's
+activations are rounded for the product only) and accumulate in float32. On other devices the
+layer widens its weight to the activations' dtype for each call and runs a plain `F.linear`:
+correct everywhere, without the CPU kernel's speed (a CUDA build of PyTorch has its own
+`_weight_int8pack_mm`, not used here: its constraints could not be checked on this machine).
 
 Quantisation happens once at load, after the weights are on their device; a quantised model is
 for answering only: putting it in training mode or saving it is refused, naming `--quantize`.
