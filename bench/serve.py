@@ -16,7 +16,14 @@ Measured in one run:
 - (a) a short request submitted while a 256-token answer is being generated: its time to first token,
   and how far the long answer had got by then (target: under a quarter);
 - (b) a follow-up question about a video already asked about: its time to first token vs the first
-  question's (target: at least 10x sooner).
+  question's (target: at least 10x sooner);
+- (c) through HTTP, with a small model (the bundled ShapesWorld model's shapes: LLM 256 wide, 4 layers;
+  CLIP towers 128 wide, 4 layers, 96 px in 16 px patches; random weights, EOS never the argmax):
+  16 identical image questions (32 new tokens each) sent by 16 concurrent clients (the official
+  `openai` client) against `videollava serve`, vs the same 16 sent one after another to the same
+  server: requests/s ratio (target: at least 8x);
+- (d) on the Engine with that small model: the time of one decoding step (`Engine.step()`) with 16
+  running rows vs 1 (target: at most 2x), after the prompt (about 50 positions) and after 320 more.
 
 Writes runs/bench/serve.json and serve.png beside it (``--output`` elsewhere, ``--record`` to
 bench/results/). Run: ``python bench/serve.py``.
@@ -28,7 +35,10 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -54,6 +64,26 @@ FRAMES = 8
 VISION = vit_shape(128, 4, 4, image_size=112, mlp=512, projection_dim=128)
 TEXT = llama_shape(384, 6, 6, mlp=1024, kv_heads=2, context=2048, rms_norm_eps=1e-5)
 PATCHES = (VISION["image_size"] // VISION["patch_size"]) ** 2
+# (c), (d): the bundled ShapesWorld model's shapes (its towers read 96 px in 16 px patches).
+SMALL_VISION = dict(
+    hidden_size=128,
+    intermediate_size=512,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    image_size=96,
+    patch_size=16,
+    hidden_act="gelu",
+    projection_dim=128,
+)
+SMALL_TEXT = llama_shape(256, 4, 4, mlp=688, kv_heads=4, context=1024, rms_norm_eps=1e-5)
+SMALL_FRAMES = 4
+HTTP_CLIENTS = 16
+HTTP_NEW_TOKENS = 32
+HTTP_QUESTION = "What color is the circle?"
+# (c) is measured this many times, sequential and concurrent in turn; medians are reported.
+HTTP_REPEATS = 5
+# (d): decoding steps timed per measurement, after the rows have joined.
+STEPS_TIMED = 24
 # The first answer's length in (b): a short answer, as to "what is happening in this video?"
 FOLLOW_UP_ANSWER_TOKENS = 32
 # Each clip's first question and follow-up are measured this many times, each with empty caches.
@@ -362,6 +392,208 @@ def follow_up(pipeline: Pipeline, clips: list[Path], new_tokens: int) -> dict:
 
 
 # --------------------------------------------------------------------------------------------
+# (c) and (d): the small model, through HTTP and on the engine
+
+
+def build_small_checkpoint(folder: Path) -> None:
+    write_random_checkpoint(
+        folder,
+        tiny_test_tokenizer(),
+        SMALL_VISION,
+        SMALL_TEXT,
+        SMALL_FRAMES,
+        scale=0.05,
+        eos_never_argmax=True,
+    )
+
+
+def write_question_image(folder: Path) -> Path:
+    from PIL import Image
+
+    pixels = np.random.default_rng(3).integers(0, 255, (120, 160, 3), dtype=np.uint8)
+    path = folder / "shapes.png"
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+class Server:
+    """`videollava serve` in a child process on a port the system picks; stopped on exit."""
+
+    def __init__(self, model: Path, media_dir: Path, threads: int):
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+        command = [sys.executable, "-m", "videollava", "serve", "--model", str(model), "--port", "0"]
+        command += ["--allowed-media-dir", str(media_dir), "--dtype", "float32", "--device", "cpu"]
+        self.process = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+        )
+        self.base_url = self._wait_for_address()
+        self.output: list[str] = []
+        self._drain = threading.Thread(target=self._keep_reading, daemon=True)
+        self._drain.start()
+
+    def _wait_for_address(self) -> str:
+        assert self.process.stdout is not None
+        lines = []
+        for line in self.process.stdout:
+            lines.append(line)
+            found = re.search(r"on (http://\S+/v1)", line)
+            if found:
+                return found.group(1)
+        raise RuntimeError("videollava serve stopped before serving:\n" + "".join(lines))
+
+    def _keep_reading(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.output.append(line)
+
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def http_serving(folder: Path, image: Path, threads: int) -> dict:
+    """(c) 16 identical image questions: 16 concurrent `openai` clients vs one after another."""
+    from openai import OpenAI
+
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": image.as_uri()}},
+                {"type": "text", "text": HTTP_QUESTION},
+            ],
+        }
+    ]
+
+    with Server(folder, image.parent, threads) as server:
+        client = OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=600)
+        model = client.models.list().data[0].id
+
+        def ask() -> float:
+            started = time.perf_counter()
+            reply = client.chat.completions.create(
+                model=model, messages=messages, max_tokens=HTTP_NEW_TOKENS, temperature=0
+            )
+            assert reply.usage.completion_tokens == HTTP_NEW_TOKENS, reply.usage
+            return time.perf_counter() - started
+
+        for _ in range(2):  # warm-up: feature and prefix caches, allocator, kernels
+            ask()
+
+        def sequential() -> dict:
+            started = time.perf_counter()
+            latencies = [ask() for _ in range(HTTP_CLIENTS)]
+            return throughput(HTTP_CLIENTS, HTTP_NEW_TOKENS, time.perf_counter() - started, latencies)
+
+        def concurrent() -> dict:
+            latencies: list[float] = []
+            barrier = threading.Barrier(HTTP_CLIENTS + 1)
+
+            def one() -> None:
+                barrier.wait()
+                latencies.append(ask())
+
+            threads_ = [threading.Thread(target=one) for _ in range(HTTP_CLIENTS)]
+            for thread in threads_:
+                thread.start()
+            barrier.wait()
+            started = time.perf_counter()
+            for thread in threads_:
+                thread.join()
+            wall = time.perf_counter() - started
+            assert len(latencies) == HTTP_CLIENTS, "a concurrent request failed"
+            return throughput(HTTP_CLIENTS, HTTP_NEW_TOKENS, wall, latencies)
+
+        runs_sequential, runs_concurrent = [], []
+        for _ in range(HTTP_REPEATS):
+            runs_sequential.append(sequential())
+            runs_concurrent.append(concurrent())
+
+    def median_of(runs: list[dict]) -> dict:
+        return {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+
+    seq, conc = median_of(runs_sequential), median_of(runs_concurrent)
+    ratio = conc["requests_per_second"] / seq["requests_per_second"]
+    return {
+        "clients": HTTP_CLIENTS,
+        "new_tokens_per_request": HTTP_NEW_TOKENS,
+        "question": HTTP_QUESTION,
+        "repeats": HTTP_REPEATS,
+        "sequential": seq,
+        "concurrent": conc,
+        "sequential_runs": runs_sequential,
+        "concurrent_runs": runs_concurrent,
+        "requests_per_second_ratio": ratio,
+        "target_ratio": 8.0,
+        "met": ratio >= 8.0,
+    }
+
+
+def decode_step_scaling(folder: Path, image: Path, generated: int = 0, repeats: int = 3) -> dict:
+    """(d) `Engine.step()` with 16 running rows vs 1, after prefill and `generated` more tokens (no
+    row joins or leaves meanwhile).
+
+    Wall time, and the CPU time of the stepping thread (with one torch thread, all of a step's work
+    runs there), which other work on the machine skews less.
+    """
+    pipeline = Pipeline.from_pretrained(folder, dtype="float32")
+    prompt = pipeline.build_prompt(HTTP_QUESTION, 1, 0)
+    prepared = pipeline.prepare(prompt, [MediaItem("image", str(image))])
+    params = SamplingParams(max_new_tokens=generated + STEPS_TIMED + 8)
+
+    def step_seconds(rows: int) -> tuple[list[float], list[float]]:
+        engine = Engine.for_pipeline(pipeline, max_batch_size=16)
+        handles = [engine.submit(prepared, params) for _ in range(rows)]
+        for _ in range(2 + generated):  # the rows join, then more steps
+            engine.step()
+        assert engine.running == rows
+        wall, cpu = [], []
+        for _ in range(STEPS_TIMED):
+            started, started_cpu = time.perf_counter(), time.thread_time()
+            engine.step()
+            wall.append(time.perf_counter() - started)
+            cpu.append(time.thread_time() - started_cpu)
+        assert engine.running == rows  # nobody left while timed
+        for handle in handles:
+            handle.cancel()
+        engine.step()
+        return wall, cpu
+
+    step_seconds(16)  # warm-up
+    one, sixteen, one_cpu, sixteen_cpu = [], [], [], []
+    for _ in range(repeats):
+        wall, cpu = step_seconds(1)
+        one += wall
+        one_cpu += cpu
+        wall, cpu = step_seconds(16)
+        sixteen += wall
+        sixteen_cpu += cpu
+    ratio = statistics.median(sixteen) / statistics.median(one)
+    return {
+        "prompt_positions": prepared.prompt_tokens,
+        "context_positions_when_timed": prepared.prompt_tokens + generated + 1,
+        "steps_timed": len(one),
+        "step_seconds_1_row_median": statistics.median(one),
+        "step_seconds_16_rows_median": statistics.median(sixteen),
+        "step_seconds_1_row_p90": percentile(one, 90),
+        "step_seconds_16_rows_p90": percentile(sixteen, 90),
+        "ratio_16_to_1": ratio,
+        "step_cpu_seconds_1_row_median": statistics.median(one_cpu),
+        "step_cpu_seconds_16_rows_median": statistics.median(sixteen_cpu),
+        "cpu_ratio_16_to_1": statistics.median(sixteen_cpu) / statistics.median(one_cpu),
+        "target_ratio": 2.0,
+        "met": ratio <= 2.0,
+    }
+
+
+# --------------------------------------------------------------------------------------------
 
 
 def plot(results: dict, path: Path) -> None:
@@ -437,11 +669,21 @@ def plot(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+PARTS = ("engine", "transformers", "short-during-long", "follow-up", "http", "decode-step")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=16, help="requests per measurement")
     parser.add_argument("--new-tokens", type=int, default=128, help="tokens generated per request")
     parser.add_argument("--levels", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument(
+        "--parts",
+        nargs="+",
+        choices=PARTS,
+        default=list(PARTS),
+        help="measurements to run (default: all; the plot needs all of the first four)",
+    )
     parser.add_argument(
         "--threads",
         type=int,
@@ -458,33 +700,64 @@ def main() -> None:
     if args.plot_only:
         plot(json.loads(output.read_text()), output.with_suffix(".png"))
         return
+    parts = set(args.parts)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     load_before = os.getloadavg()
+    results: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp) / "checkpoint"
-        folder.mkdir()
-        build_checkpoint(folder)
-        clips = sample_clips(Path(tmp))
-        pipeline = Pipeline.from_pretrained(folder, dtype="float32")
-        requests = requests_for(clips, args.requests)
-        # warm-up: first calls pay one-off costs (allocator, kernels) that are no part of serving
-        run_engine(pipeline, requests[:2], 2, 4, caches=False)
-        print("transformers, sequential...", flush=True)
-        hf = run_transformers(folder, pipeline, requests, args.new_tokens)
-        cold, warm = [], []
-        for level in args.levels:
-            print(f"engine, {level} clients...", flush=True)
-            cold.append(run_engine(pipeline, requests, level, args.new_tokens, caches=False))
-            warm.append(run_engine(pipeline, requests, level, args.new_tokens, caches=True))
-        print("short request during a long one...", flush=True)
-        during = short_during_long(pipeline, clips[0])
-        print("follow-up questions...", flush=True)
-        follow = follow_up(pipeline, clips, FOLLOW_UP_ANSWER_TOKENS)
-        follow_long = follow_up(pipeline, clips, args.new_tokens)
-    same_tokens = sum(a == b for a, b in zip(cold[0]["token_ids"], hf["token_ids"], strict=True))
-    for row in [hf, *cold, *warm]:
-        row.pop("token_ids")
+        if parts & {"engine", "transformers", "short-during-long", "follow-up"}:
+            folder = Path(tmp) / "checkpoint"
+            folder.mkdir()
+            build_checkpoint(folder)
+            clips = sample_clips(Path(tmp))
+            pipeline = Pipeline.from_pretrained(folder, dtype="float32")
+            requests = requests_for(clips, args.requests)
+            results["clips"] = [c.name for c in clips]
+            # warm-up: first calls pay one-off costs (allocator, kernels) that are no part of serving
+            run_engine(pipeline, requests[:2], 2, 4, caches=False)
+            if "transformers" in parts:
+                print("transformers, sequential...", flush=True)
+                results["transformers_sequential"] = run_transformers(
+                    folder, pipeline, requests, args.new_tokens
+                )
+            if "engine" in parts:
+                cold, warm = [], []
+                for level in args.levels:
+                    print(f"engine, {level} clients...", flush=True)
+                    cold.append(run_engine(pipeline, requests, level, args.new_tokens, caches=False))
+                    warm.append(run_engine(pipeline, requests, level, args.new_tokens, caches=True))
+                results["engine_cold"], results["engine_warm"] = cold, warm
+            if "short-during-long" in parts:
+                print("short request during a long one...", flush=True)
+                results["short_during_long"] = short_during_long(pipeline, clips[0])
+            if "follow-up" in parts:
+                print("follow-up questions...", flush=True)
+                results["follow_up"] = follow_up(pipeline, clips, FOLLOW_UP_ANSWER_TOKENS)
+                results["follow_up_after_long_answer"] = follow_up(pipeline, clips, args.new_tokens)
+        if parts & {"http", "decode-step"}:
+            small = Path(tmp) / "small"
+            small.mkdir()
+            build_small_checkpoint(small)
+            media = Path(tmp) / "media"
+            media.mkdir()
+            image = write_question_image(media)
+            if "http" in parts:
+                print("HTTP: 16 concurrent clients vs 16 sequential requests...", flush=True)
+                results["http_serving"] = http_serving(small, image, args.threads)
+            if "decode-step" in parts:
+                print("decoding step, 16 rows vs 1...", flush=True)
+                results["decode_step"] = decode_step_scaling(small, image)
+                # the same after a longer answer: a step's cost should grow only with attention's reads
+                results["decode_step_long_context"] = decode_step_scaling(small, image, generated=320)
+    if "engine" in parts and "transformers" in parts:
+        hf, cold = results["transformers_sequential"], results["engine_cold"]
+        same_tokens = sum(a == b for a, b in zip(cold[0]["token_ids"], hf["token_ids"], strict=True))
+        results["greedy_tokens_identical_to_transformers"] = f"{same_tokens}/{args.requests}"
+    for row in [results.get("transformers_sequential", {}), *results.get("engine_cold", [])]:
+        row.pop("token_ids", None)
+    for row in results.get("engine_warm", []):
+        row.pop("token_ids", None)
     results = {
         "machine": {
             "torch_threads": torch.get_num_threads(),
@@ -501,21 +774,20 @@ def main() -> None:
             "frames": FRAMES,
             "visual_tokens_per_video": FRAMES * (PATCHES + 1),
         },
+        "small_model": {"vision": SMALL_VISION, "text": SMALL_TEXT, "frames": SMALL_FRAMES},
+        "parts": [p for p in PARTS if p in parts],
         "requests": args.requests,
         "new_tokens_per_request": args.new_tokens,
-        "clips": [c.name for c in clips],
-        "transformers_sequential": hf,
-        "engine_cold": cold,
-        "engine_warm": warm,
-        "greedy_tokens_identical_to_transformers": f"{same_tokens}/{args.requests}",
-        "short_during_long": during,
-        "follow_up": follow,
-        "follow_up_after_long_answer": follow_long,
+        **results,
     }
     write_results(output, results)
-    plot(results, output.with_suffix(".png"))
+    if {"engine", "transformers", "short-during-long", "follow-up"} <= parts:
+        plot(results, output.with_suffix(".png"))
     summary = {k: v for k, v in results.items() if k not in ("short_during_long", "model", "machine")}
-    summary["short_during_long"] = {k: v for k, v in during.items() if k != "long_token_times"}
+    if "short_during_long" in results:
+        summary["short_during_long"] = {
+            k: v for k, v in results["short_during_long"].items() if k != "long_token_times"
+        }
     print(json.dumps(summary, indent=2))
 
 

@@ -69,14 +69,14 @@ def test_every_request_tensor_follows_the_model_device(pipeline, image, video):
 
 
 class _ForgetfulTorch:
-    """`torch` as the engine sees it, with `ones_like` rewritten carelessly (no device)."""
+    """`torch` as the engine sees it, with `tensor` rewritten carelessly (the device left out)."""
 
     def __getattr__(self, name):
         return getattr(torch, name)
 
     @staticmethod
-    def ones_like(tensor):
-        return torch.ones(tensor.shape, dtype=tensor.dtype)
+    def tensor(data, dtype=None, device=None):
+        return torch.tensor(data, dtype=dtype)
 
 
 def test_a_factory_call_without_device_is_caught(pipeline, image, monkeypatch):

@@ -115,9 +115,10 @@ def test_a_fault_in_one_rows_part_of_the_batched_step_fails_that_row_alone(pipel
     """The fault strikes in the last layer, after the first ones have grown the shared cache."""
     requests, alone = normal
     engine = Engine.for_pipeline(pipeline, max_batch_size=5)
-    # A long prompt: its positions are past any position the four short requests reach.
+    # A long prompt: the position its first decoding step feeds (its prompt's last) is past any
+    # position the four short requests reach.
     hostile_prompt = pipeline.prepare(pipeline.build_prompt("Describe. " * 20, 0, 0), [])
-    first_hostile_position = len(hostile_prompt.input_ids)
+    first_hostile_position = len(hostile_prompt.input_ids) - 1
     assert first_hostile_position > max(len(p.input_ids) for p, _ in requests) + TOKENS
     layer = _last_layer(pipeline)
     forward = layer.forward

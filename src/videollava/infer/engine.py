@@ -1,8 +1,12 @@
 """The generation engine: continuous batching over one running batch, with prefix and feature reuse.
 
 Between decoding steps, finished and cancelled requests leave the batch and waiting ones join it,
-so a request never waits for others to finish. Each joining request is prefilled alone, reusing the
-keys/values of the longest prompt prefix seen before (system prompt, visual tokens, earlier turns).
+so a request never waits for others to finish. Each joining request is prefilled alone, but for its
+prompt's last position, reusing the keys/values of the longest prompt prefix seen before (system
+prompt, visual tokens, earlier turns); that last position rides the next decoding step with every
+other row, which gives the request its first token. A request whose whole prompt but its last
+position is cached (the same question again) thus joins without a forward of its own.
+Keys and values are written in place (`infer.kv.RunningBatch`): a step's cost does not copy the cache.
 A request's own fault (its prefill, its sampling, its row of a batched step) fails that request
 alone; a cancelled request stops counting against the engine's limit at once.
 The CLI, the HTTP server, the chat and the web demo all submit here.
@@ -19,20 +23,11 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
-from transformers import DynamicCache
 
 from videollava.constants import IMAGE_SLOT, VIDEO_SLOT
 from videollava.errors import VideoLlavaError
 from videollava.infer.detokenize import IncrementalDecoder
-from videollava.infer.kv import (
-    LayerKV,
-    PrefixCache,
-    RunningBatch,
-    cache_from_layers,
-    cache_layers,
-    cache_length,
-    forward_with_cache,
-)
+from videollava.infer.kv import KVLayout, LayerKV, PrefixCache, RunningBatch, WindowCache, forward_with_cache
 from videollava.infer.request import Completion, Detokenizer, Prepared, StreamDelta
 from videollava.infer.sampling import SamplingFault, SamplingParams, pick_tokens
 from videollava.model.videollava import VideoLlava
@@ -95,7 +90,9 @@ class _Request:
     decoder: IncrementalDecoder | None = None  # the answer's text so far, eos left out
     sent_chars: int = 0  # characters of the stripped answer already streamed
     answer_start: int = 0  # where the stripped answer starts in the decoded text
-    next_position: int = 0
+    next_position: int = 0  # position of the next input: the prompt's last, then each token generated
+    # (hidden,) input of the request's first decoding step: its prompt's last position
+    first_input: torch.Tensor | None = None
     first_token_at: float | None = None
     reused: int = 0
     finish_reason: str | None = None
@@ -152,7 +149,11 @@ class Engine:
         self._waiting: deque[_Request] = deque()
         self._running: list[_Request] = []
         self._held = 0  # submitted, neither finished nor cancelled: waiting, being prefilled or running
-        self._batch = RunningBatch()
+        self._batch = RunningBatch(
+            KVLayout.of(model.language_model, model.device),
+            max_rows=max_batch_size,
+            max_columns=model.max_context + 1,
+        )
         self._lock = threading.Lock()
         self._slot_freed = threading.Condition(self._lock)  # notified when _held drops or the loop stops
         self._turn_lock = threading.Lock()  # held for the whole of every turn, whoever takes it
@@ -312,7 +313,7 @@ class Engine:
         for request in self._running:
             self._fail(request, error)
         self._running = []
-        self._batch = RunningBatch()
+        self._batch.clear()
 
     def _cancel(self, request: _Request) -> None:
         """Called by Handle.cancel from any thread: the slot is released now, not at the next step."""
@@ -352,58 +353,78 @@ class Engine:
         self.stats.busy_seconds += time.perf_counter() - started
 
     def _prefill(self, request: _Request) -> None:
+        """Write a request's prompt but its last position into a free row of the batch, then count it in.
+
+        The longest cached prefix is copied in, a forward writes the rest in place; the prompt so far
+        goes to the prefix cache (copied, when stored). The last position is the row's first input.
+        """
         prepared = request.prepared
         spliced = self.model.splice([prepared.input_ids], [prepared.features])
         total = spliced.lengths[0]
-        block_rows = [f.shape[0] for f in prepared.features]
-        rows_of = _rows_per_key(prepared.input_ids, block_rows)
+        length = total - 1  # positions written now; the last one is the first decoding step's input
+        rows_of = _rows_per_key(prepared.input_ids, [f.shape[0] for f in prepared.features])
         reused, past = self.prefix_cache.longest(
-            prepared.prefix_key, max_rows=total - 1, salt=request.cache_salt
+            prepared.prefix_key, max_rows=length, salt=request.cache_salt
         )
-        cache = cache_from_layers(past) if past is not None else None
-        embeds = spliced.inputs_embeds[:, reused:]
-        positions = torch.arange(reused, total, device=embeds.device)[None]
-        output, new_cache = forward_with_cache(
-            self.model.language_model,
-            cache if cache is not None else _empty_cache(),
-            inputs_embeds=embeds,
-            attention_mask=torch.ones(1, total, dtype=torch.long, device=embeds.device),
-            position_ids=positions,
-            logits_to_keep=1,
-        )
-        layers = cache_layers(new_cache)
-        self.prefix_cache.put(prepared.prefix_key, rows_of, layers, salt=request.cache_salt)
+        self._batch.reserve(length)
+        try:
+            if past is not None:
+                self._batch.write_prefix(past)
+            if length > reused:
+                embeds = spliced.inputs_embeds[:, reused:length]  # (1, length - reused, hidden)
+                forward_with_cache(
+                    self.model.language_model.get_decoder(),  # no output head: no logits wanted here
+                    self._batch.joining_cache(filled=reused),
+                    inputs_embeds=embeds,
+                    attention_mask=torch.ones(1, length, dtype=torch.bool, device=embeds.device),
+                    position_ids=torch.arange(reused, length, device=embeds.device)[None],
+                )
+                # The prompt's key elements that the written positions cover whole serve later requests.
+                covered, positions = 0, 0
+                while covered < len(rows_of) and positions + rows_of[covered] <= length:
+                    positions += rows_of[covered]
+                    covered += 1
+                if positions > reused:
+                    self.prefix_cache.put(
+                        prepared.prefix_key[:covered],
+                        rows_of[:covered],
+                        self._batch.joining_layers(positions),
+                        salt=request.cache_salt,
+                        copy=True,
+                    )
+        except BaseException:
+            self._batch.abort()
+            raise
+        self._batch.admit()
         request.reused = reused
-        request.next_position = total
-        token = pick_tokens(output.logits[:, -1], [request.params], [request.generator])[0]
-        if isinstance(token, SamplingFault):
-            raise token
-        self._batch.add(layers)
+        request.next_position = length
+        request.first_input = spliced.inputs_embeds[0, length].clone()  # (hidden,)
         self._running.append(request)
         self.stats.prompt_tokens += total
-        self._accept_or_mark(len(self._running) - 1, token)
 
     def _decode(self) -> None:
         """One token for every running row; a row at fault fails alone, the others go on."""
         device = self.model.device
-        last = torch.tensor([[r.generated[-1]] for r in self._running], device=device)  # (B, 1)
+        last = torch.tensor(
+            [[r.generated[-1] if r.generated else 0] for r in self._running], device=device
+        )  # (B, 1); a row that has no token yet takes its prompt's last position below instead
+        embeds = self.model.language_model.get_input_embeddings()(last)  # (B, 1, hidden)
+        for row, request in enumerate(self._running):
+            if request.first_input is not None:
+                embeds[row, 0] = request.first_input
         positions = torch.tensor([[r.next_position] for r in self._running], device=device)  # (B, 1)
-        # (B, L) -> (B, L + 1): the new token's column
-        mask = torch.cat([self._batch.mask, torch.ones_like(self._batch.mask[:, :1])], dim=1)
+        mask = self._batch.step_mask()  # (B, L + 1): the new token's column included
         try:
-            logits, cache = self._forward_step(self._batch.cache, last, positions, mask)
+            logits = self._forward_step(self._batch.step_cache(), embeds, positions, mask)
         except Exception as error:
-            # The failed forward may have grown some layers by the new position: cut every layer back
-            # to the positions the mask knows. (Holding the old layers instead would double peak memory.)
-            known = self._batch.mask.shape[1]
-            layers = cache_layers(self._batch.cache)
-            self._batch.cache = cache_from_layers([(k[:, :, :known], v[:, :, :known]) for k, v in layers])
-            self._settle_step_fault(error, last, positions)
+            # The failed forward may have written some layers' new column: uncounted, it is just unused.
+            self._settle_step_fault(error, embeds, positions)
             return
-        self._batch.cache, self._batch.mask = cache, mask
+        self._batch.commit()
         tokens = pick_tokens(logits, [r.params for r in self._running], [r.generator for r in self._running])
         for row, (request, token) in enumerate(zip(self._running, tokens, strict=True)):
             request.next_position += 1
+            request.first_input = None
             if request.finish_reason is not None:
                 continue
             if isinstance(token, SamplingFault):
@@ -413,20 +434,19 @@ class Engine:
         self._retire()
 
     def _forward_step(
-        self, cache: DynamicCache, last: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor
-    ) -> tuple[torch.Tensor, DynamicCache]:
-        """One decoding step of the rows in `cache`: (B, 1) last tokens -> (B, V) next-token logits."""
-        embed = self.model.language_model.get_input_embeddings()
-        output, cache = forward_with_cache(
+        self, cache: WindowCache, embeds: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """One decoding step of the rows in `cache`: (B, 1, hidden) inputs -> (B, V) next-token logits."""
+        output = forward_with_cache(
             self.model.language_model,
             cache,
-            inputs_embeds=embed(last),
+            inputs_embeds=embeds,
             attention_mask=mask,
             position_ids=positions,
         )
-        return output.logits[:, -1], cache
+        return output.logits[:, -1]
 
-    def _settle_step_fault(self, error: Exception, last: torch.Tensor, positions: torch.Tensor) -> None:
+    def _settle_step_fault(self, error: Exception, embeds: torch.Tensor, positions: torch.Tensor) -> None:
         """The batched step raised: step each row alone to tell a request's own fault from a shared one.
 
         Rows that fail alone fail; the others keep their state and take this step again with the next
@@ -435,12 +455,10 @@ class Engine:
         """
         faulty = 0
         for row, request in enumerate(self._running):
-            layers = self._batch.row_layers(row)
-            alone_mask = torch.ones(1, cache_length(layers) + 1, dtype=torch.long, device=last.device)
+            cache, length = self._batch.row_cache(row)  # writes only the uncounted column
+            alone_mask = torch.ones(1, length + 1, dtype=torch.bool, device=embeds.device)
             try:
-                self._forward_step(
-                    cache_from_layers(layers), last[row : row + 1], positions[row : row + 1], alone_mask
-                )
+                self._forward_step(cache, embeds[row : row + 1], positions[row : row + 1], alone_mask)
             except Exception as row_error:
                 request.finish_reason, request.fault = "error", row_error
                 faulty += 1
@@ -530,11 +548,11 @@ class Engine:
 
     def _retire(self) -> None:
         """Take finished, failed and cancelled requests out of the batch and hand out their completions."""
-        keep: list[int] = []
+        leaving: list[int] = []
         for row, request in enumerate(self._running):
             if request.finish_reason is None and not request.cancelled:
-                keep.append(row)
                 continue
+            leaving.append(row)
             try:
                 if request.finish_reason == "error":
                     self._fail(request, request.fault or RuntimeError("unknown fault"))
@@ -544,9 +562,9 @@ class Engine:
                 self._finish(request, request.finish_reason or "cancelled", layers)
             except Exception as error:  # finishing one request must not stop the others
                 self._fail(request, error)
-        if len(keep) != len(self._running):
-            self._running = [self._running[i] for i in keep]
-            self._batch.keep(keep)
+        if leaving:
+            order = self._batch.remove(leaving)  # the last rows move into the holes
+            self._running = [self._running[i] for i in order]
 
     def _finish(self, request: _Request, reason: str, layers: list[LayerKV] | None) -> None:
         prepared = request.prepared
@@ -556,7 +574,10 @@ class Engine:
             rows_of = _rows_per_key(prepared.input_ids, [f.shape[0] for f in prepared.features]) + [1] * len(
                 answer
             )
-            self.prefix_cache.put(prepared.prefix_key + answer, rows_of, layers, salt=request.cache_salt)
+            # `layers` are views of the running batch's buffers: stored, they are copied.
+            self.prefix_cache.put(
+                prepared.prefix_key + answer, rows_of, layers, salt=request.cache_salt, copy=True
+            )
         now = time.perf_counter()
         text = request.final_text
         if text is None:
@@ -622,10 +643,6 @@ class Engine:
             request.holds_slot = False
             self._held -= 1
             self._slot_freed.notify_all()
-
-
-def _empty_cache() -> DynamicCache:
-    return DynamicCache()
 
 
 def _rows_per_key(input_ids: list[int], block_rows: list[int]) -> list[int]:
