@@ -21,7 +21,12 @@ from videollava.data.regions import parse_regions
 from videollava.errors import VideoLlavaError
 from videollava.shapesworld.backdrops import BACKDROP_STYLES, Backdrop, delta_e2000, srgb_to_lab
 from videollava.shapesworld.generate import GenerationConfig, generate, object_regions
-from videollava.shapesworld.render import CONTRAST_MIN_DELTA_E, background_pixels, render_array
+from videollava.shapesworld.render import (
+    BACKDROP_MIN_DELTA_E,
+    CONTRAST_MIN_DELTA_E,
+    background_pixels,
+    render_array,
+)
 from videollava.shapesworld.text import (
     APPEAR_PHRASES,
     DISAPPEAR_PHRASES,
@@ -149,8 +154,13 @@ def _contrast(region_lab: np.ndarray, color: str) -> float:
 
 def test_every_object_keeps_its_contrast_with_the_background_around_it() -> None:
     tight = excluded = 0
+    palette = srgb_to_lab(np.array(list(COLORS.values())))
     for scene in _wide_scenes(45):
         assert scene.backdrop is not None
+        # rule 2: no pixel of the backdrop comes close to any colour of the world
+        colours = np.unique(render_array(replace(scene, objects=()), 0).reshape(-1, 3), axis=0)
+        nearest = delta_e2000(srgb_to_lab(colours)[:, None, :], palette[None, :, :]).min()
+        assert nearest >= BACKDROP_MIN_DELTA_E - 0.05, (scene.id, nearest)
         for obj in scene.objects:
             region = _surrounding_lab(scene, obj)
             contrast = _contrast(region, obj.color)
@@ -163,13 +173,16 @@ def test_every_object_keeps_its_contrast_with_the_background_around_it() -> None
 
 
 def test_the_standard_world_already_keeps_the_contrast_rule() -> None:
-    from videollava.shapesworld.render import object_contrasts
+    from videollava.shapesworld.render import meets_contrast_rule, object_contrasts
     from videollava.shapesworld.world import sample_scene
 
     rng = np.random.default_rng(1)
     for i in range(60):
         scene = sample_scene(rng, "video" if i % 2 else "image")
-        assert min(object_contrasts(scene)) >= CONTRAST_MIN_DELTA_E
+        assert min(object_contrasts(scene)) >= CONTRAST_MIN_DELTA_E and meets_contrast_rule(scene)
+    # and a scene that breaks it is told apart: the same objects on a backdrop close to red
+    broken = replace(scene, backdrop=Backdrop("flat", ((190, 60, 50),)))
+    assert not meets_contrast_rule(broken)
 
 
 # ------------------------------------------------------------------- the wider world's ranges
@@ -718,3 +731,44 @@ def test_the_shapesworld_task_scores_the_new_question_types(hf_checkpoint, tmp_p
         assert accuracy[qtype]["n"] == sum(q.type == qtype for q in questions)
     assert written["metrics"]["overall"]["n"] == len(questions)
     assert "| event_order |" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------- recipes
+
+
+def test_recipes_turn_the_wider_world_on_only_when_asked(tmp_path: Path) -> None:
+    import yaml
+
+    from videollava.train.config import dump_recipe, load_recipe, recipe_from_dict
+
+    configs = Path(__file__).resolve().parent.parent / "configs"
+    default = GenerationConfig()
+    for name in ("shapesworld.yaml", "shapesworld-smoke.yaml"):
+        data = load_recipe(configs / name).data.generate
+        assert (data.variety, data.event_videos, data.event_test_videos, data.variety_test_images) == (
+            default.variety, 0, 0, 0,
+        )  # fmt: skip
+    v1, v2 = load_recipe(configs / "shapesworld.yaml"), load_recipe(configs / "shapesworld-v2.yaml")
+    assert recipe_from_dict(yaml.safe_load(dump_recipe(v2))).to_dict() == v2.to_dict()
+    data = v2.data.generate
+    assert data.variety > 0 and data.event_videos > 0 and data.event_test_videos > 0
+    assert data.variety_test_images > 0 and data.variety_test_videos > 0
+    assert (data.event_min_frames, data.event_max_frames) == (48, 128)
+    # the standard held-out split of v2 is v1's: same seed, counts and sizes
+    same = ("seed", "test_images", "test_videos", "min_size", "max_size")
+    assert all(getattr(data, k) == getattr(v1.data.generate, k) for k in same)
+    assert v2.model.num_frames >= 8  # every event shows apart from the next in 8 sampled frames
+    # the smoke recipe can switch them on from the command line
+    smoke = load_recipe(
+        configs / "shapesworld-smoke.yaml",
+        ["data.generate.variety=0.5", "data.generate.event_videos=4", "data.generate.event_test_videos=2"],
+    )
+    assert smoke.data.generate.event_videos == 4 and smoke.data.generate.variety == 0.5
+    # every file a v2 stage reads is one its data stage writes (a small dry run of the same options)
+    small = replace(data, images=4, videos=2, test_images=1, test_videos=1, variety_test_images=1,
+                    variety_test_videos=1, event_videos=2, event_test_videos=1)  # fmt: skip
+    generate(tmp_path, small, dry_run=True)
+    for stage in v2.stages:
+        evaluation = getattr(stage, "eval", None)
+        for name in [*stage.data, *([evaluation.data] if evaluation is not None else [])]:
+            assert (tmp_path / name).is_file(), (stage.label, name)

@@ -235,7 +235,7 @@ def random_backdrop(
         return Backdrop("noise", ((level, level, level),), amplitude=amplitude, seed=seed)
     if style == "coarse":
         base = _tinted(rng, rng.integers(lo + 15, hi - 15 + 1), tint)
-        amplitude = int(rng.integers(15, 36))
+        amplitude = int(rng.integers(12, 29))
         return Backdrop("coarse", (base,), amplitude=amplitude, scale=int(rng.integers(4, 11)), seed=seed)
     first = _tinted(rng, rng.integers(lo, hi + 1), tint)
     second = _tinted(rng, rng.integers(lo, hi + 1), tint)

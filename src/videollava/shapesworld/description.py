@@ -7,6 +7,7 @@ from typing import Any
 
 from videollava.shapesworld.backdrops import BACKDROP_STYLES
 from videollava.shapesworld.render import (
+    BACKDROP_MIN_DELTA_E,
     CONTRAST_MIN_DELTA_E,
     JPEG_QUALITY,
     VIDEO_CRF,
@@ -77,6 +78,7 @@ def world_description(event_frames: tuple[int, int] | None = None) -> dict[str, 
             "contrast_rule": {
                 "min_delta_e2000": CONTRAST_MIN_DELTA_E,
                 "around": "pixels within size/sqrt(2) + max(3, size/4) px of any point of the object's path",
+                "backdrop_min_delta_e2000_to_every_color": BACKDROP_MIN_DELTA_E,
                 "colour_space": "CIELAB, D65, from 8-bit sRGB as drawn (before lossy encoding)",
             },
         }

@@ -1,13 +1,18 @@
 """ShapesWorld rendering: a scene drawn pixel by pixel, written as PNG, JPEG or H.264 MP4.
 
-The contrast rule. Every object's colour stays at least `CONTRAST_MIN_DELTA_E` (CIEDE2000, in
-CIELAB under D65) away from every background pixel under it and around it: the pixels whose
-centres lie within its largest bounding disc (size / sqrt(2), whatever its shape, so a shape twin
-keeps the rule) plus `contrast_margin(size)` of any point of its path. The wider world's
-generator draws scenes until the rule holds (`meets_contrast_rule`); the standard world's
-palette against its greys (levels 58 to 202 with the noise) is at least 27.7 apart, so the rule
-only asks of the new backdrops what the standard world always had. The rule is checked on the
-pixels as drawn, before lossy encoding.
+The contrast rule, in CIEDE2000 (ΔE00, CIELAB under D65) on the pixels as drawn, before lossy
+encoding:
+
+1. every object's colour stays at least `CONTRAST_MIN_DELTA_E` (25) away from every background
+   pixel under it and around it: the pixels whose centres lie within its largest bounding disc
+   (size / sqrt(2), whatever its shape, so a shape twin keeps the rule) plus
+   `contrast_margin(size)` (max(3 px, size / 4)) of any point of its path;
+2. no background pixel anywhere comes within `BACKDROP_MIN_DELTA_E` (12) of any colour of the
+   world, so that no part of a backdrop can pass for an object.
+
+The wider world's generator draws backdrops and colours until both hold (`meets_contrast_rule`).
+The standard world's palette against its greys (levels 58 to 202 with the noise) is at least
+27.7 apart, so the rule asks of the new backdrops only what the standard world always had.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ VIDEO_PRESET = "veryfast"
 X264_PARAMS = "cpu-independent=1"
 
 CONTRAST_MIN_DELTA_E = 25.0
+BACKDROP_MIN_DELTA_E = 12.0
 _PALETTE_LAB = {name: srgb_to_lab(rgb) for name, rgb in COLORS.items()}
 
 
@@ -140,9 +146,22 @@ def object_contrasts(scene: Scene) -> list[float]:
     return [palette_contrasts(scene, obj, background)[obj.color] for obj in scene.objects]
 
 
+def backdrop_contrast(background: np.ndarray) -> float:
+    """The smallest ΔE00 between any pixel of ``background`` ((H, W, 3) uint8) and any colour of
+    the world: how close some part of it comes to passing for an object."""
+    pixels = background.reshape(-1, 3).astype(np.uint32)  # (H*W, 3)
+    packed = np.unique(pixels[:, 0] << 16 | pixels[:, 1] << 8 | pixels[:, 2])
+    distinct = np.stack([packed >> 16, (packed >> 8) & 255, packed & 255], axis=-1)  # (m, 3)
+    palette = np.stack(list(_PALETTE_LAB.values()))  # (6, 3)
+    return float(delta_e2000(srgb_to_lab(distinct)[:, None, :], palette[None, :, :]).min())
+
+
 def meets_contrast_rule(scene: Scene) -> bool:
-    """Every object at least `CONTRAST_MIN_DELTA_E` from the background under and around it."""
-    return all(c >= CONTRAST_MIN_DELTA_E for c in object_contrasts(scene))
+    """Both parts of the contrast rule: every object far enough from the background around it, and
+    no part of the background close to any colour of the world."""
+    return all(c >= CONTRAST_MIN_DELTA_E for c in object_contrasts(scene)) and (
+        backdrop_contrast(_background(scene)) >= BACKDROP_MIN_DELTA_E
+    )
 
 
 def render_scene(scene: Scene, frame_index: int = 0) -> Image.Image:

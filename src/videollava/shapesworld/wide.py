@@ -17,7 +17,12 @@ import numpy as np
 
 from videollava.errors import VideoLlavaError
 from videollava.shapesworld.backdrops import BACKDROP_STYLES, random_backdrop
-from videollava.shapesworld.render import CONTRAST_MIN_DELTA_E, palette_contrasts
+from videollava.shapesworld.render import (
+    BACKDROP_MIN_DELTA_E,
+    CONTRAST_MIN_DELTA_E,
+    backdrop_contrast,
+    palette_contrasts,
+)
 from videollava.shapesworld.world import (
     COLOR_WEIGHTS,
     COUNT_WEIGHTS,
@@ -138,15 +143,21 @@ def _place(makers: list[Callable[[], SceneObject]]) -> list[SceneObject] | None:
 def _colour(
     rng: np.random.Generator, scene: Scene, ranges: WorldRanges, noise_levels: tuple[int, int]
 ) -> Scene | None:
-    """Draw a backdrop, then give each object a colour that passes the contrast rule where it lies.
+    """Draw a backdrop that keeps rule 2 of the contrast rule, then give each object a colour that
+    keeps rule 1 where it lies.
 
     Colours stay distinct within a scene and follow the world's colour priors among those allowed;
     None when some object has no colour left.
     """
     style = _weighted_choice(rng, ranges.backdrops, 1, True)[0]
-    backdrop = random_backdrop(rng, style, tint=ranges.tint, levels=GREY_RANGE, noise=noise_levels)
+    for _ in range(50):  # a backdrop no part of which could pass for an object (rule 2)
+        backdrop = random_backdrop(rng, style, tint=ranges.tint, levels=GREY_RANGE, noise=noise_levels)
+        pixels = backdrop.pixels(scene.width, scene.height)
+        if backdrop_contrast(pixels) >= BACKDROP_MIN_DELTA_E:
+            break
+    else:
+        return None
     scene = replace(scene, backdrop=backdrop, background=_grey_level(backdrop.colors[0]))
-    pixels = backdrop.pixels(scene.width, scene.height)
     used: set[str] = set()
     objects = list(scene.objects)
     for i in (int(k) for k in rng.permutation(len(objects))):
