@@ -21,12 +21,13 @@ standard split.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing
 import os
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,7 @@ from videollava.shapesworld.wide import (
 )
 from videollava.shapesworld.world import (
     DEFAULT_MAX_SIZE,
+    MEDIA_KINDS,
     MIN_MEDIA_SIZE,
     Scene,
     sample_scene,
@@ -129,17 +131,37 @@ class GenerationConfig:
 def generate(out_dir: str | Path, config: GenerationConfig, *, dry_run: bool = False) -> dict[str, Any]:
     """Write a complete ShapesWorld dataset; ``dry_run`` writes the JSON files but no media."""
     started = time.perf_counter()
+    out = Path(out_dir)
+    (out / "media" / "images").mkdir(parents=True, exist_ok=True)
+    (out / "media" / "videos").mkdir(parents=True, exist_ok=True)
+
+    with _worker_pool(config.workers) as pool:
+        return _generate(out, config, dry_run, pool, started)
+
+
+@contextlib.contextmanager
+def _worker_pool(workers: int) -> Iterator[Any]:
+    """Processes that draw scenes and write media (None for one worker); the output never
+    depends on how many there are."""
+    if workers <= 1:
+        yield None
+        return
+    # fork where possible: spawn would re-run an unguarded calling script in every worker
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    with multiprocessing.get_context(method).Pool(processes=workers) as pool:
+        yield pool
+
+
+def _generate(
+    out: Path, config: GenerationConfig, dry_run: bool, pool: Any, started: float
+) -> dict[str, Any]:
     seed, min_size, max_size = config.seed, config.min_size, config.max_size
     twins, mirrors = config.twins, config.mirrors
-    out = Path(out_dir)
     media_root = out / "media"
-    (media_root / "images").mkdir(parents=True, exist_ok=True)
-    (media_root / "videos").mkdir(parents=True, exist_ok=True)
-
     train = _sample_set(
-        seed, 0, "train", config.images, config.videos, min_size, max_size, variety=config.variety
+        seed, 0, "train", config.images, config.videos, min_size, max_size, variety=config.variety, pool=pool
     )
-    train += _sample_events(seed, 0, "train", "train_events", config.event_videos, config)
+    train += _sample_events(seed, 0, "train", "train_events", config.event_videos, config, pool=pool)
     groups: dict[str, str] = {}
     if twins > 0 or mirrors > 0:
         twin_rng = np.random.default_rng([seed, 0, 3])
@@ -157,7 +179,15 @@ def generate(out_dir: str | Path, config: GenerationConfig, *, dry_run: bool = F
         train = paired
     train_signatures = {scene.signature() for scene, _ in train}
     test = _sample_set(
-        seed, 1, "test", config.test_images, config.test_videos, min_size, max_size, train_signatures
+        seed,
+        1,
+        "test",
+        config.test_images,
+        config.test_videos,
+        min_size,
+        max_size,
+        train_signatures,
+        pool=pool,
     )
 
     # Text for the training set
@@ -224,12 +254,12 @@ def generate(out_dir: str | Path, config: GenerationConfig, *, dry_run: bool = F
     if config.variety_test_images or config.variety_test_videos:
         variety = _sample_set(
             seed, 2, "variety", config.variety_test_images, config.variety_test_videos,
-            min_size, max_size, train_signatures, variety=1.0,
+            min_size, max_size, train_signatures, variety=1.0, pool=pool,
         )  # fmt: skip
         splits.append(("variety", 2, variety))
     if config.event_test_videos:
         events = _sample_events(
-            seed, 3, "events", "events", config.event_test_videos, config, train_signatures
+            seed, 3, "events", "events", config.event_test_videos, config, train_signatures, pool
         )
         splits.append(("events", 3, events))
     split_questions: dict[str, list[dict[str, Any]]] = {}
@@ -258,13 +288,9 @@ def generate(out_dir: str | Path, config: GenerationConfig, *, dry_run: bool = F
     if not dry_run:
         # Videos first: they are the slow jobs, so the pool ends with short image jobs.
         jobs.sort(key=lambda job: (job[0]["kind"] != "video", -job[0].get("n_frames", 1)))
-        if config.workers > 1 and len(jobs) > 1:
-            # fork where possible: spawn would re-run an unguarded calling script in every worker
-            method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-            context = multiprocessing.get_context(method)
-            with context.Pool(processes=config.workers) as pool:
-                for _ in pool.imap_unordered(_write_job, jobs, chunksize=4):
-                    pass
+        if pool is not None and len(jobs) > 1:
+            for _ in pool.imap_unordered(_write_job, jobs, chunksize=4):
+                pass
         else:
             for job in jobs:
                 _write_job(job)
@@ -352,6 +378,51 @@ def _write_job(job: tuple[dict[str, Any], str]) -> str:
 # Media sets
 
 
+@dataclass(frozen=True)
+class _Draw:
+    """One media's scene: which sampler, and the seed words that make it (a worker's job)."""
+
+    seed: int
+    stream: int
+    kind_id: int  # 0 image, 1 video, 2 video of ordered events
+    index: int
+    scene_id: str
+    min_size: int
+    max_size: int
+    wide: bool
+    frames: tuple[int, int] = EVENT_FRAMES
+
+    def scene(self, attempt: int) -> Scene:
+        # One seed per media: a set does not depend on the sizes of other sets or on workers.
+        rng = np.random.default_rng([self.seed, self.stream, self.kind_id, self.index, attempt])
+        sizes = {"scene_id": self.scene_id, "min_size": self.min_size, "max_size": self.max_size}
+        if self.kind_id == 2:
+            return sample_event_scene(rng, VARIETY if self.wide else STANDARD, frames=self.frames, **sizes)
+        kind = MEDIA_KINDS[self.kind_id]
+        if self.wide:
+            return sample_wide_scene(rng, kind, VARIETY, **sizes)
+        return sample_scene(rng, kind, **sizes)
+
+
+def _first_draw(draw: _Draw) -> Scene:
+    return draw.scene(0)
+
+
+def _draw_all(draws: list[_Draw], avoid: set[tuple] | None, pool: Any) -> list[Scene]:
+    """Every draw's scene, in order, in the pool's workers if there is a pool; a scene that
+    repeats one in ``avoid`` is drawn again from its next seed."""
+    if pool is not None and len(draws) > 1:
+        scenes = pool.map(_first_draw, draws, chunksize=16)
+    else:
+        scenes = [_first_draw(d) for d in draws]
+    for k, draw in enumerate(draws):
+        attempt = 0
+        while avoid is not None and scenes[k].signature() in avoid:
+            attempt += 1
+            scenes[k] = draw.scene(attempt)
+    return scenes
+
+
 def _sample_set(
     seed: int,
     stream: int,
@@ -362,32 +433,21 @@ def _sample_set(
     max_size: int,
     avoid: set[tuple] | None = None,
     variety: float = 0.0,
+    pool: Any = None,
 ) -> list[tuple[Scene, str]]:
     """Scenes of a set, each from its own seed; a ``variety`` share of them from the wider world
     (decided by a stream of its own, so the others are the scenes the standard world draws)."""
-    out: list[tuple[Scene, str]] = []
+    draws: list[_Draw] = []
     for kind_id, (kind, count) in enumerate((("image", n_images), ("video", n_videos))):
+        tag = "img" if kind == "image" else "vid"
         for index in range(count):
             wide = (
                 variety > 0 and np.random.default_rng([seed, 10 + stream, kind_id, index]).random() < variety
             )
-            attempt = 0
-            while True:
-                # One seed per media: a set does not depend on the sizes of other sets or on workers.
-                rng = np.random.default_rng([seed, stream, kind_id, index, attempt])
-                tag = "img" if kind == "image" else "vid"
-                scene_id = f"{set_name}_{tag}_{index:06d}"
-                if wide:
-                    scene = sample_wide_scene(
-                        rng, kind, VARIETY, scene_id=scene_id, min_size=min_size, max_size=max_size
-                    )
-                else:
-                    scene = sample_scene(rng, kind, scene_id=scene_id, min_size=min_size, max_size=max_size)
-                if avoid is None or scene.signature() not in avoid:
-                    break
-                attempt += 1
-            out.append((scene, _media_path(scene, set_name, index)))
-    return out
+            scene_id = f"{set_name}_{tag}_{index:06d}"
+            draws.append(_Draw(seed, stream, kind_id, index, scene_id, min_size, max_size, bool(wide)))
+    scenes = _draw_all(draws, avoid, pool)
+    return [(scene, _media_path(scene, set_name, d.index)) for scene, d in zip(scenes, draws, strict=True)]
 
 
 def _sample_events(
@@ -398,26 +458,21 @@ def _sample_events(
     count: int,
     config: GenerationConfig,
     avoid: set[tuple] | None = None,
+    pool: Any = None,
 ) -> list[tuple[Scene, str]]:
     """Videos of ordered events, each from its own seed; a ``config.variety`` share of them in the
     wider world, the others on the standard world's grey."""
-    out: list[tuple[Scene, str]] = []
     frames = (config.event_min_frames, config.event_max_frames)
+    draws = []
     for index in range(count):
         draw = np.random.default_rng([seed, 10 + stream, 2, index]).random()
-        ranges = VARIETY if config.variety > 0 and draw < config.variety else STANDARD
-        attempt = 0
-        while True:
-            rng = np.random.default_rng([seed, stream, 2, index, attempt])
-            scene = sample_event_scene(
-                rng, ranges, scene_id=f"{set_name}_evt_{index:06d}", min_size=config.min_size,
-                max_size=config.max_size, frames=frames,
-            )  # fmt: skip
-            if avoid is None or scene.signature() not in avoid:
-                break
-            attempt += 1
-        out.append((scene, f"videos/{media_stem}_{index:06d}.mp4"))
-    return out
+        wide = config.variety > 0 and draw < config.variety
+        scene_id = f"{set_name}_evt_{index:06d}"
+        draws.append(
+            _Draw(seed, stream, 2, index, scene_id, config.min_size, config.max_size, bool(wide), frames)
+        )
+    scenes = _draw_all(draws, avoid, pool)
+    return [(scene, f"videos/{media_stem}_{index:06d}.mp4") for index, scene in enumerate(scenes)]
 
 
 def _media_path(scene: Scene, set_name: str, index: int) -> str:
