@@ -403,8 +403,9 @@ def _sequence_turns(
     balancer: ProbeBalancer,
     caption_probability: float,
 ) -> list[dict[str, Any]]:
-    """Six to ten turns for a video of ordered events: every question about the order and every
-    mover's direction, then yes/no probes, colours and shapes up to the number of turns."""
+    """The turns for a video of ordered events: every question about its order and every mover's
+    direction, up to two yes/no probes, then colours and shapes while there are fewer than six
+    to ten turns (drawn)."""
     n_turns = int(rng.integers(6, 11))
     n_probes = int(rng.choice(3, p=[0.3, 0.4, 0.3]))
     turns = _probes(scene, n_probes, rng, ranking, balancer)
