@@ -36,7 +36,6 @@ from videollava.shapesworld.wide import (
     MOVE_EDGE,
     MOVE_SHARE,
     ORDER_VISIBLE_FRAMES,
-    STANDARD,
     SWITCH_EDGE,
     VARIETY,
 )
@@ -87,13 +86,16 @@ def world_description(event_frames: tuple[int, int] | None = None) -> dict[str, 
             "event_count_weights": {str(k): v for k, v in EVENT_COUNT_WEIGHTS.items()},
             "event_kind_weights": dict(EVENT_KIND_WEIGHTS),
             "timing": (
-                f"event k of n holds the k-th n-th of the clip; a move lasts {MOVE_SHARE} of it, "
+                f"event k of n holds the k-th n-th of the clip; a move lasts {MOVE_SHARE[0]}-{MOVE_SHARE[1]} of it, "
                 f"{MOVE_EDGE} of it from either edge; an appearance or disappearance falls within its "
                 f"middle {1 - 2 * SWITCH_EDGE:.2f}, halfway between two frames"
             ),
             "order_visible_with_frames": ORDER_VISIBLE_FRAMES,
             "min_frames": MIN_EVENT_FRAMES,
-            "standard_ranges_on_grey": STANDARD.name,
+            "world": (
+                "a `variety` share in the wider world; the others in the standard world's frames, "
+                "sizes and counts on flat or noisy grey"
+            ),
             "question_templates": dict(EVENT_QUESTION_TEMPLATES),
             "appear_phrases": list(APPEAR_PHRASES),
             "disappear_phrases": list(DISAPPEAR_PHRASES),
