@@ -32,6 +32,9 @@ LAYERS = {
     "videollava.shapesworld.render": 1,
     "videollava.shapesworld.text": 1,
     "videollava.shapesworld.twins": 1,
+    "videollava.shapesworld.backdrops": 1,
+    "videollava.shapesworld.wide": 1,
+    "videollava.shapesworld.description": 1,
     "videollava.shapesworld.generate": 1,
     # 2: the model and its weights
     "videollava.model.*": 2,

@@ -20,7 +20,7 @@ from videollava.eval.metrics import accuracy_by, exact_match, pope_metrics, yes_
 from videollava.eval.runner import RunConfig, answer_items, load_items
 from videollava.infer.pipeline import Pipeline
 from videollava.infer.request import MediaItem
-from videollava.shapesworld.text import POPE_SPLITS, QUESTION_TYPES
+from videollava.shapesworld.text import POPE_SPLITS, QUESTION_TYPES, YES_NO_TYPES
 from videollava.shapesworld.world import MEDIA_KINDS
 
 MAX_NEW_TOKENS = 10
@@ -182,8 +182,9 @@ def load_questions(data_dir: str | Path, limit: int | None = None) -> list[Quest
 
 
 def is_correct(question: Question, prediction: str) -> bool:
-    """Yes/no probes are read like POPE reads them; every other answer must match exactly."""
-    if question.type == "exists":
+    """Yes/no questions (probes, "Does the square move before the circle?") are read like POPE
+    reads them; every other answer must match exactly."""
+    if question.type in YES_NO_TYPES:
         return yes_no(prediction) == normalize_label(question.answer)
     return exact_match(prediction, question.answer)
 

@@ -8,17 +8,26 @@ Outputs follow the LLaVA JSON convention (``captions.json`` for stage 1, ``instr
 stage 2, ``instruct_direction.json`` with every training video's direction question alone) plus
 held-out ``test_questions.jsonl`` / ``test_captions.json`` rendered from a separate seed stream,
 and ``scenes.jsonl`` with the ground truth of every media file.
+
+Optionally (all off by default, and then the output is byte for byte what it was before they
+existed): training media from the wider world (``variety``: other backdrops, sizes, ratios, up
+to four objects), training videos of ordered events (``event_videos``), and two more held-out
+splits, each a folder laid out like the data set's root (``variety/`` and ``events/``:
+``test_questions.jsonl``, ``test_captions.json``, ``scenes.jsonl``, ``world.json``, ``media/``),
+so that ``videollava eval shapesworld --data-dir DATA/variety`` scores one as it scores the
+standard split.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing
 import os
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,16 +36,12 @@ import numpy as np
 
 from videollava.data.conversation import user_turn
 from videollava.errors import VideoLlavaError
-from videollava.shapesworld.render import JPEG_QUALITY, VIDEO_CRF, VIDEO_PRESET, X264_PARAMS, write_media
+from videollava.shapesworld.description import world_description
+from videollava.shapesworld.render import (
+    write_media,
+)
 from videollava.shapesworld.text import (
     CAPTION_REQUESTS,
-    INSTRUCT_CAPTION_REQUESTS,
-    MOTION_PHRASES,
-    MOTION_TEMPLATES,
-    POPE_SPLITS,
-    QUESTION_TEMPLATES,
-    SCENE_TEMPLATES,
-    SHAPE_FIRST_PROBABILITY,
     ProbeBalancer,
     heldout_questions,
     instruct_turns,
@@ -44,23 +49,18 @@ from videollava.shapesworld.text import (
     popularity_ranking,
 )
 from videollava.shapesworld.twins import contrast_twin, mirror_twin
+from videollava.shapesworld.wide import (
+    EVENT_FRAMES,
+    MIN_EVENT_FRAMES,
+    STANDARD,
+    VARIETY,
+    sample_event_scene,
+    sample_wide_scene,
+)
 from videollava.shapesworld.world import (
-    COLOR_WEIGHTS,
-    COLORS,
-    COUNT_WEIGHTS,
-    COUNT_WORDS,
     DEFAULT_MAX_SIZE,
-    DIRECTIONS,
-    FPS_RANGE,
-    FRAMES_RANGE,
-    GAP,
-    GREY_RANGE,
+    MEDIA_KINDS,
     MIN_MEDIA_SIZE,
-    MIN_TRAVEL,
-    NOISE_RANGE,
-    OBJECT_SIZE_RANGE,
-    SHAPE_WEIGHTS,
-    SHAPES,
     Scene,
     sample_scene,
     two_decimals,
@@ -87,14 +87,41 @@ class GenerationConfig:
     twins: float = 0.0
     # Fraction of training images that also get a `mirror_twin`, in the same group.
     mirrors: float = 0.0
+    # Fraction of training images and videos drawn from the wider world instead (backdrops in
+    # colour, gradients and textures; sizes 10-40%; ratios to 2.4:1 either way; up to 4 objects),
+    # and of ordered-event videos, training and held-out, drawn there rather than on grey.
+    variety: float = 0.0
+    variety_test_images: int = 0  # held-out split variety/: wider-world images
+    variety_test_videos: int = 0  # and videos in which one object moves
+    event_videos: int = 0  # training videos of two or three events in order
+    event_test_videos: int = 0  # held-out split events/
+    event_min_frames: int = EVENT_FRAMES[0]
+    event_max_frames: int = EVENT_FRAMES[1]
 
     def __post_init__(self) -> None:
-        for name in ("twins", "mirrors"):
+        for name in ("twins", "mirrors", "variety"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise GenerationError(f"{name}: must be a fraction in [0, 1], got {getattr(self, name)}")
-        for name in ("images", "videos", "test_images", "test_videos"):
+        counts = (
+            "images",
+            "videos",
+            "test_images",
+            "test_videos",
+            "variety_test_images",
+            "variety_test_videos",
+        )
+        for name in (*counts, "event_videos", "event_test_videos"):
             if getattr(self, name) < 0:
                 raise GenerationError(f"{name}: must not be negative, got {getattr(self, name)}")
+        if self.event_min_frames < MIN_EVENT_FRAMES:
+            raise GenerationError(
+                f"event_min_frames: must be at least {MIN_EVENT_FRAMES} (so that 8 sampled frames show "
+                f"the order of events), got {self.event_min_frames}"
+            )
+        if self.event_max_frames < self.event_min_frames:
+            raise GenerationError(
+                f"event_max_frames: {self.event_max_frames} is smaller than event_min_frames {self.event_min_frames}"
+            )
         if self.min_size < MIN_MEDIA_SIZE:
             raise GenerationError(f"min_size: must be at least {MIN_MEDIA_SIZE}, got {self.min_size}")
         if self.max_size < self.min_size:
@@ -104,14 +131,37 @@ class GenerationConfig:
 def generate(out_dir: str | Path, config: GenerationConfig, *, dry_run: bool = False) -> dict[str, Any]:
     """Write a complete ShapesWorld dataset; ``dry_run`` writes the JSON files but no media."""
     started = time.perf_counter()
+    out = Path(out_dir)
+    (out / "media" / "images").mkdir(parents=True, exist_ok=True)
+    (out / "media" / "videos").mkdir(parents=True, exist_ok=True)
+
+    with _worker_pool(config.workers) as pool:
+        return _generate(out, config, dry_run, pool, started)
+
+
+@contextlib.contextmanager
+def _worker_pool(workers: int) -> Iterator[Any]:
+    """Processes that draw scenes and write media (None for one worker); the output never
+    depends on how many there are."""
+    if workers <= 1:
+        yield None
+        return
+    # fork where possible: spawn would re-run an unguarded calling script in every worker
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    with multiprocessing.get_context(method).Pool(processes=workers) as pool:
+        yield pool
+
+
+def _generate(
+    out: Path, config: GenerationConfig, dry_run: bool, pool: Any, started: float
+) -> dict[str, Any]:
     seed, min_size, max_size = config.seed, config.min_size, config.max_size
     twins, mirrors = config.twins, config.mirrors
-    out = Path(out_dir)
     media_root = out / "media"
-    (media_root / "images").mkdir(parents=True, exist_ok=True)
-    (media_root / "videos").mkdir(parents=True, exist_ok=True)
-
-    train = _sample_set(seed, 0, "train", config.images, config.videos, min_size, max_size)
+    train = _sample_set(
+        seed, 0, "train", config.images, config.videos, min_size, max_size, variety=config.variety, pool=pool
+    )
+    train += _sample_events(seed, 0, "train", "train_events", config.event_videos, config, pool=pool)
     groups: dict[str, str] = {}
     if twins > 0 or mirrors > 0:
         twin_rng = np.random.default_rng([seed, 0, 3])
@@ -129,7 +179,15 @@ def generate(out_dir: str | Path, config: GenerationConfig, *, dry_run: bool = F
         train = paired
     train_signatures = {scene.signature() for scene, _ in train}
     test = _sample_set(
-        seed, 1, "test", config.test_images, config.test_videos, min_size, max_size, train_signatures
+        seed,
+        1,
+        "test",
+        config.test_images,
+        config.test_videos,
+        min_size,
+        max_size,
+        train_signatures,
+        pool=pool,
     )
 
     # Text for the training set
@@ -155,27 +213,10 @@ def generate(out_dir: str | Path, config: GenerationConfig, *, dry_run: bool = F
     direction = [direction[i] for i in order if direction[i] is not None]
 
     # Held-out text from its own stream
-    test_rng = np.random.default_rng([seed, 1, 2])
-    test_ranking = popularity_ranking(scene for scene, _ in test)
-    test_captions: list[dict[str, Any]] = []
-    questions: list[dict[str, Any]] = []
-    for scene, media in test:
-        caption = make_caption(scene, test_rng)
-        test_captions.append(_caption_entry(scene, media, caption, test_rng))
-        for q in heldout_questions(scene, test_rng, test_ranking):
-            questions.append(
-                {
-                    "question_id": len(questions),
-                    "media_id": scene.id,
-                    "media": media,
-                    "modality": scene.kind,
-                    "type": q["type"],
-                    "split": q["split"],
-                    "question": q["question"],
-                    "answer": q["answer"],
-                }
-            )
-        scene_rows.append({"set": "test", "media": media, "caption": caption} | scene.to_dict())
+    test_captions, questions, test_rows, test_ranking = _heldout_text(
+        test, np.random.default_rng([seed, 1, 2]), "test"
+    )
+    scene_rows += test_rows
 
     params = {
         "seed": seed,
@@ -188,33 +229,75 @@ def generate(out_dir: str | Path, config: GenerationConfig, *, dry_run: bool = F
         "popular_ranking_train": [f"{c} {s}" for c, s in ranking],
         "popular_ranking_test": [f"{c} {s}" for c, s in test_ranking],
     }
-    _write_json(out / "world.json", world_description() | {"generation": params})
+    if _widened(config):  # written only when asked for, so the standard data set stays as it was
+        params |= {
+            "variety": config.variety,
+            "n_variety_test_images": config.variety_test_images,
+            "n_variety_test_videos": config.variety_test_videos,
+            "n_event_videos": config.event_videos,
+            "n_event_test_videos": config.event_test_videos,
+            "event_frames": [config.event_min_frames, config.event_max_frames],
+        }
+    frames = (config.event_min_frames, config.event_max_frames)
+    description = world_description(frames if _widened(config) else None)
+    _write_json(out / "world.json", description | {"generation": params})
     _write_json(out / "captions.json", captions)
     _write_json(out / "instruct.json", instruct)
     _write_json(out / "instruct_direction.json", direction)
     _write_json(out / "test_captions.json", test_captions)
     _write_jsonl(out / "test_questions.jsonl", questions)
     _write_jsonl(out / "scenes.jsonl", scene_rows)
+    jobs = [(scene.to_dict(), str(media_root / media)) for scene, media in train + test]
+
+    # The other held-out splits, each in a folder of its own laid out like the root
+    splits: list[tuple[str, int, list[tuple[Scene, str]]]] = []
+    if config.variety_test_images or config.variety_test_videos:
+        variety = _sample_set(
+            seed, 2, "variety", config.variety_test_images, config.variety_test_videos,
+            min_size, max_size, train_signatures, variety=1.0, pool=pool,
+        )  # fmt: skip
+        splits.append(("variety", 2, variety))
+    if config.event_test_videos:
+        events = _sample_events(
+            seed, 3, "events", "events", config.event_test_videos, config, train_signatures, pool
+        )
+        splits.append(("events", 3, events))
+    split_questions: dict[str, list[dict[str, Any]]] = {}
+    for name, stream, scenes in splits:
+        folder = out / name
+        (folder / "media" / "images").mkdir(parents=True, exist_ok=True)
+        (folder / "media" / "videos").mkdir(parents=True, exist_ok=True)
+        texts, asked, rows, split_ranking = _heldout_text(
+            scenes, np.random.default_rng([seed, stream, 2]), name
+        )
+        counts = Counter(scene.kind for scene, _ in scenes)
+        split_params = params | {
+            "split": name,
+            "n_split_images": counts["image"],
+            "n_split_videos": counts["video"],
+            "popular_ranking_split": [f"{c} {s}" for c, s in split_ranking],
+        }
+        _write_json(folder / "world.json", description | {"generation": split_params})
+        _write_json(folder / "test_captions.json", texts)
+        _write_jsonl(folder / "test_questions.jsonl", asked)
+        _write_jsonl(folder / "scenes.jsonl", rows)
+        jobs += [(scene.to_dict(), str(folder / "media" / media)) for scene, media in scenes]
+        split_questions[name] = asked
     text_seconds = time.perf_counter() - started
 
     if not dry_run:
-        jobs = [(scene.to_dict(), str(media_root / media)) for scene, media in train + test]
         # Videos first: they are the slow jobs, so the pool ends with short image jobs.
-        jobs.sort(key=lambda job: job[0]["kind"] != "video")
-        if config.workers > 1 and len(jobs) > 1:
-            # fork where possible: spawn would re-run an unguarded calling script in every worker
-            method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-            context = multiprocessing.get_context(method)
-            with context.Pool(processes=config.workers) as pool:
-                for _ in pool.imap_unordered(_write_job, jobs, chunksize=4):
-                    pass
+        jobs.sort(key=lambda job: (job[0]["kind"] != "video", -job[0].get("n_frames", 1)))
+        if pool is not None and len(jobs) > 1:
+            for _ in pool.imap_unordered(_write_job, jobs, chunksize=4):
+                pass
         else:
             for job in jobs:
                 _write_job(job)
 
     type_counts = Counter(q["type"] for q in questions)
     answers = Counter(a["answer"] for a in questions if a["type"] == "exists")
-    return {
+    summary = {
         "out_dir": str(out),
         "seed": seed,
         "train_images": config.images,
@@ -230,10 +313,58 @@ def generate(out_dir: str | Path, config: GenerationConfig, *, dry_run: bool = F
         "test_questions": len(questions),
         "test_question_types": dict(sorted(type_counts.items())),
         "test_exists_answers": dict(sorted(answers.items())),
-        "media_written": 0 if dry_run else len(train) + len(test),
+        "media_written": 0 if dry_run else len(jobs),
         "text_seconds": round(text_seconds, 2),
         "seconds": round(time.perf_counter() - started, 2),
     }
+    if _widened(config):
+        summary |= {
+            "train_variety": sum(scene.backdrop is not None and not scene.is_sequence for scene, _ in train),
+            "train_event_videos": sum(scene.is_sequence for scene, _ in train),
+        }
+        for name, asked in split_questions.items():
+            summary[f"{name}_questions"] = len(asked)
+            summary[f"{name}_question_types"] = dict(sorted(Counter(q["type"] for q in asked).items()))
+    return summary
+
+
+def _widened(config: GenerationConfig) -> bool:
+    """Whether anything beyond the standard world is asked for."""
+    return bool(
+        config.variety
+        or config.variety_test_images
+        or config.variety_test_videos
+        or config.event_videos
+        or config.event_test_videos
+    )
+
+
+def _heldout_text(
+    scenes: Sequence[tuple[Scene, str]], rng: np.random.Generator, set_name: str
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]], list[tuple[str, str]]]:
+    """Captions, every canonical question, and the ground-truth rows of a held-out set."""
+    ranking = popularity_ranking(scene for scene, _ in scenes)
+    captions: list[dict[str, Any]] = []
+    questions: list[dict[str, Any]] = []
+    rows: list[dict[str, Any]] = []
+    for scene, media in scenes:
+        caption = make_caption(scene, rng)
+        captions.append(_caption_entry(scene, media, caption, rng))
+        for q in heldout_questions(scene, rng, ranking):
+            questions.append(
+                {
+                    "question_id": len(questions),
+                    "media_id": scene.id,
+                    "media": media,
+                    "modality": scene.kind,
+                    "type": q["type"],
+                    "split": q["split"],
+                    "question": q["question"],
+                    "answer": q["answer"],
+                }
+            )
+        rows.append({"set": set_name, "media": media, "caption": caption} | scene.to_dict())
+    return captions, questions, rows, ranking
 
 
 def _write_job(job: tuple[dict[str, Any], str]) -> str:
@@ -243,56 +374,53 @@ def _write_job(job: tuple[dict[str, Any], str]) -> str:
     return path
 
 
-def world_description() -> dict[str, Any]:
-    """The fixed world, so that other tools can render, ask and score without importing this module."""
-    return {
-        "colors": {name: list(rgb) for name, rgb in COLORS.items()},
-        "shapes": list(SHAPES),
-        "directions": list(DIRECTIONS),
-        "pope_splits": list(POPE_SPLITS),
-        "count_words": {str(k): v for k, v in COUNT_WORDS.items()},
-        "question_templates": dict(QUESTION_TEMPLATES),
-        "caption_requests": list(CAPTION_REQUESTS),
-        "instruct_caption_requests": list(INSTRUCT_CAPTION_REQUESTS),
-        "caption_templates": list(SCENE_TEMPLATES),
-        "motion_phrases": {k: list(v) for k, v in MOTION_PHRASES.items()},
-        "motion_templates": list(MOTION_TEMPLATES),
-        "shape_first_probability": SHAPE_FIRST_PROBABILITY,
-        "priors": {
-            "color_weights": dict(COLOR_WEIGHTS),
-            "shape_weights": dict(SHAPE_WEIGHTS),
-            "count_weights": {str(k): v for k, v in COUNT_WEIGHTS.items()},
-        },
-        "rules": {
-            "objects_per_scene": [1, 3],
-            "object_size_fraction_of_short_side": list(OBJECT_SIZE_RANGE),
-            "object_size_meaning": "width in pixels: circle diameter, square side, triangle base (= height)",
-            "triangle": "apex up; vertices (cx, cy - size/2), (cx +- size/2, cy + size/2)",
-            "bounding_disc_radius": "size/2 for circles, size/sqrt(2) otherwise",
-            "min_gap_px": GAP,
-            "min_travel_fraction": MIN_TRAVEL,
-            "frames": list(FRAMES_RANGE),
-            "fps": list(FPS_RANGE),
-            "grey_level": list(GREY_RANGE),
-            "noise_amplitude": list(NOISE_RANGE),
-            "max_aspect": "16:9",
-            "min_media_size": MIN_MEDIA_SIZE,
-            "pixel_convention": "pixel (row i, column j) is drawn if its centre (j + 0.5, i + 0.5) is inside",
-            "motion": "centre(t) = center + (end - center) * t / (n_frames - 1)",
-        },
-        "encoding": {
-            "jpeg_quality": JPEG_QUALITY,
-            "video_codec": "libx264",
-            "video_crf": VIDEO_CRF,
-            "video_preset": VIDEO_PRESET,
-            "x264_params": X264_PARAMS,
-            "pix_fmt": "yuv420p",
-        },
-    }
-
-
 # ----------------------------------------------------------------------------------------------
 # Media sets
+
+
+@dataclass(frozen=True)
+class _Draw:
+    """One media's scene: which sampler, and the seed words that make it (a worker's job)."""
+
+    seed: int
+    stream: int
+    kind_id: int  # 0 image, 1 video, 2 video of ordered events
+    index: int
+    scene_id: str
+    min_size: int
+    max_size: int
+    wide: bool
+    frames: tuple[int, int] = EVENT_FRAMES
+
+    def scene(self, attempt: int) -> Scene:
+        # One seed per media: a set does not depend on the sizes of other sets or on workers.
+        rng = np.random.default_rng([self.seed, self.stream, self.kind_id, self.index, attempt])
+        sizes = {"scene_id": self.scene_id, "min_size": self.min_size, "max_size": self.max_size}
+        if self.kind_id == 2:
+            return sample_event_scene(rng, VARIETY if self.wide else STANDARD, frames=self.frames, **sizes)
+        kind = MEDIA_KINDS[self.kind_id]
+        if self.wide:
+            return sample_wide_scene(rng, kind, VARIETY, **sizes)
+        return sample_scene(rng, kind, **sizes)
+
+
+def _first_draw(draw: _Draw) -> Scene:
+    return draw.scene(0)
+
+
+def _draw_all(draws: list[_Draw], avoid: set[tuple] | None, pool: Any) -> list[Scene]:
+    """Every draw's scene, in order, in the pool's workers if there is a pool; a scene that
+    repeats one in ``avoid`` is drawn again from its next seed."""
+    if pool is not None and len(draws) > 1:
+        scenes = pool.map(_first_draw, draws, chunksize=16)
+    else:
+        scenes = [_first_draw(d) for d in draws]
+    for k, draw in enumerate(draws):
+        attempt = 0
+        while avoid is not None and scenes[k].signature() in avoid:
+            attempt += 1
+            scenes[k] = draw.scene(attempt)
+    return scenes
 
 
 def _sample_set(
@@ -304,23 +432,47 @@ def _sample_set(
     min_size: int,
     max_size: int,
     avoid: set[tuple] | None = None,
+    variety: float = 0.0,
+    pool: Any = None,
 ) -> list[tuple[Scene, str]]:
-    out: list[tuple[Scene, str]] = []
+    """Scenes of a set, each from its own seed; a ``variety`` share of them from the wider world
+    (decided by a stream of its own, so the others are the scenes the standard world draws)."""
+    draws: list[_Draw] = []
     for kind_id, (kind, count) in enumerate((("image", n_images), ("video", n_videos))):
+        tag = "img" if kind == "image" else "vid"
         for index in range(count):
-            attempt = 0
-            while True:
-                # One seed per media: a set does not depend on the sizes of other sets or on workers.
-                rng = np.random.default_rng([seed, stream, kind_id, index, attempt])
-                tag = "img" if kind == "image" else "vid"
-                scene = sample_scene(
-                    rng, kind, scene_id=f"{set_name}_{tag}_{index:06d}", min_size=min_size, max_size=max_size
-                )
-                if avoid is None or scene.signature() not in avoid:
-                    break
-                attempt += 1
-            out.append((scene, _media_path(scene, set_name, index)))
-    return out
+            wide = (
+                variety > 0 and np.random.default_rng([seed, 10 + stream, kind_id, index]).random() < variety
+            )
+            scene_id = f"{set_name}_{tag}_{index:06d}"
+            draws.append(_Draw(seed, stream, kind_id, index, scene_id, min_size, max_size, bool(wide)))
+    scenes = _draw_all(draws, avoid, pool)
+    return [(scene, _media_path(scene, set_name, d.index)) for scene, d in zip(scenes, draws, strict=True)]
+
+
+def _sample_events(
+    seed: int,
+    stream: int,
+    set_name: str,
+    media_stem: str,
+    count: int,
+    config: GenerationConfig,
+    avoid: set[tuple] | None = None,
+    pool: Any = None,
+) -> list[tuple[Scene, str]]:
+    """Videos of ordered events, each from its own seed; a ``config.variety`` share of them in the
+    wider world, the others on the standard world's grey."""
+    frames = (config.event_min_frames, config.event_max_frames)
+    draws = []
+    for index in range(count):
+        draw = np.random.default_rng([seed, 10 + stream, 2, index]).random()
+        wide = config.variety > 0 and draw < config.variety
+        scene_id = f"{set_name}_evt_{index:06d}"
+        draws.append(
+            _Draw(seed, stream, 2, index, scene_id, config.min_size, config.max_size, bool(wide), frames)
+        )
+    scenes = _draw_all(draws, avoid, pool)
+    return [(scene, f"videos/{media_stem}_{index:06d}.mp4") for index, scene in enumerate(scenes)]
 
 
 def _media_path(scene: Scene, set_name: str, index: int) -> str:
@@ -390,7 +542,9 @@ def object_regions(scene: Scene) -> list[dict[str, Any]]:
 
     A video's box spans the object's whole path and its name says how it moves, so the region
     can only be named right by a tower that sees the motion; a moving object's ``track`` gives
-    its box at the first and the last frame (it moves in a straight line at constant speed).
+    its box at the first and the last frame (it moves in a straight line at constant speed) and,
+    in a video of ordered events, where its move starts and stops. Objects that appear or vanish
+    get no region.
     """
 
     def box_around(centres: Sequence[tuple[float, float]], half: float) -> list[float]:
@@ -404,16 +558,19 @@ def object_regions(scene: Scene) -> list[dict[str, Any]]:
 
     regions = []
     for obj in scene.objects:
+        if obj.appears is not None or obj.vanishes is not None:
+            continue  # not there in every frame: no box can name it throughout
         half = obj.size / 2
         region: dict[str, Any] = {"box": box_around((obj.start, obj.end), half), "text": obj.name}
         if scene.kind == "video":
-            region["motion"] = f"moving {scene.direction}" if obj.moves else "standing still"
+            direction = obj.direction if scene.is_sequence else scene.direction
+            region["motion"] = f"moving {direction}" if obj.moves else "standing still"
             region["text"] += " " + region["motion"]
             if obj.moves:
-                region["track"] = [
-                    {"t": 0.0, "box": box_around((obj.start,), half)},
-                    {"t": 1.0, "box": box_around((obj.end,), half)},
-                ]
+                # still before and after its move (an ordered-event video), sliding in between
+                keys = [(0.0, obj.start), (obj.move[0], obj.start), (obj.move[1], obj.end), (1.0, obj.end)]
+                keys = [k for i, k in enumerate(keys) if i == 0 or k[0] > keys[i - 1][0]]
+                region["track"] = [{"t": t, "box": box_around((c,), half)} for t, c in keys]
         regions.append(region)
     return regions
 
@@ -454,7 +611,16 @@ def _run_generate(args: argparse.Namespace) -> int:
         workers=args.workers,
         twins=args.twins,
         mirrors=args.mirrors,
+        variety=args.variety,
+        variety_test_images=args.variety_test_images,
+        variety_test_videos=args.variety_test_videos,
+        event_videos=args.event_videos,
+        event_test_videos=args.event_test_videos,
+        event_min_frames=args.event_frames[0],
+        event_max_frames=args.event_frames[-1],
     )
+    if len(args.event_frames) > 2:
+        raise VideoLlavaError("--event-frames takes one value (fixed) or two (MIN MAX)")
     out = args.out if args.out is not None else default_data_folder(args.seed)
     summary = generate(out, config, dry_run=args.dry_run)
     print(
@@ -521,6 +687,34 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=defaults.mirrors,
         help="fraction of training images that also get a mirrored twin (objects moved to the other "
         "side), grouped with them (default %(default)s)",
+    )
+    gen.add_argument(
+        "--variety",
+        type=float,
+        default=defaults.variety,
+        help="fraction of training media (and of ordered-event videos) drawn from the wider world: "
+        "colour backdrops, gradients, textures, sizes 10-40%%, ratios to 2.4:1, up to 4 objects "
+        "(default %(default)s)",
+    )
+    gen.add_argument(
+        "--variety-test-images", type=int, default=0, help="held-out wider-world images, in variety/"
+    )
+    gen.add_argument(
+        "--variety-test-videos", type=int, default=0, help="held-out wider-world videos, in variety/"
+    )
+    gen.add_argument(
+        "--event-videos", type=int, default=0, help="training videos of two or three events in order"
+    )
+    gen.add_argument(
+        "--event-test-videos", type=int, default=0, help="held-out videos of ordered events, in events/"
+    )
+    gen.add_argument(
+        "--event-frames",
+        type=int,
+        nargs="+",
+        metavar="N",
+        default=[defaults.event_min_frames, defaults.event_max_frames],
+        help="frames of an ordered-event video: one value (fixed) or MIN MAX (default %(default)s)",
     )
     gen.add_argument("--dry-run", action="store_true", help="write the JSON files only, no media")
     gen.set_defaults(func=_run_generate)

@@ -1,4 +1,19 @@
-"""ShapesWorld rendering: a scene drawn pixel by pixel, written as PNG, JPEG or H.264 MP4."""
+"""ShapesWorld rendering: a scene drawn pixel by pixel, written as PNG, JPEG or H.264 MP4.
+
+The contrast rule, in CIEDE2000 (ΔE00, CIELAB under D65) on the pixels as drawn, before lossy
+encoding:
+
+1. every object's colour stays at least `CONTRAST_MIN_DELTA_E` (25) away from every background
+   pixel under it and around it: the pixels whose centres lie within its largest bounding disc
+   (size / sqrt(2), whatever its shape, so a shape twin keeps the rule) plus
+   `contrast_margin(size)` (max(3 px, size / 4)) of any point of its path;
+2. no background pixel anywhere comes within `BACKDROP_MIN_DELTA_E` (12) of any colour of the
+   world, so that no part of a backdrop can pass for an object.
+
+The wider world's generator draws backdrops and colours until both hold (`meets_contrast_rule`).
+The standard world's palette against its greys (levels 58 to 202 with the noise) is at least
+27.7 apart, so the rule asks of the new backdrops only what the standard world always had.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +25,7 @@ import numpy as np
 from PIL import Image
 
 from videollava.errors import VideoLlavaError
+from videollava.shapesworld.backdrops import delta_e2000, srgb_to_lab
 from videollava.shapesworld.world import COLORS, Scene, SceneObject
 
 JPEG_QUALITY = 90
@@ -19,8 +35,24 @@ VIDEO_PRESET = "veryfast"
 # differently from run to run (about one video in twenty); with it, runs repeat bit for bit.
 X264_PARAMS = "cpu-independent=1"
 
+CONTRAST_MIN_DELTA_E = 25.0
+BACKDROP_MIN_DELTA_E = 12.0
+_PALETTE_LAB = {name: srgb_to_lab(rgb) for name, rgb in COLORS.items()}
+
+
+def contrast_margin(size: float) -> float:
+    """How far around an object (in pixels, beyond its bounding disc) the contrast rule looks."""
+    return max(3.0, 0.25 * size)
+
+
+def background_pixels(scene: Scene) -> np.ndarray:
+    """(H, W, 3) uint8: the scene's background alone, as every frame draws it."""
+    return _background(scene)
+
 
 def _background(scene: Scene) -> np.ndarray:
+    if scene.backdrop is not None:
+        return scene.backdrop.pixels(scene.width, scene.height)
     canvas = np.full((scene.height, scene.width), scene.background, dtype=np.int16)
     if scene.noise:
         noise_rng = np.random.default_rng(scene.noise_seed)
@@ -57,8 +89,79 @@ def render_array(scene: Scene, frame_index: int, background: np.ndarray | None =
     canvas = (_background(scene) if background is None else background).copy()
     t = scene.time(frame_index)
     for obj in scene.objects:
-        _draw(canvas, obj, obj.center(t))
+        if obj.visible(t):
+            _draw(canvas, obj, obj.center(t))
     return canvas
+
+
+def surroundings(scene: Scene, obj: SceneObject) -> np.ndarray:
+    """(H, W) bool: the pixels the contrast rule compares ``obj``'s colour with, over its whole path."""
+    mask = np.zeros((scene.height, scene.width), dtype=bool)
+    window, inside = _surroundings_window(scene, obj)
+    mask[window] = inside
+    return mask
+
+
+def _surroundings_window(scene: Scene, obj: SceneObject) -> tuple[tuple[slice, slice], np.ndarray]:
+    """The rule's pixels as a window of the frame and a mask over it (cheaper than a whole frame)."""
+    reach = obj.size / np.sqrt(2) + contrast_margin(obj.size)
+    (ax, ay), (bx, by) = obj.start, obj.end
+    x0, x1 = (
+        max(0, int(np.floor(min(ax, bx) - reach))),
+        min(scene.width, int(np.ceil(max(ax, bx) + reach)) + 1),
+    )
+    y0, y1 = (
+        max(0, int(np.floor(min(ay, by) - reach))),
+        min(scene.height, int(np.ceil(max(ay, by) + reach)) + 1),
+    )
+    x = np.arange(x0, x1, dtype=np.float64)[None, :] + 0.5
+    y = np.arange(y0, y1, dtype=np.float64)[:, None] + 0.5
+    dx, dy = bx - ax, by - ay
+    length2 = dx * dx + dy * dy
+    t = np.zeros_like(x * y) if length2 == 0 else np.clip(((x - ax) * dx + (y - ay) * dy) / length2, 0.0, 1.0)
+    return (slice(y0, y1), slice(x0, x1)), np.hypot(x - (ax + t * dx), y - (ay + t * dy)) <= reach
+
+
+def palette_contrasts(scene: Scene, obj: SceneObject, background: np.ndarray) -> dict[str, float]:
+    """For every colour of the world, its smallest ΔE00 to the background under and around ``obj``'s
+    path (``background``: (H, W, 3) uint8, as `background_pixels` draws it): the colours ``obj`` may take."""
+    window, inside = _surroundings_window(scene, obj)
+    region = background[window][inside].astype(np.uint32)  # (n, 3)
+    if not len(region):
+        raise VideoLlavaError(f"{scene.id}: {obj.name} has no background around it")
+    # each distinct colour once: (n, 3) -> (m,) packed 24-bit -> (m, 3)
+    packed = np.unique(region[:, 0] << 16 | region[:, 1] << 8 | region[:, 2])
+    distinct = np.stack([packed >> 16, (packed >> 8) & 255, packed & 255], axis=-1)
+    names = list(_PALETTE_LAB)
+    palette = np.stack([_PALETTE_LAB[n] for n in names])  # (6, 3)
+    distances = delta_e2000(srgb_to_lab(distinct)[:, None, :], palette[None, :, :]).min(
+        axis=0
+    )  # (m, 6) -> (6,)
+    return {name: float(d) for name, d in zip(names, distances, strict=True)}
+
+
+def object_contrasts(scene: Scene) -> list[float]:
+    """Each object's contrast with the background under and around it (ΔE00, in object order)."""
+    background = _background(scene)
+    return [palette_contrasts(scene, obj, background)[obj.color] for obj in scene.objects]
+
+
+def backdrop_contrast(background: np.ndarray) -> float:
+    """The smallest ΔE00 between any pixel of ``background`` ((H, W, 3) uint8) and any colour of
+    the world: how close some part of it comes to passing for an object."""
+    pixels = background.reshape(-1, 3).astype(np.uint32)  # (H*W, 3)
+    packed = np.unique(pixels[:, 0] << 16 | pixels[:, 1] << 8 | pixels[:, 2])
+    distinct = np.stack([packed >> 16, (packed >> 8) & 255, packed & 255], axis=-1)  # (m, 3)
+    palette = np.stack(list(_PALETTE_LAB.values()))  # (6, 3)
+    return float(delta_e2000(srgb_to_lab(distinct)[:, None, :], palette[None, :, :]).min())
+
+
+def meets_contrast_rule(scene: Scene) -> bool:
+    """Both parts of the contrast rule: every object far enough from the background around it, and
+    no part of the background close to any colour of the world."""
+    return all(c >= CONTRAST_MIN_DELTA_E for c in object_contrasts(scene)) and (
+        backdrop_contrast(_background(scene)) >= BACKDROP_MIN_DELTA_E
+    )
 
 
 def render_scene(scene: Scene, frame_index: int = 0) -> Image.Image:

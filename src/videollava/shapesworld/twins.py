@@ -6,7 +6,9 @@ from dataclasses import replace
 
 import numpy as np
 
+from videollava.shapesworld.render import meets_contrast_rule
 from videollava.shapesworld.text import place_words
+from videollava.shapesworld.wide import order_twin
 from videollava.shapesworld.world import SHAPES, Scene, inside_frame, paths_apart, two_decimals
 
 
@@ -14,8 +16,11 @@ def contrast_twin(scene: Scene, rng: np.random.Generator) -> Scene | None:
     """The same scene with one thing changed: an image's object takes another shape, a video's
     mover runs the opposite way. Seen side by side, the pair can only be told apart by that one
     fact, which teaches contrastive alignment shapes and directions instead of colours alone.
+    In a video of ordered events, two events trade places in time (`order_twin`).
     Returns None when no changed shape fits without touching its neighbours.
     """
+    if scene.is_sequence:
+        return order_twin(scene, rng)
     if scene.kind == "video":
         mover = scene.moving_object
         if mover is None or scene.direction is None:
@@ -41,8 +46,9 @@ def mirror_twin(scene: Scene, rng: np.random.Generator) -> Scene | None:
 
     A pair like this differs only in where things are, so a contrastive batch holding both asks
     for the place words (left, right, top, bottom) that shape and colour twins never ask for, the
-    words video alignment meets again in "moves to the left". Returns None for videos and for
-    scenes whose captions no flip would change (everything in the middle).
+    words video alignment meets again in "moves to the left". Returns None for videos, for
+    scenes whose captions no flip would change (everything in the middle), and for a backdrop
+    that would break the contrast rule under the moved objects.
     """
     if scene.kind != "image":
         return None
@@ -60,5 +66,7 @@ def mirror_twin(scene: Scene, rng: np.random.Generator) -> Scene | None:
         objects = tuple(replace(o, start=flip(o.start, axis), end=flip(o.end, axis)) for o in scene.objects)
         mirrored = replace(scene, id=f"{scene.id}_mirror", objects=objects)
         if [place_words(mirrored, o) for o in objects] != places:
+            if scene.backdrop is not None and not meets_contrast_rule(mirrored):
+                continue
             return mirrored
     return None

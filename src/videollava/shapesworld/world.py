@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from videollava.errors import VideoLlavaError
+from videollava.shapesworld.backdrops import Backdrop
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -25,7 +26,10 @@ COLORS: dict[str, tuple[int, int, int]] = {
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 DIRECTIONS: tuple[str, ...] = ("left", "right", "up", "down")
 MEDIA_KINDS: tuple[str, ...] = ("image", "video")
-COUNT_WORDS: dict[int, str] = {1: "one", 2: "two", 3: "three"}
+COUNT_WORDS: dict[int, str] = {1: "one", 2: "two", 3: "three"}  # the standard world's counts
+# Every count an answer may hold: the wider world has up to four objects.
+NUMBER_WORDS: dict[int, str] = COUNT_WORDS | {4: "four"}
+EVENT_KINDS: tuple[str, ...] = ("move", "appear", "disappear")
 
 # Skewed priors so that the POPE "popular" split (most frequent combinations) means something.
 COLOR_WEIGHTS: dict[str, float] = {
@@ -53,13 +57,22 @@ GAP = 2.0  # pixels between bounding discs
 
 @dataclass(frozen=True)
 class SceneObject:
-    """One solid shape; ``size`` is its width (diameter, side or triangle base) in pixels."""
+    """One solid shape; ``size`` is its width (diameter, side or triangle base) in pixels.
+
+    It slides from ``start`` to ``end`` at constant speed during ``move`` (times in [0, 1], first
+    frame to last) and stands still before and after; an object that ``appears`` is drawn from
+    that time on, one that ``vanishes`` only before it. The standard world's objects move over the
+    whole clip (or not at all) and are always there.
+    """
 
     color: str
     shape: str
     size: float
     start: tuple[float, float]
     end: tuple[float, float]
+    move: tuple[float, float] = (0.0, 1.0)
+    appears: float | None = None
+    vanishes: float | None = None
 
     @property
     def radius(self) -> float:
@@ -71,18 +84,43 @@ class SceneObject:
         return self.start != self.end
 
     @property
+    def timed(self) -> bool:
+        """Part of a video of ordered events: moves during part of it, or appears or vanishes."""
+        return self.move != (0.0, 1.0) or self.appears is not None or self.vanishes is not None
+
+    @property
     def name(self) -> str:
         return f"{self.color} {self.shape}"
 
+    @property
+    def direction(self) -> str | None:
+        """Which way it moves (the world moves objects along one axis only)."""
+        dx, dy = self.end[0] - self.start[0], self.end[1] - self.start[1]
+        if dx == 0 and dy == 0:
+            return None
+        if abs(dx) >= abs(dy):
+            return "left" if dx < 0 else "right"
+        return "up" if dy < 0 else "down"
+
     def center(self, t: float) -> tuple[float, float]:
-        """Centre at time ``t`` in [0, 1]: a straight path at constant speed."""
+        """Centre at time ``t`` in [0, 1]: a straight path at constant speed during ``move``."""
+        if self.move == (0.0, 1.0):
+            return (
+                self.start[0] + (self.end[0] - self.start[0]) * t,
+                self.start[1] + (self.end[1] - self.start[1]) * t,
+            )
+        t0, t1 = self.move
+        progress = min(1.0, max(0.0, (t - t0) / (t1 - t0)))
         return (
-            self.start[0] + (self.end[0] - self.start[0]) * t,
-            self.start[1] + (self.end[1] - self.start[1]) * t,
+            self.start[0] + (self.end[0] - self.start[0]) * progress,
+            self.start[1] + (self.end[1] - self.start[1]) * progress,
         )
 
+    def visible(self, t: float) -> bool:
+        return (self.appears is None or t >= self.appears) and (self.vanishes is None or t < self.vanishes)
+
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data = {
             "color": self.color,
             "shape": self.shape,
             "rgb": list(COLORS[self.color]),
@@ -91,16 +129,56 @@ class SceneObject:
             "end": list(self.end),
             "moving": self.moves,
         }
+        if self.move != (0.0, 1.0):
+            data["move"] = list(self.move)
+        if self.appears is not None:
+            data["appears"] = self.appears
+        if self.vanishes is not None:
+            data["vanishes"] = self.vanishes
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SceneObject:
+        move = data.get("move", (0.0, 1.0))
         return cls(
             color=data["color"],
             shape=data["shape"],
             size=float(data["size"]),
             start=(float(data["center"][0]), float(data["center"][1])),
             end=(float(data["end"][0]), float(data["end"][1])),
+            move=(float(move[0]), float(move[1])),
+            appears=None if data.get("appears") is None else float(data["appears"]),
+            vanishes=None if data.get("vanishes") is None else float(data["vanishes"]),
         )
+
+
+@dataclass(frozen=True)
+class Event:
+    """One thing that happens in a video: an object moves (from ``start`` to ``end``), appears or
+    vanishes (at ``start`` = ``end``); times in [0, 1]."""
+
+    kind: str  # one of EVENT_KINDS
+    obj: SceneObject
+    start: float
+    end: float
+
+    @property
+    def words(self) -> str:
+        """The canonical phrase: "the red circle moves left", "the blue square appears"."""
+        if self.kind == "move":
+            return f"the {self.obj.name} moves {self.obj.direction}"
+        return f"the {self.obj.name} {'appears' if self.kind == 'appear' else 'disappears'}"
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "kind": self.kind,
+            "object": self.obj.name,
+            "start": self.start,
+            "end": self.end,
+        }
+        if self.kind == "move":
+            data["direction"] = self.obj.direction
+        return data
 
 
 @dataclass(frozen=True)
@@ -119,10 +197,30 @@ class Scene:
     fps: int = 0
     direction: str | None = None
     image_format: str = "png"
+    # None: the standard world's grey, flat or noisy (``background``, ``noise``, ``noise_seed``)
+    backdrop: Backdrop | None = None
 
     @property
     def moving_object(self) -> SceneObject | None:
         return next((o for o in self.objects if o.moves), None)
+
+    @property
+    def is_sequence(self) -> bool:
+        """A video of events in order (objects that move one after another, appear or vanish)."""
+        return self.kind == "video" and any(o.timed for o in self.objects)
+
+    @property
+    def events(self) -> tuple[Event, ...]:
+        """What happens, in order of time: every move, appearance and disappearance."""
+        found = []
+        for obj in self.objects:
+            if obj.moves:
+                found.append(Event("move", obj, *obj.move))
+            if obj.appears is not None:
+                found.append(Event("appear", obj, obj.appears, obj.appears))
+            if obj.vanishes is not None:
+                found.append(Event("disappear", obj, obj.vanishes, obj.vanishes))
+        return tuple(sorted(found, key=lambda e: (e.start, e.end)))
 
     @property
     def extension(self) -> str:
@@ -140,7 +238,11 @@ class Scene:
             self.background,
             self.noise,
             self.n_frames,
-            tuple((o.color, o.shape, o.size, o.start, o.end) for o in self.objects),
+            tuple(
+                (o.color, o.shape, o.size, o.start, o.end, o.move, o.appears, o.vanishes)
+                for o in self.objects
+            ),
+            None if self.backdrop is None else self.backdrop.signature(),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -158,6 +260,10 @@ class Scene:
             data.update(n_frames=self.n_frames, fps=self.fps, direction=self.direction)
         else:
             data["image_format"] = self.image_format
+        if self.backdrop is not None:
+            data["backdrop"] = self.backdrop.to_dict()
+        if self.is_sequence:  # written for readers; read back from the objects
+            data["events"] = [e.to_dict() for e in self.events]
         return data
 
     @classmethod
@@ -175,6 +281,7 @@ class Scene:
             fps=int(data.get("fps", 0)),
             direction=data.get("direction"),
             image_format=data.get("image_format", "png"),
+            backdrop=Backdrop.from_dict(data["backdrop"]) if data.get("backdrop") else None,
         )
 
 
@@ -217,8 +324,25 @@ def _segment_distance(p: tuple[float, float], a: tuple[float, float], b: tuple[f
 
 
 def paths_apart(a: SceneObject, b: SceneObject) -> bool:
-    """Bounding discs disjoint at every instant (at most one object moves, so a point-to-segment test)."""
+    """Bounding discs disjoint at every instant (whether or not an object is showing yet).
+
+    Between two instants where any motion starts or stops both centres move in straight lines,
+    so their offset does too, and its smallest length is a point-to-segment distance.
+    """
     limit = a.radius + b.radius + GAP
+    if a.timed or b.timed:
+        times = sorted({0.0, 1.0, *a.move, *b.move})
+        for t0, t1 in zip(times, times[1:], strict=False):
+            (ax0, ay0), (bx0, by0), (ax1, ay1), (bx1, by1) = (
+                a.center(t0),
+                b.center(t0),
+                a.center(t1),
+                b.center(t1),
+            )
+            if _segment_distance((0.0, 0.0), (ax0 - bx0, ay0 - by0), (ax1 - bx1, ay1 - by1)) < limit:
+                return False
+        return True
+    # the standard world: at most one of the two moves
     if a.moves:
         return _segment_distance(b.start, a.start, a.end) >= limit
     if b.moves:
