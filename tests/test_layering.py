@@ -42,6 +42,7 @@ LAYERS = {
     "videollava.serve.*": 4,
     "videollava.eval.*": 4,
     "videollava.shapesworld.evaluate": 4,
+    "videollava.experiments.*": 4,
     # 5: entry points and the scaffolding of tests and benchmarks
     "videollava.cli": 5,
     "videollava.__main__": 5,
