@@ -23,12 +23,13 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from videollava.data.sample_media import MediaCache
 from videollava.eval.runner import RunConfig
 from videollava.eval.runner import run as run_eval
 from videollava.eval.store import read_records
@@ -48,6 +49,7 @@ from videollava.train.loop import STAGES_DIR
 from videollava.train.runner import Run
 
 RESULT_FILE = "result.json"
+DEFAULT_THREADS = torch.get_num_threads()  # what torch chose before any recipe set a count
 SHARED_FILE = "shared.json"
 EXPERIMENT_FILE = "experiment.json"
 
@@ -66,6 +68,8 @@ class Plan:
     seeds: list[int]
     arms: list[str]  # reported names; "joint" runs as "united"
     resume: bool = False
+    jobs: int = 1  # seeds run side by side, each in a process of its own
+    media_cache: MediaCache | None = field(default=None, repr=False, compare=False)
 
     @property
     def data_root(self) -> Path:
@@ -152,27 +156,37 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def train(recipe: Recipe, run_dir: Path) -> float:
-    """Run (or resume) the recipe in `run_dir`; the seconds it took in this process."""
-    if recipe.run.threads:
-        torch.set_num_threads(recipe.run.threads)
+def set_threads(recipe: Recipe) -> None:
+    """The recipe's intra-op thread count, for training and scoring alike: results are
+    reproducible to the bit for a given count (sums split differently may round differently)."""
+    torch.set_num_threads(recipe.run.threads or DEFAULT_THREADS)
+
+
+def train(recipe: Recipe, run_dir: Path, media_cache: MediaCache | None = None) -> float:
+    """Run (or resume) the recipe in `run_dir`; the seconds it took in this process. `media_cache`:
+    decoded media kept across the runs of one process (the same files, decoded the same way)."""
+    set_threads(recipe)
     info = D.setup(recipe.distributed.strategy, recipe.distributed.backend)
     started = time.perf_counter()
     resume = ckpt.latest_checkpoint(run_dir) is not None
     try:
-        Run(recipe, info, run_dir, resume=resume).execute()
+        run = Run(recipe, info, run_dir, resume=resume)
+        if media_cache is not None and run.media_cache is not None:
+            run.media_cache = media_cache
+        run.execute()
     finally:
         D.teardown(info)
     return time.perf_counter() - started
 
 
-def evaluate(run_dir: Path, data_root: Path, scale: Scale) -> dict[str, Any]:
+def evaluate(run_dir: Path, data_root: Path, scale: Scale, recipe: Recipe) -> dict[str, Any]:
     """The harness's ShapesWorld task on the run's exported model (resumed if cut short)."""
     from videollava.infer.pipeline import Pipeline  # loads the inference stack only when scoring
 
     folder = run_dir / "eval"
     if (folder / "results.json").exists():
         return json.loads((folder / "results.json").read_text())
+    set_threads(recipe)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     pipeline = Pipeline.from_pretrained(run_dir / "model", dtype="float32", device=device)
     config = RunConfig(
@@ -248,12 +262,12 @@ def run_one(plan: Plan, arm: str, seed: int, log: Callable[[str], None]) -> dict
     times: dict[str, Any] = {}
     if not (run_dir / "model" / "model.safetensors").exists() or not (run_dir / "summary.json").exists():
         log(f"[seed {seed} {arm}] training")
-        times["train_seconds"] = round(train(recipe, run_dir), 1)
+        times["train_seconds"] = round(train(recipe, run_dir, plan.media_cache), 1)
     else:
         times["train_seconds"] = 0.0
     log(f"[seed {seed} {arm}] evaluating")
     started = time.perf_counter()
-    results = evaluate(run_dir, plan.data_root, plan.scale)
+    results = evaluate(run_dir, plan.data_root, plan.scale, recipe)
     times["eval_seconds"] = round(time.perf_counter() - started, 1)
     times["eval_questions_per_second"] = round(results["count"] / max(times["eval_seconds"], 1e-9), 1)
     previous = run_dir / "times.json"
@@ -342,6 +356,12 @@ def execute(plan: Plan, log: Callable[[str], None] | None = None) -> list[dict[s
         Arm.load(plan.configs, arm).recipe(plan.scale, plan.seeds[0], plan.data_root)
     check_output(plan)
     prepare_data(plan, log)
+    if plan.jobs > 1 and len(plan.seeds) > 1:
+        run_in_processes(plan, log)
+        return [r for per_seed in collect(plan.output).values() for r in per_seed.values()]
+    united = Arm.load(plan.configs, "united").recipe(plan.scale, plan.seeds[0], plan.data_root)
+    if united.run.cache_media and plan.media_cache is None:
+        plan.media_cache = MediaCache()
     results = []
     for arm, seed in plan.runs():
         started = time.perf_counter()
@@ -351,6 +371,35 @@ def execute(plan: Plan, log: Callable[[str], None] | None = None) -> list[dict[s
             _record_partial_time(arm_dir(plan.output, arm, seed), time.perf_counter() - started)
             raise
     return results
+
+
+def run_in_processes(plan: Plan, log: Callable[[str], None]) -> None:
+    """Each seed in a process of its own (`--seed S --resume`), `plan.jobs` at a time: on a quiet
+    machine, one-thread runs side by side use the cores better than one run with more threads."""
+    import subprocess
+
+    pending = list(plan.seeds)
+    running: dict[int, subprocess.Popen] = {}
+    failed = []
+    while pending or running:
+        while pending and len(running) < plan.jobs:
+            seed = pending.pop(0)
+            command = [
+                sys.executable, "-m", "videollava", "experiment", "ablations", "--scale", plan.scale.name,
+                "--configs", str(plan.configs), "--output", str(plan.output), "--seed", str(seed),
+                "--arms", ",".join(plan.arms), "--resume", "--no-report",
+            ]  # fmt: skip
+            log(f"[seed {seed}] started in its own process")
+            running[seed] = subprocess.Popen(command)
+        time.sleep(2.0)
+        for seed, process in list(running.items()):
+            if process.poll() is not None:
+                del running[seed]
+                if process.returncode != 0:
+                    failed.append(seed)
+                log(f"[seed {seed}] process ended with status {process.returncode}")
+    if failed:
+        raise ExperimentError(f"seed(s) {failed} failed; see the log above, then run again with --resume")
 
 
 def reproduce_command(scale: str, arm: str, seed: int, output: str) -> str:
@@ -367,9 +416,3 @@ def collect(output: Path) -> dict[str, dict[int, dict[str, Any]]]:
             if run_arm(arm) == result["arm"]:
                 found[arm][int(result["seed"])] = result | {"arm": arm}
     return found
-
-
-def asdict_plan(plan: Plan) -> dict[str, Any]:
-    data = asdict(plan)
-    data["scale"] = plan.scale.name
-    return {k: str(v) if isinstance(v, Path) else v for k, v in data.items()}

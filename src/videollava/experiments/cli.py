@@ -72,6 +72,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--bootstrap", type=positive_int, default=10000, help="bootstrap resamples per difference"
     )
     ablations.add_argument(
+        "--jobs", type=positive_int, default=1,
+        help="seeds run side by side, one process each (default 1; 2 uses both cores of a quiet machine)",
+    )  # fmt: skip
+    ablations.add_argument("--no-report", action="store_true", help=argparse.SUPPRESS)
+    ablations.add_argument(
         "--configs", type=Path, default=None, help="arm and scale files (default configs/ablations)"
     )
     ablations.set_defaults(func=run)
@@ -93,8 +98,13 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     arms = args.arms or list(ARMS)
     command = "videollava " + shlex.join(sys.argv[1:] if argv is None else argv)
     if not args.report_only:
-        plan = Plan(configs=configs, output=output, scale=scale, seeds=seeds, arms=arms, resume=args.resume)
+        plan = Plan(
+            configs=configs, output=output, scale=scale, seeds=seeds, arms=arms, resume=args.resume,
+            jobs=args.jobs,
+        )  # fmt: skip
         execute(plan)
+        if args.no_report:
+            return 0
     elif not output.is_dir():
         raise VideoLlavaError(f"--output {output}: no such experiment folder")
     data = build(output, scale, seeds, arms, args.report_dir, command, args.bootstrap)
