@@ -162,7 +162,8 @@ def heldout_reconstruction(
         return {}
     generator = torch.Generator().manual_seed(seed)
     total, count = 0.0, 0
-    for pixels in batches:
-        total += float(mae.loss(pixels, generator)) * pixels.shape[0]
-        count += pixels.shape[0]
+    with torch.no_grad():
+        for pixels in batches:
+            total += mae.loss(pixels, generator).item() * pixels.shape[0]
+            count += pixels.shape[0]
     return {"image_mae_loss": total / count}
