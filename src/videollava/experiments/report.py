@@ -392,6 +392,7 @@ def wall_times(
     for arm in ARMS:
         if arm == "joint":
             continue
+        own, train, evaluation = 0.0, 0.0, 0.0
         for seed, r in sorted(results[arm].items()):
             times = r["times"]
             stages = times.get("train_stage_seconds", {})
@@ -401,7 +402,12 @@ def wall_times(
                 f"| {times.get('train_seconds', 0):.0f} | {times.get('eval_seconds', 0):.0f} | {', '.join(shared) or '-'} |"
             )
             data.setdefault(arm, {})[seed] = times
-            total += times.get("train_seconds", 0) + times.get("eval_seconds", 0)
+            own += sum(stages.values())
+            train += times.get("train_seconds", 0)
+            evaluation += times.get("eval_seconds", 0)
+        if len(results[arm]) > 1:
+            lines.append(f"| **{arm}, all seeds** | | {own:.0f} | {train:.0f} | {evaluation:.0f} | |")
+        total += train + evaluation
     data_time = output / "data-time.json"
     generated = json.loads(data_time.read_text())["seconds"] if data_time.exists() else 0.0
     lines += ["", f"Data generation (once, shared by every arm and seed): {generated:.0f} s. "
