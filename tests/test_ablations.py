@@ -265,3 +265,26 @@ def test_report_from_finished_and_missing_arm_seeds(tmp_path):
     assert (tmp_path / "report" / "ablations-joint.png").exists()
     again = build(tmp_path, Scale.load(CONFIGS, "smoke"), [0, 1, 2], resamples=500)
     assert again["comparisons"] == data["comparisons"]  # the same digits when rebuilt
+
+
+def test_an_experiment_folder_is_tied_to_its_recipes_not_to_their_comments(tmp_path):
+    from videollava.experiments.ablations import Plan
+
+    configs = tmp_path / "configs" / "ablations"
+    configs.mkdir(parents=True)
+    for path in CONFIGS.iterdir():
+        (configs / path.name).write_text(path.read_text())
+    (configs.parent / "shapesworld.yaml").write_text(BASE.read_text())
+
+    def identity() -> dict:
+        scale = Scale.load(configs, "smoke")
+        return Plan(
+            configs=configs, output=tmp_path / "out", scale=scale, seeds=[0], arms=["united"]
+        ).identity()
+
+    before = identity()
+    scale_file = configs / "scale-smoke.yaml"
+    scale_file.write_text("# another comment\n" + scale_file.read_text())
+    assert identity() == before
+    scale_file.write_text(scale_file.read_text().replace("max_steps: 2,", "max_steps: 3,"))
+    assert identity() != before

@@ -34,6 +34,7 @@ from videollava.eval.runner import RunConfig
 from videollava.eval.runner import run as run_eval
 from videollava.eval.store import read_records
 from videollava.experiments.recipes import (
+    ARM_FILES,
     ARMS,
     Arm,
     ExperimentError,
@@ -82,8 +83,18 @@ class Plan:
         return [(arm, seed) for seed in self.seeds for arm in order if arm in wanted]
 
     def identity(self) -> dict[str, Any]:
-        """What every run in the folder must agree on (checked on --resume)."""
-        return {"scale": self.scale.name, "scale_file": hashlib.sha256(self.scale.text.encode()).hexdigest()}
+        """What every run in the folder must agree on (checked on --resume): the scale, and every
+        arm's resolved recipe (at seed 0), so that comments may change but no value may."""
+        recipes = {
+            arm: Arm.load(self.configs, arm).recipe(self.scale, 0, self.data_root).to_dict()
+            for arm in ARM_FILES
+        }
+        text = json.dumps(recipes, sort_keys=True, default=str)
+        return {
+            "scale": self.scale.name,
+            "recipes": hashlib.sha256(text.encode()).hexdigest(),
+            "eval": {"batch_size": self.scale.eval_batch_size, "limit": self.scale.eval_limit},
+        }
 
 
 # ---------------------------------------------------------------------------------------- sharing
@@ -320,7 +331,7 @@ def check_output(plan: Plan) -> None:
         before = json.loads(marker.read_text())
         if before.get("identity") != plan.identity():
             raise ExperimentError(
-                f"{plan.output} holds an experiment at another scale or with another scale file "
+                f"{plan.output} holds an experiment at another scale or with other recipes "
                 f"({before.get('identity')}); use another --output"
             )
     plan.output.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,7 @@ from videollava.experiments.ablations import (
     per_question,
     reproduce_command,
 )
-from videollava.experiments.recipes import ARMS, Scale
+from videollava.experiments.recipes import ARMS, Scale, run_arm
 from videollava.experiments.stats import Difference, mean_std, paired_difference
 from videollava.shapesworld.text import QUESTION_TYPES
 from videollava.train import checkpointing as ckpt
@@ -430,6 +430,12 @@ def build(
     found = collect(output)
     results = {arm: {s: r for s, r in found[arm].items() if s in seeds} for arm in ARMS}
     missing = [f"{arm} seed {s}" for arm in arms for s in seeds if s not in results[arm]]
+    progress = [
+        f"{run_arm(arm)} seed {s}: {where}"
+        for arm in dict.fromkeys(run_arm(a) for a in arms)
+        for s in seeds
+        if s not in results[arm] and (where := standing(arm_dir(output, arm, s)))
+    ]
     diffs = {(c.a, c.b): compare(output, results, c, resamples) for c in COMPARISONS}
     claims, verdict_data = verdicts(results, diffs)
     figures = {
@@ -463,6 +469,7 @@ def build(
         "",
         ("**Every arm and seed finished.**" if not missing else f"**Missing (not finished):** {', '.join(missing)}."),
         "",
+        *([f"Where the unfinished ones stand: {'; '.join(progress)}.", ""] if progress else []),
         "`united` and `joint` are one recipe (today's, configs/shapesworld.yaml at this scale), run once "
         "per seed and reported under both names.",
         "",
@@ -576,6 +583,19 @@ def build(
     ckpt.atomic_write_text(report_dir / f"{name}.md", markdown)
     ckpt.atomic_write_text(report_dir / f"{name}.json", json.dumps(data, indent=1) + "\n")
     return data
+
+
+def standing(run_dir: Path) -> str | None:
+    """Where an unfinished arm-seed's run stands: its last checkpoint's stage and step."""
+    latest = ckpt.latest_checkpoint(run_dir)
+    if latest is None:
+        return None
+    state = json.loads((latest / ckpt.STATE_FILE).read_text())
+    step = "done" if state["complete"] else f"at step {state['step']} of {state['total_steps']}"
+    where = f"{state['stage']} {step}"
+    if (run_dir / "model" / "model.safetensors").exists():
+        where = "trained, not yet scored"
+    return where
 
 
 def _pooled_by_type(result: dict[str, Any]) -> dict[str, float]:
