@@ -46,6 +46,7 @@ LAYERS = {
     "videollava.eval.*": 4,
     "videollava.shapesworld.evaluate": 4,
     "videollava.vllm.*": 4,  # the vLLM model and plugin (imported only inside vLLM)
+    "videollava.experiments.*": 4,
     # 5: entry points and the scaffolding of tests and benchmarks
     "videollava.cli": 5,
     "videollava.__main__": 5,

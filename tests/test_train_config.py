@@ -358,11 +358,11 @@ RECIPE_ERRORS = [
     ),
     (
         lambda r: r["stages"][2].update(kind="pretrain"),
-        "stages[2].kind: expected one of tokenizer, align_image, align_video, projector, finetune, got 'pretrain'",
+        "stages[2].kind: expected one of tokenizer, align_image, mae_image, align_video, projector, finetune, got 'pretrain'",
     ),
     (
         lambda r: r["stages"][2].pop("kind"),
-        "stages[2].kind: expected one of tokenizer, align_image, align_video, projector, finetune, got None",
+        "stages[2].kind: expected one of tokenizer, align_image, mae_image, align_video, projector, finetune, got None",
     ),
     (lambda r: r["stages"].__setitem__(2, "finetune"), "stages[2]: a stage is a mapping with a 'kind'"),
     (lambda r: r.update(model=[1]), "model: expected a mapping, got list"),
@@ -449,7 +449,9 @@ def test_every_training_stage_kind_has_a_task_builder():
     from videollava.train.tasks import TASK_BUILDERS
 
     training = {kind for kind, cls in STAGE_KINDS.items() if issubclass(cls, TrainStage)}
-    assert training == set(TASK_BUILDERS) == {"align_image", "align_video", "projector", "finetune"}
+    assert (
+        training == set(TASK_BUILDERS) == {"align_image", "mae_image", "align_video", "projector", "finetune"}
+    )
 
 
 def test_recipe_sections_are_the_models_own_configs():

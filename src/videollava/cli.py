@@ -31,6 +31,11 @@ SUBCOMMANDS = {
         extra="train",
     ),
     "eval": Subcommand("videollava.eval.cli", "evaluate a checkpoint"),
+    "experiment": Subcommand(
+        "videollava.experiments.cli",
+        "run an experiment: recipes side by side over seeds, reported (ablations)",
+        extra="train",
+    ),
     "serve": Subcommand("videollava.serve.api", "serve an OpenAI-compatible chat completions API"),
     "chat": Subcommand("videollava.serve.chat", "chat about images and videos in the terminal"),
     "web": Subcommand(

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 import os
 import types
 import typing
@@ -44,6 +43,8 @@ from videollava.model.videollava import VideoLlavaConfig
 from videollava.model.vision import VisionConfig
 from videollava.shapesworld.generate import GenerationConfig
 from videollava.train.contrastive import RegionLoss, TextEncoderConfig
+from videollava.train.mae import MaeConfig
+from videollava.train.recipe_messages import describe
 
 
 class RecipeError(VideoLlavaError):
@@ -145,6 +146,7 @@ LLMSection = embedded(LLMConfig)
 TextEncoderSection = embedded(TextEncoderConfig)
 RegionLossSection = embedded(RegionLoss)
 GenerationSection = embedded(GenerationConfig)
+MaeSection = embedded(MaeConfig)
 
 
 # ---------------------------------------------------------------------------------------- model
@@ -301,6 +303,7 @@ class TrainStage(Stage):
     image_aspect_ratio: Aspect | None = None  # default: model.image_aspect_ratio
     bad_samples: Literal["skip", "fail"] = "skip"
     sampler: Literal["mixed", "grouped"] | None = None  # default depends on the stage kind
+    only_media: Literal["image", "video"] | None = None  # train on this modality's entries (and text) only
     seed: Integer = 0
     log_every: Positive = 10
     checkpoint_every: NonNegative = 0  # steps; 0 = only at the end of the stage
@@ -351,6 +354,18 @@ class AlignImageStage(TrainStage):
     text_encoder_lr: Rate | None = None
     region_loss: RegionLossSection | None = None
     eval: EvalConfig | None = Field(default_factory=EvalConfig)
+    # "fresh": a new tower of the model's shape, not the model's image tower, aligned to this stage's
+    # own text encoder; a later align_video starts from it (towers aligned to separate spaces).
+    tower: Literal["image", "fresh"] = "image"
+
+
+class MaeImageStage(TrainStage):
+    """The image tower without language: masked-patch reconstruction (MAE, see `train.mae`)."""
+
+    kind: Literal["mae_image"] = "mae_image"
+    data: Files = Field(default_factory=lambda: ["captions.json"])
+    mae: MaeSection = Field(default_factory=MaeConfig)
+    eval: EvalConfig | None = Field(default_factory=EvalConfig)
 
 
 class AlignVideoStage(TrainStage):
@@ -365,6 +380,10 @@ class AlignVideoStage(TrainStage):
     # Videos' region names say how each object moves; the region head starts from the image stage's.
     region_loss: RegionLossSection | None = None
     eval: EvalConfig | None = Field(default_factory=EvalConfig)
+    # A fresh, frozen text encoder of this shape (and projection_dim) to align to, instead of the
+    # image stage's: needed after mae_image, which has none.
+    text_encoder: TextEncoderSection | None = None
+    projection_dim: Positive | None = None
 
 
 class ProjectorStage(TrainStage):
@@ -398,10 +417,12 @@ class FinetuneStage(TrainStage):
         return "grouped"
 
 
-_KINDS = (TokenizerStage, AlignImageStage, AlignVideoStage, ProjectorStage, FinetuneStage)
+_KINDS = (TokenizerStage, AlignImageStage, MaeImageStage, AlignVideoStage, ProjectorStage, FinetuneStage)
 STAGE_KINDS: dict[str, type[Stage]] = {cls.model_fields["kind"].default: cls for cls in _KINDS}
 AnyStage = Annotated[
-    Union[TokenizerStage, AlignImageStage, AlignVideoStage, ProjectorStage, FinetuneStage],  # noqa: UP007
+    Union[  # noqa: UP007
+        TokenizerStage, AlignImageStage, MaeImageStage, AlignVideoStage, ProjectorStage, FinetuneStage
+    ],
     Field(discriminator="kind"),
 ]
 
@@ -535,7 +556,7 @@ def validate(recipe: Recipe) -> None:
                 )
             if any(k != "tokenizer" for k in seen):
                 raise RecipeError(f"{where}: the tokenizer stage must come before every training stage")
-        if isinstance(stage, AlignImageStage | AlignVideoStage):
+        if isinstance(stage, AlignImageStage | MaeImageStage | AlignVideoStage):
             if model.init is None:
                 raise RecipeError(
                     f"{where}: alignment stages train fresh towers; they need model.init "
@@ -548,10 +569,18 @@ def validate(recipe: Recipe) -> None:
                 raise RecipeError(f"{where}.region_loss.per_frame: only videos have frames (align_video)")
             if stage.region_loss.motion_weight > 0:
                 raise RecipeError(f"{where}.region_loss.motion_weight: only videos move (align_video)")
-        if isinstance(stage, AlignVideoStage) and "align_image" not in seen:
-            raise RecipeError(
-                f"{where}: align_video starts from the aligned image tower; put align_image first"
-            )
+        if isinstance(stage, AlignVideoStage):
+            if "align_image" not in seen and "mae_image" not in seen:
+                raise RecipeError(
+                    f"{where}: align_video starts from the aligned image tower; put align_image "
+                    "(or mae_image) first"
+                )
+            if "align_image" not in seen and stage.init_projection_from_image:
+                raise RecipeError(f"{where}.init_projection_from_image: needs an align_image stage before")
+            if "align_image" not in seen and stage.text_encoder is None:
+                raise RecipeError(f"{where}.text_encoder: no align_image stage before has one to align to")
+            if (stage.text_encoder is None) != (stage.projection_dim is None):
+                raise RecipeError(f"{where}: give text_encoder and projection_dim together")
         seen.append(stage.kind)
     if model.init is not None and model.init.tokenizer == "train" and "tokenizer" not in kinds:
         raise RecipeError("model.init.tokenizer is 'train' but the recipe has no tokenizer stage")
@@ -585,7 +614,7 @@ def recipe_from_dict(
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as error:
-        raise RecipeError(f"{source}: {describe(error.errors()[0], raw)}") from None
+        raise RecipeError(f"{source}: {describe(error.errors()[0], raw, Recipe, STAGE_KINDS)}") from None
     recipe._source_dir = str(Path(source).resolve().parent) if Path(str(source)).exists() else "."
     try:
         validate(recipe)
@@ -643,146 +672,3 @@ def _list_index(items: list[Any], part: str, where: str) -> int:
 def dump_recipe(recipe: Recipe) -> str:
     """The fully resolved recipe as YAML (all defaults written out), stored in the run folder."""
     return yaml.safe_dump(recipe.to_dict(), sort_keys=False)
-
-
-# ---------------------------------------------------------------------------------------- messages
-
-# Problems with a value's type or a key (message "<path>: <problem> [stage '<label>']"), as opposed
-# to a value out of its bounds ("stages[<i>] (<label>).<key>: <problem>").
-_TYPE_ERRORS = {
-    "int_type": "expected an integer",
-    "int_parsing": "expected an integer",
-    "int_from_float": "expected an integer",
-    "float_type": "expected a number",
-    "float_parsing": "expected a number",
-    "finite_number": "expected a number",
-    "bool_type": "expected true/false",
-    "bool_parsing": "expected true/false",
-    "string_type": "expected a string",
-}
-
-
-def describe(error: Any, raw: dict[str, Any]) -> str:
-    """One pydantic error as the recipe's message: the key's path, what is wrong, the value found."""
-    loc = list(error["loc"])
-    kind, value, context = error["type"], error.get("input"), error.get("ctx") or {}
-    stage = None  # (index, label, kind) when the error lies in a stage
-    if (
-        loc[:1] == ["stages"]
-        and len(loc) > 1
-        and isinstance(loc[1], int)
-        and isinstance(raw.get("stages"), list)
-    ):
-        entry = raw["stages"][loc[1]]
-        if len(loc) > 2 and loc[2] in STAGE_KINDS:
-            del loc[2]  # the discriminator's tag
-        if isinstance(entry, dict):
-            stage = (loc[1], entry.get("name") or entry.get("kind"), entry.get("kind"))
-        if len(loc) == 2:
-            if not isinstance(entry, dict):
-                return f"{_path(loc)}: a stage is a mapping with a 'kind'"
-            if kind.startswith("union_tag"):
-                return (
-                    f"{_path(loc)}.kind: expected one of {', '.join(STAGE_KINDS)}, got {entry.get('kind')!r}"
-                )
-    where = _path(loc)
-    tail = f" [stage {stage[1]!r}]" if stage is not None else ""
-    if kind == "extra_forbidden":
-        parent = _path(loc[:-1])
-        keys = _keys(_section_at(loc[:-1], stage))
-        close = difflib.get_close_matches(str(loc[-1]), keys, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        return f"{where}: unknown key {loc[-1]!r} in {parent or 'recipe'}{hint}; valid keys: {', '.join(keys)}{tail}"
-    if kind == "missing":
-        return f"{where}: required key is missing{tail}"
-    if kind in _TYPE_ERRORS:
-        return f"{where}: {_TYPE_ERRORS[kind]}, got {value!r}{tail}"
-    if kind == "literal_error":
-        return f"{where}: expected {context['expected'].replace(', ', ' or ')}, got {value!r}{tail}"
-    if kind == "list_type":
-        return f"{where}: expected {_type_name(_annotation_at(loc, stage))}, got {value!r}{tail}"
-    if kind in ("model_type", "model_attributes_type", "dict_type"):
-        return f"{where}: expected a mapping, got {type(value).__name__}{tail}"
-    # A value out of bounds, or refused by a check of its own.
-    if stage is not None:
-        where = _path([f"stages[{stage[0]}] ({stage[1]})", *loc[2:]])
-    if kind == "greater_than":
-        bound = "must be positive" if context["gt"] == 0 else f"must be greater than {context['gt']}"
-        return f"{where}: {bound}, got {value}"
-    if kind == "greater_than_equal":
-        bound = "must not be negative" if context["ge"] == 0 else f"must be at least {context['ge']}"
-        return f"{where}: {bound}, got {value}"
-    message = str(context.get("error", error["msg"]))
-    key, sep, rest = message.partition(": ")
-    if sep and key in _keys(_section_at(loc, stage)):  # "<field>: <problem>" from a config's own check
-        return f"{where}.{key}: {rest}"
-    return f"{where}: {message}"
-
-
-def _path(loc: list[Any]) -> str:
-    out = ""
-    for key in loc:
-        if isinstance(key, int):
-            out += f"[{key}]"
-        else:
-            out += f".{key}" if out else str(key)
-    return out
-
-
-def _model_in(annotation: Any) -> Any:
-    """The section class an annotation holds (through Optional, Annotated, list), or None."""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in typing.get_args(annotation):
-        found = _model_in(arg)
-        if found is not None:
-            return found
-    return None
-
-
-def _fields(section: Any) -> dict[str, Any]:
-    """A section's fields by the key a recipe writes."""
-    if section is None:
-        return {}
-    return {f.alias or name: f for name, f in section.model_fields.items()}
-
-
-def _keys(section: Any) -> list[str]:
-    return list(_fields(section))
-
-
-def _section_at(loc: list[Any], stage: tuple[int, Any, Any] | None) -> Any:
-    """The section class found at a path of the recipe (a stage's by its kind), or None."""
-    section: Any = Recipe
-    for depth, key in enumerate(loc):
-        if isinstance(key, int):
-            if depth == 1 and stage is not None:
-                section = STAGE_KINDS.get(stage[2], section)
-            continue
-        field = _fields(section).get(key)
-        if field is None:
-            return None
-        section = _model_in(field.annotation)
-    return section
-
-
-def _annotation_at(loc: list[Any], stage: tuple[int, Any, Any] | None) -> Any:
-    field = _fields(_section_at(loc[:-1], stage)).get(loc[-1])
-    return field.annotation if field is not None else Any
-
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Annotated:
-        return _type_name(typing.get_args(tp)[0])
-    if origin is Literal:
-        return " or ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (Union, types.UnionType):
-        return " or ".join(dict.fromkeys(_type_name(a) for a in typing.get_args(tp)))
-    if origin is list:
-        return f"a list of {_type_name(typing.get_args(tp)[0])}"
-    if tp is type(None):
-        return "null"
-    if isinstance(tp, type) and issubclass(tp, BaseModel):
-        return "a mapping"
-    return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(tp, str(tp))

@@ -24,12 +24,15 @@ from videollava.data.datasets import (
 from videollava.data.records import Record, read_records
 from videollava.data.sample_media import MediaCache, MediaSpec
 from videollava.data.transforms import ImageTransformConfig
+from videollava.model.build import init_vision_tower
 from videollava.model.videollava import VideoLlava
+from videollava.model.vision import VisionTower
 from videollava.train.config import (
     AlignImageStage,
     AlignVideoStage,
     FinetuneStage,
     LoraConfig,
+    MaeImageStage,
     ProjectorStage,
     Recipe,
     RecipeError,
@@ -43,6 +46,7 @@ from videollava.train.contrastive import (
     init_video_tower_from_image,
 )
 from videollava.train.loop import Task
+from videollava.train.mae import MaeObjective, MaskedAutoencoder, heldout_reconstruction
 from videollava.train.objectives import AlignObjective, LMObjective
 from videollava.train.retrieval import retrieval_metrics
 
@@ -90,8 +94,15 @@ class TaskContext:
     def data_path(self, name: str) -> Path:
         return self.data_root / name  # an absolute name stays as it is
 
-    def records(self, names: list[str], max_samples: int | None = None) -> list[Record]:
-        return read_records([self.data_path(n) for n in names], max_samples)
+    def records(
+        self, names: list[str], max_samples: int | None = None, only_media: str | None = None
+    ) -> list[Record]:
+        """The entries of the named files; with `only_media`, those of that modality (and text-only
+        ones), then the first `max_samples`."""
+        if only_media is None:
+            return read_records([self.data_path(n) for n in names], max_samples)
+        records = read_records([self.data_path(n) for n in names])
+        return [r for r in records if r.modality in (only_media, "text") or r.problem][:max_samples]
 
     def media_spec(self, stage: TrainStage) -> MediaSpec:
         recipe = self.recipe
@@ -198,7 +209,7 @@ def contrastive_objective(
 ) -> tuple[CaptionDataset, AlignObjective]:
     """The stage's caption pairs of one modality and the contrastive loss over them, with only the
     aligner's own trainable parameters learning."""
-    records = ctx.records(stage.data, stage.max_samples)
+    records = ctx.records(stage.data, stage.max_samples, stage.only_media)
     dataset = CaptionDataset(records, ctx.media_spec(stage), modality, regions=stage.region_loss is not None)
     vocabulary = region_vocabulary(ctx, stage, dataset)
     objective = AlignObjective(aligner, ctx.tokenizer, max_length, media_shape, vocabulary)
@@ -241,15 +252,20 @@ def align_image_task(ctx: TaskContext, stage: AlignImageStage) -> tuple[Task, Fi
     model, alignment = ctx.model, ctx.alignment
     alignment.text_encoder = TextEncoder(stage.text_encoder, len(ctx.tokenizer), stage.projection_dim)
     regions = stage.region_loss
+    tower = model.image_tower
+    if stage.tower == "fresh":  # a tower of its own, for a later align_video to start from
+        tower = VisionTower(model.image_tower.config).to(next(model.image_tower.parameters()).device)
+        assert ctx.recipe.model.init is not None  # validate: alignment needs model.init
+        init_vision_tower(tower, ctx.recipe.model.init.vision_init_std)
     aligner = ImageTextAligner(
-        model.image_tower,
+        tower,
         alignment.text_encoder,
         stage.projection_dim,
         regions,
         feature_layer=model.config.vision_feature_layer,
     )
     alignment.image_aligner = aligner
-    model.image_tower.encoder.gradient_checkpointing = stage.gradient_checkpointing
+    tower.encoder.gradient_checkpointing = stage.gradient_checkpointing
     size = model.config.vision.image_size
     dataset, objective = contrastive_objective(
         ctx, stage, aligner, "image", stage.text_encoder.max_length, (3, size, size)
@@ -262,29 +278,60 @@ def align_image_task(ctx: TaskContext, stage: AlignImageStage) -> tuple[Task, Fi
         return retrieval_metrics(aligner, held_out, ctx.tokenizer, alignment.region_vocab.get("image"), batch)
 
     lr_for = submodule_lr(stage.lr, {"text_encoder": stage.text_encoder_lr})
-    return alignment_task(model.image_tower, aligner, objective, dataset, evaluate, stage, lr_for)
+    return alignment_task(tower, aligner, objective, dataset, evaluate, stage, lr_for)
+
+
+def mae_image_task(ctx: TaskContext, stage: MaeImageStage) -> tuple[Task, Finish]:
+    """The image tower without language: masked-patch reconstruction of image entries."""
+    model = ctx.model
+    mae = MaskedAutoencoder(model.image_tower, stage.mae)
+    objective = MaeObjective(mae)
+    set_trainable(objective, mae.trainable_parameters())
+    model.image_tower.encoder.gradient_checkpointing = stage.gradient_checkpointing
+    records = ctx.records(stage.data, stage.max_samples, stage.only_media)
+    dataset = CaptionDataset(records, ctx.media_spec(stage), "image")
+    held_out = ctx.held_out_captions(stage, "image")
+    batch = stage.eval.batch_size if stage.eval else 32
+
+    def evaluate(_: nn.Module) -> dict[str, float]:
+        if held_out is None:
+            return {}
+        good = [s for s in (held_out[i] for i in range(len(held_out))) if not isinstance(s, Skipped)]
+        device = next(mae.parameters()).device
+        pixels = [
+            collate_captions(good[i : i + batch])["pixels"].to(device) for i in range(0, len(good), batch)
+        ]
+        return heldout_reconstruction(mae, pixels)
+
+    return alignment_task(model.image_tower, mae, objective, dataset, evaluate, stage)
 
 
 def align_video_task(ctx: TaskContext, stage: AlignVideoStage) -> tuple[Task, Finish]:
     """Video tower = aligned image tower + temporal modules, against the frozen text encoder."""
     model, alignment = ctx.model, ctx.alignment
     text_encoder, image_aligner = alignment.text_encoder, alignment.image_aligner
-    if text_encoder is None or image_aligner is None:
+    if stage.text_encoder is not None and stage.projection_dim is not None:
+        # A language space of its own (frozen, as the image stage's is here).
+        text_encoder = TextEncoder(stage.text_encoder, len(ctx.tokenizer), stage.projection_dim)
+    if text_encoder is None or (stage.init_projection_from_image and image_aligner is None):
         raise RecipeError(f"stage {stage.label}: align_video needs a finished align_image stage")
     frames = model.config.temporal_frames
     if frames < 1:
         raise RecipeError("model.temporal_frames: the video tower needs temporal modules (>= 1) to align")
-    fresh = init_video_tower_from_image(model.image_tower, frames, stage.temporal_embedding_std)
+    # The tower the last align_image aligned (the model's image tower unless it made a fresh one);
+    # after mae_image alone, the model's image tower.
+    base = image_aligner.image_tower if image_aligner is not None else model.image_tower
+    fresh = init_video_tower_from_image(base, frames, stage.temporal_embedding_std)
     model.video_tower.load_state_dict(fresh.state_dict())
     projection = image_aligner.visual_projection if stage.init_projection_from_image else None
     regions = stage.region_loss
     aligner = VideoTextAligner(
         model.video_tower,
         text_encoder,
-        image_aligner.visual_projection.out_features,
+        text_encoder.projection_dim,
         projection,
         regions,
-        region_projection_init=image_aligner.region_projection,
+        region_projection_init=image_aligner.region_projection if image_aligner is not None else None,
         feature_layer=model.config.vision_feature_layer,
     )
     model.video_tower.encoder.gradient_checkpointing = stage.gradient_checkpointing
@@ -300,11 +347,12 @@ def align_video_task(ctx: TaskContext, stage: AlignVideoStage) -> tuple[Task, Fi
     batch = stage.eval.batch_size if stage.eval else 32
 
     def evaluate(_: nn.Module) -> dict[str, float]:
-        image_aligner.eval()
         vocab = alignment.region_vocab
-        return retrieval_metrics(image_aligner, held_images, ctx.tokenizer, vocab.get("image"), batch) | (
-            retrieval_metrics(aligner, held_videos, ctx.tokenizer, vocab.get("video"), batch)
-        )
+        images = {}
+        if image_aligner is not None:
+            image_aligner.eval()
+            images = retrieval_metrics(image_aligner, held_images, ctx.tokenizer, vocab.get("image"), batch)
+        return images | retrieval_metrics(aligner, held_videos, ctx.tokenizer, vocab.get("video"), batch)
 
     return alignment_task(model.video_tower, aligner, objective, dataset, evaluate, stage)
 
@@ -359,7 +407,7 @@ def lm_task(
     if stage.gradient_checkpointing:
         activation_checkpointing(model.language_model, True)
     objective = LMObjective(model, ctx.tokenizer.bos_token_id, towers)
-    records = ctx.records(stage.data, stage.max_samples)
+    records = ctx.records(stage.data, stage.max_samples, stage.only_media)
     max_length = min(recipe.model.model_max_length, model.max_context)
     media = ctx.media_spec(stage)
     dataset = ConversationDataset(records, media, ctx.tokenizer, template, max_length)
@@ -436,6 +484,7 @@ def finetune_task(ctx: TaskContext, stage: FinetuneStage) -> tuple[Task, Finish]
 # The builder of each kind of training stage (config.STAGE_KINDS names every kind).
 TASK_BUILDERS: dict[str, Callable[[TaskContext, Any], tuple[Task, Finish]]] = {
     "align_image": align_image_task,
+    "mae_image": mae_image_task,
     "align_video": align_video_task,
     "projector": projector_task,
     "finetune": finetune_task,
