@@ -13,9 +13,10 @@ float unless the variant says so):
 Two LLMs: a LLaMA wide enough that reading its weights dominates (random weights, built with
 transformers' ``LlamaForCausalLM``), and the shipped default model's own LLM. Decode is batch 1,
 one token per step after the prompt (matrix-vector); prefill is the whole prompt at once (GEMM).
-Every variant of an LLM lives in memory at once and the variants take turns round by round, so
-load drift on a shared machine hits them alike; each figure is the median over rounds, and every
-ratio is against float32 in the same run. Also recorded: how far each variant's prefill logits
+One variant is in memory at a time, beside the float32 model, and the two alternate round by
+round: each ratio is the median float32 time over the median variant time of those rounds, so
+drift in a shared machine's load over the run does not move it. Also recorded: how far each
+variant's prefill logits
 are from float32's, and for how many greedy tokens it follows float32 (random weights have
 near-ties everywhere: a first difference comes early and says little; the ShapesWorld held-out
 accuracy is the quality measure).
@@ -173,66 +174,75 @@ def measure(
     skip: set[str],
     no_prefill: set[str],
 ) -> dict[str, Any]:
+    """Each variant in turn, alternating with float32 round by round; only one variant in memory.
+
+    A variant's ratios are against the float32 runs that alternated with it, so drift in the
+    machine's load over the whole benchmark does not move them.
+    """
     vocab = base.config.vocab_size
     gen = torch.Generator().manual_seed(0)
     long_ids = torch.randint(3, vocab, (1, prompt_tokens), generator=gen)
     short_ids = torch.randint(3, vocab, (1, decode_prompt), generator=gen)
-    models: dict[str, nn.Module] = {}
-    build_seconds: dict[str, float] = {}
-    for name, build in make_variants(base, skip).items():
-        start = time.perf_counter()
-        models[name] = build().eval()
-        build_seconds[name] = time.perf_counter() - start
-        # Warm-up: compiles what is compiled, touches every weight once.
-        start = time.perf_counter()
-        decode(models[name], short_ids, 2)
-        if name not in no_prefill:
-            prefill(models[name], long_ids)
-        build_seconds[name] += time.perf_counter() - start
-        print(f"[{label}] built {name} in {build_seconds[name]:.1f} s", flush=True)
-    decode_times: dict[str, list[float]] = {n: [] for n in models}
-    prefill_times: dict[str, list[float]] = {n: [] for n in models}
-    tokens: dict[str, list[int]] = {}
-    logits: dict[str, torch.Tensor] = {}
-    names = list(models)
-    for r in range(rounds):
-        # A different variant goes first each round, so no variant always follows the same neighbour.
-        for name in names[r % len(names) :] + names[: r % len(names)]:
-            model = models[name]
-            seconds, tokens[name] = decode(model, short_ids, decode_steps)
-            decode_times[name].append(seconds)
-            if name not in no_prefill:
-                seconds, logits[name], _ = prefill(model, long_ids)
-                prefill_times[name].append(seconds)
-        print(f"[{label}] round {r + 1}/{rounds}, load {os.getloadavg()[0]:.2f}", flush=True)
-    reference_logits, reference_tokens = logits["fp32"], tokens["fp32"]
+    _, reference_logits, _ = prefill(base, long_ids)
+    _, reference_tokens = decode(base, short_ids, decode_steps)
     scale = reference_logits.abs().max().item()
     results = {}
-    for name in models:
-        per_token = statistics.median(decode_times[name])
+    for name, build in make_variants(base, skip | {"fp32"}).items():
+        start = time.perf_counter()
+        model = build().eval()
+        # Warm-up: compiles what is compiled, touches every weight once.
+        decode(model, short_ids, 2)
+        if name not in no_prefill:
+            prefill(model, long_ids)
+        build_seconds = time.perf_counter() - start
+        times: dict[str, dict[str, list[float]]] = {
+            side: {"decode": [], "prefill": []} for side in ("fp32", name)
+        }
+        logits, tokens = None, []
+        for _ in range(rounds):
+            for side, runner in (("fp32", base), (name, model)):
+                seconds, picked = decode(runner, short_ids, decode_steps)
+                times[side]["decode"].append(seconds)
+                if side == name:
+                    tokens = picked
+                if name not in no_prefill:
+                    seconds, last, _ = prefill(runner, long_ids)
+                    times[side]["prefill"].append(seconds)
+                    if side == name:
+                        logits = last
+        del model
+        fp32_decode = statistics.median(times["fp32"]["decode"])
+        per_token = statistics.median(times[name]["decode"])
         entry: dict[str, Any] = {
             "decode_tokens_per_s": 1.0 / per_token,
-            "decode_ms_per_token": 1000 * per_token,
-            "decode_vs_fp32": statistics.median(decode_times["fp32"]) / per_token,
-            "greedy_leading_tokens_equal_to_fp32": _common_prefix(tokens[name], reference_tokens),
+            "decode_vs_fp32": fp32_decode / per_token,
+            "fp32_decode_tokens_per_s_alongside": 1.0 / fp32_decode,
+            "decode_ms_per_token_by_round": [1000 * t for t in times[name]["decode"]],
+            "fp32_decode_ms_per_token_by_round": [1000 * t for t in times["fp32"]["decode"]],
+            "greedy_leading_tokens_equal_to_fp32": _common_prefix(tokens, reference_tokens),
             "greedy_tokens": len(reference_tokens),
-            "build_and_warmup_s": build_seconds[name],
-            "decode_ms_per_token_by_round": [1000 * t for t in decode_times[name]],
+            "build_and_warmup_s": build_seconds,
         }
-        if prefill_times[name]:
-            seconds = statistics.median(prefill_times[name])
+        if logits is not None:
+            fp32_prefill = statistics.median(times["fp32"]["prefill"])
+            seconds = statistics.median(times[name]["prefill"])
             entry["prefill_tokens_per_s"] = prompt_tokens / seconds
-            entry["prefill_vs_fp32"] = statistics.median(prefill_times["fp32"]) / seconds
-            entry["prefill_logits_max_abs_diff_vs_fp32"] = (
-                (logits[name] - reference_logits).abs().max().item()
-            )
+            entry["prefill_vs_fp32"] = fp32_prefill / seconds
+            entry["fp32_prefill_tokens_per_s_alongside"] = prompt_tokens / fp32_prefill
+            entry["prefill_s_by_round"] = times[name]["prefill"]
+            entry["fp32_prefill_s_by_round"] = times["fp32"]["prefill"]
+            entry["prefill_logits_max_abs_diff_vs_fp32"] = (logits - reference_logits).abs().max().item()
             entry["prefill_logits_max_abs_fp32"] = scale
-            entry["prefill_argmax_equal_to_fp32"] = bool(logits[name].argmax() == reference_logits.argmax())
-            entry["prefill_s_by_round"] = prefill_times[name]
+            entry["prefill_argmax_equal_to_fp32"] = bool(logits.argmax() == reference_logits.argmax())
         else:
             entry["prefill_tokens_per_s"] = None
             entry["prefill_note"] = "not measured: the kernel's float32 path takes minutes for one prompt"
         results[name] = entry
+        print(
+            f"[{label}] {name:24s} decode {entry['decode_vs_fp32']:.2f}x"
+            f"  prefill {entry.get('prefill_vs_fp32') or 0:.2f}x  load {os.getloadavg()[0]:.2f}",
+            flush=True,
+        )
     return results
 
 
@@ -269,12 +279,12 @@ def main() -> None:
     )
     parser.add_argument("--hidden", type=int, default=2048)
     parser.add_argument("--intermediate", type=int, default=5632)
-    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--prompt", type=int, default=256, help="prefill length (large LLM)")
     parser.add_argument("--decode", type=int, default=16, help="greedy steps timed per round")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-torchao", action="store_true", help="leave the torchao variants out")
     parser.add_argument(
@@ -365,7 +375,7 @@ def main() -> None:
     }
     for part in ("large_llm", "default_model_llm"):
         print(part)
-        for name, entry in results[part]["variants"].items():
+        for name, entry in results[part]["variants"].items():  # fp32 is the reference, not a variant
             prefill_ratio = entry.get("prefill_vs_fp32")
             shown = f"{prefill_ratio:.2f}x" if prefill_ratio else "-"
             print(
