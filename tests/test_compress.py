@@ -125,8 +125,17 @@ def test_cls_attention_equals_clip_vision_models_attention_matrix(hf_checkpoint,
             torch.testing.assert_close(weights, expected, atol=ATOL, rtol=0)
             torch.testing.assert_close(hidden, reference.hidden_states[index], atol=1e-4, rtol=0)
             assert torch.allclose(weights.sum(-1), torch.ones(3), atol=ATOL)
+        # Ranked by another block's CLS (visual_token_layer): the features stay the feature layer's.
+        today = ours.image_tower.hidden_state(pixels, -2)
+        for rank in [*range(1, layers + 1), -1]:
+            hidden, weights = ours.image_tower.hidden_state_and_cls_attention(pixels, -2, rank_layer=rank)
+            expected = reference.attentions[rank % (layers + 1) - 1][:, :, 0].mean(dim=1)
+            torch.testing.assert_close(weights, expected, atol=ATOL, rtol=0)
+            assert torch.equal(hidden, today)
     with pytest.raises(ValueError, match="embedding output"):
         ours.image_tower.hidden_state_and_cls_attention(pixels, 0)
+    with pytest.raises(ValueError, match="embedding output"):
+        ours.image_tower.hidden_state_and_cls_attention(pixels, -2, rank_layer=-(layers + 1))
 
 
 def test_cls_attention_of_a_temporal_tower_equals_an_explicit_attention_matrix():
@@ -225,6 +234,34 @@ def test_a_temporal_towers_video_keeps_each_frames_cls_and_its_own_patches():
     assert len({tuple(p) for p in picks}) > 1  # frames choose for themselves
 
 
+def test_the_ranking_layer_changes_which_patches_not_their_features(ours):
+    torch.manual_seed(9)
+    images = torch.randn(4, 3, SIZE, SIZE)
+    layer = ours.config.vision_feature_layer
+    with torch.no_grad():
+        full = ours.image_tower.encode_images(images, layer)
+        by_feature_block = ours.image_tower.encode_images(images, layer, keep=4)
+        ours.config.visual_token_layer = -1
+        try:
+            projected = ours.encode_images(images, 4)
+        finally:
+            ours.config.visual_token_layer = None
+        by_last_block = ours.image_tower.encode_images(images, layer, keep=4, rank_layer=-1)
+        _, weights = ours.image_tower.hidden_state_and_cls_attention(images, -1)
+    torch.testing.assert_close(projected, ours.multi_modal_projector(by_last_block), atol=1e-6, rtol=0)
+    for b in range(4):
+        chosen = sorted(weights[b, 1:].argsort(descending=True, stable=True)[:4].tolist())
+        assert torch.equal(by_last_block[b], full[b, chosen])
+    assert not torch.equal(by_last_block, by_feature_block)  # another block, other patches
+    for bad in (0, 4, -5, True, 1.0):
+        ours.config.visual_token_layer = bad
+        try:
+            with pytest.raises(ValueError, match="visual_token_layer"):
+                ours.encode_images(images, 4)
+        finally:
+            ours.config.visual_token_layer = None
+
+
 def test_the_config_budget_is_the_default_and_a_call_overrides_it(ours):
     torch.manual_seed(8)
     images = torch.randn(1, 3, SIZE, SIZE)
@@ -251,12 +288,18 @@ def test_the_default_budget_is_saved_with_the_config_and_absent_means_all(hf_che
     save_bundle(tmp_path / "plain", bundle.model, bundle.tokenizer, bundle.transform)
     written = json.loads((tmp_path / "plain" / "config.json").read_text())
     assert "visual_tokens" not in written["videollava"]  # an uncompressed model's config is as before
+    assert "visual_token_layer" not in written["videollava"]
     bundle.model.config.visual_tokens = 6
+    bundle.model.config.visual_token_layer = -1
     save_bundle(tmp_path / "six", bundle.model, bundle.tokenizer, bundle.transform)
-    assert json.loads((tmp_path / "six" / "config.json").read_text())["videollava"]["visual_tokens"] == 6
-    assert load_bundle(tmp_path / "six", torch.float32).model.config.visual_tokens == 6
-    for bad in (0, "6", 2.5, True):
-        written["videollava"]["visual_tokens"] = bad
-        (tmp_path / "plain" / "config.json").write_text(json.dumps(written))
-        with pytest.raises(CheckpointError, match=r"config.json: videollava.visual_tokens must be"):
+    ours = json.loads((tmp_path / "six" / "config.json").read_text())["videollava"]
+    assert ours["visual_tokens"] == 6 and ours["visual_token_layer"] == -1
+    loaded = load_bundle(tmp_path / "six", torch.float32).model.config
+    assert loaded.visual_tokens == 6 and loaded.visual_token_layer == -1
+    for field, bad in [("visual_tokens", v) for v in (0, "6", 2.5, True)] + [
+        ("visual_token_layer", v) for v in (0, 9, "-1", False)
+    ]:
+        broken = {**written, "videollava": {**written["videollava"], field: bad}}
+        (tmp_path / "plain" / "config.json").write_text(json.dumps(broken))
+        with pytest.raises(CheckpointError, match=rf"config.json: videollava.{field} "):
             load_bundle(tmp_path / "plain", torch.float32)

@@ -100,6 +100,14 @@ def test_the_feature_and_prefix_caches_never_mix_budgets(hf_checkpoint, media) -
     assert (cache.hits, cache.misses) == (1, 3) and torch.equal(again.features[0], four.features[0])
     video_request(pipeline, media["other"], visual_tokens=PATCHES)  # covers every patch: the full entry
     assert (cache.hits, cache.misses) == (2, 3)
+    pipeline.model.config.visual_token_layer = -1  # ranked by another block: other entries
+    try:
+        last = video_request(pipeline, media["other"], visual_tokens=4)
+        assert (cache.hits, cache.misses) == (2, 4) and last.prefix_key != four.prefix_key
+        assert video_request(pipeline, media["other"]).prefix_key == full.prefix_key  # full stays full
+        assert (cache.hits, cache.misses) == (3, 4)
+    finally:
+        pipeline.model.config.visual_token_layer = None
     assert len({full.features[0].shape[0], four.features[0].shape[0], eight.features[0].shape[0]}) == 3
     keys = [p.prefix_key for p in (full, four, eight)]
     slot = next(i for i, k in enumerate(keys[0]) if isinstance(k, str))

@@ -174,6 +174,16 @@ class Pipeline:
         budget = _budget(visual_tokens, "visual_tokens")
         return self.model.config.kept_patches(budget if budget is not None else self.visual_tokens)
 
+    def _budget_key(self, keep: int) -> str:
+        """What the features depend on besides the media and frames: the patches kept per frame and,
+        when that is fewer than all, the layer whose CLS attention chose them. Every budget at or
+        above the patch count gives the same (uncompressed) features: one key."""
+        config = self.model.config
+        if keep >= config.vision.num_patches:
+            return "all"
+        rank = config.rank_layer
+        return f"{keep}@{'feature' if rank is None else rank % (config.vision.num_hidden_layers + 1)}"
+
     def encode_media(
         self,
         item: MediaItem,
@@ -191,8 +201,7 @@ class Pipeline:
         frames = num_frames or self.num_frames
         keep = self.kept_patches(visual_tokens)
         digest = digest or content_hash(item.source, item.name, cancelled)
-        # Every budget at or above the patch count gives the same (uncompressed) features: one key.
-        key = f"{item.kind}:{frames}:{keep}:{digest}"
+        key = f"{item.kind}:{frames}:{self._budget_key(keep)}:{digest}"
         cached = self.feature_cache.get(key)
         if cached is not None:
             return cached
@@ -281,7 +290,7 @@ class Pipeline:
                 feature = self.encode_media(item, num_frames, digest, cancelled, keep)
                 features.append(feature)
                 # The budget is part of the key: compressed rows never stand in for full ones.
-                prefix_key.append(f"{item.kind}:{digest}:{keep}:{feature.shape[0]}")
+                prefix_key.append(f"{item.kind}:{digest}:{self._budget_key(keep)}:{feature.shape[0]}")
             else:
                 prefix_key.append(token)
         visual = sum(f.shape[0] for f in features)

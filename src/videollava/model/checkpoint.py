@@ -10,6 +10,7 @@ held twice in memory.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -26,7 +27,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from videollava.constants import HF_IMAGE_TOKEN_ID, HF_VIDEO_TOKEN_ID, IMAGE_SLOT, VIDEO_SLOT
 from videollava.errors import CheckpointError
 from videollava.model.build import LLMConfig, model_config
-from videollava.model.compress import check_budget
+from videollava.model.compress import check_budget, check_rank_layer
 from videollava.model.videollava import Projector, VideoLlava, VideoLlavaConfig
 from videollava.model.vision import VisionConfig
 
@@ -299,14 +300,21 @@ def config_from_hf(data: dict[str, Any], has_temporal: bool, source: str = "conf
         image_aspect_ratio=ours.get("image_aspect_ratio", "crop"),
         video_aspect_ratio=ours.get("video_aspect_ratio", "crop"),
         template=ours.get("template", "hf"),
-        visual_tokens=_visual_tokens(ours.get("visual_tokens"), source),
+        visual_tokens=_compression(check_budget, ours.get("visual_tokens"), "visual_tokens", source),
+        visual_token_layer=_compression(
+            functools.partial(check_rank_layer, num_layers=vision.num_hidden_layers),
+            ours.get("visual_token_layer"),
+            "visual_token_layer",
+            source,
+        ),
     )
 
 
-def _visual_tokens(value: Any, source: str) -> int | None:
-    """The checkpoint's default budget of patch tokens per frame (absent: all of them)."""
+def _compression(check: Callable[..., Any], value: Any, name: str, source: str) -> Any:
+    """The checkpoint's default visual-token budget or ranking layer (absent: all patches; the
+    feature layer's block)."""
     try:
-        return check_budget(value, "videollava.visual_tokens")
+        return check(value, name=f"videollava.{name}")
     except ValueError as error:
         raise CheckpointError(f"{source}: {error}") from None
 
@@ -340,7 +348,10 @@ def config_to_hf(config: VideoLlavaConfig) -> dict[str, Any]:
             "template": config.template,
         }
         # Written only when set, so an uncompressed model's config.json stays as it was.
-        | ({"visual_tokens": config.visual_tokens} if config.visual_tokens is not None else {}),
+        | ({"visual_tokens": config.visual_tokens} if config.visual_tokens is not None else {})
+        | (
+            {"visual_token_layer": config.visual_token_layer} if config.visual_token_layer is not None else {}
+        ),
     }
 
 

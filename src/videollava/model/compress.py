@@ -23,6 +23,20 @@ def check_budget(value: object, name: str = "visual_tokens") -> int | None:
     return value
 
 
+def check_rank_layer(value: object, num_layers: int, name: str = "visual_token_layer") -> int | None:
+    """The hidden-state index whose producing block's CLS attention ranks patches: None (the feature
+    layer's own block) or an index into the tower's hidden states other than the embedding output."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not -(num_layers + 1) <= value <= num_layers:
+        raise ValueError(
+            f"{name} must be a hidden-state index from {-(num_layers + 1)} to {num_layers}, got {value!r}"
+        )
+    if value % (num_layers + 1) == 0:
+        raise ValueError(f"{name} {value} is the embedding output, which no block's attention produces")
+    return value
+
+
 def kept_patches(budget: int | None, patches: int) -> int:
     """Patch rows kept per image or frame under `budget` (None: all `patches`)."""
     return patches if budget is None else min(budget, patches)

@@ -24,7 +24,7 @@ from videollava.constants import (
     VIDEO_SLOT,
 )
 from videollava.errors import PromptError
-from videollava.model.compress import check_budget, kept_patches
+from videollava.model.compress import check_budget, check_rank_layer, kept_patches
 from videollava.model.vision import VisionConfig, VisionTower
 
 
@@ -52,6 +52,9 @@ class VideoLlavaConfig:
     # Patch tokens kept per image or video frame when a request sets no budget (model.compress):
     # the ones the tower's CLS attends to most. None keeps all of them.
     visual_tokens: int | None = None
+    # The hidden state whose producing block's CLS attention ranks the patches; None: the feature
+    # layer's own block (FasterVLM). A later block (e.g. -1, the last) runs the blocks between too.
+    visual_token_layer: int | None = None
 
     @property
     def video_vision(self) -> VisionConfig:
@@ -77,6 +80,11 @@ class VideoLlavaConfig:
     def video_tokens(self, num_frames: int) -> int:
         """Visual rows of one uncompressed video."""
         return num_frames * (self.vision.num_patches + 1)
+
+    @property
+    def rank_layer(self) -> int | None:
+        """`visual_token_layer`, checked against the tower's depth."""
+        return check_rank_layer(self.visual_token_layer, self.vision.num_hidden_layers)
 
     def llm_config(self) -> PretrainedConfig:
         data = dict(self.text_config)
@@ -158,6 +166,7 @@ class VideoLlava(nn.Module):
             pixel_values.to(self.device, self.dtype, non_blocking=True),
             self.config.vision_feature_layer,
             keep=self.config.kept_patches(visual_tokens),
+            rank_layer=self.config.rank_layer,
         )
         return self.multi_modal_projector(features)
 
@@ -168,6 +177,7 @@ class VideoLlava(nn.Module):
             pixel_values.to(self.device, self.dtype, non_blocking=True),
             self.config.vision_feature_layer,
             keep=self.config.kept_patches(visual_tokens),
+            rank_layer=self.config.rank_layer,
         )
         return self.multi_modal_projector(features)
 

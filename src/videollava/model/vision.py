@@ -232,47 +232,73 @@ class VisionTower(nn.Module):
         return self.post_layernorm(last[:, 0]), hidden
 
     def hidden_state_and_cls_attention(
-        self, pixel_values: torch.Tensor, layer: int = -2, num_frames: int = 1
+        self, pixel_values: torch.Tensor, layer: int = -2, num_frames: int = 1, rank_layer: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B*T, C, H, W) -> the hidden state at `layer` (B*T, 1+P, D) and, from the block that
-        produces it, the CLS query's attention over its rows (B*T, 1+P), averaged over heads."""
-        index = layer % (self.config.num_hidden_layers + 1)
-        if index == 0:
+        """(B*T, C, H, W) -> the hidden state at `layer` (B*T, 1+P, D) and the CLS query's attention
+        over the rows (B*T, 1+P), averaged over heads, in the block that produces hidden state
+        `rank_layer` (default: `layer`'s own block, as FasterVLM ranks; a later one runs the
+        blocks between too)."""
+        total = self.config.num_hidden_layers + 1
+        index = layer % total
+        rank = index if rank_layer is None else rank_layer % total
+        if rank == 0:
             raise ValueError(
-                "visual-token compression ranks patches by a block's CLS attention, but feature layer "
-                f"{layer} is the embedding output, which no block produces"
+                "visual-token compression ranks patches by a block's CLS attention, but layer "
+                f"{layer if rank_layer is None else rank_layer} is the embedding output, which no block produces"
             )
-        x = self._blocks(self.pre_layrnorm(self.embeddings(pixel_values)), 0, index - 1, num_frames)
-        hidden, weights = self.encoder.layers[index - 1].forward_with_cls_attention(x, num_frames)
+        x = self._blocks(
+            self.pre_layrnorm(self.embeddings(pixel_values)), 0, min(index, rank - 1), num_frames
+        )
+        if rank > index:
+            hidden = x
+            x = self._blocks(x, index, rank - 1, num_frames)
+        out, weights = self.encoder.layers[rank - 1].forward_with_cls_attention(x, num_frames)
+        if rank <= index:
+            hidden = self._blocks(out, rank, index, num_frames)
         assert weights is not None
         return hidden, weights
 
     def _features(
-        self, pixel_values: torch.Tensor, layer: int, num_frames: int, keep: int | None, with_cls: bool
+        self,
+        pixel_values: torch.Tensor,
+        layer: int,
+        num_frames: int,
+        keep: int | None,
+        with_cls: bool,
+        rank_layer: int | None = None,
     ):
         """(B*T, C, H, W) -> (B*T, [1+]K, D); K = every patch when `keep` is None or covers them all."""
         if keep is None or keep >= self.config.num_patches:
             hidden = self.hidden_state(pixel_values, layer, num_frames)
             return hidden if with_cls else hidden[:, 1:]
-        hidden, weights = self.hidden_state_and_cls_attention(pixel_values, layer, num_frames)
+        hidden, weights = self.hidden_state_and_cls_attention(pixel_values, layer, num_frames, rank_layer)
         return top_patches(hidden, weights, keep, with_cls)
 
     def encode_images(
-        self, pixel_values: torch.Tensor, layer: int = -2, keep: int | None = None
+        self,
+        pixel_values: torch.Tensor,
+        layer: int = -2,
+        keep: int | None = None,
+        rank_layer: int | None = None,
     ) -> torch.Tensor:
         """(N, C, H, W) -> (N, P, D): patch features, CLS dropped; with `keep`, the `keep` most
-        attended patches per image (N, K, D), in their original order."""
-        return self._features(pixel_values, layer, 1, keep, with_cls=False)
+        attended patches per image (N, K, D), in their original order (see
+        `hidden_state_and_cls_attention` for `rank_layer`)."""
+        return self._features(pixel_values, layer, 1, keep, False, rank_layer)
 
     def encode_videos(
-        self, pixel_values: torch.Tensor, layer: int = -2, keep: int | None = None
+        self,
+        pixel_values: torch.Tensor,
+        layer: int = -2,
+        keep: int | None = None,
+        rank_layer: int | None = None,
     ) -> torch.Tensor:
         """(N, T, C, H, W) -> (N, T*(1+P), D): every frame's CLS and patches, frame after frame; with
         `keep`, each frame's CLS and its `keep` most attended patches (N, T*(1+K), D)."""
         n, t = pixel_values.shape[:2]
         # (N, T, C, H, W) -> (N*T, C, H, W)
         frames = t if self.config.has_temporal else 1
-        features = self._features(pixel_values.flatten(0, 1), layer, frames, keep, with_cls=True)
+        features = self._features(pixel_values.flatten(0, 1), layer, frames, keep, True, rank_layer)
         # (N*T, 1+K, D) -> (N, T*(1+K), D)
         return features.reshape(n, t * features.shape[1], features.shape[2])
 
