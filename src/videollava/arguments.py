@@ -53,8 +53,8 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         "--quantize",
         choices=["int8"],
         default=None,
-        help="store the language model's linear weights in int8, one scale per output channel "
-        "(activations keep --dtype; for answering only)",
+        help="store the language model's attention and MLP weights in int8, one scale per output "
+        "channel (activations keep --dtype; for answering only)",
     )
 
 
