@@ -387,28 +387,40 @@ def execute(plan: Plan, log: Callable[[str], None] | None = None) -> list[dict[s
 def run_in_processes(plan: Plan, log: Callable[[str], None]) -> None:
     """Each seed in a process of its own (`--seed S --resume`), `plan.jobs` at a time: on a quiet
     machine, one-thread runs side by side use the cores better than one run with more threads."""
+    import signal
     import subprocess
+
+    def stop(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
 
     pending = list(plan.seeds)
     running: dict[int, subprocess.Popen] = {}
     failed = []
-    while pending or running:
-        while pending and len(running) < plan.jobs:
-            seed = pending.pop(0)
-            command = [
-                sys.executable, "-m", "videollava", "experiment", "ablations", "--scale", plan.scale.name,
-                "--configs", str(plan.configs), "--output", str(plan.output), "--seed", str(seed),
-                "--arms", ",".join(plan.arms), "--resume", "--no-report",
-            ]  # fmt: skip
-            log(f"[seed {seed}] started in its own process")
-            running[seed] = subprocess.Popen(command)
-        time.sleep(2.0)
-        for seed, process in list(running.items()):
-            if process.poll() is not None:
-                del running[seed]
-                if process.returncode != 0:
-                    failed.append(seed)
-                log(f"[seed {seed}] process ended with status {process.returncode}")
+    previous = signal.signal(signal.SIGTERM, stop)  # a TERM (e.g. from timeout) ends the seeds' runs too
+    try:
+        while pending or running:
+            while pending and len(running) < plan.jobs:
+                seed = pending.pop(0)
+                command = [
+                    sys.executable, "-m", "videollava", "experiment", "ablations", "--scale", plan.scale.name,
+                    "--configs", str(plan.configs), "--output", str(plan.output), "--seed", str(seed),
+                    "--arms", ",".join(plan.arms), "--resume", "--no-report",
+                ]  # fmt: skip
+                log(f"[seed {seed}] started in its own process")
+                running[seed] = subprocess.Popen(command)
+            time.sleep(2.0)
+            for seed, process in list(running.items()):
+                if process.poll() is not None:
+                    del running[seed]
+                    if process.returncode != 0:
+                        failed.append(seed)
+                    log(f"[seed {seed}] process ended with status {process.returncode}")
+    finally:
+        for process in running.values():  # interrupted: no seed's run outlives this one
+            process.terminate()
+        for process in running.values():
+            process.wait()
+        signal.signal(signal.SIGTERM, previous)
     if failed:
         raise ExperimentError(f"seed(s) {failed} failed; see the log above, then run again with --resume")
 

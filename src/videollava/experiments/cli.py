@@ -107,7 +107,10 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
             return 0
     elif not output.is_dir():
         raise VideoLlavaError(f"--output {output}: no such experiment folder")
-    data = build(output, scale, seeds, arms, args.report_dir, command, args.bootstrap)
+    # The command that runs the experiment (a report-only invocation is not it).
+    data = build(
+        output, scale, seeds, arms, args.report_dir, None if args.report_only else command, args.bootstrap
+    )
     where = args.report_dir or output / "report"
     print(f"report: {where / 'ablations.md'}", file=sys.stderr)
     if data["missing"]:
