@@ -7,6 +7,11 @@
 2. Long videos: the video questions at 8/16/32/64 frames (the temporal embedding resampled from
    the 4 rows it was trained with) x every budget above whose visual tokens fit the context.
 
+Both with the patches ranked as FasterVLM ranks them (the CLS attention of the block that produces
+the feature layer) and, `visual_token_layer: -1`, by the last block's CLS attention (long videos:
+the rounded-down budgets only). Where the CLS looks is measured too: how many of the patches it
+ranks first cover an object, block by block.
+
 Writes `visual-token-compression.{json,md,png}` to `--out-dir` (default runs/bench/; `--record`:
 reports/). Each evaluation is saved as it finishes, so a killed run goes on where it stopped
 (`--resume`). Run: ``python bench/visual_tokens.py --record`` (the machine's load is recorded with
@@ -32,6 +37,11 @@ NAME = "visual-token-compression"
 ROOT = Path(__file__).resolve().parent.parent
 FRACTIONS = [(1, 1), (1, 2), (1, 4), (1, 8), (1, 16)]
 LONG_FRAMES = [8, 16, 32, 64]
+# How patches are ranked: (name, visual_token_layer, what it means).
+RANKINGS = [
+    ("feature", None, "the CLS attention of the block that produces the feature layer (FasterVLM)"),
+    ("last", -1, "the CLS attention of the tower's last block (`visual_token_layer: -1`)"),
+]
 # The recipe's held-out stream (configs/shapesworld.yaml: data.generate), without its training media.
 HELD_OUT = {"seed": 0, "test_images": 150, "test_videos": 150, "min_size": 96, "max_size": 160}
 REFERENCE = ROOT / "reports" / "shapesworld-default-model.json"
@@ -89,9 +99,16 @@ def text_tokens(pipeline: Pipeline, data: Path) -> int:
 
 
 def run_one(
-    pipeline: Pipeline, data: Path, frames: int, keep: int, batch_size: int, limit: int | None
+    pipeline: Pipeline,
+    data: Path,
+    frames: int,
+    keep: int,
+    rank_layer: int | None,
+    batch_size: int,
+    limit: int | None,
 ) -> dict[str, Any]:
     pipeline.visual_tokens = keep
+    pipeline.model.config.visual_token_layer = rank_layer
     before = load()
     started = time.perf_counter()
     report = evaluate(pipeline, data, limit=limit, batch_size=batch_size, num_frames=frames)
@@ -99,6 +116,7 @@ def run_one(
     return {
         "frames": frames,
         "keep": keep,
+        "visual_token_layer": rank_layer if keep < config.vision.num_patches else None,
         "image_tokens": config.image_rows(keep),
         "video_tokens": config.video_rows(frames, keep),
         "overall": report.overall,
@@ -195,41 +213,15 @@ def check_targets(sweep: list[dict[str, Any]], patches: int) -> list[dict[str, A
     return out
 
 
-def markdown(results: dict[str, Any]) -> str:
-    info, sweep, long_runs = results["info"], results["sweep"], results["long_videos"]
-    patches, frames = info["patches_per_frame"], info["default_frames"]
+def budget_table(ranking: dict[str, Any], budgets: list[dict[str, Any]], patches: int) -> list[str]:
+    sweep = ranking["sweep"]
     full = next(r for r in sweep if r["keep"] == patches)
-    types = [("image", t) for t in ("color", "shape", "count", "exists")]
-    types += [("video", t) for t in ("color", "shape", "count", "exists", "direction", "moving")]
     lines = [
-        "# Visual-token compression on ShapesWorld",
-        "",
-        "Per image or video frame, only the K patch tokens that the tower's CLS attends to most (at the",
-        "block that produces the feature layer, mean over heads) reach the projector, in their original",
-        "order; a video keeps every frame's CLS row (T x (K + 1) rows), an image K rows. Training-free:",
-        f"the shipped model (`{info['model']}`) was trained on all {patches} patches and is measured",
-        "zero-shot at smaller budgets. Greedy answers to every held-out question, scored by",
-        "`videollava.shapesworld.evaluate` as in `reports/shapesworld-default-model.md`.",
-        "",
-        f"- Model: {patches} patches per frame ({info['image_size']} px in {info['patch_size']} px patches), "
-        f"{frames} frames per video by default (temporal embedding of {info['temporal_frames']} rows), "
-        f"context {info['context']} tokens; float32 on the CPU.",
-        f"- Data: {info['data']} ({info['questions']} questions; {info['video_questions']} about videos).",
-        f"- Same questions as the default model's report: {info['matches_reference']}.",
-        f"- Regenerate: `{info['command']}` ({info['total_seconds'] / 60:.0f} minutes in this run; load "
-        f"average {info['load_start']} at the start, {info['load_end']} at the end, on "
-        f"{info['cpus']} CPUs shared with other work: the seconds below are for this machine, this day).",
-        "",
-        "## Accuracy by budget (4 frames per video)",
-        "",
-        "The paper's 256 / 128 / 64 / 32 / 16 tokens per frame are full, 1/2, 1/4, 1/8 and 1/16 of 256",
-        f"patches; here the same fractions of {patches}, rounded down (1/8 and 1/16 also rounded up).",
-        "",
         "| budget | patches kept per frame | tokens per image | tokens per video | overall | images | videos "
         "| drop (points) | POPE F1 random / popular / adversarial | seconds |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for run, budget in zip(sweep, results["budgets"], strict=True):
+    for run, budget in zip(sweep, budgets, strict=True):
         f1 = " / ".join(
             pct(run["pope"][s]["f1"]) for s in ("random", "popular", "adversarial") if s in run["pope"]
         )
@@ -239,6 +231,8 @@ def markdown(results: dict[str, Any]) -> str:
             f"| {pct(run['overall']['accuracy'])}% | {pct(modality_accuracy(run, 'image'))}% "
             f"| {pct(modality_accuracy(run, 'video'))}% | {drop:.1f} | {f1} | {run['seconds']} |"
         )
+    types = [("image", t) for t in ("color", "shape", "count", "exists")]
+    types += [("video", t) for t in ("color", "shape", "count", "exists", "direction", "moving")]
     lines += [
         "",
         "Per question type (accuracy, %):",
@@ -248,8 +242,8 @@ def markdown(results: dict[str, Any]) -> str:
     ]
     for run in sweep:
         lines.append(f"| {run['keep']} | " + " | ".join(accuracy_of(run, m, t) for m, t in types) + " |")
-    lines += ["", "## Targets (overall accuracy, zero-shot)", ""]
-    for target in results["targets"]:
+    lines += ["", "Targets (overall accuracy, zero-shot):", ""]
+    for target in ranking["targets"]:
         verdict = (
             "met"
             if target["met"]
@@ -260,29 +254,30 @@ def markdown(results: dict[str, Any]) -> str:
             f"fewer rows per image, {target['video_ratio']}x per video, CLS rows included): "
             f"{target['drop_points']:.1f} points below full, allowed {target['allowed_points']:.0f}: {verdict}."
         )
-    lines += [
-        "",
-        "## Long videos (video questions only)",
-        "",
-        f"Frames sampled per video x patches kept per frame; a budget is run when the longest video "
-        f"question ({info['longest_video_prompt']} text tokens) plus its visual tokens fit the "
-        f"{info['context']}-token context. Cells: accuracy % (visual tokens per video). "
-        f"The {frames}-frame row is the sweep above, restricted to videos.",
-        "",
-        "| frames | " + " | ".join(f"K = {b['keep']} ({b['label']})" for b in results["budgets"]) + " |",
-        "| --- |" + " --- |" * len(results["budgets"]),
-    ]
-    by_cell = {(r["frames"], r["keep"]): r for r in long_runs}
-    for run in sweep:
+    return lines
+
+
+def long_table(
+    ranking: dict[str, Any], budgets: list[dict[str, Any]], frames: int, longest: int
+) -> list[str]:
+    by_cell = {(r["frames"], r["keep"]): r for r in ranking["long_videos"]}
+    for run in ranking["sweep"]:
         by_cell[(frames, run["keep"])] = run
+    measured = {keep for (_, keep) in by_cell}
+    columns = [b for b in budgets if b["keep"] in measured]
+    lines = [
+        "| frames | " + " | ".join(f"K = {b['keep']} ({b['label']})" for b in columns) + " |",
+        "| --- |" + " --- |" * len(columns),
+    ]
     for n in sorted({frames, *LONG_FRAMES}):
         cells = []
-        for b in results["budgets"]:
+        for b in columns:
             run = by_cell.get((n, b["keep"]))
             rows = n * (b["keep"] + 1)
-            cells.append(
-                f"{pct(modality_accuracy(run, 'video'))} ({rows})" if run else f"does not fit ({rows})"
-            )
+            if run:
+                cells.append(f"{pct(modality_accuracy(run, 'video'))} ({rows})")
+            else:
+                cells.append(f"does not fit ({rows})" if rows + longest >= ranking["context"] else "-")
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
     long_types = ("color", "shape", "count", "exists", "direction", "moving")
     lines += [
@@ -292,12 +287,61 @@ def markdown(results: dict[str, Any]) -> str:
         "| frames | K | visual tokens | " + " | ".join(long_types) + " | seconds |",
         "| --- | --- | --- |" + " --- |" * len(long_types) + " --- |",
     ]
-    for run in sorted(long_runs, key=lambda r: (r["frames"], -r["keep"])):
+    for run in sorted(ranking["long_videos"], key=lambda r: (r["frames"], -r["keep"])):
         lines.append(
             f"| {run['frames']} | {run['keep']} | {run['video_tokens']} | "
             + " | ".join(accuracy_of(run, "video", t) for t in long_types)
             + f" | {run['seconds']} |"
         )
+    return lines
+
+
+def markdown(results: dict[str, Any]) -> str:
+    info, budgets = results["info"], results["budgets"]
+    patches, frames = info["patches_per_frame"], info["default_frames"]
+    lines = [
+        "# Visual-token compression on ShapesWorld",
+        "",
+        "Per image or video frame, only the K patch tokens that the tower's CLS attends to most (mean",
+        "over heads) reach the projector, in their original order; a video keeps every frame's CLS row",
+        "(T x (K + 1) rows), an image K rows. Training-free: the shipped model",
+        f"(`{info['model']}`) was trained on all {patches} patches and is measured zero-shot at smaller",
+        "budgets. Greedy answers to every held-out question, scored by",
+        "`videollava.shapesworld.evaluate` as in `reports/shapesworld-default-model.md`.",
+        "",
+        f"- Model: {patches} patches per frame ({info['image_size']} px in {info['patch_size']} px patches), "
+        f"{frames} frames per video by default (temporal embedding of {info['temporal_frames']} rows), "
+        f"{info['tower_blocks']} tower blocks, feature layer {info['feature_layer']} (block "
+        f"{info['feature_block']}'s output), context {info['context']} tokens; float32 on the CPU.",
+        f"- Data: {info['data']} ({info['questions']} questions; {info['video_questions']} about videos).",
+        f"- Same questions as the default model's report: {info['matches_reference']}.",
+        f"- Regenerate: `{info['command']}` (evaluations saved as they finish; the last pass took "
+        f"{info['total_seconds'] / 60:.0f} minutes, load average {info['load_start']} at its start and "
+        f"{info['load_end']} at its end, on {info['cpus']} CPUs shared with other work, "
+        f"{info['torch_threads']} torch thread; each evaluation's seconds are in the tables and its load "
+        "in the JSON: they are this machine's, this day).",
+        "",
+        "The paper's 256 / 128 / 64 / 32 / 16 tokens per frame are full, 1/2, 1/4, 1/8 and 1/16 of 256",
+        f"patches; here the same fractions of {patches}, rounded down (1/8 and 1/16 also rounded up).",
+    ]
+    for ranking in results["rankings"]:
+        lines += [
+            "",
+            f"## Ranked by {ranking['description']}",
+            "",
+            f"### Accuracy by budget ({frames} frames per video)",
+            "",
+            *budget_table(ranking, budgets, patches),
+            "",
+            "### Long videos (video questions only)",
+            "",
+            f"Frames sampled per video x patches kept per frame; a budget is run when the longest video "
+            f"question ({info['longest_video_prompt']} text tokens) plus its visual tokens fit the "
+            f"{info['context']}-token context. Cells: accuracy % (visual tokens per video; - not "
+            f"measured). The {frames}-frame row is the budget sweep above, its video questions.",
+            "",
+            *long_table(ranking, budgets, frames, info["longest_video_prompt"]),
+        ]
     probe = results.get("cls_attention_on_objects")
     if probe:
         blocks = probe["top_k_on_objects_by_block"]
@@ -326,43 +370,63 @@ def plot(results: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    info, sweep = results["info"], results["sweep"]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    keeps = [r["keep"] for r in sweep]
-    for label, values in (
-        ("overall", [r["overall"]["accuracy"] for r in sweep]),
-        ("images", [modality_accuracy(r, "image") for r in sweep]),
-        ("videos", [modality_accuracy(r, "video") for r in sweep]),
-    ):
-        left.plot(keeps, [100 * v for v in values], marker="o", label=label)
+    info = results["info"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    styles = {"feature": "-", "last": "--"}
+    names = {"feature": "feature block", "last": "last block"}
+    for ranking in results["rankings"]:
+        sweep = sorted(ranking["sweep"], key=lambda r: r["keep"])
+        keeps = [r["keep"] for r in sweep]
+        for label, pick, colour in (
+            ("overall", lambda r: r["overall"]["accuracy"], "C0"),
+            ("videos", lambda r: modality_accuracy(r, "video"), "C1"),
+        ):
+            left.plot(
+                keeps,
+                [100 * pick(r) for r in sweep],
+                styles[ranking["name"]],
+                marker="o",
+                color=colour,
+                label=f"{label}, ranked by the {names[ranking['name']]}",
+            )
+    keeps = sorted({r["keep"] for r in results["rankings"][0]["sweep"]})
     left.set_xscale("log", base=2)
     left.set_xticks(keeps, [str(k) for k in keeps])
-    left.invert_xaxis()
     left.set_xlabel(f"patch tokens kept per frame (of {info['patches_per_frame']})")
     left.set_ylabel("accuracy (%)")
     left.set_title(f"ShapesWorld held-out, {info['default_frames']} frames per video")
     left.grid(alpha=0.3)
-    left.legend()
-    runs = results["long_videos"] + [{**r, "frames": info["default_frames"]} for r in sweep]
-    for budget in results["budgets"]:
-        points = sorted(
-            (r["frames"], modality_accuracy(r, "video")) for r in runs if r["keep"] == budget["keep"]
-        )
-        if points:
+    left.legend(fontsize=8)
+    colours = {}
+    for ranking in results["rankings"]:
+        runs = ranking["long_videos"] + list(ranking["sweep"])
+        for budget in results["budgets"]:
+            if "rounded up" in budget["label"] or (
+                ranking is not results["rankings"][0] and budget["fraction"] == 1
+            ):
+                continue  # the full budget ranks nothing: drawn once
+            points = sorted(
+                (r["frames"], modality_accuracy(r, "video")) for r in runs if r["keep"] == budget["keep"]
+            )
+            if len(points) < 2:
+                continue
+            colour = colours.setdefault(budget["keep"], f"C{len(colours)}")
             right.plot(
                 [p[0] for p in points],
                 [100 * p[1] for p in points],
+                styles[ranking["name"]],
                 marker="o",
-                label=f"K = {budget['keep']}",
+                color=colour,
+                label=f"K = {budget['keep']}, {names[ranking['name']]}",
             )
+    frames = sorted({info["default_frames"], *LONG_FRAMES})
     right.set_xscale("log", base=2)
-    frames = sorted({r["frames"] for r in runs})
     right.set_xticks(frames, [str(f) for f in frames])
     right.set_xlabel("frames per video")
     right.set_ylabel("video-question accuracy (%)")
-    right.set_title(f"Long videos (context {info['context']})")
+    right.set_title(f"Long videos (context {info['context']}; missing points do not fit)")
     right.grid(alpha=0.3)
-    right.legend(fontsize=8)
+    right.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -375,7 +439,7 @@ def main() -> None:
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--out-dir", type=Path, default=ROOT / "runs" / "bench")
     where.add_argument("--record", action="store_true", help="write to reports/")
-    parser.add_argument("--resume", action="store_true", help="keep the evaluations a earlier run saved")
+    parser.add_argument("--resume", action="store_true", help="keep the evaluations an earlier run saved")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument(
         "--threads",
@@ -383,13 +447,12 @@ def main() -> None:
         default=1,
         help="torch threads (default 1: on this shared 2-core machine two threads ran 100 questions 16x slower)",
     )
-    parser.add_argument("--skip-long", action="store_true", help="only the budget sweep")
+    parser.add_argument("--skip-long", action="store_true", help="only the budget sweeps")
     parser.add_argument("--limit", type=int, default=None, help="only the first N questions (a trial run)")
     args = parser.parse_args()
     if args.record and args.limit is not None:
         parser.error("--record writes the whole evaluation; --limit is for trial runs")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     out_dir = ROOT / "reports" if args.record else args.out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     scratch = ROOT / "runs" / "bench" / "visual-tokens"
@@ -403,31 +466,54 @@ def main() -> None:
     pipeline = Pipeline.from_pretrained(model, dtype="float32")
     config = pipeline.model.config
     patches, frames = config.vision.num_patches, pipeline.num_frames
+    blocks = config.vision.num_hidden_layers
     budgets = budgets_for(patches)
     videos = video_only(args.data, scratch)
     longest = text_tokens(pipeline, args.data)
 
-    def evaluation(data: Path, n: int, keep: int) -> dict[str, Any]:
-        key = f"{data.name}:{n}:{keep}"
+    def evaluation(data: Path, n: int, keep: int, rank_layer: int | None) -> dict[str, Any]:
+        # Without compression the ranking plays no part: one evaluation serves every ranking.
+        ranked = rank_layer is not None and keep < patches
+        key = f"{data.name}:{n}:{keep}" + (f":rank{rank_layer}" if ranked else "")
         if key not in done:
-            print(f"evaluating {data.name}: {n} frames, {keep} patches per frame (load {load()})", flush=True)
-            done[key] = run_one(pipeline, data, n, keep, args.batch_size, args.limit)
+            how = f", ranked by block {rank_layer % (blocks + 1)}" if ranked else ""
+            print(
+                f"evaluating {data.name}: {n} frames, {keep} patches per frame{how} (load {load()})",
+                flush=True,
+            )
+            done[key] = run_one(pipeline, data, n, keep, rank_layer, args.batch_size, args.limit)
             partial.write_text(json.dumps(done, indent=1) + "\n")
             print(
                 f"  overall {pct(done[key]['overall']['accuracy'])}% in {done[key]['seconds']} s", flush=True
             )
         return done[key]
 
-    sweep = [evaluation(args.data, frames, b["keep"]) for b in budgets]
-    long_runs = []
-    if not args.skip_long:
-        for n in LONG_FRAMES:
-            for b in budgets:
-                if longest + config.video_rows(n, b["keep"]) < pipeline.model.max_context:
-                    long_runs.append(evaluation(videos, n, b["keep"]))
+    rankings = []
+    for name, rank_layer, description in RANKINGS:
+        sweep = [evaluation(args.data, frames, b["keep"], rank_layer) for b in budgets]
+        long_runs = []
+        if not args.skip_long:
+            for n in LONG_FRAMES:
+                for b in budgets:
+                    # The second ranking's long videos: the rounded-down budgets only, to save time.
+                    if rank_layer is not None and "rounded up" in b["label"]:
+                        continue
+                    if longest + config.video_rows(n, b["keep"]) < pipeline.model.max_context:
+                        long_runs.append(evaluation(videos, n, b["keep"], rank_layer))
+        rankings.append(
+            {
+                "name": name,
+                "visual_token_layer": rank_layer,
+                "description": description,
+                "context": pipeline.model.max_context,
+                "sweep": sweep,
+                "targets": check_targets(sweep, patches),
+                "long_videos": long_runs,
+            }
+        )
 
     reference = json.loads(REFERENCE.read_text()) if REFERENCE.is_file() else None
-    full = sweep[0]
+    full = rankings[0]["sweep"][0]
     if reference is not None and full["accuracy"] == reference["accuracy"]:
         matches = (
             f"yes: at full budget {full['overall']['correct']} of {full['overall']['n']} correct, every "
@@ -447,9 +533,11 @@ def main() -> None:
             "patch_size": config.vision.patch_size,
             "default_frames": frames,
             "temporal_frames": config.temporal_frames,
+            "tower_blocks": blocks,
             "context": pipeline.model.max_context,
             "longest_video_prompt": longest,
             "feature_layer": config.vision_feature_layer,
+            "feature_block": config.vision_feature_layer % (blocks + 1),
             "matches_reference": matches,
             "command": command,
             "total_seconds": round(time.perf_counter() - started, 1),
@@ -459,9 +547,7 @@ def main() -> None:
             "torch_threads": torch.get_num_threads(),
         },
         "budgets": budgets,
-        "sweep": sweep,
-        "targets": check_targets(sweep, patches),
-        "long_videos": long_runs,
+        "rankings": rankings,
         "cls_attention_on_objects": cls_attention_on_objects(pipeline, args.data, max(1, patches // 4)),
     }
     (out_dir / f"{NAME}.json").write_text(json.dumps(results, indent=1) + "\n")
