@@ -32,13 +32,13 @@ def test_finetune_with_visual_tokens_trains_compressed_and_exports_the_budget(tm
     ) ** 2
     path = write_recipe(tmp_path / "r.yaml", recipe)
     assert train(path, tmp_path / "full") == 0
-    assert train(path, tmp_path / "one", "stage.1.visual_tokens=1") == 0
+    assert train(path, tmp_path / "one", "stage.1.visual_tokens=1", "stage.1.visual_token_layer=-1") == 0
     full, one = step_losses(tmp_path / "full"), step_losses(tmp_path / "one")
     assert len(full) == len(one) == 2
     # Same data, same start: only the visual rows the LLM sees differ.
     assert full[0] != one[0]
     config = json.loads((tmp_path / "one" / "model" / "config.json").read_text())
-    assert config["videollava"]["visual_tokens"] == 1
+    assert config["videollava"]["visual_tokens"] == 1 and config["videollava"]["visual_token_layer"] == -1
     assert (
         "visual_tokens"
         not in json.loads((tmp_path / "full" / "model" / "config.json").read_text())["videollava"]
@@ -50,3 +50,5 @@ def test_finetune_with_visual_tokens_trains_compressed_and_exports_the_budget(tm
     assert prepared.visual_tokens == frames * 2 and patches > 1
     with pytest.raises(RecipeError, match="visual_tokens"):
         train(path, tmp_path / "bad", "stage.1.visual_tokens=0")
+    with pytest.raises(RecipeError, match="visual_token_layer .* embedding output"):
+        train(path, tmp_path / "bad-layer", "stage.1.visual_tokens=1", "stage.1.visual_token_layer=0")

@@ -411,6 +411,9 @@ class FinetuneStage(TrainStage):
     # Patch tokens kept per image or video frame while training (the ones the tower's CLS attends
     # to most, model.compress); the exported model keeps it as its default. None: all of them.
     visual_tokens: Positive | None = None
+    # The hidden state whose producing block's CLS attention ranks the patches (the model's
+    # `visual_token_layer`; None: the feature layer's own block, as FasterVLM ranks).
+    visual_token_layer: Integer | None = None
 
     @property
     def default_sampler(self) -> str:

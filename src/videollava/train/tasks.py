@@ -25,6 +25,7 @@ from videollava.data.records import Record, read_records
 from videollava.data.sample_media import MediaCache, MediaSpec
 from videollava.data.transforms import ImageTransformConfig
 from videollava.model.build import init_vision_tower
+from videollava.model.compress import check_rank_layer
 from videollava.model.videollava import VideoLlava
 from videollava.model.vision import VisionTower
 from videollava.train.config import (
@@ -371,14 +372,22 @@ def lm_task(
     projector_lr: float | None = None,
     tower_lr: float | None = None,
     visual_tokens: int | None = None,
+    visual_token_layer: int | None = None,
 ) -> tuple[Task, Finish]:
     """Next-token loss on the answers; the LLM trains fully, through LoRA, or not at all.
 
-    `visual_tokens` patches per image or frame reach the LLM (None: all): the model's default
-    budget is set to it, so the training forward, the sample lengths and the export follow it.
+    `visual_tokens` patches per image or frame reach the LLM (None: all), ranked by the CLS
+    attention of the block that produces hidden state `visual_token_layer` (None: the feature
+    layer's): the model's defaults are set to them, so the training forward, the sample lengths
+    and the export follow them.
     """
     model, recipe = ctx.model, ctx.recipe
+    try:
+        check_rank_layer(visual_token_layer, model.config.vision.num_hidden_layers)
+    except ValueError as error:
+        raise RecipeError(f"stage {stage.label}: {error}") from None
     model.config.visual_tokens = visual_tokens
+    model.config.visual_token_layer = visual_token_layer
     model.requires_grad_(False)
     if lora is not None:
         if recipe.distributed.strategy == "fsdp" and ctx.distributed:
@@ -478,6 +487,7 @@ def finetune_task(ctx: TaskContext, stage: FinetuneStage) -> tuple[Task, Finish]
         projector_lr=stage.projector_lr,
         tower_lr=stage.tower_lr,
         visual_tokens=stage.visual_tokens,
+        visual_token_layer=stage.visual_token_layer,
     )
 
 
