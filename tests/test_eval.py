@@ -174,6 +174,22 @@ def test_score_all_correct_and_all_yes(shapesworld_dir):
     assert any("image color" in f for f in failures) and any("POPE random F1" in f for f in failures)
 
 
+def test_order_questions_have_targets(tmp_path):
+    """Every question about the order of events is held to its target, type by type."""
+    from videollava.shapesworld.generate import GenerationConfig, generate
+    from videollava.shapesworld.text import EVENT_QUESTION_TEMPLATES
+
+    generate(tmp_path, GenerationConfig(seed=5, images=0, videos=0, test_images=0, test_videos=0,
+                                        event_test_videos=3, workers=1))  # fmt: skip
+    questions = load_questions(tmp_path / "events")
+    order = [q for q in questions if q.type in EVENT_QUESTION_TEMPLATES]
+    assert {q.type for q in order} == set(EVENT_QUESTION_TEMPLATES)
+    assert check_targets(score(questions, {q.question_id: q.answer for q in questions})) == []
+    wrong_first = {q.question_id: "nothing" if q.type == "first_event" else q.answer for q in questions}
+    failures = check_targets(score(questions, wrong_first))
+    assert len(failures) == 1 and failures[0].startswith("video first_event accuracy 0.0%"), failures
+
+
 def test_score_refuses_unpaired_answers(shapesworld_dir):
     questions = load_questions(shapesworld_dir, limit=5)
     answers = {q.question_id: q.answer for q in questions}
