@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from collections import Counter
@@ -423,6 +424,23 @@ def test_media_cache_decodes_each_file_once(world, tmp_path):
     assert isinstance(images[1], CaptionSample) and len(cache) == 3
     (root / "media" / images.records[2].images[0]).write_bytes(b"broken")
     assert isinstance(images[2], Skipped) and isinstance(images[2], Skipped) and len(cache) == 3
+
+
+def test_media_cache_keeps_only_what_the_next_stage_reads(world):
+    cache = MediaCache()
+    cached = MediaSpec(**{**spec(world).__dict__, "cache": cache})
+    records = read_records([world / "captions.json"])
+    image = CaptionDataset(records, cached, "image").load(0).pixels
+    CaptionDataset(records, cached, "video").load(0)
+    assert len(cache) == 2
+    cache.keep_only(cached.transform, FRAMES)  # the same reading: nothing goes
+    assert len(cache) == 2
+    cache.keep_only(cached.transform, FRAMES + 4)  # videos at another frame count go, images stay
+    assert len(cache) == 1
+    assert CaptionDataset(records, cached, "image").load(0).pixels is image
+    other = dataclasses.replace(cached.transform, size=cached.transform.size + 16)
+    cache.keep_only(other, FRAMES)  # another transform: the images go too
+    assert len(cache) == 0
 
 
 def grouped_fixture():

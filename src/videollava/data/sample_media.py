@@ -33,6 +33,16 @@ class MediaCache:
     def __len__(self) -> int:
         return len(self._items)
 
+    def keep_only(self, transform: ImageTransformConfig, num_frames: int) -> None:
+        """Drop what a stage reading media this way cannot use (another transform, or videos at
+        another frame count), so stages that differ there do not hold both copies at once."""
+        with self._lock:
+            self._items = {
+                key: value
+                for key, value in self._items.items()
+                if key[2] == transform and (key[0] != "video" or key[3] == num_frames)
+            }
+
     def get_or_load(self, key: tuple, load: Callable[[], torch.Tensor]) -> torch.Tensor:
         with self._lock:
             found = self._items.get(key)

@@ -114,10 +114,14 @@ class TaskContext:
         else:
             root = self.data_root / "media"
         aspect = stage.image_aspect_ratio or recipe.model.image_aspect_ratio
+        transform = media_transform(self.model, aspect, recipe.model.video_aspect_ratio)
+        num_frames = stage.num_frames or recipe.model.num_frames
+        if self.media_cache is not None:
+            self.media_cache.keep_only(transform, num_frames)
         return MediaSpec(
             root=root,
-            transform=media_transform(self.model, aspect, recipe.model.video_aspect_ratio),
-            num_frames=stage.num_frames or recipe.model.num_frames,
+            transform=transform,
+            num_frames=num_frames,
             # Under the model's budget of patches per frame (lm_task sets it for its stage).
             image_rows=self.model.config.image_rows(),
             frame_rows=self.model.config.video_rows(1),
