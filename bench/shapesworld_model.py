@@ -228,14 +228,22 @@ def main() -> None:
     where.add_argument("--out-dir", type=Path, default=ROOT / "runs" / "bench")
     where.add_argument("--record", action="store_true", help="write to reports/")
     parser.add_argument("--resume", action="store_true", help="keep the evaluations an earlier run saved")
+    parser.add_argument(
+        "--name", default=NAME, help="file names of the JSON and the report (default %(default)s)"
+    )
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--limit", type=int, default=None, help="only the first N questions of each split")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument(
+        "--splits",
+        default="standard,variety,events",
+        help="comma-separated splits to evaluate (default: all)",
+    )
     args = parser.parse_args()
 
     out_dir = ROOT / "reports" if args.record else args.out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
-    saved = out_dir / f"{NAME}.json"
+    saved = out_dir / f"{args.name}.json"
     model = args.model or str(default_model_path())
     pipeline = Pipeline.from_pretrained(model, dtype=args.dtype)
     torch.manual_seed(0)
@@ -243,6 +251,7 @@ def main() -> None:
     earlier = json.loads(saved.read_text()).get("evaluations", []) if args.resume and saved.is_file() else []
     done = {key(r): r for r in earlier}
     command = "python bench/shapesworld_model.py" + (" --record" if args.record else "")
+    command += f" --name {args.name}" if args.name != NAME else ""
     command += (
         f" --model {args.model}" if args.model else ""
     ) + f" --data {os.path.relpath(args.data, ROOT)}"
@@ -264,8 +273,11 @@ def main() -> None:
         "info_rows": {key(r): config.video_rows(r["frames"], r["keep"]) for r in plan},
         "command": command,
     }
+    wanted = set(args.splits.split(","))
+    if not wanted <= set(SPLITS):
+        parser.error(f"--splits: unknown {sorted(wanted - set(SPLITS))}; known: {', '.join(SPLITS)}")
     for run in plan:
-        if run.get("fits", True) and key(run) not in done:
+        if run.get("fits", True) and key(run) not in done and run["split"] in wanted:
             print(f"evaluating {key(run)} ...", flush=True)
             done[key(run)] = run_one(pipeline, args.data, run, args.batch_size, args.limit)
             print(
@@ -277,7 +289,7 @@ def main() -> None:
     results["evaluations"] = [done[key(r)] for r in plan if key(r) in done]
     results["targets"] = targets(results)
     saved.write_text(json.dumps(results, indent=1) + "\n")
-    page = out_dir / f"{NAME}.md"
+    page = out_dir / f"{args.name}.md"
     text = page.read_text() if page.is_file() else f"# The ShapesWorld model\n\n{BEGIN}\n{END}\n"
     if BEGIN not in text or END not in text:
         text += f"\n{BEGIN}\n{END}\n"
