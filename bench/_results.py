@@ -42,3 +42,15 @@ def write_results(path: Path, results: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {path}", flush=True)
+
+
+def add_report_arguments(parser: argparse.ArgumentParser, data: Path) -> None:
+    """The options of a benchmark that evaluates a ShapesWorld model into reports/: the model, the
+    data folder, where the report goes, resuming, and the batch size."""
+    parser.add_argument("--model", default=None, help="checkpoint (default: the shipped ShapesWorld model)")
+    parser.add_argument("--data", type=Path, default=data)
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--out-dir", type=Path, default=SCRATCH)
+    where.add_argument("--record", action="store_true", help="write to reports/")
+    parser.add_argument("--resume", action="store_true", help="keep the evaluations an earlier run saved")
+    parser.add_argument("--batch-size", type=int, default=16)

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _results import add_report_arguments
 
 from videollava.infer.pipeline import Pipeline, default_model_path
 from videollava.shapesworld.evaluate import (
@@ -222,16 +223,10 @@ def targets(results: dict[str, Any]) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None, help="checkpoint (default: the shipped ShapesWorld model)")
-    parser.add_argument("--data", type=Path, default=ROOT / "runs" / "shapesworld-v2" / "data")
-    where = parser.add_mutually_exclusive_group()
-    where.add_argument("--out-dir", type=Path, default=ROOT / "runs" / "bench")
-    where.add_argument("--record", action="store_true", help="write to reports/")
-    parser.add_argument("--resume", action="store_true", help="keep the evaluations an earlier run saved")
+    add_report_arguments(parser, ROOT / "runs" / "shapesworld-v2" / "data")
     parser.add_argument(
         "--name", default=NAME, help="file names of the JSON and the report (default %(default)s)"
     )
-    parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--limit", type=int, default=None, help="only the first N questions of each split")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument(

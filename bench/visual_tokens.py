@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _results import add_report_arguments
 
 from videollava.infer.pipeline import Pipeline, default_model_path
 from videollava.shapesworld.evaluate import evaluate, load_questions
@@ -434,13 +435,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None, help="checkpoint (default: the shipped ShapesWorld model)")
-    parser.add_argument("--data", type=Path, default=ROOT / "runs" / "shapesworld-data" / "seed-0")
-    where = parser.add_mutually_exclusive_group()
-    where.add_argument("--out-dir", type=Path, default=ROOT / "runs" / "bench")
-    where.add_argument("--record", action="store_true", help="write to reports/")
-    parser.add_argument("--resume", action="store_true", help="keep the evaluations an earlier run saved")
-    parser.add_argument("--batch-size", type=int, default=16)
+    add_report_arguments(parser, ROOT / "runs" / "shapesworld-data" / "seed-0")
     parser.add_argument(
         "--threads",
         type=int,
