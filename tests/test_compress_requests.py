@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import builtins
 import json
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -28,7 +25,7 @@ from videollava.infer.request import MediaItem
 from videollava.infer.sampling import SamplingParams
 from videollava.serve.api import ServeSettings, create_app
 from videollava.serve.media import MediaPolicy
-from videollava.testing import write_moving_square_video
+from videollava.testing import serve_subprocess, write_moving_square_video
 
 PATCHES = 16
 FRAMES = 8
@@ -318,27 +315,17 @@ def test_the_api_field_selects_the_budget_and_is_checked(pipeline: Pipeline, med
 
 
 def test_serve_visual_tokens_is_the_default_of_requests(hf_checkpoint, media) -> None:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    command = [sys.executable, "-m", "videollava", "serve", "--model", str(hf_checkpoint[0])]
-    command += ["--dtype", "float32", "--port", str(port), "--allowed-media-dir", str(media["root"])]
-    command += ["--served-model-name", MODEL, "--visual-tokens", "2"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert process.poll() is None, process.stdout.read()
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "server did not come up"
-            time.sleep(0.2)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+    arguments = [
+        "--model",
+        str(hf_checkpoint[0]),
+        "--dtype",
+        "float32",
+        "--allowed-media-dir",
+        str(media["root"]),
+    ]
+    arguments += ["--served-model-name", MODEL, "--visual-tokens", "2"]
+    with serve_subprocess(arguments) as served:
+        client = openai.OpenAI(base_url=f"{served.base_url}/v1", api_key="none", max_retries=0)
         messages = [
             {
                 "role": "user",
@@ -354,9 +341,6 @@ def test_serve_visual_tokens_is_the_default_of_requests(hf_checkpoint, media) ->
             model=MODEL, messages=messages, max_tokens=2, extra_body={"visual_tokens": 5}
         )
         assert chosen.usage.model_extra["visual_tokens"] == FRAMES * 6
-    finally:
-        process.terminate()
-        process.communicate(timeout=30)
 
 
 def test_the_default_models_temporal_tower_reads_64_frames_compressed() -> None:

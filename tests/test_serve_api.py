@@ -7,8 +7,6 @@ import contextlib
 import json
 import os
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -31,6 +29,7 @@ from videollava.infer.sampling import SamplingParams
 from videollava.serve.api import ServeSettings, api_error_from, create_app, prepare_chat
 from videollava.serve.media import MediaPolicy
 from videollava.serve.protocol import parse_chat_request
+from videollava.testing import serve_subprocess
 
 MODEL = "tiny-videollava"
 KEY = "test-key-123"
@@ -736,47 +735,17 @@ def test_client_disconnect_cancels_the_stream(pipeline: Pipeline) -> None:
         assert counted(app, "videollava_completion_tokens_total") < 450
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def test_serve_command_end_to_end(hf_checkpoint, media_root: Path) -> None:
-    port = _free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "videollava",
-        "serve",
-        "--model",
-        str(hf_checkpoint[0]),
-        "--dtype",
-        "float32",
-    ]
-    command += ["--port", str(port), "--allowed-media-dir", str(media_root), "--served-model-name", MODEL]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert process.poll() is None, process.stdout.read()
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "server did not come up"
-            time.sleep(0.2)
+    arguments = ["--model", str(hf_checkpoint[0]), "--dtype", "float32"]
+    arguments += ["--allowed-media-dir", str(media_root), "--served-model-name", MODEL]
+    with serve_subprocess(arguments) as served:
         reply = openai.OpenAI(
-            base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0
+            base_url=f"{served.base_url}/v1", api_key="none", max_retries=0
         ).chat.completions.create(
             model=MODEL, messages=[user("What?", video_part("bikes.mp4"))], max_tokens=4
         )
         assert reply.usage.model_extra["visual_tokens"] > 0
-    finally:
-        process.terminate()
-        output, _ = process.communicate(timeout=30)
-    assert f"http://127.0.0.1:{port}/v1" in output
+    assert f"{served.base_url}/v1" in served.output
 
 
 def test_serve_on_a_busy_port_is_a_one_line_error(capsys) -> None:

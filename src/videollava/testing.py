@@ -9,12 +9,18 @@ Both get a tokenizer and a preprocessor config beside them.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
+import socket
 import struct
+import subprocess
+import sys
+import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -463,3 +469,49 @@ def one_pixel_gif(side: int, n: int) -> bytes:
         moved[1:5] = struct.pack("<HH", (7 * i) % side, (13 * i) % side)
         frames += moved
     return bytes(frames + b";")
+
+
+def free_port() -> int:
+    """A local TCP port nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@dataclass
+class ServedProcess:
+    """A `videollava serve` process: where it answers, and what it printed once stopped."""
+
+    base_url: str
+    output: str = ""
+
+
+@contextlib.contextmanager
+def serve_subprocess(arguments: list[str], timeout: float = 90.0) -> Iterator[ServedProcess]:
+    """`videollava serve ARGUMENTS` on a free local port, handed over once `/health` answers, and
+    stopped (its output kept) on the way out; the whole command as a user types it."""
+    import httpx  # the serve extra's; only this helper needs it
+
+    port = free_port()
+    command = [sys.executable, "-m", "videollava", "serve", *arguments, "--port", str(port)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    served = ServedProcess(f"http://127.0.0.1:{port}")
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(
+                    f"videollava serve exited with {process.returncode}: {process.stdout.read()}"
+                )
+            try:
+                if httpx.get(f"{served.base_url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"videollava serve did not answer /health within {timeout:.0f} s")
+            time.sleep(0.2)
+        yield served
+    finally:
+        process.terminate()
+        served.output, _ = process.communicate(timeout=30)

@@ -16,7 +16,7 @@ from videollava.errors import VideoLlavaError
 
 _PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
 _LEADING_ARTICLES = ("the", "a", "an")
-_NUMBER_WORDS = {
+NUMBER_WORDS = {  # spelled-out numbers a short answer may use for a digit
     "zero": "0",
     "one": "1",
     "two": "2",
@@ -40,7 +40,7 @@ def normalize_answer(text: str) -> str:
     words = _PUNCTUATION.sub(" ", text.lower()).split()
     if len(words) > 1 and words[0] in _LEADING_ARTICLES:
         words = words[1:]
-    return " ".join(_NUMBER_WORDS.get(w, w) for w in words)
+    return " ".join(NUMBER_WORDS.get(w, w) for w in words)
 
 
 def exact_match(prediction: str, answer: str) -> bool:

@@ -20,6 +20,8 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+from videollava.eval.metrics import NUMBER_WORDS
+
 _PUNCTUATION = (
     ";",
     "/",
@@ -47,20 +49,7 @@ _DIGIT_COMMA_DIGIT = re.compile(r"(\d)(,)(\d)")
 # The challenge's expression, kept as published: "(?!<=" is a negative look-ahead for the literal
 # "<=", not a look-behind, so in effect a full stop is dropped unless a digit follows it.
 _FULL_STOP = re.compile(r"(?!<=\d)(\.)(?!\d)")
-_NUMBER_WORDS = {
-    "none": "0",
-    "zero": "0",
-    "one": "1",
-    "two": "2",
-    "three": "3",
-    "four": "4",
-    "five": "5",
-    "six": "6",
-    "seven": "7",
-    "eight": "8",
-    "nine": "9",
-    "ten": "10",
-}
+_NUMBER_WORDS = {"none": "0", **NUMBER_WORDS}  # the challenge's table: "none" counts as 0 too
 _ARTICLES = frozenset({"a", "an", "the"})
 
 # Contractions written without their apostrophes, and how the challenge restores them. Grouped by
