@@ -748,3 +748,54 @@ def test_motion_loss_teaches_the_mean_of_a_box_which_way_its_object_moves(tiny_t
         loss.backward()
         optimizer.step()
     assert (accuracy(*test) > 0.95) == (motion_weight > 0)
+
+
+def test_frame_motion_loss_asks_each_frame_what_its_object_does_then(tiny_tokenizer):
+    from videollava.data.regions import Region
+
+    tower, text = tiny_parts(vocab=len(tiny_tokenizer))
+    video = VideoTextAligner(
+        init_video_tower_from_image(tower, num_frames=3, temporal_embedding_std=0.2),
+        text,
+        16,
+        regions=RegionLoss(scale=10.0, pooling="patch", per_frame=True, frame_motion_weight=1.5),
+    )
+    video.eval()
+    names, motions = ["red circle moving right", "green circle"], ["moving right", "standing still"]
+    # still in frame 0, moving in frames 1 and 2, out of the crop in frame 2 (no box there)
+    mover = Region(
+        (0, 0, 16, 8),
+        names[0],
+        frame_boxes=((0, 0, 8, 8), (4, 0, 12, 8), None),
+        motion=motions[0],
+        frame_motions=(motions[1], motions[0], motions[0]),
+    )
+    regions_per_media = [[mover], [Region((8, 8, 16, 16), names[1])]]  # media 1: no motion at all
+    vocabulary = RegionVocabulary(names, tiny_tokenizer, 16, motions)
+    regions = vocabulary.batch(regions_per_media, torch.device("cpu"), 3)
+    assert regions.frame_motion_target.tolist() == [[1, 0, -1], [-1, -1, -1]]
+    pixels = torch.randn(2, 3, 3, 32, 32)
+    _, patches = video.tower_pass(pixels)
+    frames = video.video_tower.hidden_state(pixels.flatten(0, 1), -2, num_frames=3).view(2, 3, 17, 32)
+    ids, mask = tokenize_captions(tiny_tokenizer, motions, 16)
+    phrases = video.embed_text(ids, mask)
+
+    def ce(features: torch.Tensor, target: int) -> torch.Tensor:
+        own = F.normalize(video.region_projection(features), dim=-1)
+        return -(10.0 * phrases @ own).log_softmax(dim=-1)[target]
+
+    # frame 0: patch 0 alone; frame 1: half of patch 0 and half of patch 1; frame 2 is not asked
+    expected = (ce(frames[0, 0, 1], 1) + ce(frames[0, 1, 1:3].mean(dim=0), 0)) / 2
+    assert video.frame_motion_loss(patches, regions).item() == pytest.approx(expected.item(), rel=1e-5)
+    total = video.loss(pixels, ids[:2], mask[:2], regions)
+    without = clip_loss(video.embed_media(pixels), video.embed_text(ids[:2], mask[:2]), video.logit_scale)
+    assert total.item() == pytest.approx(
+        (without + video.region_loss(patches, regions) + 1.5 * expected).item(), rel=1e-4
+    )
+    # a region without per-frame motions does the same thing in every frame it is seen in
+    steady = vocabulary.batch([[Region((0, 0, 8, 8), names[0], motion=motions[0])]], torch.device("cpu"), 3)
+    assert steady.frame_motion_target.tolist() == [[0, 0, 0]]
+    with pytest.raises(ValueError, match="frame_motion_weight: needs per_frame"):
+        RegionLoss(frame_motion_weight=1.0)
+    with pytest.raises(ValueError, match="frame_motion_weight: must be >= 0"):
+        RegionLoss(per_frame=True, frame_motion_weight=-0.5)

@@ -310,7 +310,11 @@ def test_caption_dataset_maps_regions_into_the_crop(world, tmp_path):
             frame_boxes = tuple(crop(along_track(r["track"], t)) for t in times) if "track" in r else ()
             if crop(r["box"]) is not None and (not frame_boxes or any(frame_boxes)):
                 motion = r.get("motion", "")
-                expected.append(Region(crop(r["box"]), r["text"], frame_boxes=frame_boxes, motion=motion))
+                # a standard-world object does one thing for the whole clip: its motion in every frame
+                frame_motions = tuple(motion for _ in times) if motion else ()
+                expected.append(
+                    Region(crop(r["box"]), r["text"], frame_boxes=frame_boxes, motion=motion, frame_motions=frame_motions)
+                )
         if video:  # the mover is tracked: a box per sampled frame
             assert any(len(r.frame_boxes) == FRAMES for r in expected)
         sample = data.load(0)
@@ -349,6 +353,10 @@ def test_caption_dataset_maps_regions_into_the_crop(world, tmp_path):
         ),
         ([{"box": [0, 0, 4, 4], "text": "red circle", "motion": ""}], "'motion' must be a non-empty string"),
         ([{"box": [0, 0, 4, 4], "text": "red circle", "motion": 3}], "'motion' must be a non-empty string"),
+        (
+            [{"box": [0, 0, 4, 4], "text": "red circle", "track": [{"t": 0, "box": [0, 0, 4, 4], "motion": ""}]}],
+            "keyframe 0: 'motion' must be a non-empty string",
+        ),
     ],
 )
 def test_malformed_regions_are_bad_samples(world, tmp_path, regions, problem):
@@ -379,6 +387,24 @@ def test_region_box_at_follows_the_track_between_keyframes():
     assert region.box_at(1.0) == (20.0, 0.0, 30.0, 10.0)  # and after the last
     (still,) = parse_regions([{"box": [1, 2, 3, 4], "text": "blue square standing still"}])
     assert still.box_at(0.7) == still.box == (1.0, 2.0, 3.0, 4.0)
+
+
+def test_region_motion_at_reads_the_keyframe_that_holds_the_time():
+    track = [
+        {"t": 0.0, "box": [0, 0, 10, 10], "motion": "standing still"},
+        {"t": 0.3, "box": [0, 0, 10, 10], "motion": "moving right"},
+        {"t": 0.6, "box": [20, 0, 30, 10], "motion": "standing still"},
+        {"t": 1.0, "box": [20, 0, 30, 10]},
+    ]
+    entry = {"box": [0, 0, 30, 10], "text": "red circle moving right", "motion": "moving right", "track": track}
+    (region,) = parse_regions([entry])
+    assert region.track_motions == ("standing still", "moving right", "standing still", "")
+    # at 1.0 the last keyframe names nothing: the whole clip's motion
+    expected = ["standing still"] * 2 + ["moving right"] * 2 + ["standing still", "moving right"]
+    assert [region.motion_at(t) for t in (0.0, 0.29, 0.3, 0.59, 0.6, 1.0)] == expected
+    # keyframes that name nothing: the whole clip's motion throughout
+    (plain,) = parse_regions([{**entry, "track": [{k: v for k, v in key.items() if k != "motion"} for key in track]}])
+    assert plain.track_motions == () and {plain.motion_at(t) for t in (0.0, 0.5, 1.0)} == {"moving right"}
 
 
 # ---------------------------------------------------------------------------------------- samplers

@@ -545,9 +545,13 @@ def test_region_tracks_follow_event_movers_frame_by_frame() -> None:
                 t = scene.time(index)
                 ys, xs = np.nonzero((render_array(scene, index) == COLORS[obj.color]).all(axis=-1))
                 # the box training reads for frame t (keyframes, linear between) holds the object's pixels
-                box = parse_regions([region])[0].box_at(t)
+                (parsed,) = parse_regions([region])
+                box = parsed.box_at(t)
                 assert box[0] - 0.5 <= xs.min() and xs.max() + 1 <= box[2] + 0.5
                 assert box[1] - 0.5 <= ys.min() and ys.max() + 1 <= box[3] + 0.5
+                # and what it does at that moment: its motion while it moves, standing still around it
+                moving = obj.move[0] <= t < obj.move[1]
+                assert parsed.motion_at(t) == (motion if moving else "standing still")
 
 
 # ------------------------------------------------------------------- splits, determinism, the standard set

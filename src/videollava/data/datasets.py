@@ -8,7 +8,7 @@ A sample that cannot be used raises `BadSample` while loading. `__getitem__` tur
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -178,20 +178,20 @@ class CaptionDataset(RecordDataset):
     def region_texts(self) -> list[str]:
         """Every distinct region name of the data, in first-seen order: the names regions are told
         apart from. Entries whose regions are malformed are left to ``load`` to report."""
-        return self._distinct_regions("text")
+        return self._distinct_regions(lambda r: (r.text,))
 
     def region_motions(self) -> list[str]:
-        """Every distinct region ``motion`` phrase of the data, in first-seen order."""
-        return self._distinct_regions("motion")
+        """Every distinct region ``motion`` phrase of the data, its tracks' included, in first-seen order."""
+        return self._distinct_regions(lambda r: (r.motion, *r.track_motions))
 
-    def _distinct_regions(self, field: str) -> list[str]:
+    def _distinct_regions(self, values_of: Callable[[Region], Iterable[str]]) -> list[str]:
         values: dict[str, None] = {}
         for record in self.records:
             try:
                 regions = parse_regions(record.raw.get("regions"))
             except (ValueError, AttributeError):
                 continue
-            values.update(dict.fromkeys(v for r in regions if (v := getattr(r, field))))
+            values.update(dict.fromkeys(v for r in regions for v in values_of(r) if v))
         return list(values)
 
     def _remember_size(self, rel: str) -> SizeSink:
@@ -232,7 +232,10 @@ class CaptionDataset(RecordDataset):
             box = to_crop(region.box)
             frame_boxes = tuple(to_crop(region.box_at(float(t))) for t in times) if region.track else ()
             if box is not None and (not frame_boxes or any(b is not None for b in frame_boxes)):
-                cropped.append(Region(box, region.text, frame_boxes=frame_boxes, motion=region.motion))
+                frame_motions = tuple(region.motion_at(float(t)) for t in times) if region.motion else ()
+                cropped.append(
+                    Region(box, region.text, frame_boxes=frame_boxes, motion=region.motion, frame_motions=frame_motions)
+                )
         return cropped
 
     def __len__(self) -> int:

@@ -18,6 +18,9 @@ class Region:
     region is mapped into the model's crop, ``frame_boxes`` holds its box in each sampled frame
     (None where the crop cuts it away), so each frame's own patches can be told what they show.
     ``motion`` says how a video's object moves ("moving left", "standing still"), apart from its name.
+    A track keyframe may say what the object does from then until the next keyframe
+    (``track_motions``, "" where it does not), so that ``motion_at`` tells, say, when in a clip of
+    ordered events the object moves; ``frame_motions`` holds that per sampled frame.
     """
 
     box: Box
@@ -25,6 +28,15 @@ class Region:
     track: tuple[tuple[float, Box], ...] = ()
     frame_boxes: tuple[Box | None, ...] = ()
     motion: str = ""
+    track_motions: tuple[str, ...] = ()
+    frame_motions: tuple[str, ...] = ()
+
+    def motion_at(self, t: float) -> str:
+        """What the object does at time ``t`` in [0, 1]: the motion of the track segment holding
+        ``t`` when the keyframes name one, else the whole clip's ``motion``."""
+        k = max((i for i, (start, _) in enumerate(self.track) if start <= t), default=0)
+        named = self.track_motions[k] if k < len(self.track_motions) else ""
+        return named or self.motion
 
     def box_at(self, t: float) -> Box:
         """The tracked box at time ``t`` in [0, 1]; the whole-clip box when there is no track."""
@@ -51,10 +63,11 @@ def _parse_box(box: Any, where: str) -> Box:
     return (float(box[0]), float(box[1]), float(box[2]), float(box[3]))
 
 
-def _parse_track(raw: Any, where: str) -> tuple[tuple[float, Box], ...]:
+def _parse_track(raw: Any, where: str) -> tuple[tuple[tuple[float, Box], ...], tuple[str, ...]]:
+    """The keyframes and, per keyframe, the motion it names from then on ("" where none)."""
     if not isinstance(raw, list) or not raw:
         raise ValueError(f"{where}: 'track' must be a non-empty list of {{t, box}} keyframes")
-    keys = []
+    keys, motions = [], []
     for k, item in enumerate(raw):
         if not isinstance(item, dict) or not {"t", "box"} <= set(item):
             raise ValueError(f"{where}: track keyframe {k} must be an object with 't' and 'box'")
@@ -64,13 +77,18 @@ def _parse_track(raw: Any, where: str) -> tuple[tuple[float, Box], ...]:
         if keys and t <= keys[-1][0]:
             raise ValueError(f"{where}: track times must increase, got {t} after {keys[-1][0]}")
         keys.append((float(t), _parse_box(item["box"], f"{where}, track keyframe {k}")))
-    return tuple(keys)
+        motion = item.get("motion", "")
+        if not isinstance(motion, str) or ("motion" in item and not motion.strip()):
+            raise ValueError(f"{where}: track keyframe {k}: 'motion' must be a non-empty string")
+        motions.append(motion.strip())
+    return tuple(keys), tuple(motions) if any(motions) else ()
 
 
 def parse_regions(raw: Any) -> list[Region]:
     """The entry's optional ``regions``: ``[{"box": [x0, y0, x1, y1], "text": "...", "track":
-    [{"t": 0.0, "box": [...]}, ...], "motion": "..."}]`` in the media's own pixels (for a video,
-    ``box`` holds the object throughout and the optional ``track`` follows it)."""
+    [{"t": 0.0, "box": [...], "motion": "..."}, ...], "motion": "..."}]`` in the media's own pixels
+    (for a video, ``box`` holds the object throughout and the optional ``track`` follows it; a
+    keyframe's optional ``motion`` holds until the next keyframe)."""
     if raw is None:
         return []
     if not isinstance(raw, list):
@@ -82,9 +100,9 @@ def parse_regions(raw: Any) -> list[Region]:
         box, text = _parse_box(item["box"], f"region {i}"), item["text"]
         if not isinstance(text, str) or not text.strip():
             raise ValueError(f"region {i}: 'text' must be a non-empty string")
-        track = _parse_track(item["track"], f"region {i}") if "track" in item else ()
+        track, track_motions = _parse_track(item["track"], f"region {i}") if "track" in item else ((), ())
         motion = item.get("motion", "")
         if not isinstance(motion, str) or ("motion" in item and not motion.strip()):
             raise ValueError(f"region {i}: 'motion' must be a non-empty string")
-        regions.append(Region(box, text.strip(), track, motion=motion.strip()))
+        regions.append(Region(box, text.strip(), track, motion=motion.strip(), track_motions=track_motions))
     return regions

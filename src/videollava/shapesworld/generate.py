@@ -567,10 +567,21 @@ def object_regions(scene: Scene) -> list[dict[str, Any]]:
             region["motion"] = f"moving {direction}" if obj.moves else "standing still"
             region["text"] += " " + region["motion"]
             if obj.moves:
-                # still before and after its move (an ordered-event video), sliding in between
-                keys = [(0.0, obj.start), (obj.move[0], obj.start), (obj.move[1], obj.end), (1.0, obj.end)]
-                keys = [k for i, k in enumerate(keys) if i == 0 or k[0] > keys[i - 1][0]]
-                region["track"] = [{"t": t, "box": box_around((c,), half)} for t, c in keys]
+                # still before and after its move (an ordered-event video), sliding in between; in
+                # such a video each keyframe says what the object does until the next one
+                still, moving = "standing still", region["motion"]
+                keys = [
+                    (0.0, obj.start, still),
+                    (obj.move[0], obj.start, moving),
+                    (obj.move[1], obj.end, still),
+                    (1.0, obj.end, still),
+                ]
+                # of keyframes at one time, the later says what follows (its box is the same)
+                keys = [k for i, k in enumerate(keys) if i == len(keys) - 1 or k[0] < keys[i + 1][0]]
+                region["track"] = [
+                    {"t": t, "box": box_around((c,), half)} | ({"motion": m} if scene.is_sequence else {})
+                    for t, c, m in keys
+                ]
         regions.append(region)
     return regions
 

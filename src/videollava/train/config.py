@@ -570,8 +570,9 @@ def validate(recipe: Recipe) -> None:
         if isinstance(stage, AlignImageStage) and stage.region_loss is not None:
             if stage.region_loss.per_frame:
                 raise RecipeError(f"{where}.region_loss.per_frame: only videos have frames (align_video)")
-            if stage.region_loss.motion_weight > 0:
-                raise RecipeError(f"{where}.region_loss.motion_weight: only videos move (align_video)")
+            for key in ("motion_weight", "frame_motion_weight"):
+                if getattr(stage.region_loss, key) > 0:
+                    raise RecipeError(f"{where}.region_loss.{key}: only videos move (align_video)")
         if isinstance(stage, AlignVideoStage):
             if "align_image" not in seen and "mae_image" not in seen:
                 raise RecipeError(

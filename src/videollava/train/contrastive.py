@@ -164,6 +164,9 @@ class RegionLoss:
     frames must pick the region's ``motion`` phrase ("moving left") out of all the motion phrases.
     Which way an object goes shows in where it is at which time, so no single patch need hold it,
     but their mean can, and the LLM reads the object's patches together.
+    ``frame_motion_weight`` (with ``per_frame``): in every frame, the mean of the patches under the
+    object must pick what it is doing at that moment (its track's motion there, "standing still"
+    before a move starts), so each frame's tokens say when an object moves, not only that it does.
     """
 
     weight: float = 1.0  # of the region loss beside the caption loss
@@ -171,13 +174,21 @@ class RegionLoss:
     pooling: RegionPooling = "box"
     per_frame: bool = False
     motion_weight: float = 0.0  # of the motion term; 0: none
+    frame_motion_weight: float = 0.0  # of the per-frame motion term; 0: none
 
     def __post_init__(self) -> None:
         if not (self.weight > 0 and self.scale > 0):
             raise ValueError(f"weight and scale must be positive, got {self.weight}, {self.scale}")
-        if self.motion_weight < 0:
-            raise ValueError(f"motion_weight: must be >= 0, got {self.motion_weight}")
+        for name in ("motion_weight", "frame_motion_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        if self.frame_motion_weight > 0 and not self.per_frame:
+            raise ValueError("frame_motion_weight: needs per_frame, since it reads each frame's patches")
         _one_of("pooling", self.pooling, RegionPooling)
+
+    @property
+    def names_motions(self) -> bool:
+        return self.motion_weight > 0 or self.frame_motion_weight > 0
 
 
 @dataclass
@@ -194,6 +205,7 @@ class RegionBatch:
     motion_target: torch.Tensor  # (R,) index of the region's motion phrase, -1 for none
     motion_ids: torch.Tensor | None  # (M, L) the motion phrases, tokenised (None: there are none)
     motion_mask: torch.Tensor | None  # (M, L)
+    frame_motion_target: torch.Tensor  # (R, F) the phrase of what the region does in each frame, -1: none
 
 
 class RegionVocabulary:
@@ -225,7 +237,7 @@ class RegionVocabulary:
     def batch(self, regions_per_media: list[list], device: torch.device, frames: int = 1) -> RegionBatch:
         """Regions of each media of a micro-batch (objects with ``box``, ``text``, ``motion`` and,
         for ``frames`` > 1, optional ``frame_boxes``) -> one batch."""
-        sample_index, boxes, clip_boxes, valid, target, motion = [], [], [], [], [], []
+        sample_index, boxes, clip_boxes, valid, target, motion, frame_motion = [], [], [], [], [], [], []
         for i, regions in enumerate(regions_per_media):
             for region in regions:
                 if region.text not in self.index:
@@ -245,6 +257,12 @@ class RegionVocabulary:
                 valid.append([b is not None for b in per_frame])
                 target.append(self.index[region.text])
                 motion.append(self.motion_index.get(region.motion, -1))
+                now = list(region.frame_motions) if frames > 1 and region.frame_motions else [region.motion] * frames
+                if len(now) != frames:
+                    raise ValueError(f"region {region.text!r} has {len(now)} frame motions for {frames} frames")
+                frame_motion.append(
+                    [self.motion_index.get(m, -1) if seen else -1 for m, seen in zip(now, valid[-1], strict=True)]
+                )
         return RegionBatch(
             torch.tensor(sample_index, dtype=torch.long, device=device),
             torch.tensor(boxes, dtype=torch.float32, device=device).view(-1, frames, 4),
@@ -256,6 +274,7 @@ class RegionVocabulary:
             torch.tensor(motion, dtype=torch.long, device=device),
             None if self.motion_ids is None else self.motion_ids.to(device),
             None if self.motion_mask is None else self.motion_mask.to(device),
+            torch.tensor(frame_motion, dtype=torch.long, device=device).view(-1, frames),
         )
 
 
@@ -381,6 +400,25 @@ class _Aligner(nn.Module):
             return patches.new_zeros(())
         return F.cross_entropy(self.motion_logits(patches, regions), target)
 
+    def frame_motion_logits(self, patches: torch.Tensor, regions: RegionBatch) -> torch.Tensor:
+        """(N, M) for the N (region, frame) pairs with a motion: the mean of the patches under the
+        region in that frame, against every motion phrase (``frame_motion_target >= 0`` picks them)."""
+        assert regions.motion_ids is not None and regions.motion_mask is not None
+        r, f = regions.boxes.shape[:2]
+        keep = regions.frame_motion_target >= 0  # (R, F)
+        # (R, F, 4) -> (N, 4) -> (N, P): the region's box in each kept frame
+        weights = box_patch_weights(regions.boxes[keep].to(patches), self.image_size, self.patch_size)
+        # (B, F*P, D) -> (B, F, P, D) -> (R, F, P, D) -> (N, P, D): the kept frames' own patches
+        frames = patches.view(patches.shape[0], f, -1, patches.shape[-1])[regions.sample_index][keep]
+        pooled = torch.einsum("np,npd->nd", weights, frames)  # (N, D)
+        return self._phrase_logits(pooled, regions.motion_ids, regions.motion_mask)
+
+    def frame_motion_loss(self, patches: torch.Tensor, regions: RegionBatch) -> torch.Tensor:
+        target = regions.frame_motion_target[regions.frame_motion_target >= 0]
+        if regions.motion_ids is None or target.numel() == 0:
+            return patches.new_zeros(())
+        return F.cross_entropy(self.frame_motion_logits(patches, regions), target)
+
     def loss(
         self,
         pixel_values: torch.Tensor,
@@ -401,6 +439,8 @@ class _Aligner(nn.Module):
         loss = loss + self.regions.weight * self.region_loss(patches, regions)
         if self.regions.motion_weight > 0:
             loss = loss + self.regions.motion_weight * self.motion_loss(patches, regions)
+        if self.regions.frame_motion_weight > 0:
+            loss = loss + self.regions.frame_motion_weight * self.frame_motion_loss(patches, regions)
         return loss
 
 

@@ -191,11 +191,11 @@ def region_vocabulary(
         raise RecipeError(
             f"stage {stage.label}: region_loss needs entries with 'regions' in {', '.join(stage.data)}"
         )
-    motions = dataset.region_motions() if stage.region_loss.motion_weight > 0 else []
-    if stage.region_loss.motion_weight > 0 and not motions:
+    motions = dataset.region_motions() if stage.region_loss.names_motions else []
+    if stage.region_loss.names_motions and not motions:
+        key = "motion_weight" if stage.region_loss.motion_weight > 0 else "frame_motion_weight"
         raise RecipeError(
-            f"stage {stage.label}: region_loss.motion_weight needs regions with a 'motion' in "
-            f"{', '.join(stage.data)}"
+            f"stage {stage.label}: region_loss.{key} needs regions with a 'motion' in {', '.join(stage.data)}"
         )
     ctx.log(
         f"[{stage.label}] region loss over {len(names)} names"
