@@ -485,6 +485,32 @@ def test_video_aligner_trains_only_what_the_recipe_trains():
     )
 
 
+def test_spatial_lr_trains_the_video_towers_spatial_path_at_its_own_rate():
+    from videollava.train.config import AlignVideoStage
+    from videollava.train.objectives import AlignObjective
+    from videollava.train.tasks import spatial_rate
+
+    tower, text = tiny_parts()
+    video = VideoTextAligner(init_video_tower_from_image(tower, 2), text, 16, train_spatial=True)
+    tower_names = {n for n, _ in video.video_tower.named_parameters()}
+    trainable = {n for n, p in video.named_parameters() if p.requires_grad}
+    assert {f"video_tower.{n}" for n in tower_names} <= trainable
+    assert not any(n.startswith("text_encoder.") for n in trainable)
+    assert {id(p) for p in video.trainable_parameters()} == {id(p) for p in video.parameters() if p.requires_grad}
+    # the rates, by the names the optimiser sees (the objective wraps the aligner)
+    named = dict(AlignObjective(video, None, 16, (2, 3, 32, 32)).named_parameters())
+    lr_for = spatial_rate(AlignVideoStage(lr=1e-3, spatial_lr=1e-4))
+    spatial = "aligner.video_tower.encoder.layers.0.self_attn.q_proj.weight"
+    temporal = "aligner.video_tower.encoder.layers.0.temporal_attn.q_proj.weight"
+    assert {spatial, temporal, "aligner.visual_projection.weight"} <= set(named)
+    assert lr_for(spatial) == 1e-4 and lr_for("aligner.video_tower.embeddings.patch_embedding.weight") == 1e-4
+    assert lr_for(temporal) == lr_for("aligner.visual_projection.weight") == 1e-3
+    assert spatial_rate(AlignVideoStage(lr=1e-3)) is None  # frozen: nothing to set apart
+    pixels = torch.randn(2, 2, 3, 32, 32)
+    video.loss(pixels, torch.randint(3, 50, (2, 5)), torch.ones(2, 5, dtype=torch.long)).backward()
+    assert video.video_tower.encoder.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+
+
 def test_video_embedding_is_the_mean_of_temporal_frame_outputs():
     tower, text = tiny_parts()
     video = VideoTextAligner(init_video_tower_from_image(tower, 4), text, 16).eval()

@@ -384,6 +384,10 @@ class AlignVideoStage(TrainStage):
     # image stage's: needed after mae_image, which has none.
     text_encoder: TextEncoderSection | None = None
     projection_dim: Positive | None = None
+    # The rate of the tower's spatial path (patch embedding, spatial attention, MLPs), copied from
+    # the image tower; None keeps it frozen, as LanguageBind does. Which way an object moves shows
+    # only in how neighbouring patches change over time, and a frozen spatial path may not carry that.
+    spatial_lr: Rate | None = None
 
 
 class ProjectorStage(TrainStage):

@@ -478,7 +478,14 @@ class ImageTextAligner(_Aligner):
 
 
 def _video_trainable_name(name: str) -> bool:
+    """A video tower parameter that video alignment trains (LanguageBind's choice); the rest is the
+    image tower's spatial path, which stays frozen unless the stage trains it too."""
     return ".temporal_" in name or name == "embeddings.class_embedding" or name.startswith("post_layernorm.")
+
+
+def is_spatial_parameter(name: str) -> bool:
+    """``name`` (a video tower parameter's) belongs to the spatial path copied from the image tower."""
+    return not _video_trainable_name(name)
 
 
 def _copy_linear(target: nn.Linear, source: nn.Linear, what: str) -> None:
@@ -502,8 +509,10 @@ class VideoTextAligner(_Aligner):
         regions: RegionLoss | None = None,
         region_projection_init: nn.Linear | None = None,
         feature_layer: int = -2,
+        train_spatial: bool = False,
     ):
         super().__init__(video_tower, text_encoder, projection_dim, regions, feature_layer)
+        self.train_spatial = train_spatial
         if not video_tower.config.has_temporal:
             raise ValueError("the video tower has no temporal modules (num_frames=0)")
         self.video_tower = video_tower
@@ -512,7 +521,7 @@ class VideoTextAligner(_Aligner):
         if region_projection_init is not None and self.region_projection is not None:
             _copy_linear(self.region_projection, region_projection_init, "region projection")
         for name, param in video_tower.named_parameters():
-            param.requires_grad_(_video_trainable_name(name))
+            param.requires_grad_(train_spatial or _video_trainable_name(name))
         text_encoder.requires_grad_(False)
         text_encoder.eval()
 
@@ -546,7 +555,9 @@ class VideoTextAligner(_Aligner):
             return super().embed_text(input_ids, attention_mask)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        tower = [p for name, p in self.video_tower.named_parameters() if _video_trainable_name(name)]
+        tower = [
+            p for name, p in self.video_tower.named_parameters() if self.train_spatial or _video_trainable_name(name)
+        ]
         region = [] if self.region_projection is None else [self.region_projection.weight]
         return [*tower, self.visual_projection.weight, self.logit_scale, *region]
 

@@ -45,6 +45,7 @@ from videollava.train.contrastive import (
     TextEncoder,
     VideoTextAligner,
     init_video_tower_from_image,
+    is_spatial_parameter,
 )
 from videollava.train.loop import Task
 from videollava.train.mae import MaeObjective, MaskedAutoencoder, heldout_reconstruction
@@ -338,6 +339,7 @@ def align_video_task(ctx: TaskContext, stage: AlignVideoStage) -> tuple[Task, Fi
         regions,
         region_projection_init=image_aligner.region_projection if image_aligner is not None else None,
         feature_layer=model.config.vision_feature_layer,
+        train_spatial=stage.spatial_lr is not None,
     )
     model.video_tower.encoder.gradient_checkpointing = stage.gradient_checkpointing
     size = model.config.vision.image_size
@@ -359,7 +361,23 @@ def align_video_task(ctx: TaskContext, stage: AlignVideoStage) -> tuple[Task, Fi
             images = retrieval_metrics(image_aligner, held_images, ctx.tokenizer, vocab.get("image"), batch)
         return images | retrieval_metrics(aligner, held_videos, ctx.tokenizer, vocab.get("video"), batch)
 
-    return alignment_task(model.video_tower, aligner, objective, dataset, evaluate, stage)
+    return alignment_task(model.video_tower, aligner, objective, dataset, evaluate, stage, spatial_rate(stage))
+
+
+def spatial_rate(stage: AlignVideoStage) -> Callable[[str], float] | None:
+    """Parameter name -> lr: the video tower's spatial path at ``spatial_lr``, the rest at ``lr``."""
+    spatial_lr = stage.spatial_lr
+    if spatial_lr is None:
+        return None
+    marker = ".video_tower."
+
+    def lr_for(name: str) -> float:
+        dotted = f".{name}"
+        if marker in dotted and is_spatial_parameter(dotted.split(marker, 1)[1]):
+            return spatial_lr
+        return stage.lr
+
+    return lr_for
 
 
 # ---------------------------------------------------------------------------------------- LLM stages
