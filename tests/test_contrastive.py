@@ -435,6 +435,27 @@ def test_random_temporal_embedding_breaks_time_symmetry():
         init_video_tower_from_image(tower, 4, temporal_embedding_std=-1.0)
 
 
+def test_sinusoidal_temporal_embedding_is_ordered_and_resamples_to_itself():
+    from videollava.train.contrastive import sinusoidal_time_table
+
+    tower, _ = tiny_parts()
+    video = init_video_tower_from_image(tower, 8, temporal_embedding_std=0.4, temporal_embedding_init="sinusoidal")
+    table = sinusoidal_time_table(8, 32, 0.4)  # (T, D)
+    for layer in video.encoder.layers:
+        assert torch.equal(layer.temporal_embedding[0], table)
+        assert torch.count_nonzero(layer.temporal_attn.out_proj.weight) == 0
+    assert table.std().item() == pytest.approx(0.4, rel=0.1)
+    # the slowest cosine falls from the first frame to the last: time has a direction
+    assert bool((table[1:, 1] < table[:-1, 1]).all())
+    # read at 15 frames, the tower's linear resampling stays near the curve itself
+    resampled = video.encoder.layers[0].temporal_embedding_for(15)[0]
+    finer = sinusoidal_time_table(15, 32, 0.4)
+    assert (resampled - finer).norm() / finer.norm() < 0.15
+    assert torch.equal(resampled[::2], table)
+    with pytest.raises(ValueError, match="temporal_embedding_init"):
+        init_video_tower_from_image(tower, 8, 0.4, temporal_embedding_init="learned")  # type: ignore[arg-type]
+
+
 def test_video_aligner_trains_only_what_the_recipe_trains():
     tower, text = tiny_parts()
     image = ImageTextAligner(tower, text, projection_dim=16)

@@ -377,6 +377,9 @@ class AlignVideoStage(TrainStage):
     # Std of the initial temporal embedding: 0 (LanguageBind's no-op start) leaves the fresh tower
     # symmetric in time, a small value breaks that symmetry (see init_video_tower_from_image).
     temporal_embedding_std: Number = 0.0
+    # "random": normal at that std, one draw per layer; "sinusoidal": every layer starts from the
+    # same smooth table of time (contrastive.sinusoidal_time_table), ordered from the start.
+    temporal_embedding_init: Literal["random", "sinusoidal"] = "random"
     # Videos' region names say how each object moves; the region head starts from the image stage's.
     region_loss: RegionLossSection | None = None
     eval: EvalConfig | None = Field(default_factory=EvalConfig)

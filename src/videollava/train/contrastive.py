@@ -562,8 +562,28 @@ class VideoTextAligner(_Aligner):
         return [*tower, self.visual_projection.weight, self.logit_scale, *region]
 
 
+TemporalInit = Literal["random", "sinusoidal"]
+
+
+def sinusoidal_time_table(num_frames: int, width: int, std: float) -> torch.Tensor:
+    """(T, D): frame t at time t / (T - 1) in [0, 1], as sines and cosines of 1/2 to 2 turns over
+    the clip, scaled to ``std`` per element. Nearby frames get nearby rows and the order of frames
+    is a direction in the table, so the tower can tell earlier from later from the start; the
+    curve does not depend on T, so the table resampled to more frames is that curve sampled finer."""
+    times = torch.linspace(0.0, 1.0, num_frames) if num_frames > 1 else torch.zeros(1)
+    turns = torch.logspace(math.log10(0.5), math.log10(2.0), width // 2)  # (D/2,)
+    angles = 2 * math.pi * times[:, None] * turns[None, :]  # (T, D/2)
+    table = torch.zeros(num_frames, width)
+    table[:, 0 : 2 * (width // 2) : 2] = angles.sin()
+    table[:, 1 : 2 * (width // 2) : 2] = angles.cos()
+    return table * std * math.sqrt(2.0)
+
+
 def init_video_tower_from_image(
-    image_tower: VisionTower, num_frames: int, temporal_embedding_std: float = 0.0
+    image_tower: VisionTower,
+    num_frames: int,
+    temporal_embedding_std: float = 0.0,
+    temporal_embedding_init: TemporalInit = "random",
 ) -> VisionTower:
     """A video tower that starts out computing what the image tower computes on each frame.
 
@@ -572,12 +592,14 @@ def init_video_tower_from_image(
     the tower is symmetric in time: frames in reverse order give the same pooled output, and on
     data that holds every motion and its reverse the gradient keeps that symmetry, so the tower
     never learns which way things move. A small random temporal embedding
-    (``temporal_embedding_std``, about 2% of the unit-scale residual stream at 0.02) breaks it.
+    (``temporal_embedding_std``, about 2% of the unit-scale residual stream at 0.02) breaks it;
+    ``temporal_embedding_init="sinusoidal"`` starts every layer from `sinusoidal_time_table` instead.
     """
     if num_frames < 1:
         raise ValueError(f"num_frames must be >= 1, got {num_frames}")
     if temporal_embedding_std < 0:
         raise ValueError(f"temporal_embedding_std must be >= 0, got {temporal_embedding_std}")
+    _one_of("temporal_embedding_init", temporal_embedding_init, TemporalInit)
     reference = next(image_tower.parameters())
     video_tower = VisionTower(replace(image_tower.config, num_frames=num_frames))
     video_tower.to(device=reference.device, dtype=reference.dtype)
@@ -586,7 +608,11 @@ def init_video_tower_from_image(
         raise ValueError(f"image tower does not fit: missing {missing}, unexpected {unexpected}")
     with torch.no_grad():
         for layer in video_tower.encoder.layers:
-            layer.temporal_embedding.normal_(0.0, temporal_embedding_std)
+            if temporal_embedding_init == "sinusoidal":
+                table = sinusoidal_time_table(num_frames, layer.temporal_embedding.shape[-1], temporal_embedding_std)
+                layer.temporal_embedding.copy_(table[None])
+            else:
+                layer.temporal_embedding.normal_(0.0, temporal_embedding_std)
             layer.temporal_attn.out_proj.weight.zero_()
             layer.temporal_attn.out_proj.bias.zero_()
     video_tower.train(image_tower.training)
