@@ -524,6 +524,9 @@ def test_stage_two_instructions_tell_the_events_in_order(wide_data: Path) -> Non
                 continue
             _check_event_answer(scene, meta["type"], question, gpt["value"])
     assert sequences >= 5
+    # instruct_events.json: those same conversations once more, in the same order, and no others
+    again = json.loads((wide_data / "instruct_events.json").read_text())
+    assert again == [e for e in instruct if scenes[e["id"]].is_sequence]
 
 
 def test_region_tracks_follow_event_movers_frame_by_frame() -> None:

@@ -5,7 +5,8 @@ right, up or down. Because the world is tiny and fully described by ``world.json
 on it can be checked question by question, and anyone can re-render a scene from its metadata.
 
 Outputs follow the LLaVA JSON convention (``captions.json`` for stage 1, ``instruct.json`` for
-stage 2, ``instruct_direction.json`` with every training video's direction question alone) plus
+stage 2, ``instruct_direction.json`` with every training video's direction question alone, and
+with ordered events ``instruct_events.json``, their videos' conversations once more) plus
 held-out ``test_questions.jsonl`` / ``test_captions.json`` rendered from a separate seed stream,
 and ``scenes.jsonl`` with the ground truth of every media file.
 
@@ -211,6 +212,8 @@ def _generate(
     captions = [captions[i] for i in order]
     instruct = [instruct[i] for i in order]
     direction = [direction[i] for i in order if direction[i] is not None]
+    # the ordered-event videos' conversations once more, for a recipe to weigh them up
+    events = [instruct[k] for k, i in enumerate(order) if train[i][0].is_sequence]
 
     # Held-out text from its own stream
     test_captions, questions, test_rows, test_ranking = _heldout_text(
@@ -244,6 +247,8 @@ def _generate(
     _write_json(out / "captions.json", captions)
     _write_json(out / "instruct.json", instruct)
     _write_json(out / "instruct_direction.json", direction)
+    if _widened(config):
+        _write_json(out / "instruct_events.json", events)
     _write_json(out / "test_captions.json", test_captions)
     _write_jsonl(out / "test_questions.jsonl", questions)
     _write_jsonl(out / "scenes.jsonl", scene_rows)
@@ -310,6 +315,7 @@ def _generate(
         "instruct": len(instruct),
         "instruct_turns": sum(len(e["conversations"]) // 2 for e in instruct),
         "instruct_direction": len(direction),
+        "instruct_events": len(events),
         "test_questions": len(questions),
         "test_question_types": dict(sorted(type_counts.items())),
         "test_exists_answers": dict(sorted(answers.items())),
