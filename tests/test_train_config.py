@@ -478,3 +478,21 @@ def test_recipe_sections_are_the_models_own_configs():
         recipe_from_dict(
             minimal(), ["model.init.vision.num_frames=4"]
         )  # the video tower's are model.temporal_frames
+
+
+def test_values_set_leave_out_options_at_their_defaults():
+    """`to_dict(exclude_defaults=True)` (what an experiment folder's identity hashes) is the same
+    whether an option at its default is written or not, so a new option leaves it unchanged."""
+    raw = minimal()
+    raw["model"]["init"]["vision"] = {"hidden_size": 64, "image_size": 32, "patch_size": 16}
+    raw["stages"].insert(1, {"kind": "align_image", "region_loss": {"pooling": "patch", "weight": 3.0}})
+    silent = recipe_from_dict(raw).to_dict(exclude_defaults=True)
+    raw["stages"][1]["region_loss"] |= {"motion_weight": 0.0, "scale": 30.0}
+    raw["stages"][2]["template"] = "plain"  # the projector stage's default
+    assert recipe_from_dict(raw).to_dict(exclude_defaults=True) == silent
+    assert silent["stages"][1] == {"kind": "align_image", "region_loss": {"weight": 3.0, "pooling": "patch"}}
+    assert [stage["kind"] for stage in silent["stages"]] == ["tokenizer", "align_image", "projector", "finetune"]
+    raw["stages"][1]["region_loss"]["scale"] = 20.0
+    assert recipe_from_dict(raw).to_dict(exclude_defaults=True) != silent
+    # the full dump still writes every default out
+    assert recipe_from_dict(raw).to_dict()["stages"][1]["region_loss"]["motion_weight"] == 0.0

@@ -30,6 +30,7 @@ from pydantic import (
     Field,
     PlainSerializer,
     PrivateAttr,
+    SerializationInfo,
     ValidationError,
     create_model,
     field_validator,
@@ -133,10 +134,18 @@ def embedded(cls: type, exclude: tuple[str, ...] = ()) -> Any:
     elsewhere)."""
     names = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in exclude]
     section = create_model(cls.__name__, __base__=Section, **_fields_of(cls, names))
+    defaults = {name: field.default for name, field in section.model_fields.items() if not field.is_required()}
+
+    def serialize(value: Any, info: SerializationInfo) -> dict[str, Any]:
+        values = {name: getattr(value, name) for name in names}
+        if info.exclude_defaults:  # as pydantic does for its own models
+            values = {k: v for k, v in values.items() if k not in defaults or defaults[k] != v}
+        return values
+
     return Annotated[
         section,
         AfterValidator(lambda value: cls(**dict(value))),
-        PlainSerializer(lambda value: {name: getattr(value, name) for name in names}, return_type=dict),
+        PlainSerializer(serialize, return_type=dict),
     ]
 
 
@@ -489,8 +498,16 @@ class Recipe(Section):
         beside = Path(self._source_dir) / path
         return beside if beside.exists() else path
 
-    def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(by_alias=True)
+    def to_dict(self, exclude_defaults: bool = False) -> dict[str, Any]:
+        """The recipe as plain data; ``exclude_defaults``: only the values it sets apart from the
+        defaults, which a later version's new options (at their defaults) leave unchanged."""
+        data = self.model_dump(by_alias=True, exclude_defaults=exclude_defaults)
+        # a stage's kind is its default too, but it says what the stage is
+        if "stages" in data:
+            data["stages"] = [
+                {"kind": stage.kind} | values for stage, values in zip(self.stages, data["stages"], strict=True)
+            ]
+        return data
 
 
 # ---------------------------------------------------------------------------------------- checks
