@@ -328,7 +328,8 @@ def test_region_loss_trains_a_region_head_in_both_alignment_stages(world, tmp_pa
     for stage in stages[1:]:
         stage.update(max_steps=1, region_loss={"weight": 2.0, "scale": 20.0})
     stages[1]["text_encoder"].update(pooling="mean", token_init_std=1.0)
-    stages[2]["region_loss"]["motion_weight"] = 1.0
+    stages[2]["region_loss"].update(motion_weight=1.0, per_frame=True, frame_motion_weight=1.0)
+    stages[2]["spatial_lr"] = 1e-3
     recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(world, stages))
     image = trained_stage_weights(recipe, tmp_path / "run", "1-align_image")
     with safe_open(str(tmp_path / "run" / "stages" / "2-align_video" / "weights.safetensors"), "pt") as f:
@@ -344,6 +345,11 @@ def test_region_loss_trains_a_region_head_in_both_alignment_stages(world, tmp_pa
     assert 0.0 <= evals[1]["video_region_name_acc"] <= 1.0 and "image_region_name_acc" in evals[1]
     # and how often the way each video region moves is picked, by the mean of its box
     assert 0.0 <= evals[1]["video_region_motion_acc"] <= 1.0 and "image_region_motion_acc" not in evals[1]
+    # and in each frame, what the object under it does then
+    assert 0.0 <= evals[1]["video_region_frame_motion_acc"] <= 1.0
+    # spatial_lr: the video tower's spatial path learned too, away from the image tower's
+    spatial = "encoder.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(image[f"aligner.image_tower.{spatial}"], video[f"aligner.video_tower.{spatial}"])
     again = trained_stage_weights(recipe, tmp_path / "plain", "1-align_image", "stage.1.region_loss=null")
     assert not any("region_projection" in n for n in again)
     assert any(not torch.equal(image[n], again[n]) for n in again if "image_tower" in n)
