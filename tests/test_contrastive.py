@@ -439,7 +439,9 @@ def test_sinusoidal_temporal_embedding_is_ordered_and_resamples_to_itself():
     from videollava.train.contrastive import sinusoidal_time_table
 
     tower, _ = tiny_parts()
-    video = init_video_tower_from_image(tower, 8, temporal_embedding_std=0.4, temporal_embedding_init="sinusoidal")
+    video = init_video_tower_from_image(
+        tower, 8, temporal_embedding_std=0.4, temporal_embedding_init="sinusoidal"
+    )
     table = sinusoidal_time_table(8, 32, 0.4)  # (T, D)
     for layer in video.encoder.layers:
         assert torch.equal(layer.temporal_embedding[0], table)
@@ -517,7 +519,9 @@ def test_spatial_lr_trains_the_video_towers_spatial_path_at_its_own_rate():
     trainable = {n for n, p in video.named_parameters() if p.requires_grad}
     assert {f"video_tower.{n}" for n in tower_names} <= trainable
     assert not any(n.startswith("text_encoder.") for n in trainable)
-    assert {id(p) for p in video.trainable_parameters()} == {id(p) for p in video.parameters() if p.requires_grad}
+    assert {id(p) for p in video.trainable_parameters()} == {
+        id(p) for p in video.parameters() if p.requires_grad
+    }
     # the rates, by the names the optimiser sees (the objective wraps the aligner)
     named = dict(AlignObjective(video, None, 16, (2, 3, 32, 32)).named_parameters())
     lr_for = spatial_rate(AlignVideoStage(lr=1e-3, spatial_lr=1e-4))

@@ -313,7 +313,13 @@ def test_caption_dataset_maps_regions_into_the_crop(world, tmp_path):
                 # a standard-world object does one thing for the whole clip: its motion in every frame
                 frame_motions = tuple(motion for _ in times) if motion else ()
                 expected.append(
-                    Region(crop(r["box"]), r["text"], frame_boxes=frame_boxes, motion=motion, frame_motions=frame_motions)
+                    Region(
+                        crop(r["box"]),
+                        r["text"],
+                        frame_boxes=frame_boxes,
+                        motion=motion,
+                        frame_motions=frame_motions,
+                    )
                 )
         if video:  # the mover is tracked: a box per sampled frame
             assert any(len(r.frame_boxes) == FRAMES for r in expected)
@@ -354,7 +360,13 @@ def test_caption_dataset_maps_regions_into_the_crop(world, tmp_path):
         ([{"box": [0, 0, 4, 4], "text": "red circle", "motion": ""}], "'motion' must be a non-empty string"),
         ([{"box": [0, 0, 4, 4], "text": "red circle", "motion": 3}], "'motion' must be a non-empty string"),
         (
-            [{"box": [0, 0, 4, 4], "text": "red circle", "track": [{"t": 0, "box": [0, 0, 4, 4], "motion": ""}]}],
+            [
+                {
+                    "box": [0, 0, 4, 4],
+                    "text": "red circle",
+                    "track": [{"t": 0, "box": [0, 0, 4, 4], "motion": ""}],
+                }
+            ],
             "keyframe 0: 'motion' must be a non-empty string",
         ),
     ],
@@ -396,14 +408,21 @@ def test_region_motion_at_reads_the_keyframe_that_holds_the_time():
         {"t": 0.6, "box": [20, 0, 30, 10], "motion": "standing still"},
         {"t": 1.0, "box": [20, 0, 30, 10]},
     ]
-    entry = {"box": [0, 0, 30, 10], "text": "red circle moving right", "motion": "moving right", "track": track}
+    entry = {
+        "box": [0, 0, 30, 10],
+        "text": "red circle moving right",
+        "motion": "moving right",
+        "track": track,
+    }
     (region,) = parse_regions([entry])
     assert region.track_motions == ("standing still", "moving right", "standing still", "")
     # at 1.0 the last keyframe names nothing: the whole clip's motion
     expected = ["standing still"] * 2 + ["moving right"] * 2 + ["standing still", "moving right"]
     assert [region.motion_at(t) for t in (0.0, 0.29, 0.3, 0.59, 0.6, 1.0)] == expected
     # keyframes that name nothing: the whole clip's motion throughout
-    (plain,) = parse_regions([{**entry, "track": [{k: v for k, v in key.items() if k != "motion"} for key in track]}])
+    (plain,) = parse_regions(
+        [{**entry, "track": [{k: v for k, v in key.items() if k != "motion"} for key in track]}]
+    )
     assert plain.track_motions == () and {plain.motion_at(t) for t in (0.0, 0.5, 1.0)} == {"moving right"}
 
 

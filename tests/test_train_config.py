@@ -491,7 +491,12 @@ def test_values_set_leave_out_options_at_their_defaults():
     raw["stages"][2]["template"] = "plain"  # the projector stage's default
     assert recipe_from_dict(raw).to_dict(exclude_defaults=True) == silent
     assert silent["stages"][1] == {"kind": "align_image", "region_loss": {"weight": 3.0, "pooling": "patch"}}
-    assert [stage["kind"] for stage in silent["stages"]] == ["tokenizer", "align_image", "projector", "finetune"]
+    assert [stage["kind"] for stage in silent["stages"]] == [
+        "tokenizer",
+        "align_image",
+        "projector",
+        "finetune",
+    ]
     raw["stages"][1]["region_loss"]["scale"] = 20.0
     assert recipe_from_dict(raw).to_dict(exclude_defaults=True) != silent
     # the full dump still writes every default out

@@ -234,7 +234,13 @@ class CaptionDataset(RecordDataset):
             if box is not None and (not frame_boxes or any(b is not None for b in frame_boxes)):
                 frame_motions = tuple(region.motion_at(float(t)) for t in times) if region.motion else ()
                 cropped.append(
-                    Region(box, region.text, frame_boxes=frame_boxes, motion=region.motion, frame_motions=frame_motions)
+                    Region(
+                        box,
+                        region.text,
+                        frame_boxes=frame_boxes,
+                        motion=region.motion,
+                        frame_motions=frame_motions,
+                    )
                 )
         return cropped
 

@@ -87,7 +87,9 @@ class Plan:
         arm's resolved recipe (at seed 0), so that comments may change but no value may. Values at
         their defaults are left out, so options added since (at their defaults) change nothing."""
         recipes = {
-            arm: Arm.load(self.configs, arm).recipe(self.scale, 0, self.data_root).to_dict(exclude_defaults=True)
+            arm: Arm.load(self.configs, arm)
+            .recipe(self.scale, 0, self.data_root)
+            .to_dict(exclude_defaults=True)
             for arm in ARM_FILES
         }
         text = json.dumps(recipes, sort_keys=True, default=str)

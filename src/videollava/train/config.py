@@ -134,7 +134,9 @@ def embedded(cls: type, exclude: tuple[str, ...] = ()) -> Any:
     elsewhere)."""
     names = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in exclude]
     section = create_model(cls.__name__, __base__=Section, **_fields_of(cls, names))
-    defaults = {name: field.default for name, field in section.model_fields.items() if not field.is_required()}
+    defaults = {
+        name: field.default for name, field in section.model_fields.items() if not field.is_required()
+    }
 
     def serialize(value: Any, info: SerializationInfo) -> dict[str, Any]:
         values = {name: getattr(value, name) for name in names}
@@ -505,7 +507,8 @@ class Recipe(Section):
         # a stage's kind is its default too, but it says what the stage is
         if "stages" in data:
             data["stages"] = [
-                {"kind": stage.kind} | values for stage, values in zip(self.stages, data["stages"], strict=True)
+                {"kind": stage.kind} | values
+                for stage, values in zip(self.stages, data["stages"], strict=True)
             ]
         return data
 

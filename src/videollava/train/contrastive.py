@@ -257,11 +257,20 @@ class RegionVocabulary:
                 valid.append([b is not None for b in per_frame])
                 target.append(self.index[region.text])
                 motion.append(self.motion_index.get(region.motion, -1))
-                now = list(region.frame_motions) if frames > 1 and region.frame_motions else [region.motion] * frames
+                now = (
+                    list(region.frame_motions)
+                    if frames > 1 and region.frame_motions
+                    else [region.motion] * frames
+                )
                 if len(now) != frames:
-                    raise ValueError(f"region {region.text!r} has {len(now)} frame motions for {frames} frames")
+                    raise ValueError(
+                        f"region {region.text!r} has {len(now)} frame motions for {frames} frames"
+                    )
                 frame_motion.append(
-                    [self.motion_index.get(m, -1) if seen else -1 for m, seen in zip(now, valid[-1], strict=True)]
+                    [
+                        self.motion_index.get(m, -1) if seen else -1
+                        for m, seen in zip(now, valid[-1], strict=True)
+                    ]
                 )
         return RegionBatch(
             torch.tensor(sample_index, dtype=torch.long, device=device),
@@ -404,7 +413,7 @@ class _Aligner(nn.Module):
         """(N, M) for the N (region, frame) pairs with a motion: the mean of the patches under the
         region in that frame, against every motion phrase (``frame_motion_target >= 0`` picks them)."""
         assert regions.motion_ids is not None and regions.motion_mask is not None
-        r, f = regions.boxes.shape[:2]
+        f = regions.boxes.shape[1]
         keep = regions.frame_motion_target >= 0  # (R, F)
         # (R, F, 4) -> (N, 4) -> (N, P): the region's box in each kept frame
         weights = box_patch_weights(regions.boxes[keep].to(patches), self.image_size, self.patch_size)
@@ -556,7 +565,9 @@ class VideoTextAligner(_Aligner):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         tower = [
-            p for name, p in self.video_tower.named_parameters() if self.train_spatial or _video_trainable_name(name)
+            p
+            for name, p in self.video_tower.named_parameters()
+            if self.train_spatial or _video_trainable_name(name)
         ]
         region = [] if self.region_projection is None else [self.region_projection.weight]
         return [*tower, self.visual_projection.weight, self.logit_scale, *region]
@@ -609,7 +620,9 @@ def init_video_tower_from_image(
     with torch.no_grad():
         for layer in video_tower.encoder.layers:
             if temporal_embedding_init == "sinusoidal":
-                table = sinusoidal_time_table(num_frames, layer.temporal_embedding.shape[-1], temporal_embedding_std)
+                table = sinusoidal_time_table(
+                    num_frames, layer.temporal_embedding.shape[-1], temporal_embedding_std
+                )
                 layer.temporal_embedding.copy_(table[None])
             else:
                 layer.temporal_embedding.normal_(0.0, temporal_embedding_std)

@@ -327,7 +327,9 @@ def align_video_task(ctx: TaskContext, stage: AlignVideoStage) -> tuple[Task, Fi
     # The tower the last align_image aligned (the model's image tower unless it made a fresh one);
     # after mae_image alone, the model's image tower.
     base = image_aligner.image_tower if image_aligner is not None else model.image_tower
-    fresh = init_video_tower_from_image(base, frames, stage.temporal_embedding_std, stage.temporal_embedding_init)
+    fresh = init_video_tower_from_image(
+        base, frames, stage.temporal_embedding_std, stage.temporal_embedding_init
+    )
     model.video_tower.load_state_dict(fresh.state_dict())
     projection = image_aligner.visual_projection if stage.init_projection_from_image else None
     regions = stage.region_loss
@@ -361,7 +363,9 @@ def align_video_task(ctx: TaskContext, stage: AlignVideoStage) -> tuple[Task, Fi
             images = retrieval_metrics(image_aligner, held_images, ctx.tokenizer, vocab.get("image"), batch)
         return images | retrieval_metrics(aligner, held_videos, ctx.tokenizer, vocab.get("video"), batch)
 
-    return alignment_task(model.video_tower, aligner, objective, dataset, evaluate, stage, spatial_rate(stage))
+    return alignment_task(
+        model.video_tower, aligner, objective, dataset, evaluate, stage, spatial_rate(stage)
+    )
 
 
 def spatial_rate(stage: AlignVideoStage) -> Callable[[str], float] | None:
