@@ -704,17 +704,32 @@ def test_short_training_run_aligns_shapesworld_images_and_carries_over_to_videos
         torch.set_num_threads(threads)
 
 
+def tiny_video_aligner(vocab: int, frames: int, **region_loss) -> VideoTextAligner:
+    """A video aligner in eval mode, its region loss per patch and per frame at scale 10."""
+    tower, text = tiny_parts(vocab=vocab)
+    return VideoTextAligner(
+        init_video_tower_from_image(tower, num_frames=frames, temporal_embedding_std=0.2),
+        text,
+        16,
+        regions=RegionLoss(scale=10.0, pooling="patch", per_frame=True, **region_loss),
+    ).eval()
+
+
+def phrase_cross_entropy(video: VideoTextAligner, ids: torch.Tensor, mask: torch.Tensor):
+    """By hand: a pooled feature's cross-entropy against the tokenised phrases, at scale 10."""
+    phrases = video.embed_text(ids, mask)
+
+    def ce(features: torch.Tensor, target: int) -> torch.Tensor:
+        own = F.normalize(video.region_projection(features), dim=-1)
+        return -(10.0 * phrases @ own).log_softmax(dim=-1)[target]
+
+    return ce
+
+
 def test_motion_loss_pools_each_whole_clip_box_over_every_frame(tiny_tokenizer):
     from videollava.data.regions import Region
 
-    tower, text = tiny_parts(vocab=len(tiny_tokenizer))
-    video = VideoTextAligner(
-        init_video_tower_from_image(tower, num_frames=2, temporal_embedding_std=0.2),
-        text,
-        16,
-        regions=RegionLoss(scale=10.0, pooling="patch", per_frame=True, motion_weight=2.0),
-    )
-    video.eval()
+    video = tiny_video_aligner(len(tiny_tokenizer), 2, motion_weight=2.0)
     names = ["red circle moving right", "blue square standing still", "green circle"]
     motions = ["moving right", "standing still"]
     regions_per_media = [
@@ -732,11 +747,7 @@ def test_motion_loss_pools_each_whole_clip_box_over_every_frame(tiny_tokenizer):
     _, patches = video.tower_pass(pixels)
     frames = video.video_tower.hidden_state(pixels.flatten(0, 1), -2, num_frames=2).view(2, 2, 17, 32)
     ids, mask = tokenize_captions(tiny_tokenizer, motions, 16)
-    phrases = video.embed_text(ids, mask)
-
-    def ce(features: torch.Tensor, target: int) -> torch.Tensor:
-        own = F.normalize(video.region_projection(features), dim=-1)
-        return -(10.0 * phrases @ own).log_softmax(dim=-1)[target]
+    ce = phrase_cross_entropy(video, ids, mask)
 
     # patch p of frame f is frames[media, f, 1 + p]; a 32 px crop in 8 px patches is 4 x 4
     mover = frames[0, :, 1:3].mean(dim=(0, 1))  # both patches of its box, both frames
@@ -804,14 +815,7 @@ def test_motion_loss_teaches_the_mean_of_a_box_which_way_its_object_moves(tiny_t
 def test_frame_motion_loss_asks_each_frame_what_its_object_does_then(tiny_tokenizer):
     from videollava.data.regions import Region
 
-    tower, text = tiny_parts(vocab=len(tiny_tokenizer))
-    video = VideoTextAligner(
-        init_video_tower_from_image(tower, num_frames=3, temporal_embedding_std=0.2),
-        text,
-        16,
-        regions=RegionLoss(scale=10.0, pooling="patch", per_frame=True, frame_motion_weight=1.5),
-    )
-    video.eval()
+    video = tiny_video_aligner(len(tiny_tokenizer), 3, frame_motion_weight=1.5)
     names, motions = ["red circle moving right", "green circle"], ["moving right", "standing still"]
     # still in frame 0, moving in frames 1 and 2, out of the crop in frame 2 (no box there)
     mover = Region(
@@ -829,11 +833,7 @@ def test_frame_motion_loss_asks_each_frame_what_its_object_does_then(tiny_tokeni
     _, patches = video.tower_pass(pixels)
     frames = video.video_tower.hidden_state(pixels.flatten(0, 1), -2, num_frames=3).view(2, 3, 17, 32)
     ids, mask = tokenize_captions(tiny_tokenizer, motions, 16)
-    phrases = video.embed_text(ids, mask)
-
-    def ce(features: torch.Tensor, target: int) -> torch.Tensor:
-        own = F.normalize(video.region_projection(features), dim=-1)
-        return -(10.0 * phrases @ own).log_softmax(dim=-1)[target]
+    ce = phrase_cross_entropy(video, ids, mask)
 
     # frame 0: patch 0 alone; frame 1: half of patch 0 and half of patch 1; frame 2 is not asked
     expected = (ce(frames[0, 0, 1], 1) + ce(frames[0, 1, 1:3].mean(dim=0), 0)) / 2

@@ -14,7 +14,7 @@ each object is (and, in videos, how it moves), not only the pooled embedding.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal, get_args
 
@@ -287,6 +287,19 @@ class RegionVocabulary:
         )
 
 
+def _motion_cross_entropy(
+    patches: torch.Tensor,
+    regions: RegionBatch,
+    targets: torch.Tensor,
+    logits_of: Callable[[torch.Tensor, RegionBatch], torch.Tensor],
+) -> torch.Tensor:
+    """Cross-entropy of the motion logits against the ``targets`` that are set (>= 0); 0 if none are."""
+    target = targets[targets >= 0]
+    if regions.motion_ids is None or target.numel() == 0:
+        return patches.new_zeros(())
+    return F.cross_entropy(logits_of(patches, regions), target)
+
+
 class _Aligner(nn.Module):
     """What image and video alignment share: projections, a learnable temperature, the losses.
 
@@ -404,10 +417,7 @@ class _Aligner(nn.Module):
         return self._phrase_logits(pooled, regions.motion_ids, regions.motion_mask)
 
     def motion_loss(self, patches: torch.Tensor, regions: RegionBatch) -> torch.Tensor:
-        target = regions.motion_target[regions.motion_target >= 0]
-        if regions.motion_ids is None or target.numel() == 0:
-            return patches.new_zeros(())
-        return F.cross_entropy(self.motion_logits(patches, regions), target)
+        return _motion_cross_entropy(patches, regions, regions.motion_target, self.motion_logits)
 
     def frame_motion_logits(self, patches: torch.Tensor, regions: RegionBatch) -> torch.Tensor:
         """(N, M) for the N (region, frame) pairs with a motion: the mean of the patches under the
@@ -423,10 +433,7 @@ class _Aligner(nn.Module):
         return self._phrase_logits(pooled, regions.motion_ids, regions.motion_mask)
 
     def frame_motion_loss(self, patches: torch.Tensor, regions: RegionBatch) -> torch.Tensor:
-        target = regions.frame_motion_target[regions.frame_motion_target >= 0]
-        if regions.motion_ids is None or target.numel() == 0:
-            return patches.new_zeros(())
-        return F.cross_entropy(self.frame_motion_logits(patches, regions), target)
+        return _motion_cross_entropy(patches, regions, regions.frame_motion_target, self.frame_motion_logits)
 
     def loss(
         self,
