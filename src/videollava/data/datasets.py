@@ -232,7 +232,8 @@ class CaptionDataset(RecordDataset):
             box = to_crop(region.box)
             frame_boxes = tuple(to_crop(region.box_at(float(t))) for t in times) if region.track else ()
             if box is not None and (not frame_boxes or any(b is not None for b in frame_boxes)):
-                frame_motions = tuple(region.motion_at(float(t)) for t in times) if region.motion else ()
+                moves = region.motion or region.track_motions
+                frame_motions = tuple(region.motion_at(float(t)) for t in times) if moves else ()
                 cropped.append(
                     Region(
                         box,
