@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.test_train_loop import make_world, tiny_recipe, train, write_recipe
-from videollava.testing import TINY_TEXT_ENCODER
+from videollava.testing import TINY_TEXT_ENCODER, free_port
 from videollava.train import distributed as D
 from videollava.train.loop import read_metrics
 
@@ -202,12 +201,6 @@ def test_world_of_one_needs_no_process_group(monkeypatch):
     assert D.all_gather_objects({"a": 1}, info) == [{"a": 1}]
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def test_readme_ddp_command_runs_the_full_recipe(tmp_path):
     """`torchrun --nproc_per_node 2 -m videollava train configs/shapesworld.yaml`, as the README has it.
 
@@ -236,7 +229,7 @@ def test_readme_ddp_command_runs_the_full_recipe(tmp_path):
     for item in overrides:
         line += ["--set", item]
     # torchrun reads its options from PET_* variables too: a free port keeps the command as written.
-    process = start(line, cwd=tmp_path, PET_MASTER_PORT=str(_free_port()))
+    process = start(line, cwd=tmp_path, PET_MASTER_PORT=str(free_port()))
     try:
         _, stderr = process.communicate(timeout=120)
     except subprocess.TimeoutExpired:

@@ -20,6 +20,7 @@ from videollava.infer.pipeline import Pipeline
 from videollava.infer.request import MediaItem
 from videollava.infer.sampling import SamplingParams
 from videollava.serve import web
+from videollava.testing import free_port
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -33,12 +34,6 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 MAX_TOKENS = 12
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _normal(text: str) -> str:
@@ -106,7 +101,7 @@ def test_web_page_answers_about_an_uploaded_video(hf_checkpoint, sample_videos: 
     )
     second = Engine.for_pipeline(pipeline).generate([follow_up], params)[0]
 
-    port = _free_port()
+    port = free_port()
     command = [sys.executable, "-m", "videollava", "web", "--model", str(folder), "--dtype", "float32"]
     command += ["--port", str(port), "--max-new-tokens", str(MAX_TOKENS)]
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}

@@ -514,4 +514,8 @@ def serve_subprocess(arguments: list[str], timeout: float = 90.0) -> Iterator[Se
         yield served
     finally:
         process.terminate()
-        served.output, _ = process.communicate(timeout=30)
+        try:
+            served.output, _ = process.communicate(timeout=30)
+        except subprocess.TimeoutExpired:  # deaf to SIGTERM: not left running behind the tests
+            process.kill()
+            served.output, _ = process.communicate()
