@@ -43,7 +43,7 @@ from videollava.model.build import LLMConfig
 from videollava.model.videollava import VideoLlavaConfig
 from videollava.model.vision import VisionConfig
 from videollava.shapesworld.generate import GenerationConfig
-from videollava.train.contrastive import RegionLoss, TextEncoderConfig
+from videollava.train.contrastive import RegionLoss, TemporalInit, TextEncoderConfig
 from videollava.train.mae import MaeConfig
 from videollava.train.recipe_messages import describe
 
@@ -390,7 +390,7 @@ class AlignVideoStage(TrainStage):
     temporal_embedding_std: Number = 0.0
     # "random": normal at that std, one draw per layer; "sinusoidal": every layer starts from the
     # same smooth table of time (contrastive.sinusoidal_time_table), ordered from the start.
-    temporal_embedding_init: Literal["random", "sinusoidal"] = "random"
+    temporal_embedding_init: TemporalInit = "random"
     # Videos' region names say how each object moves; the region head starts from the image stage's.
     region_loss: RegionLossSection | None = None
     eval: EvalConfig | None = Field(default_factory=EvalConfig)
