@@ -20,6 +20,7 @@ from videollava.data.frame_sampling import frame_indices
 from videollava.data.regions import parse_regions
 from videollava.errors import VideoLlavaError
 from videollava.shapesworld.backdrops import BACKDROP_STYLES, Backdrop, delta_e2000, srgb_to_lab
+from videollava.shapesworld.evaluate import Question, is_correct
 from videollava.shapesworld.generate import GenerationConfig, generate, object_regions
 from videollava.shapesworld.render import (
     BACKDROP_MIN_DELTA_E,
@@ -32,8 +33,10 @@ from videollava.shapesworld.text import (
     DISAPPEAR_PHRASES,
     MOTION_PHRASES,
     POPE_SPLITS,
+    event_order_answer,
     event_questions,
     make_caption,
+    read_events,
 )
 from videollava.shapesworld.twins import contrast_twin
 from videollava.shapesworld.wide import STANDARD, VARIETY, sample_event_scene, sample_wide_scene
@@ -502,6 +505,51 @@ def test_captions_tell_the_events_in_order(wide_data: Path) -> None:
         part = _event_part(scene, caption)
         assert [part.find(n) for n in names] == sorted(part.find(n) for n in names)
         assert all(part.find(n) >= 0 for n in names)
+
+
+def test_an_account_of_events_is_read_in_any_caption_wording() -> None:
+    """Every caption's account of its events reads as the canonical one; anything else does not."""
+    for i in range(60):
+        rng = np.random.default_rng([7, i])
+        scene = sample_event_scene(rng, VARIETY if i % 2 else STANDARD)
+        canonical = [e.words for e in scene.events]
+        assert read_events(_event_part(scene, make_caption(scene, rng))) == canonical
+        assert read_events(event_order_answer(scene)) == canonical
+    assert read_events("First a blue square appears, and then the red circle slides to the left.") == [
+        "the blue square appears",
+        "the red circle moves left",
+    ]
+    assert read_events("The purple triangle moves up to the top; last, the green circle vanishes") == [
+        "the purple triangle moves up",
+        "the green circle disappears",
+    ]
+    for told in (
+        "",
+        "two",
+        "the red circle",  # no verb
+        "the red circle moves",  # no direction
+        "the red circle moves left at the bottom",  # words besides the events
+        "a red circle on a grey background, then the blue square appears",
+        "the pink circle moves left",  # no such colour
+    ):
+        assert read_events(told) is None, told
+
+
+def test_event_accounts_are_scored_by_their_events_not_their_words() -> None:
+    def question(qtype: str, answer: str) -> Question:
+        return Question(0, "videos/v.mp4", "video", qtype, None, "What happens?", answer)
+
+    first = question("first_event", "the red circle moves left")
+    assert is_correct(first, "The red circle slides to the left.")
+    assert is_correct(first, "the red circle moves left")
+    assert not is_correct(first, "the red circle moves right")
+    assert not is_correct(first, "the red circle moves left, then the blue square appears")
+    order = question("event_order", "the red circle moves left, then the blue square appears")
+    assert is_correct(order, "First the red circle moves to the left, and then a blue square shows up.")
+    assert not is_correct(order, "the blue square appears, then the red circle moves left")
+    assert not is_correct(order, "the red circle moves left")
+    # every other type still asks for the exact answer
+    assert not is_correct(question("moves_after", "the blue square"), "a blue square appears")
 
 
 def test_stage_two_instructions_tell_the_events_in_order(wide_data: Path) -> None:

@@ -20,10 +20,18 @@ from videollava.eval.metrics import accuracy_by, exact_match, pope_metrics, yes_
 from videollava.eval.runner import RunConfig, answer_items, load_items
 from videollava.infer.pipeline import Pipeline
 from videollava.infer.request import MediaItem
-from videollava.shapesworld.text import EVENT_QUESTION_TEMPLATES, POPE_SPLITS, QUESTION_TYPES, YES_NO_TYPES
+from videollava.shapesworld.text import (
+    EVENT_ACCOUNT_TYPES,
+    EVENT_QUESTION_TEMPLATES,
+    POPE_SPLITS,
+    QUESTION_TYPES,
+    YES_NO_TYPES,
+    read_events,
+)
 from videollava.shapesworld.world import MEDIA_KINDS
 
-MAX_NEW_TOKENS = 10
+# The longest answer, three events in order, is about 20 tokens; a short answer stops at its end.
+MAX_NEW_TOKENS = 32
 
 # Targets a trained ShapesWorld model must reach (fractions).
 ACCURACY_TARGETS: dict[str, float] = {
@@ -185,9 +193,14 @@ def load_questions(data_dir: str | Path, limit: int | None = None) -> list[Quest
 
 def is_correct(question: Question, prediction: str) -> bool:
     """Yes/no questions (probes, "Does the square move before the circle?") are read like POPE
-    reads them; every other answer must match exactly."""
+    reads them; an account of events must tell the same events in the same order, in any of the
+    captions' wordings ("First a red circle appears, and then..."); every other answer must match
+    exactly."""
     if question.type in YES_NO_TYPES:
         return yes_no(prediction) == normalize_label(question.answer)
+    if question.type in EVENT_ACCOUNT_TYPES:
+        told = read_events(prediction)
+        return told is not None and told == read_events(question.answer)
     return exact_match(prediction, question.answer)
 
 

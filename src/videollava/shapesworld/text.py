@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -37,6 +38,7 @@ EVENT_QUESTION_TEMPLATES: dict[str, str] = {
 # in the order reports list them
 QUESTION_TYPES: tuple[str, ...] = tuple(QUESTION_TEMPLATES) + tuple(EVENT_QUESTION_TEMPLATES)
 YES_NO_TYPES: tuple[str, ...] = ("exists", "moves_before")  # answered "yes" or "no"
+EVENT_ACCOUNT_TYPES: tuple[str, ...] = ("first_event", "last_event", "event_order")  # answered with events
 CAPTION_REQUESTS: tuple[str, ...] = (
     "Describe the {media} briefly.",
     "Write a short caption for this {media}.",
@@ -204,6 +206,45 @@ def _sequence_caption(scene: Scene, rng: np.random.Generator) -> str:
 def event_order_answer(scene: Scene) -> str:
     """The canonical account of a video's events: "the red circle moves left, then the blue square appears"."""
     return ", then ".join(e.words for e in scene.events)
+
+
+# What may stand between the events of an account: "First ..., then ..., and finally ...".
+_CONNECTIVES = re.compile(r"\b(?:first|then|and|after|that|finally|last|next)\b|[\s,;.:!]")
+
+
+# Every way the captions tell what an object does, to the answers' canonical verb.
+_CANONICAL_VERBS: dict[str, str] = {
+    **{phrase: f"moves {d}" for d, phrases in MOTION_PHRASES.items() for phrase in phrases},
+    **{f"moves {d}": f"moves {d}" for d in MOTION_PHRASES},
+    **dict.fromkeys(APPEAR_PHRASES, "appears"),
+    **dict.fromkeys(DISAPPEAR_PHRASES, "disappears"),
+}
+# One event in any of those wordings; the object's colour, shape and verb are its groups. The
+# longest verbs go first, so "moves to the left" is never read as "moves" and words left over.
+_EVENT = re.compile(
+    rf"\b(?:the|an|a) ({'|'.join(COLORS)}) ({'|'.join(SHAPES)}) "
+    rf"({'|'.join(re.escape(v) for v in sorted(_CANONICAL_VERBS, key=len, reverse=True))})\b"
+)
+
+
+def read_events(text: str) -> list[str] | None:
+    """The events an account tells, in its order and canonical words ("the red circle moves left");
+    None when it says anything besides events and the words that join them.
+
+    So "First a blue square appears, and then the red circle slides to the left." reads as the
+    canonical "the blue square appears, then the red circle moves left".
+    """
+    lowered = text.lower()
+    events, rest, at = [], [], 0
+    for match in _EVENT.finditer(lowered):
+        rest.append(lowered[at : match.start()])
+        colour, shape, verb = match.groups()
+        events.append(f"the {colour} {shape} {_CANONICAL_VERBS[verb]}")
+        at = match.end()
+    rest.append(lowered[at:])
+    if not events or _CONNECTIVES.sub("", "".join(rest)):
+        return None
+    return events
 
 
 def popularity_ranking(scenes: Iterable[Scene]) -> list[tuple[str, str]]:
