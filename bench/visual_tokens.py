@@ -45,7 +45,7 @@ RANKINGS = [
 ]
 # The recipe's held-out stream (configs/shapesworld.yaml: data.generate), without its training media.
 HELD_OUT = {"seed": 0, "test_images": 150, "test_videos": 150, "min_size": 96, "max_size": 160}
-REFERENCE = ROOT / "reports" / "shapesworld-default-model.json"
+REFERENCE = ROOT / "reports" / "shapesworld-v1-model.json"  # the model these sweeps were measured on
 
 
 def load() -> list[float]:
@@ -308,7 +308,7 @@ def markdown(results: dict[str, Any]) -> str:
         "(T x (K + 1) rows), an image K rows. Training-free: the shipped model",
         f"(`{info['model']}`) was trained on all {patches} patches and is measured zero-shot at smaller",
         "budgets. Greedy answers to every held-out question, scored by",
-        "`videollava.shapesworld.evaluate` as in `reports/shapesworld-default-model.md`.",
+        "`videollava.shapesworld.evaluate` as in `reports/shapesworld-v1-model.md`.",
         "",
         f"- Model: {patches} patches per frame ({info['image_size']} px in {info['patch_size']} px patches), "
         f"{frames} frames per video by default (temporal embedding of {info['temporal_frames']} rows), "
@@ -512,10 +512,10 @@ def main() -> None:
     if reference is not None and full["accuracy"] == reference["accuracy"]:
         matches = (
             f"yes: at full budget {full['overall']['correct']} of {full['overall']['n']} correct, every "
-            "question type's count as in reports/shapesworld-default-model.json"
+            "question type's count as in reports/shapesworld-v1-model.json"
         )
     else:
-        matches = "no: the full-budget counts differ from reports/shapesworld-default-model.json"
+        matches = "no: the full-budget counts differ from reports/shapesworld-v1-model.json"
     command = "python bench/visual_tokens.py --record" + (f" --model {args.model}" if args.model else "")
     results = {
         "info": {

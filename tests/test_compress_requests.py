@@ -344,12 +344,13 @@ def test_serve_visual_tokens_is_the_default_of_requests(hf_checkpoint, media) ->
 
 
 def test_the_default_models_temporal_tower_reads_64_frames_compressed() -> None:
-    """The shipped model's video tower was trained on 4 frames: its temporal embedding is resampled to
-    64, and 64 x 37 rows overflow its 1,024-token context unless compressed."""
+    """The shipped model's video tower was trained on 8 frames: its temporal embedding is resampled to
+    64, and 64 frames at its own budget (16 patches and the CLS: 1,088 rows) overflow its 1,024-token
+    context unless compressed further."""
     pipeline = Pipeline.from_pretrained(dtype="float32")
     video = Path(__file__).resolve().parent.parent / "src/videollava/assets/examples/shapes-video.mp4"
-    assert pipeline.model.config.temporal_frames == 4
-    with pytest.raises(PromptError, match=r"need 2368 visual tokens .* context holds 1024"):
+    assert pipeline.model.config.temporal_frames == 8
+    with pytest.raises(PromptError, match=r"need 1088 visual tokens .* context holds 1024"):
         video_request(pipeline, video, num_frames=64)
     prepared = video_request(pipeline, video, "How many objects are there?", num_frames=64, visual_tokens=9)
     assert prepared.visual_tokens == 64 * 10

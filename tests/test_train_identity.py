@@ -1,6 +1,7 @@
-"""The shipped recipe trains the same model to the bit: every stage of configs/shapesworld.yaml, cut
-to a tiny model and two steps a stage, on one thread, must export the same weights and log the same
-losses as the recorded run.
+"""The ShapesWorld recipes train the same model to the bit: every stage of configs/shapesworld-v2.yaml
+(the default model's) and of configs/shapesworld.yaml (the ablations' base), cut to a tiny model and
+two steps a stage, on one thread, must export the same weights and log the same losses as the
+recorded run.
 
 The digests were recorded on CPU with the torch build named in `RECORDED`; another build may
 round differently, so the test runs only there. A change to the digests means the recipe no longer
@@ -19,14 +20,22 @@ from safetensors.torch import load_file
 
 from tests.test_train_loop import train
 
-RECIPE = Path(__file__).resolve().parent.parent / "configs" / "shapesworld.yaml"
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
-# torch version -> (exported weights, per-step stage / step / loss / lr / grad norm)
+# recipe -> torch version -> (exported weights, per-step stage / step / loss / lr / grad norm)
 RECORDED = {
-    "2.13.0+cpu": (
-        "2bca361e51a1e1992e17e5555ab8d28061b7e530fb1b033b405dc343e7ab0eb9",
-        "05b5ab8344a6df26bd7eb93c35115a9eed77837961da8d8cdd7f952661c0b15b",
-    ),
+    "shapesworld.yaml": {
+        "2.13.0+cpu": (
+            "2bca361e51a1e1992e17e5555ab8d28061b7e530fb1b033b405dc343e7ab0eb9",
+            "05b5ab8344a6df26bd7eb93c35115a9eed77837961da8d8cdd7f952661c0b15b",
+        ),
+    },
+    "shapesworld-v2.yaml": {
+        "2.13.0+cpu": (
+            "82f82d054852cf46d2904d24ca458e2082f80e9f1ef7f2aa110d143dc4853f21",
+            "ba018a53d3ce1d77b7f3d805503f316bdc4b467ca4edc171034df7d6a80e9829",
+        ),
+    },
 }
 
 TINY = [
@@ -64,6 +73,13 @@ TINY = [
     "run.threads=1",
     "run.progress=false",
 ]
+# The wider world's parts of configs/shapesworld-v2.yaml, cut as far.
+TINY_WIDER = [
+    "data.generate.event_videos=2",
+    "data.generate.event_test_videos=0",
+    "data.generate.variety_test_images=0",
+    "data.generate.variety_test_videos=0",
+]
 
 
 def weights_digest(path: Path) -> str:
@@ -84,14 +100,17 @@ def steps_digest(metrics: Path) -> str:
     return hashlib.sha256(json.dumps(steps).encode()).hexdigest()
 
 
-def test_shipped_recipe_trains_the_recorded_model(tmp_path):
-    if torch.__version__ not in RECORDED:
-        pytest.skip(f"digests recorded for torch {', '.join(RECORDED)}, not {torch.__version__}")
+@pytest.mark.parametrize("recipe", sorted(RECORDED))
+def test_recipe_trains_the_recorded_model(recipe, tmp_path):
+    recorded = RECORDED[recipe]
+    if torch.__version__ not in recorded:
+        pytest.skip(f"digests recorded for torch {', '.join(recorded)}, not {torch.__version__}")
+    overrides = TINY + (TINY_WIDER if recipe == "shapesworld-v2.yaml" else [])
     threads = torch.get_num_threads()
     try:
-        assert train(RECIPE, tmp_path / "run", *TINY) == 0
+        assert train(CONFIGS / recipe, tmp_path / "run", *overrides) == 0
     finally:
         torch.set_num_threads(threads)
-    weights, steps = RECORDED[torch.__version__]
+    weights, steps = recorded[torch.__version__]
     assert steps_digest(tmp_path / "run" / "metrics.jsonl") == steps
     assert weights_digest(tmp_path / "run" / "model" / "model.safetensors") == weights
