@@ -11,6 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from videollava.experiments.ablations import file_sha256
+
 ROOT = Path(__file__).resolve().parent.parent
 RECORDED = ROOT / "bench" / "results"
 SCRATCH = ROOT / "runs" / "bench"
@@ -54,3 +56,8 @@ def add_report_arguments(parser: argparse.ArgumentParser, data: Path) -> None:
     where.add_argument("--record", action="store_true", help="write to reports/")
     parser.add_argument("--resume", action="store_true", help="keep the evaluations an earlier run saved")
     parser.add_argument("--batch-size", type=int, default=16)
+
+
+def weights_sha256(model: str | Path) -> str:
+    """The digest of a model folder's weights: which model a report measured, whatever its path."""
+    return file_sha256(Path(model) / "model.safetensors")

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _results import add_report_arguments
+from _results import add_report_arguments, weights_sha256
 
 from videollava.infer.pipeline import Pipeline, default_model_path
 from videollava.shapesworld.evaluate import (
@@ -243,7 +243,13 @@ def main() -> None:
     pipeline = Pipeline.from_pretrained(model, dtype=args.dtype)
     torch.manual_seed(0)
     plan = settings(pipeline, args.data)
-    earlier = json.loads(saved.read_text()).get("evaluations", []) if args.resume and saved.is_file() else []
+    weights = weights_sha256(model)
+    earlier = []
+    if args.resume and saved.is_file():
+        kept = json.loads(saved.read_text())
+        if kept["info"].get("weights_sha256") != weights:
+            parser.error(f"--resume: {saved} measured another model (its weights differ from {model}'s)")
+        earlier = kept.get("evaluations", [])
     done = {key(r): r for r in earlier}
     command = "python bench/shapesworld_model.py" + (" --record" if args.record else "")
     command += f" --name {args.name}" if args.name != NAME else ""
@@ -254,6 +260,7 @@ def main() -> None:
     results: dict[str, Any] = {
         "info": {
             "model": os.path.relpath(model, ROOT) if os.path.isabs(model) else model,
+            "weights_sha256": weights,
             "data": os.path.relpath(args.data, ROOT),
             "dtype": args.dtype,
             "frames": pipeline.num_frames,

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _results import add_report_arguments
+from _results import add_report_arguments, weights_sha256
 
 from videollava.infer.pipeline import Pipeline, default_model_path
 from videollava.shapesworld.evaluate import evaluate, load_questions
@@ -45,7 +45,9 @@ RANKINGS = [
 ]
 # The recipe's held-out stream (configs/shapesworld.yaml: data.generate), without its training media.
 HELD_OUT = {"seed": 0, "test_images": 150, "test_videos": 150, "min_size": 96, "max_size": 160}
-REFERENCE = ROOT / "reports" / "shapesworld-v1-model.json"  # the model these sweeps were measured on
+# The full-budget evaluation the sweep's first point is checked against, when it measured the same
+# weights: the model the recorded sweeps were measured on (4 frames, every patch).
+REFERENCE = ROOT / "reports" / "shapesworld-v1-model.json"
 
 
 def load() -> list[float]:
@@ -315,7 +317,7 @@ def markdown(results: dict[str, Any]) -> str:
         f"{info['tower_blocks']} tower blocks, feature layer {info['feature_layer']} (block "
         f"{info['feature_block']}'s output), context {info['context']} tokens; float32 on the CPU.",
         f"- Data: {info['data']} ({info['questions']} questions; {info['video_questions']} about videos).",
-        f"- Same questions as the default model's report: {info['matches_reference']}.",
+        f"- Same answers as the report of the same weights at full budget: {info['matches_reference']}.",
         f"- Regenerate: `{info['command']}` (evaluations saved as they finish; the last pass took "
         f"{info['total_seconds'] / 60:.0f} minutes, load average {info['load_start']} at its start and "
         f"{info['load_end']} at its end, on {info['cpus']} CPUs shared with other work, "
@@ -433,6 +435,22 @@ def plot(results: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def reference_check(path: Path, full: dict[str, Any], weights: str) -> str:
+    """Whether the full-budget evaluation counts what a report of the same weights counted."""
+    name = os.path.relpath(path, ROOT)
+    if not path.is_file():
+        return f"not checked: no {name}"
+    reference = json.loads(path.read_text())
+    if reference.get("info", {}).get("weights_sha256") != weights:
+        return f"not checked: {name} measured other weights"
+    if full["accuracy"] == reference.get("accuracy"):
+        return (
+            f"yes: at full budget {full['overall']['correct']} of {full['overall']['n']} correct, every "
+            f"question type's count as in {name}"
+        )
+    return f"no: the full-budget counts differ from {name}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_report_arguments(parser, ROOT / "runs" / "shapesworld-data" / "seed-0")
@@ -441,6 +459,12 @@ def main() -> None:
         type=int,
         default=1,
         help="torch threads (default 1: on this shared 2-core machine two threads ran 100 questions 16x slower)",
+    )
+    parser.add_argument(
+        "--reference",
+        type=Path,
+        default=REFERENCE,
+        help="a report of the same weights' full-budget evaluation on the same questions (default %(default)s)",
     )
     parser.add_argument("--skip-long", action="store_true", help="only the budget sweeps")
     parser.add_argument("--limit", type=int, default=None, help="only the first N questions (a trial run)")
@@ -452,12 +476,15 @@ def main() -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     scratch = ROOT / "runs" / "bench" / "visual-tokens"
     scratch.mkdir(parents=True, exist_ok=True)
-    partial = scratch / ("evaluations.json" if args.limit is None else f"evaluations-limit-{args.limit}.json")
+    model = args.model or str(default_model_path())
+    weights = weights_sha256(model)
+    # One file per model: --resume never mixes two models' evaluations.
+    limited = "" if args.limit is None else f"-limit-{args.limit}"
+    partial = scratch / f"evaluations-{weights[:16]}{limited}.json"
     done: dict[str, Any] = json.loads(partial.read_text()) if args.resume and partial.is_file() else {}
     started, load_start = time.perf_counter(), load()
 
     ensure_data(args.data)
-    model = args.model or str(default_model_path())
     pipeline = Pipeline.from_pretrained(model, dtype="float32")
     config = pipeline.model.config
     patches, frames = config.vision.num_patches, pipeline.num_frames
@@ -507,19 +534,13 @@ def main() -> None:
             }
         )
 
-    reference = json.loads(REFERENCE.read_text()) if REFERENCE.is_file() else None
     full = rankings[0]["sweep"][0]
-    if reference is not None and full["accuracy"] == reference["accuracy"]:
-        matches = (
-            f"yes: at full budget {full['overall']['correct']} of {full['overall']['n']} correct, every "
-            "question type's count as in reports/shapesworld-v1-model.json"
-        )
-    else:
-        matches = "no: the full-budget counts differ from reports/shapesworld-v1-model.json"
+    matches = reference_check(args.reference, full, weights)
     command = "python bench/visual_tokens.py --record" + (f" --model {args.model}" if args.model else "")
     results = {
         "info": {
             "model": os.path.relpath(model, ROOT) if os.path.isabs(model) else model,
+            "weights_sha256": weights,
             "data": f"{os.path.relpath(args.data, ROOT)} (the recipe's held-out stream: {HELD_OUT})",
             "questions": full["overall"]["n"],
             "video_questions": sum(e["n"] for e in full["accuracy"].get("video", {}).values()),
