@@ -7,11 +7,13 @@ with `--record`, so trying a benchmark never changes a tracked file.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
 from videollava.experiments.ablations import file_sha256
+from videollava.model.checkpoint import resolve
 
 ROOT = Path(__file__).resolve().parent.parent
 RECORDED = ROOT / "bench" / "results"
@@ -59,5 +61,13 @@ def add_report_arguments(parser: argparse.ArgumentParser, data: Path) -> None:
 
 
 def weights_sha256(model: str | Path) -> str:
-    """The digest of a model folder's weights: which model a report measured, whatever its path."""
-    return file_sha256(Path(model) / "model.safetensors")
+    """The digest of a model folder's weights: which model a report measured, whatever its path.
+
+    One file: its SHA-256 (as `sha256sum` prints it); shards: the SHA-256 of their names and digests.
+    """
+    files = sorted(resolve(model).glob("*.safetensors"))
+    if not files:
+        raise SystemExit(f"{model}: no .safetensors weights, so no digest to record")
+    if len(files) == 1:
+        return file_sha256(files[0])
+    return hashlib.sha256("".join(f"{f.name} {file_sha256(f)}\n" for f in files).encode()).hexdigest()
